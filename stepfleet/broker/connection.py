@@ -1,0 +1,202 @@
+"""Broker: one robust connection, a consuming channel and a confirming publisher channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
+
+from stepfleet.broker.errors import BrokerUnavailable, PublishRefused
+from stepfleet.broker.messages import Delivery, Outgoing
+from stepfleet.broker.topology import Topology
+
+log = structlog.get_logger("stepfleet.broker")
+
+
+def _delivery(message: AbstractIncomingMessage) -> Delivery:
+    headers: dict[str, Any] = dict(message.headers or {})
+    count = headers.get("x-delivery-count")
+
+    async def ack() -> None:
+        try:
+            await message.ack()
+        except CONNECTION_EXCEPTIONS as exc:
+            # The broker will redeliver it; the journal position makes that harmless.
+            raise BrokerUnavailable(f"ack failed: {exc!r}") from exc
+
+    return Delivery(
+        body=message.body,
+        headers=headers,
+        routing_key=message.routing_key or "",
+        message_id=message.message_id,
+        user_id=message.user_id,
+        redelivered=bool(message.redelivered),
+        delivery_count=count if isinstance(count, int) else 0,
+        _ack=ack,
+    )
+
+
+class Broker:
+    """Connects to RabbitMQ, declares the topology, publishes with confirms and consumes."""
+
+    def __init__(self, url: str, topology: Topology) -> None:
+        self.url = url
+        self.topology = topology
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consume_channel: AbstractChannel | None = None
+
+    async def connect(self, *, name: str = "stepfleet") -> None:
+        """Open the connection and the publishing channel."""
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url, client_properties={"connection_name": name}
+            )
+            self._publish_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Close channels and the connection."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+        self._exchanges.clear()
+
+    async def __aenter__(self) -> Broker:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _channel(self) -> AbstractChannel:
+        if self._publish_channel is None:
+            raise BrokerUnavailable("the broker is not connected")
+        return self._publish_channel
+
+    async def declare(self) -> None:
+        """Declare every exchange, queue and binding; safe to repeat."""
+        channel = self._channel()
+        topo = self.topology
+        try:
+            ingress = await channel.declare_exchange(
+                topo.ingress_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            internal = await channel.declare_exchange(
+                topo.internal_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            dead = await channel.declare_exchange(
+                topo.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            work = await channel.declare_queue(
+                topo.work_queue, durable=True, arguments=topo.work_queue_arguments()
+            )
+            await work.bind(ingress, "#")
+            await work.bind(internal, "#")
+            dead_queue = await channel.declare_queue(
+                topo.dead_letter_queue, durable=True, arguments=topo.dead_letter_queue_arguments()
+            )
+            await dead_queue.bind(dead, "")
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"declaring the topology failed: {exc!r}") from exc
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerUnavailable(
+                f"a queue or exchange exists with other arguments: {exc}"
+            ) from exc
+
+    async def delete_topology(self) -> None:
+        """Delete every queue and exchange of this prefix (tests and teardown only)."""
+        channel = self._channel()
+        topo = self.topology
+        for queue in (topo.work_queue, topo.dead_letter_queue):
+            await channel.queue_delete(queue)
+        for exchange in (topo.ingress_exchange, topo.internal_exchange, topo.dead_letter_exchange):
+            await channel.exchange_delete(exchange)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self._channel().get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """Publish persistent messages and wait for all their confirms at once.
+
+        Raises:
+            BrokerUnavailable: the connection failed before every confirm arrived.
+            PublishRefused: the broker refused at least one message.
+        """
+        if not messages:
+            return
+        try:
+            pending = []
+            for outgoing in messages:
+                exchange = await self._exchange(outgoing.exchange)
+                message = aio_pika.Message(
+                    outgoing.body,
+                    headers=dict(outgoing.headers),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=outgoing.message_id,
+                )
+                pending.append(exchange.publish(message, outgoing.routing_key, mandatory=True))
+            await asyncio.gather(*pending)
+        except (DeliveryError, PublishError) as exc:
+            raise PublishRefused(f"RabbitMQ refused a message: {exc!r}") from exc
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"publishing failed: {exc!r}") from exc
+
+    async def consume(
+        self,
+        queue_name: str,
+        handler: Callable[[Delivery], Awaitable[None]],
+        *,
+        prefetch: int,
+    ) -> Callable[[], Awaitable[None]]:
+        """Start consuming with manual acks and a bounded prefetch; return a stop function."""
+        if self._connection is None:
+            raise BrokerUnavailable("the broker is not connected")
+        try:
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await channel.get_queue(queue_name, ensure=False)
+
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                await handler(_delivery(message))
+
+            tag = await queue.consume(on_message, no_ack=False)
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"cannot consume {queue_name}: {exc!r}") from exc
+        self._consume_channel = channel
+
+        async def stop() -> None:
+            try:
+                await queue.cancel(tag)
+            except CONNECTION_EXCEPTIONS:
+                log.warning("cancel_failed", queue=queue_name)
+
+        return stop
+
+    async def queue_depth(self, queue_name: str) -> int:
+        """Return how many messages wait in a queue (ready, not unacked)."""
+        try:
+            queue = await self._channel().declare_queue(queue_name, passive=True)
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"cannot inspect {queue_name}: {exc!r}") from exc
+        return queue.declaration_result.message_count or 0

@@ -1,0 +1,36 @@
+"""Messages in and out, without aio-pika types leaking to the rest of stepfleet."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A persistent JSON message to publish with confirms."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A message received from the work queue; ack it only once its effects are durable."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    routing_key: str
+    message_id: str | None
+    user_id: str | None
+    redelivered: bool
+    delivery_count: int
+    _ack: Callable[[], Awaitable[None]]
+
+    async def ack(self) -> None:
+        """Acknowledge the delivery; a lost channel makes the broker redeliver instead."""
+        await self._ack()

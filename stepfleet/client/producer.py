@@ -1,0 +1,88 @@
+"""Producer: publishes create messages exactly as docs/protocol.md describes them."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.broker.topology import routing_key
+from stepfleet.schemas import (
+    SCHEMA_VERSION,
+    Headers,
+    MessageKind,
+    is_digest,
+    is_instance_id,
+    is_tenant,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """One instance to create; `instance_id` defaults to a fresh UUID."""
+
+    tenant: str
+    module: str
+    params: Any = field(default_factory=dict)
+    instance_id: str | None = None
+    traceparent: str | None = None
+
+
+def create_message(topology: Topology, request: CreateRequest) -> tuple[str, Outgoing]:
+    """Validate a create request and build its message; return (instance id, message).
+
+    Raises:
+        ValueError: a field is malformed (the message would be dead-lettered).
+    """
+    if not is_tenant(request.tenant):
+        raise ValueError(f"{request.tenant!r} is not a tenant name")
+    if not is_digest(request.module):
+        raise ValueError(f"{request.module!r} is not a module digest (sha256:...)")
+    instance_id = request.instance_id or str(uuid.uuid4())
+    if not is_instance_id(instance_id):
+        raise ValueError(f"{instance_id!r} is not an instance id")
+    headers = {
+        Headers.TENANT: request.tenant,
+        Headers.INSTANCE: instance_id,
+        Headers.MODULE: request.module,
+        Headers.KIND: MessageKind.CREATE.value,
+        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
+    }
+    if request.traceparent:
+        headers[Headers.TRACEPARENT] = request.traceparent
+    body = json.dumps({"version": SCHEMA_VERSION, "params": request.params}).encode()
+    return instance_id, Outgoing(
+        exchange=topology.ingress_exchange,
+        routing_key=routing_key(request.tenant, MessageKind.CREATE),
+        body=body,
+        headers=headers,
+        message_id=f"{request.tenant}/{instance_id}/create",
+    )
+
+
+class Producer:
+    """Publishes to the ingress exchange with confirms; use `async with`."""
+
+    def __init__(self, amqp_url: str, topology: Topology | None = None) -> None:
+        self.topology = topology or Topology()
+        self._broker = Broker(amqp_url, self.topology)
+
+    async def __aenter__(self) -> Producer:
+        await self._broker.connect(name="stepfleet-producer")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._broker.close()
+
+    async def create(self, request: CreateRequest) -> str:
+        """Publish one create message; return the instance id once the broker confirmed it."""
+        return (await self.create_batch([request]))[0]
+
+    async def create_batch(self, requests: Sequence[CreateRequest]) -> list[str]:
+        """Publish many create messages with one confirm wait; return their instance ids."""
+        built = [create_message(self.topology, request) for request in requests]
+        await self._broker.publish_many([message for _, message in built])
+        return [instance_id for instance_id, _ in built]

@@ -1,0 +1,20 @@
+"""Per-run resource limits of a guest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxLimits:
+    """Limits applied to every guest run (see docs/guest-abi.md for the published defaults)."""
+
+    fuel_per_run: int = 2_000_000_000
+    memory_bytes: int = 64 * 1024 * 1024
+    stack_bytes: int = 512 * 1024
+    value_bytes: int = 1024 * 1024
+    name_bytes: int = 256
+    log_lines_per_run: int = 100
+    log_line_bytes: int = 4096
+    module_bytes: int = 8 * 1024 * 1024
+    compiled_cache_entries: int = 256

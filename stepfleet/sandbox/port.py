@@ -1,0 +1,32 @@
+"""The sandbox interface the worker depends on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from stepfleet.schemas import GuestOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class GuestRun:
+    """One run to perform: the module to run and the replay buffer to hand it."""
+
+    digest: str
+    replay_buffer: bytes
+
+
+class Sandbox(Protocol):
+    """Runs guests; not thread-safe, so one thread per process drives it."""
+
+    def validate(self, wasm: bytes) -> None:
+        """Check that `wasm` is a module the ABI can run; raise InvalidModule if not."""
+
+    def is_loaded(self, digest: str) -> bool:
+        """Tell whether the module is compiled and cached."""
+
+    def load(self, digest: str, wasm: bytes) -> None:
+        """Compile and cache a module whose bytes hash to `digest`."""
+
+    def run(self, job: GuestRun) -> tuple[GuestOutcome, list[tuple[int, str]]]:
+        """Run one guest to its outcome; also return its log lines as (level, text)."""

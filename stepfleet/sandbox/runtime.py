@@ -1,0 +1,384 @@
+"""WasmSandbox: wasmtime with fuel, memory and stack limits, and the ABI's host imports."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import wasmtime
+
+from stepfleet.sandbox.abi import (
+    ABI_VERSION,
+    ALLOWED_IMPORTS,
+    HOST_IMPORTS,
+    HOST_MODULE,
+    REQUIRED_EXPORTS,
+    WASI_IMPORTS,
+    WASI_MODULE,
+)
+from stepfleet.sandbox.errors import InvalidModule
+from stepfleet.sandbox.limits import SandboxLimits
+from stepfleet.sandbox.port import GuestRun
+from stepfleet.schemas import (
+    Completed,
+    GuestCrashed,
+    GuestOutcome,
+    Nondeterministic,
+    StepFailed,
+    StepSucceeded,
+    WorkflowFailed,
+    digest_of,
+)
+
+_VALTYPES = {
+    "i32": wasmtime.ValType.i32(),
+    "i64": wasmtime.ValType.i64(),
+}
+_EBADF = 8
+_PAGE = 65536
+_TRAP_LIMITS = {
+    wasmtime.TrapCode.OUT_OF_FUEL: "cpu",
+    wasmtime.TrapCode.STACK_OVERFLOW: "stack",
+}
+
+
+class _Stop(BaseException):
+    """Raised by a terminal import to unwind the guest; carries the run's outcome.
+
+    A BaseException so that nothing between the import and `run` mistakes it for a failure.
+    """
+
+    def __init__(self, outcome: GuestOutcome) -> None:
+        self.outcome = outcome
+
+
+class _Violation(Exception):
+    """The guest broke the ABI (bad pointer, bad UTF-8, bad JSON, over a size limit)."""
+
+    def __init__(self, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class _RunState:
+    """What the host imports of the current run write to."""
+
+    __slots__ = ("logs",)
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, str]] = []
+
+
+class WasmSandbox:
+    """Runs guest modules per docs/guest-abi.md; drive it from one thread only."""
+
+    def __init__(self, limits: SandboxLimits | None = None) -> None:
+        self.limits = limits or SandboxLimits()
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.max_wasm_stack = self.limits.stack_bytes
+        config.cranelift_opt_level = "speed"
+        self._engine = wasmtime.Engine(config)
+        self._linker = wasmtime.Linker(self._engine)
+        self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._run = _RunState()
+        self._define_host_imports()
+        self._define_wasi_imports()
+
+    # -- modules -------------------------------------------------------------------------
+
+    def validate(self, wasm: bytes) -> None:
+        """Check size, imports and exports, and that the module compiles."""
+        self._compile(wasm)
+
+    def is_loaded(self, digest: str) -> bool:
+        """Tell whether `digest` is compiled and cached (and mark it recently used)."""
+        if digest in self._compiled:
+            self._compiled.move_to_end(digest)
+            return True
+        return False
+
+    def load(self, digest: str, wasm: bytes) -> None:
+        """Compile and cache a module, refusing bytes that do not match their digest."""
+        if digest_of(wasm) != digest:
+            raise InvalidModule(f"module bytes do not hash to {digest}")
+        self._compiled[digest] = self._linker.instantiate_pre(self._compile(wasm))
+        self._compiled.move_to_end(digest)
+        while len(self._compiled) > self.limits.compiled_cache_entries:
+            self._compiled.popitem(last=False)
+
+    def _compile(self, wasm: bytes) -> wasmtime.Module:
+        if len(wasm) > self.limits.module_bytes:
+            raise InvalidModule(
+                f"module is {len(wasm)} bytes, the limit is {self.limits.module_bytes}"
+            )
+        try:
+            module = wasmtime.Module(self._engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
+            raise InvalidModule(f"not a valid WebAssembly module: {first_line}") from None
+        _check_imports(module)
+        _check_exports(module)
+        return module
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def run(self, job: GuestRun) -> tuple[GuestOutcome, list[tuple[int, str]]]:
+        """Run one guest over its replay buffer and return what it reported, with its logs."""
+        pre = self._compiled.get(job.digest)
+        if pre is None:
+            raise KeyError(f"module {job.digest} is not loaded")
+        self._run = run = _RunState()
+        store = wasmtime.Store(self._engine)
+        store.set_fuel(self.limits.fuel_per_run)
+        store.set_limits(memory_size=self.limits.memory_bytes, instances=1, tables=4, memories=1)
+        memory: wasmtime.Memory | None = None
+        try:
+            instance = pre.instantiate(store)
+            exports = instance.exports(store)
+            memory_export = exports["memory"]
+            assert isinstance(memory_export, wasmtime.Memory)
+            memory = memory_export
+            initialize = exports.get("_initialize")
+            if isinstance(initialize, wasmtime.Func):
+                initialize(store)
+            version = _call(exports, store, "sf_abi_version")
+            if version != ABI_VERSION:
+                return GuestCrashed(f"module speaks guest ABI {version}, not {ABI_VERSION}"), []
+            size = len(job.replay_buffer)
+            pointer = _call(exports, store, "sf_alloc", size)
+            if not isinstance(pointer, int) or pointer <= 0:
+                return GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"), run.logs
+            _check_range(memory, store, pointer, size)
+            memory.write(store, job.replay_buffer, pointer)
+            _call(exports, store, "sf_run", pointer, size)
+        except _Stop as stop:
+            return stop.outcome, run.logs
+        except _Violation as exc:
+            return GuestCrashed(str(exc), exc.limit), run.logs
+        except wasmtime.Trap as trap:
+            return self._crashed(trap, memory, store), run.logs
+        except wasmtime.WasmtimeError as exc:
+            return GuestCrashed(f"guest error: {_first_line(exc)}"), run.logs
+        finally:
+            store.close()
+        return GuestCrashed("guest returned without an outcome"), run.logs
+
+    def _crashed(
+        self, trap: wasmtime.Trap, memory: wasmtime.Memory | None, store: wasmtime.Store
+    ) -> GuestCrashed:
+        code = trap.trap_code
+        limit = _TRAP_LIMITS.get(code) if code is not None else None
+        if limit == "cpu":
+            return GuestCrashed(
+                f"CPU limit exceeded: the step used all {self.limits.fuel_per_run} units of fuel",
+                "cpu",
+            )
+        if limit == "stack":
+            return GuestCrashed(
+                f"stack limit exceeded ({self.limits.stack_bytes} bytes): runaway recursion?",
+                "stack",
+            )
+        # A failed memory.grow returns -1 and the guest usually traps soon after: a memory
+        # already at the cap is the likely cause, and naming it is what the tenant needs.
+        if memory is not None and memory.data_len(store) + _PAGE > self.limits.memory_bytes:
+            return GuestCrashed(
+                f"memory limit exceeded: the guest reached {self.limits.memory_bytes} bytes "
+                f"and then trapped ({_first_line(trap)})",
+                "memory",
+            )
+        return GuestCrashed(f"guest trapped: {_first_line(trap)}")
+
+    # -- host imports --------------------------------------------------------------------
+
+    def _define(
+        self,
+        module: str,
+        name: str,
+        signature: tuple[tuple[str, ...], tuple[str, ...]],
+        func: Callable[..., Any],
+    ) -> None:
+        params, results = signature
+        functype = wasmtime.FuncType(
+            [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results]
+        )
+        self._linker.define_func(module, name, functype, func, access_caller=True)
+
+    def _define_host_imports(self) -> None:
+        limits = self.limits
+
+        def name_at(caller: wasmtime.Caller, ptr: int, length: int) -> str:
+            name = _text(caller, ptr, length, limits.name_bytes, "step name")
+            if not name:
+                raise _Violation("step name is empty")
+            return name
+
+        def json_at(caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
+            text = _text(caller, ptr, length, limits.value_bytes, what)
+            try:
+                json.loads(text)
+            except ValueError:
+                raise _Violation(f"{what} is not valid JSON") from None
+            return text
+
+        def step_done(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, rp: int, rl: int
+        ) -> NoReturn:
+            name = name_at(caller, np, nl)
+            raise _Stop(StepSucceeded(seq, name, json_at(caller, rp, rl, "step result")))
+
+        def step_failed(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, mp: int, ml: int, flags: int
+        ) -> NoReturn:
+            name = name_at(caller, np, nl)
+            message = _text(caller, mp, ml, limits.value_bytes, "error message")
+            raise _Stop(StepFailed(seq, name, message, non_retryable=bool(flags & 1)))
+
+        def complete(caller: wasmtime.Caller, seq: int, op: int, ol: int) -> NoReturn:
+            raise _Stop(Completed(seq, json_at(caller, op, ol, "workflow output")))
+
+        def fail(caller: wasmtime.Caller, seq: int, mp: int, ml: int) -> NoReturn:
+            message = _text(caller, mp, ml, limits.value_bytes, "error message")
+            raise _Stop(WorkflowFailed(seq, message))
+
+        def nondeterminism(
+            caller: wasmtime.Caller, seq: int, op: int, np: int, nl: int
+        ) -> NoReturn:
+            raise _Stop(Nondeterministic(seq, name_at(caller, np, nl)))
+
+        def log(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
+            logs = self._run.logs
+            if len(logs) >= limits.log_lines_per_run:
+                return
+            length = min(max(ml, 0), limits.log_line_bytes)
+            raw = bytes(_memory(caller).read(caller, mp, mp + length)) if length else b""
+            logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
+
+        handlers: dict[str, Callable[..., Any]] = {
+            "step_done": step_done,
+            "step_failed": step_failed,
+            "complete": complete,
+            "fail": fail,
+            "nondeterminism": nondeterminism,
+            "log": log,
+        }
+        for name, signature in HOST_IMPORTS.items():
+            self._define(HOST_MODULE, name, signature, handlers[name])
+
+    def _define_wasi_imports(self) -> None:
+        limits = self.limits
+
+        def fd_write(caller: wasmtime.Caller, fd: int, iovs: int, count: int, written: int) -> int:
+            if fd not in (1, 2):
+                return _EBADF
+            memory = _memory(caller)
+            total = 0
+            chunks: list[bytes] = []
+            for index in range(min(count, 64)):
+                header = bytes(memory.read(caller, iovs + 8 * index, iovs + 8 * index + 8))
+                base = int.from_bytes(header[:4], "little")
+                length = int.from_bytes(header[4:], "little")
+                take = min(length, limits.log_line_bytes - sum(map(len, chunks)))
+                if take > 0:
+                    chunks.append(bytes(memory.read(caller, base, base + take)))
+                total += length
+            if len(self._run.logs) < limits.log_lines_per_run:
+                text = b"".join(chunks).decode(errors="replace").rstrip("\n")
+                self._run.logs.append((1 if fd == 1 else 3, text))
+            memory.write(caller, total.to_bytes(4, "little"), written)
+            return 0
+
+        def empty_sizes(caller: wasmtime.Caller, count_ptr: int, size_ptr: int) -> int:
+            memory = _memory(caller)
+            memory.write(caller, bytes(4), count_ptr)
+            memory.write(caller, bytes(4), size_ptr)
+            return 0
+
+        def proc_exit(caller: wasmtime.Caller, code: int) -> NoReturn:
+            raise _Violation(f"guest called proc_exit({code})")
+
+        handlers: dict[str, Callable[..., Any]] = {
+            "fd_write": fd_write,
+            "fd_close": lambda caller, fd: _EBADF,
+            "fd_seek": lambda caller, fd, offset, whence, result: _EBADF,
+            "fd_fdstat_get": lambda caller, fd, result: _EBADF,
+            "environ_sizes_get": empty_sizes,
+            "environ_get": lambda caller, a, b: 0,
+            "args_sizes_get": empty_sizes,
+            "args_get": lambda caller, a, b: 0,
+            "proc_exit": proc_exit,
+        }
+        for name, signature in WASI_IMPORTS.items():
+            self._define(WASI_MODULE, name, signature, handlers[name])
+
+
+def _call(exports: Any, store: wasmtime.Store, name: str, *args: int) -> Any:
+    func = exports[name]
+    assert isinstance(func, wasmtime.Func)
+    return func(store, *args)
+
+
+def _memory(caller: wasmtime.Caller) -> wasmtime.Memory:
+    memory = caller.get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        raise _Violation("the module exports no memory")
+    return memory
+
+
+def _check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int) -> None:
+    if ptr < 0 or length < 0 or ptr + length > memory.data_len(store):
+        raise _Violation(f"pointer range {ptr}+{length} is outside guest memory")
+
+
+def _text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str) -> str:
+    if length > limit:
+        raise _Violation(f"{what} is {length} bytes, the limit is {limit}", "output")
+    memory = _memory(caller)
+    _check_range(memory, caller, ptr, length)
+    try:
+        return bytes(memory.read(caller, ptr, ptr + length)).decode()
+    except UnicodeDecodeError:
+        raise _Violation(f"{what} is not UTF-8") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _signature(functype: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return tuple(str(t) for t in functype.params), tuple(str(t) for t in functype.results)
+
+
+def _check_imports(module: wasmtime.Module) -> None:
+    for imported in module.imports:
+        where = f"{imported.module}.{imported.name}"
+        allowed = ALLOWED_IMPORTS.get(imported.module, {})
+        expected = allowed.get(imported.name or "")
+        if expected is None:
+            raise InvalidModule(
+                f"module imports {where}, which the guest ABI does not grant "
+                f"(allowed: the stepfleet imports and an inert WASI subset, see docs/guest-abi.md)"
+            )
+        if (
+            not isinstance(imported.type, wasmtime.FuncType)
+            or _signature(imported.type) != expected
+        ):
+            raise InvalidModule(f"module imports {where} with the wrong type")
+
+
+def _check_exports(module: wasmtime.Module) -> None:
+    exports = {export.name: export.type for export in module.exports}
+    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+        raise InvalidModule("module does not export its memory as 'memory'")
+    for name, expected in REQUIRED_EXPORTS.items():
+        functype = exports.get(name)
+        if not isinstance(functype, wasmtime.FuncType):
+            raise InvalidModule(
+                f"module does not export {name}: build it with a stepfleet guest SDK "
+                f"(guest ABI v{ABI_VERSION})"
+            )
+        if _signature(functype) != expected:
+            raise InvalidModule(f"module exports {name} with the wrong type")

@@ -1,0 +1,33 @@
+"""Errors of the store room; driver errors are translated at the boundary, cause kept."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+
+class StoreError(Exception):
+    """Root of the store's errors."""
+
+    retryable = False
+
+
+class StoreUnavailable(StoreError):
+    """PostgreSQL could not be reached or dropped the connection; try again later."""
+
+    retryable = True
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turn connection-level driver errors into StoreUnavailable."""
+    try:
+        yield
+    except (OperationalError, InterfaceError) as exc:
+        raise StoreUnavailable(str(exc.orig or exc).strip().splitlines()[0]) from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable("connection to PostgreSQL was lost") from exc
+        raise

@@ -1,0 +1,111 @@
+"""Every table of stepfleet as SQLAlchemy Core objects; each constraint has a stable name."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    func,
+)
+
+from stepfleet.schemas import InstanceStatus
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_STATUSES = ", ".join(f"'{status.value}'" for status in InstanceStatus)
+
+
+def _now() -> Column[object]:
+    return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+modules = Table(
+    "modules",
+    metadata,
+    Column("digest", Text, nullable=False),
+    Column("wasm", LargeBinary, nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    _now(),
+    PrimaryKeyConstraint("digest"),
+)
+
+tenant_modules = Table(
+    "tenant_modules",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("pushed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant", "digest"),
+    ForeignKeyConstraint(["digest"], ["modules.digest"]),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("id", Text, nullable=False),
+    Column("module", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("position", Integer, nullable=False, server_default="0"),
+    # Bumped whenever the journal is rewritten (restart), so cached journals can be told stale.
+    Column("generation", Integer, nullable=False, server_default="0"),
+    Column("params", Text, nullable=False),
+    Column("output", Text),
+    Column("error", Text),
+    _now(),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant", "id"),
+    ForeignKeyConstraint(["module"], ["modules.digest"]),
+    CheckConstraint(f"status IN ({_STATUSES})", name="status"),
+    CheckConstraint("position >= 0", name="position"),
+    Index(None, "tenant", "status"),
+)
+
+journal = Table(
+    "journal",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("instance_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("kind", SmallInteger, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    Column("attempt", Integer, nullable=False, server_default="1"),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    # The primary key is what makes "each step exactly once" a database guarantee.
+    PrimaryKeyConstraint("tenant", "instance_id", "seq"),
+    ForeignKeyConstraint(
+        ["tenant", "instance_id"], ["instances.tenant", "instances.id"], ondelete="CASCADE"
+    ),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("routing_key", Text, nullable=False),
+    Column("headers", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    _now(),
+    Index(None, "created_at"),
+)

@@ -1,0 +1,80 @@
+"""Messages workers publish: the next step of an instance, and dead letters."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from stepfleet.broker import Delivery, Outgoing, Topology
+from stepfleet.broker.topology import routing_key
+from stepfleet.schemas import SCHEMA_VERSION, Headers, InstanceKey, MessageKind
+from stepfleet.store import OutboxMessage
+
+
+def step_message(
+    key: InstanceKey, module: str, position: int, traceparent: str | None
+) -> OutboxMessage:
+    """Build the outbox row that asks a worker to run the step at `position`."""
+    headers = {
+        Headers.TENANT: key.tenant,
+        Headers.INSTANCE: key.instance_id,
+        Headers.MODULE: module,
+        Headers.KIND: MessageKind.STEP.value,
+        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
+    }
+    if traceparent:
+        headers[Headers.TRACEPARENT] = traceparent
+    return OutboxMessage(
+        routing_key=routing_key(key.tenant, MessageKind.STEP),
+        headers=json.dumps(headers, separators=(",", ":")),
+        body=b'{"version":%d,"position":%d}' % (SCHEMA_VERSION, position),
+    )
+
+
+def from_outbox(topology: Topology, message: OutboxMessage) -> Outgoing:
+    """Turn an outbox row into a message for the internal exchange."""
+    headers: dict[str, Any] = json.loads(message.headers)
+    position = json.loads(message.body).get("position")
+    return Outgoing(
+        exchange=topology.internal_exchange,
+        routing_key=message.routing_key,
+        body=message.body,
+        headers=headers,
+        message_id=(
+            f"{headers.get(Headers.TENANT)}/{headers.get(Headers.INSTANCE)}"
+            f"/{headers.get(Headers.KIND)}/{position}"
+        ),
+    )
+
+
+def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str) -> Outgoing:
+    """Wrap a delivery that can never be processed for the dead-letter exchange.
+
+    The body and headers travel unchanged; stepfleet adds the reason and keeps the producer's
+    verified user id as a header (the property itself must match the publishing connection).
+    """
+    headers: dict[str, Any] = {str(k): _plain(v) for k, v in delivery.headers.items()}
+    headers[Headers.DEAD_REASON] = reason
+    headers[Headers.DEAD_DETAIL] = detail[:1000]
+    headers["x-original-routing-key"] = delivery.routing_key
+    if delivery.user_id:
+        headers["x-original-user-id"] = delivery.user_id
+    return Outgoing(
+        exchange=topology.dead_letter_exchange,
+        routing_key=delivery.routing_key,
+        body=delivery.body,
+        headers=headers,
+        message_id=delivery.message_id,
+    )
+
+
+def _plain(value: object) -> object:
+    """Keep header values AMQP can carry back; anything exotic becomes its repr."""
+    if value is None or isinstance(value, str | bytes | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)

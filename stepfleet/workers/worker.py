@@ -1,0 +1,184 @@
+"""The worker process: consume, batch, run, commit, publish, ack; relay the outbox; stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused, Topology
+from stepfleet.sandbox import Sandbox, WasmSandbox
+from stepfleet.store import PgStore, StoreUnavailable
+from stepfleet.workers.batch import BatchProcessor
+from stepfleet.workers.outgoing import from_outbox
+from stepfleet.workers.settings import Settings
+
+log = structlog.get_logger("stepfleet.worker")
+
+_MAX_BACKOFF_SECONDS = 30.0
+
+
+class Worker:
+    """One worker process's engine room; `run()` until `stop()` is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: PgStore | None = None,
+        broker: Broker | None = None,
+        sandbox: Sandbox | None = None,
+        name: str = "worker",
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.topology = Topology(settings.prefix, settings.delivery_limit)
+        self._owns_store = store is None
+        self._owns_broker = broker is None
+        self.store = store or PgStore(settings.database_url, pool_size=settings.concurrency + 1)
+        self.broker = broker or Broker(settings.amqp_url, self.topology)
+        self._wasm_thread = ThreadPoolExecutor(1, thread_name_prefix="wasm")
+        self._processor = BatchProcessor(
+            store=self.store,
+            sandbox=sandbox or WasmSandbox(settings.sandbox_limits()),
+            wasm_thread=self._wasm_thread,
+            topology=self.topology,
+            publish=self._publish,
+            max_message_bytes=settings.max_message_bytes,
+        )
+        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.steps_done = 0
+
+    async def _publish(self, messages: Sequence[Outgoing]) -> None:
+        await self.broker.publish_many(messages)
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        self._inbox.put_nowait(delivery)
+
+    def stop(self) -> None:
+        """Ask the worker to stop consuming, finish what it holds, and return from run()."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Serve until stop(): the pipelines, the outbox relay, then a graceful drain."""
+        if self._owns_broker:
+            await self.broker.connect(name=f"stepfleet-{self.name}")
+        try:
+            await self.broker.declare()
+            cancel = await self.broker.consume(
+                self.topology.work_queue, self._on_delivery, prefetch=self.settings.prefetch
+            )
+            pipelines = [
+                asyncio.create_task(self._pipeline(i), name=f"pipeline-{i}")
+                for i in range(self.settings.concurrency)
+            ]
+            relay = asyncio.create_task(self._relay(), name="outbox-relay")
+            self.ready.set()
+            log.info(
+                "worker_started",
+                worker=self.name,
+                concurrency=self.settings.concurrency,
+                batch_size=self.settings.batch_size,
+                prefix=self.settings.prefix,
+            )
+            await self._stopping.wait()
+            log.info("worker_stopping", worker=self.name, held=self._inbox.qsize())
+            await cancel()
+            # Deliveries already received are finished, not abandoned: the pipelines drain
+            # the inbox and exit when it is empty.
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*pipelines), timeout=self.settings.shutdown_grace_seconds
+                )
+            except TimeoutError:
+                log.warning("shutdown_grace_exceeded", worker=self.name)
+            relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+            await self._flush_confirmed()
+        finally:
+            self._wasm_thread.shutdown(wait=False, cancel_futures=True)
+            if self._owns_broker:
+                await self.broker.close()
+            if self._owns_store:
+                await self.store.close()
+            log.info("worker_stopped", worker=self.name, steps=self.steps_done)
+
+    async def _next_batch(self) -> list[Delivery] | None:
+        """Wait for one delivery, then take whatever else is already here, up to a batch."""
+        while True:
+            if self._stopping.is_set() and self._inbox.empty():
+                return None
+            try:
+                first = await asyncio.wait_for(self._inbox.get(), timeout=0.2)
+            except TimeoutError:
+                continue
+            batch = [first]
+            while len(batch) < self.settings.batch_size and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            return batch
+
+    async def _pipeline(self, index: int) -> None:
+        while (batch := await self._next_batch()) is not None:
+            await self._process_with_retry(batch)
+
+    async def _process_with_retry(self, batch: list[Delivery]) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                result = await self._processor.process(batch)
+            except StoreUnavailable as exc:
+                # Nothing was committed or acked: hold the deliveries and try again.
+                log.warning("store_unavailable", error=str(exc), retry_in=backoff)
+            except (BrokerUnavailable, PublishRefused) as exc:
+                # Committed but not published: the outbox relay publishes it later; the
+                # unacked deliveries come back and are recognised as duplicates.
+                log.warning("publish_failed", error=str(exc))
+                return
+            except Exception:
+                log.exception("batch_failed", size=len(batch))
+                await asyncio.sleep(backoff)
+                return
+            else:
+                self.steps_done += result.steps
+                for delivery in result.deferred:
+                    self._inbox.put_nowait(delivery)
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+    async def _flush_confirmed(self) -> None:
+        ids, self._processor.confirmed_outbox = self._processor.confirmed_outbox, []
+        if not ids:
+            return
+        try:
+            async with self.store.transaction() as tx:
+                await tx.delete_outbox(ids)
+        except StoreUnavailable:
+            log.warning("outbox_cleanup_deferred", count=len(ids))
+
+    async def _relay(self) -> None:
+        """Publish outbox rows a crashed or cut-off worker left behind; tidy confirmed ones."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                await self._flush_confirmed()
+                if tick % 5:
+                    continue
+                async with self.store.claim_outbox(
+                    older_than_seconds=self.settings.outbox_relay_after_seconds, limit=500
+                ) as claimed:
+                    if claimed:
+                        await self.broker.publish_many(
+                            [from_outbox(self.topology, message) for _, message in claimed]
+                        )
+                        log.info("outbox_relayed", count=len(claimed))
+            except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:
+                log.warning("outbox_relay_failed", error=str(exc))

@@ -1,0 +1,133 @@
+"""Real-service fixtures: a database and a RabbitMQ prefix of this test run's own.
+
+Each run creates `stepfleet_test_<hex>` and the prefix `test-<hex>`, and removes both at the
+end, so concurrent runs never see each other's rows or messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from stepfleet.broker import Broker, Topology
+from stepfleet.schemas import InstanceKey, InstanceStatus
+from stepfleet.store import PgStore
+from stepfleet.store.migrate import ensure_database, upgrade
+from stepfleet.workers.settings import Settings
+from stepfleet.workers.worker import Worker
+
+BASE_DB = os.environ.get("STEPFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+AMQP = os.environ.get("STEPFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    """A short id unique to this test run."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def database_url(run_id: str) -> Iterator[str]:
+    """A migrated database that only this run uses, dropped afterwards."""
+    url = make_url(BASE_DB).set(database=f"stepfleet_test_{run_id}").render_as_string(hide_password=False)
+    try:
+        ensure_database(url)
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {BASE_DB}: {exc} (start it: see README)")
+    upgrade(url)
+    yield url
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "stepfleet_test_{run_id}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, run_id: str) -> Settings:
+    """Settings pointing at this run's database and RabbitMQ prefix."""
+    return Settings(
+        database_url=database_url,
+        amqp_url=AMQP,
+        prefix=f"test-{run_id}",
+        log_level="warning",
+        concurrency=2,
+        batch_size=32,
+        fuel_per_run=200_000_000,
+        memory_bytes=16 * 1024 * 1024,
+        outbox_relay_after_seconds=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def topology(settings: Settings) -> Topology:
+    """This run's broker names."""
+    return Topology(settings.prefix, settings.delivery_limit)
+
+
+@pytest.fixture(scope="session")
+async def broker(settings: Settings, topology: Topology) -> AsyncIterator[Broker]:
+    """A connected broker with this run's topology declared, deleted at the end."""
+    b = Broker(settings.amqp_url, topology)
+    try:
+        await b.connect(name="stepfleet-tests")
+    except Exception as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP}: {exc} (start it: see README)")
+    await b.declare()
+    yield b
+    await b.delete_topology()
+    await b.close()
+
+
+@pytest.fixture(scope="session")
+async def store(database_url: str) -> AsyncIterator[PgStore]:
+    """The store over this run's database."""
+    s = PgStore(database_url)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def start_worker(
+    settings: Settings, broker: Broker
+) -> AsyncIterator[Callable[..., Awaitable[Worker]]]:
+    """Start in-process workers on this run's topology; all are stopped after the test."""
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def start(name: str = "w", **overrides: object) -> Worker:
+        worker = Worker(settings.model_copy(update=overrides), name=name)
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 10)
+        running.append((worker, task))
+        return worker
+
+    yield start
+    for worker, _ in running:
+        worker.stop()
+    for _, task in running:
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for_status(
+    store: PgStore,
+    key: InstanceKey,
+    statuses: set[InstanceStatus],
+    timeout: float = 20.0,
+) -> tuple[object, str]:
+    """Poll until the instance reaches one of `statuses`; fail the test after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = None
+    while loop.time() < deadline:
+        found = await store.find_instances(key.instance_id, key.tenant)
+        if found:
+            last = found[0][0]
+            if last.status in statuses:
+                return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} did not reach {statuses} in {timeout}s; last seen: {last}")
