@@ -193,6 +193,20 @@ class Broker:
 
         return stop
 
+    async def fetch(self, queue_name: str, *, limit: int) -> list[Delivery]:
+        """Take up to `limit` waiting messages with basic.get; ack each to remove it."""
+        try:
+            queue = await self._channel().get_queue(queue_name, ensure=False)
+            taken: list[Delivery] = []
+            while len(taken) < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                taken.append(_delivery(message))
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
+        return taken
+
     async def queue_depth(self, queue_name: str) -> int:
         """Return how many messages wait in a queue (ready, not unacked)."""
         try:

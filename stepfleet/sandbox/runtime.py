@@ -161,7 +161,7 @@ class WasmSandbox:
         except wasmtime.Trap as trap:
             return self._crashed(trap, memory, store), run.logs
         except wasmtime.WasmtimeError as exc:
-            return GuestCrashed(f"guest error: {_first_line(exc)}"), run.logs
+            return GuestCrashed(f"guest error: {exc}"), run.logs
         finally:
             store.close()
         return GuestCrashed("guest returned without an outcome"), run.logs

@@ -236,12 +236,12 @@ class BatchProcessor:
             if work.replay is not None:  # created by this very batch: nothing recorded yet
                 continue
             cached = self._replays.usable(work.key, work.record.generation, work.record.position)
+            work.replay = cached
             if cached is None:
                 cold.append(work.key)
                 since[work.key] = 0
-            else:
-                since[work.key] = len(cached.journal)
-            work.replay = cached
+            elif len(cached.journal) < work.record.position:
+                since[work.key] = len(cached.journal)  # another worker ran the steps between
         if not since:
             return
         params, entries = await tx.replay_data(since, with_params=cold)

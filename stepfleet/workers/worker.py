@@ -20,6 +20,11 @@ log = structlog.get_logger("stepfleet.worker")
 
 _MAX_BACKOFF_SECONDS = 30.0
 
+# wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
+# module-level global until the guest call returns. So every guest run of a process, whatever
+# Worker it belongs to, goes through this one thread.
+_WASM_THREAD = ThreadPoolExecutor(1, thread_name_prefix="wasm")
+
 
 class Worker:
     """One worker process's engine room; `run()` until `stop()` is called."""
@@ -40,11 +45,10 @@ class Worker:
         self._owns_broker = broker is None
         self.store = store or PgStore(settings.database_url, pool_size=settings.concurrency + 1)
         self.broker = broker or Broker(settings.amqp_url, self.topology)
-        self._wasm_thread = ThreadPoolExecutor(1, thread_name_prefix="wasm")
         self._processor = BatchProcessor(
             store=self.store,
             sandbox=sandbox or WasmSandbox(settings.sandbox_limits()),
-            wasm_thread=self._wasm_thread,
+            wasm_thread=_WASM_THREAD,
             topology=self.topology,
             publish=self._publish,
             max_message_bytes=settings.max_message_bytes,
@@ -102,7 +106,6 @@ class Worker:
                 await relay
             await self._flush_confirmed()
         finally:
-            self._wasm_thread.shutdown(wait=False, cancel_futures=True)
             if self._owns_broker:
                 await self.broker.close()
             if self._owns_store:

@@ -22,7 +22,9 @@ from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.worker import Worker
 
-BASE_DB = os.environ.get("STEPFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+BASE_DB = os.environ.get(
+    "STEPFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 AMQP = os.environ.get("STEPFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 
@@ -35,7 +37,11 @@ def run_id() -> str:
 @pytest.fixture(scope="session")
 def database_url(run_id: str) -> Iterator[str]:
     """A migrated database that only this run uses, dropped afterwards."""
-    url = make_url(BASE_DB).set(database=f"stepfleet_test_{run_id}").render_as_string(hide_password=False)
+    url = (
+        make_url(BASE_DB)
+        .set(database=f"stepfleet_test_{run_id}")
+        .render_as_string(hide_password=False)
+    )
     try:
         ensure_database(url)
     except Exception as exc:

@@ -1,0 +1,213 @@
+"""Throughput and latency of the fleet: N three-step workflows through RabbitMQ + PostgreSQL.
+
+Runs against the local services with full durability (quorum queues, publisher confirms,
+synchronous commit), in a database and broker prefix of its own, and prints JSON:
+workflows/s, steps/s and create-to-complete latency p50/p99, for one and for several worker
+processes, plus the unloaded latency of one workflow at a time.
+
+    python bench/throughput.py [--workflows 2000] [--workers 1,2] [--log-level warning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from stepfleet.broker import Broker, Topology
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.schemas import digest_of
+from stepfleet.store import PgStore
+from stepfleet.store.migrate import ensure_database, upgrade
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ROOT / "guest" / "examples" / "order" / "order.wasm"
+BASE_DB = os.environ.get(
+    "STEPFLEET_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+AMQP = os.environ.get("STEPFLEET_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+STEPS_PER_WORKFLOW = 3
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_workers(count: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    return [
+        subprocess.Popen([sys.executable, "-m", "stepfleet", "worker"], env=env)
+        for _ in range(count)
+    ]
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.wait(timeout=60)
+
+
+async def completion_times(store_url: str, ids: list[str]) -> dict[str, datetime]:
+    """Wait until every instance is final; return when each one finished (database clock)."""
+    engine = create_engine(store_url)
+    try:
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    text("SELECT id, status, updated_at FROM instances WHERE id = ANY(:ids)"),
+                    {"ids": ids},
+                ).all()
+            done = {row.id: row for row in rows if row.status in ("complete", "errored")}
+            if len(done) == len(ids):
+                errored = [r.id for r in done.values() if r.status != "complete"]
+                if errored:
+                    raise SystemExit(f"{len(errored)} workflows errored, e.g. {errored[0]}")
+                return {i: done[i].updated_at for i in ids}
+            await asyncio.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+async def run_load(url: str, topology: Topology, digest: str, workflows: int) -> dict[str, float]:
+    ids = [f"bench-{uuid.uuid4().hex[:16]}" for _ in range(workflows)]
+    requests = [
+        CreateRequest("acme", digest, {"order_id": f"B-{i}", "amount": 100 + i, "items": 2}, ids[i])
+        for i in range(workflows)
+    ]
+    published: dict[str, datetime] = {}
+    async with Producer(AMQP, topology) as producer:
+        started = datetime.now(UTC)
+        for offset in range(0, workflows, 500):
+            chunk = requests[offset : offset + 500]
+            await producer.create_batch(chunk)
+            now = datetime.now(UTC)
+            for request in chunk:
+                assert request.instance_id is not None
+                published[request.instance_id] = now
+    finished = await completion_times(url, ids)
+    end = max(finished.values())
+    seconds = (end - started).total_seconds()
+    latencies = [(finished[i] - published[i]).total_seconds() * 1000 for i in ids]
+    return {
+        "workflows": workflows,
+        "seconds": round(seconds, 3),
+        "workflows_per_s": round(workflows / seconds, 1),
+        "steps_per_s": round(workflows * STEPS_PER_WORKFLOW / seconds, 1),
+        "deliveries_per_s": round(workflows * (STEPS_PER_WORKFLOW + 1) / seconds, 1),
+        "latency_ms_p50": round(percentile(latencies, 0.50), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+    }
+
+
+async def run_unloaded(url: str, topology: Topology, digest: str, count: int) -> dict[str, float]:
+    """One workflow at a time: the create-to-complete latency of an idle fleet."""
+    latencies = []
+    store = PgStore(url, pool_size=1)
+    async with Producer(AMQP, topology) as producer:
+        for i in range(count):
+            instance_id = f"solo-{uuid.uuid4().hex[:16]}"
+            begin = time.perf_counter()
+            await producer.create(
+                CreateRequest(
+                    "acme", digest, {"order_id": f"U-{i}", "amount": 1, "items": 1}, instance_id
+                )
+            )
+            while True:
+                found = await store.find_instances(instance_id, "acme")
+                if found and found[0][0].status.is_final:
+                    break
+                await asyncio.sleep(0.0005)
+            latencies.append((time.perf_counter() - begin) * 1000)
+    await store.close()
+    return {
+        "workflows": count,
+        "latency_ms_p50": round(statistics.median(latencies), 2),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 2),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflows", type=int, default=2000)
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker process counts")
+    parser.add_argument("--unloaded", type=int, default=50)
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    run_id = uuid.uuid4().hex[:8]
+    url = (
+        make_url(BASE_DB)
+        .set(database=f"stepfleet_bench_{run_id}")
+        .render_as_string(hide_password=False)
+    )
+    ensure_database(url)
+    upgrade(url)
+    topology = Topology(f"bench-{run_id}")
+    broker = Broker(AMQP, topology)
+    await broker.connect()
+    await broker.declare()
+    wasm = ORDER.read_bytes()
+    digest = digest_of(wasm)
+    store = PgStore(url, pool_size=1)
+    await store.put_module("acme", digest, wasm)
+    await store.close()
+    env = {
+        **os.environ,
+        "STEPFLEET_DATABASE_URL": url,
+        "STEPFLEET_AMQP_URL": AMQP,
+        "STEPFLEET_PREFIX": topology.prefix,
+        "STEPFLEET_LOG_LEVEL": args.log_level,
+        "STEPFLEET_CONCURRENCY": str(args.concurrency),
+        "STEPFLEET_BATCH_SIZE": str(args.batch_size),
+    }
+    report: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": {
+            "concurrency": args.concurrency,
+            "batch_size": args.batch_size,
+            "log_level": args.log_level,
+        },
+    }
+    try:
+        for count in [int(c) for c in args.workers.split(",")]:
+            workers = start_workers(count, env)
+            try:
+                await run_load(url, topology, digest, 50)  # warm: connections, compiled module
+                report[f"load_{count}_workers"] = await run_load(
+                    url, topology, digest, args.workflows
+                )
+                if count == 1 and args.unloaded:
+                    report["unloaded_1_worker"] = await run_unloaded(
+                        url, topology, digest, args.unloaded
+                    )
+            finally:
+                stop_workers(workers)
+    finally:
+        await broker.delete_topology()
+        await broker.close()
+        admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(
+                text(f'DROP DATABASE IF EXISTS "stepfleet_bench_{run_id}" WITH (FORCE)')
+            )
+        admin.dispose()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

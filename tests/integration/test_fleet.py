@@ -1,0 +1,257 @@
+"""The fleet end to end over the real RabbitMQ and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+
+from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
+from stepfleet.store import PgStore
+from tests.conftest import hostile_wasm
+from tests.integration.conftest import wait_for_status
+
+pytestmark = pytest.mark.services
+
+ORDER_PARAMS = {"order_id": "A-1", "amount": 4200, "items": 3}
+ORDER_OUTPUT = {
+    "order": "A-1",
+    "reservation": "RSV-A-1",
+    "items": 3,
+    "charged": 4200,
+    "tracking": "TRK-A-1-A7237DDA",
+}
+FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED}
+
+
+def new_id(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:12]}"
+
+
+async def push(store: PgStore, tenant: str, wasm: bytes) -> str:
+    digest = digest_of(wasm)
+    await store.put_module(tenant, digest, wasm)
+    return digest
+
+
+async def create(settings, topology: Topology, *requests: CreateRequest) -> list[str]:
+    async with Producer(settings.amqp_url, topology) as producer:
+        return await producer.create_batch(list(requests))
+
+
+async def dead_letters(broker: Broker, topology: Topology, want: int, timeout: float = 15.0):
+    """Drain the dead-letter queue until `want` letters arrived (acking what it takes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    letters = []
+    while len(letters) < want and loop.time() < deadline:
+        batch = await broker.fetch(topology.dead_letter_queue, limit=100)
+        for letter in batch:
+            await letter.ack()
+        letters.extend(batch)
+        if len(letters) < want:
+            await asyncio.sleep(0.1)
+    return letters
+
+
+async def test_c_example_completes_with_its_output(
+    settings, topology, store, start_worker, order_wasm
+):
+    """The C order workflow runs its three steps and completes with the expected output."""
+    digest = await push(store, "acme", order_wasm)
+    await start_worker()
+    [instance_id] = await create(
+        settings, topology, CreateRequest("acme", digest, ORDER_PARAMS, new_id("order"))
+    )
+    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+    assert record.status is InstanceStatus.COMPLETE, record.error
+    assert json.loads(record.output) == ORDER_OUTPUT
+    entries = await store.journal(InstanceKey("acme", instance_id))
+    assert [e.name for e in entries] == ["reserve", "charge", "ship"]
+    assert all(e.kind is EntryKind.STEP_SUCCEEDED and e.attempt == 1 for e in entries)
+
+
+async def test_assemblyscript_example_completes(
+    settings, topology, store, start_worker, greeter_wasm
+):
+    """The AssemblyScript greeter runs for a second tenant and completes."""
+    digest = await push(store, "globex", greeter_wasm)
+    await start_worker()
+    [instance_id] = await create(
+        settings,
+        topology,
+        CreateRequest("globex", digest, {"name": "Ada", "lang": "en"}, new_id("greet")),
+    )
+    record, _ = await wait_for_status(store, InstanceKey("globex", instance_id), FINAL)
+    assert record.status is InstanceStatus.COMPLETE, record.error
+    entries = await store.journal(InstanceKey("globex", instance_id))
+    assert len(entries) >= 3
+    assert "Ada" in record.output
+
+
+async def test_guest_failure_errors_the_instance(
+    settings, topology, store, start_worker, order_wasm
+):
+    """A step that fails for good is journaled and the program's failure errors the instance."""
+    digest = await push(store, "acme", order_wasm)
+    await start_worker()
+    params = {**ORDER_PARAMS, "fail_at": "charge"}
+    [instance_id] = await create(
+        settings, topology, CreateRequest("acme", digest, params, new_id("fail"))
+    )
+    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+    assert record.status is InstanceStatus.ERRORED
+    assert "workflow failed" in record.error
+    entries = await store.journal(InstanceKey("acme", instance_id))
+    assert [(e.name, e.kind) for e in entries] == [
+        ("reserve", EntryKind.STEP_SUCCEEDED),
+        ("charge", EntryKind.STEP_FAILED),
+        ("release", EntryKind.STEP_SUCCEEDED),  # the example undoes its reservation
+    ]
+
+
+async def test_same_create_twice_yields_one_instance(
+    settings, topology, store, start_worker, order_wasm
+):
+    """Publishing one create twice runs one instance with each step journaled once."""
+    digest = await push(store, "acme", order_wasm)
+    instance_id = new_id("twice")
+    request = CreateRequest("acme", digest, ORDER_PARAMS, instance_id)
+    await create(settings, topology, request, request)
+    await start_worker()
+    await create(settings, topology, request)
+    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+    assert record.status is InstanceStatus.COMPLETE
+    await asyncio.sleep(0.5)  # let the late duplicate arrive and be ignored
+    entries = await store.journal(InstanceKey("acme", instance_id))
+    assert [e.seq for e in entries] == [0, 1, 2]
+    assert len(await store.find_instances(instance_id, "acme")) == 1
+
+
+async def test_redelivered_step_message_does_no_harm(
+    settings, topology, broker, store, start_worker, order_wasm
+):
+    """A stale step message (as after a crash before ack) is acknowledged without effect."""
+    digest = await push(store, "acme", order_wasm)
+    await start_worker()
+    [instance_id] = await create(
+        settings, topology, CreateRequest("acme", digest, ORDER_PARAMS, new_id("stale"))
+    )
+    key = InstanceKey("acme", instance_id)
+    await wait_for_status(store, key, FINAL)
+    headers = {
+        "x-tenant": "acme",
+        "x-instance-id": instance_id,
+        "x-module": digest,
+        "x-kind": "step",
+        "x-schema-version": "1",
+    }
+    stale = [
+        Outgoing(
+            topology.internal_exchange, "acme.step", b'{"version":1,"position":%d}' % p, headers
+        )
+        for p in (1, 2, 3)
+    ]
+    await broker.publish_many(stale)
+    await asyncio.sleep(1.0)
+    record, _ = await wait_for_status(store, key, FINAL)
+    assert record.status is InstanceStatus.COMPLETE
+    assert [e.seq for e in await store.journal(key)] == [0, 1, 2]
+
+
+async def test_two_workers_share_the_load(settings, topology, store, start_worker, order_wasm):
+    """With two workers consuming, both run steps and every workflow completes."""
+    digest = await push(store, "acme", order_wasm)
+    first = await start_worker("w1", batch_size=4, concurrency=1)
+    second = await start_worker("w2", batch_size=4, concurrency=1)
+    requests = [
+        CreateRequest("acme", digest, {**ORDER_PARAMS, "order_id": f"S-{i}"}, new_id("share"))
+        for i in range(60)
+    ]
+    ids = await create(settings, topology, *requests)
+    for instance_id in ids:
+        record, _ = await wait_for_status(
+            store, InstanceKey("acme", instance_id), FINAL, timeout=60
+        )
+        assert record.status is InstanceStatus.COMPLETE, record.error
+    assert first.steps_done > 0
+    assert second.steps_done > 0
+    assert first.steps_done + second.steps_done >= 60 * 4
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [("loop", "CPU limit exceeded"), ("membomb", "memory limit exceeded")],
+)
+async def test_hostile_guest_fails_its_step_and_the_worker_serves_on(
+    settings, topology, store, start_worker, order_wasm, module, expected
+):
+    """A guest that loops forever or allocates without bound errors; other workflows complete."""
+    hostile = await push(store, "mallory", hostile_wasm(module))
+    digest = await push(store, "acme", order_wasm)
+    await start_worker()
+    bad_id, good_id = new_id(module), new_id("good")
+    await create(
+        settings,
+        topology,
+        CreateRequest("mallory", hostile, {}, bad_id),
+        CreateRequest("acme", digest, ORDER_PARAMS, good_id),
+    )
+    bad, _ = await wait_for_status(store, InstanceKey("mallory", bad_id), FINAL, timeout=60)
+    assert bad.status is InstanceStatus.ERRORED
+    assert expected in bad.error
+    good, _ = await wait_for_status(store, InstanceKey("acme", good_id), FINAL, timeout=60)
+    assert good.status is InstanceStatus.COMPLETE
+
+
+async def test_invalid_messages_are_dead_lettered_and_the_worker_keeps_running(
+    settings, topology, broker, store, start_worker, order_wasm
+):
+    """Bad JSON, a missing header and an unknown module each land in the DLQ with a reason."""
+    digest = await push(store, "acme", order_wasm)
+    await start_worker()
+    base = {
+        "x-tenant": "acme",
+        "x-module": digest,
+        "x-kind": "create",
+        "x-schema-version": "1",
+    }
+    unknown_module = "sha256:" + "0" * 64
+    bad = [
+        Outgoing(
+            topology.ingress_exchange,
+            "acme.create",
+            b"{not json",
+            {**base, "x-instance-id": new_id("badjson")},
+        ),
+        Outgoing(
+            topology.ingress_exchange,
+            "acme.create",
+            b'{"params":{}}',
+            {k: v for k, v in base.items() if k != "x-kind"} | {"x-instance-id": new_id("nokind")},
+        ),
+        Outgoing(
+            topology.ingress_exchange,
+            "acme.create",
+            b'{"params":{}}',
+            {**base, "x-module": unknown_module, "x-instance-id": new_id("nomod")},
+        ),
+    ]
+    await broker.publish_many(bad)
+    letters = await dead_letters(broker, topology, want=3)
+    reasons = {letter.headers["x-dead-reason"] for letter in letters}
+    assert reasons == {"bad-body", "missing-header", "unknown-module"}
+    by_reason = {letter.headers["x-dead-reason"]: letter for letter in letters}
+    assert by_reason["bad-body"].body == b"{not json"
+    assert by_reason["unknown-module"].headers["x-module"] == unknown_module
+    assert "was never pushed" in by_reason["unknown-module"].headers["x-dead-detail"]
+    # The worker is still serving.
+    [instance_id] = await create(
+        settings, topology, CreateRequest("acme", digest, ORDER_PARAMS, new_id("after"))
+    )
+    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+    assert record.status is InstanceStatus.COMPLETE

@@ -1,0 +1,215 @@
+"""The wasmtime sandbox with the example and hostile modules, and golden journals, no services."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from stepfleet.engine import InstanceState, decide
+from stepfleet.sandbox import (
+    GuestRun,
+    InvalidModule,
+    ReplayJournal,
+    SandboxLimits,
+    WasmSandbox,
+    encode_replay_buffer,
+)
+from stepfleet.schemas import (
+    Completed,
+    EntryKind,
+    GuestCrashed,
+    InstanceKey,
+    InstanceStatus,
+    JournalEntry,
+    StepSucceeded,
+    digest_of,
+)
+from tests.conftest import hostile_wasm
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+ORDER_PARAMS = '{"order_id":"A-1","amount":4200,"items":3}'
+ORDER_OUTPUT = (
+    '{"order":"A-1","reservation":"RSV-A-1","items":3,"charged":4200,"tracking":"TRK-A-1-A7237DDA"}'
+)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> WasmSandbox:
+    return WasmSandbox(SandboxLimits(fuel_per_run=50_000_000, memory_bytes=8 * 1024 * 1024))
+
+
+def load(sandbox: WasmSandbox, wasm: bytes) -> str:
+    digest = digest_of(wasm)
+    sandbox.load(digest, wasm)
+    return digest
+
+
+def drive(
+    sandbox: WasmSandbox, digest: str, params: str, entries: list[JournalEntry] | None = None
+):
+    """Run deliveries until the instance is final, as the fleet would; return the last decision."""
+    journal = ReplayJournal(entries or [])
+    key = InstanceKey("acme", "i-1")
+    for _ in range(50):
+        outcome, _ = sandbox.run(
+            GuestRun(digest, encode_replay_buffer(key.instance_id, params, journal))
+        )
+        state = InstanceState(key, digest, InstanceStatus.RUNNING, len(journal))
+        decision = decide(state, journal.entries, outcome, started_at=T0, finished_at=T0)
+        if decision.entry is not None:
+            journal.append(decision.entry)
+        if decision.status.is_final:
+            return decision, journal
+    raise AssertionError("the workflow did not finish in 50 runs")
+
+
+def test_order_runs_one_new_step_per_run(sandbox, order_wasm):
+    """Each run over the journal so far reports exactly the next step."""
+    digest = load(sandbox, order_wasm)
+    journal = ReplayJournal()
+    outcome, logs = sandbox.run(
+        GuestRun(digest, encode_replay_buffer("i-1", ORDER_PARAMS, journal))
+    )
+    assert outcome == StepSucceeded(0, "reserve", '{"reservation":"RSV-A-1","items":3}')
+    assert logs == [(1, "reserving 3 item(s) for order A-1")]
+
+
+def test_order_completes_with_its_documented_output(sandbox, order_wasm):
+    """Driven to the end, the C example completes with the output its README documents."""
+    decision, journal = drive(sandbox, load(sandbox, order_wasm), ORDER_PARAMS)
+    assert decision.status is InstanceStatus.COMPLETE
+    assert decision.output == ORDER_OUTPUT
+    assert [e.name for e in journal.entries] == ["reserve", "charge", "ship"]
+
+
+def test_greeter_completes(sandbox, greeter_wasm):
+    """The AssemblyScript example completes over the same ABI."""
+    decision, journal = drive(sandbox, load(sandbox, greeter_wasm), '{"name":"Ada","lang":"en"}')
+    assert decision.status is InstanceStatus.COMPLETE, decision.error
+    assert len(journal) >= 3
+    assert "Ada" in (decision.output or "")
+
+
+def golden(name: str) -> tuple[str, list[JournalEntry], dict[str, str]]:
+    data = json.loads((GOLDEN / name).read_text())
+    entries = [
+        JournalEntry(e["seq"], EntryKind[e["kind"].upper()], e["name"], e["value"])
+        for e in data["journal"]
+    ]
+    return data["params"], entries, data["expect"]
+
+
+@pytest.mark.parametrize(
+    "name", ["order_complete.json", "order_nondeterministic.json", "order_failed_charge.json"]
+)
+def test_golden_journals_replay(sandbox, order_wasm, name):
+    """Recorded journals replay to the recorded result, guarding the ABI and journal format."""
+    params, entries, expect = golden(name)
+    outcome, _ = sandbox.run(
+        GuestRun(
+            load(sandbox, order_wasm), encode_replay_buffer("i-1", params, ReplayJournal(entries))
+        )
+    )
+    state = InstanceState(InstanceKey("acme", "i-1"), "d", InstanceStatus.RUNNING, len(entries))
+    decision = decide(state, entries, outcome, started_at=T0, finished_at=T0)
+    assert decision.status.value == expect["status"]
+    if "output" in expect:
+        assert decision.output == expect["output"]
+    if "error" in expect:
+        assert decision.error == expect["error"]
+
+
+def test_replay_answers_from_the_journal_not_by_rerunning(sandbox, order_wasm):
+    """A recorded result is handed back as recorded, even if the step would compute another."""
+    entries = [
+        JournalEntry(0, EntryKind.STEP_SUCCEEDED, "reserve", '{"reservation":"RSV-X","items":9}'),
+        JournalEntry(1, EntryKind.STEP_SUCCEEDED, "charge", '{"charged":1,"payment":"PAY-X"}'),
+        JournalEntry(2, EntryKind.STEP_SUCCEEDED, "ship", '{"tracking":"TRK-X"}'),
+    ]
+    outcome, _ = sandbox.run(
+        GuestRun(
+            load(sandbox, order_wasm),
+            encode_replay_buffer("i-1", ORDER_PARAMS, ReplayJournal(entries)),
+        )
+    )
+    assert isinstance(outcome, Completed)
+    assert json.loads(outcome.output)["tracking"] == "TRK-X"
+
+
+@pytest.mark.parametrize(
+    ("module", "limit", "text"),
+    [
+        ("loop", "cpu", "CPU limit exceeded"),
+        ("membomb", "memory", "memory limit exceeded"),
+        ("recursion", "stack", "stack limit exceeded"),
+        ("huge_output", "output", "the limit is 1048576"),
+        ("trap_mid_step", None, "guest trapped"),
+        ("returns_without_outcome", None, "guest returned without an outcome"),
+    ],
+)
+def test_hostile_modules_fail_their_step_with_a_named_limit(sandbox, module, limit, text):
+    """Each hostile module ends its run as a crash that says what happened; the host survives."""
+    digest = load(sandbox, hostile_wasm(module))
+    outcome, _ = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert isinstance(outcome, GuestCrashed)
+    assert outcome.limit == limit
+    assert text in outcome.message
+
+
+def test_sandbox_still_runs_good_guests_after_hostile_ones(sandbox, order_wasm):
+    """After every hostile run, the same sandbox runs a good module normally."""
+    for module in ("loop", "membomb", "recursion"):
+        digest = load(sandbox, hostile_wasm(module))
+        sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    decision, _ = drive(sandbox, load(sandbox, order_wasm), ORDER_PARAMS)
+    assert decision.output == ORDER_OUTPUT
+
+
+@pytest.mark.parametrize(
+    ("wasm", "message"),
+    [
+        (b"\x00asm\x01\x00\x00\x00garbage", "not a valid WebAssembly module"),
+        (b"hello, not wasm at all", "not a valid WebAssembly module"),
+    ],
+)
+def test_validate_refuses_bytes_that_are_not_wasm(sandbox, wasm, message):
+    """Garbage is refused with a clear message."""
+    with pytest.raises(InvalidModule, match=message):
+        sandbox.validate(wasm)
+
+
+def test_validate_refuses_imports_outside_the_abi(sandbox):
+    """A module importing what the ABI does not grant is refused, naming the import."""
+    with pytest.raises(
+        InvalidModule, match=r"imports env\.socket, which the guest ABI does not grant"
+    ):
+        sandbox.validate(hostile_wasm("bad_import"))
+
+
+def test_validate_refuses_modules_without_the_abi_exports(sandbox):
+    """A valid module that exports nothing useful is refused, pointing at the SDKs."""
+    with pytest.raises(InvalidModule, match="does not export"):
+        sandbox.validate(hostile_wasm("no_exports"))
+
+
+def test_validate_refuses_oversized_modules():
+    """The module size limit is enforced at push."""
+    small = WasmSandbox(SandboxLimits(module_bytes=1024))
+    with pytest.raises(InvalidModule, match="the limit is 1024"):
+        small.validate(b"\x00asm" + bytes(2048))
+
+
+def test_load_refuses_bytes_that_do_not_match_the_digest(sandbox, order_wasm):
+    """The compiled-module cache is keyed by content: a wrong digest is refused."""
+    with pytest.raises(InvalidModule, match="do not hash to"):
+        sandbox.load("sha256:" + "0" * 64, order_wasm)
+
+
+def test_examples_import_only_what_the_abi_grants(sandbox, order_wasm, greeter_wasm):
+    """The committed example modules pass push validation."""
+    sandbox.validate(order_wasm)
+    sandbox.validate(greeter_wasm)
