@@ -1,0 +1,26 @@
+;; Hostile: starts new step "explode" (logs that it did) and hits unreachable before reporting
+;; an outcome. Expected: the trap fails the step; nothing is recorded; the step may be retried.
+(module
+  (import "stepfleet" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 1024))
+  (data (i32.const 16) "starting step explode")
+  (func (export "sf_abi_version") (result i32) (i32.const 1))
+  ;; Bump allocator for the replay buffer; grows memory as needed, 0 when it cannot.
+  (func (export "sf_alloc") (param $len i32) (result i32)
+    (local $p i32) (local $end i32)
+    (local.set $p (global.get $heap))
+    (local.set $end (i32.add (local.get $p) (local.get $len)))
+    (if (i32.lt_u (local.get $end) (local.get $p)) (then (return (i32.const 0))))
+    (if (i32.gt_u (local.get $end) (i32.shl (memory.size) (i32.const 16)))
+      (then
+        (if (i32.eq
+              (memory.grow (i32.sub (i32.shr_u (i32.add (local.get $end) (i32.const 65535)) (i32.const 16))
+                                    (memory.size)))
+              (i32.const -1))
+          (then (return (i32.const 0))))))
+    (global.set $heap (i32.and (i32.add (local.get $end) (i32.const 7)) (i32.const -8)))
+    (local.get $p))
+  (func (export "sf_run") (param $ptr i32) (param $len i32)
+    (call $log (i32.const 1) (i32.const 16) (i32.const 21))
+    unreachable))
