@@ -74,31 +74,31 @@ _JOURNAL_SINCE = text(
     """
 )
 
-_INSERT_JOURNAL = text(
+# Everything a batch writes, in one statement: forget confirmed outbox rows, append journal
+# entries, move instance states, queue the next messages. Empty arrays make empty parts.
+_WRITE_BATCH = text(
     """
-    INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
-                         started_at, finished_at)
-    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:seqs AS int[]),
-                         CAST(:kinds AS smallint[]), CAST(:names AS text[]),
-                         CAST(:vals AS text[]), CAST(:attempts AS int[]),
-                         CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]))
-    """
-)
-
-_UPDATE_INSTANCES = text(
-    """
-    UPDATE instances AS i
-    SET status = u.status, position = u.position, output = u.output, error = u.error,
-        updated_at = now()
-    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
-                CAST(:positions AS int[]), CAST(:outputs AS text[]), CAST(:errors AS text[]))
-         AS u(tenant, id, status, position, output, error)
-    WHERE i.tenant = u.tenant AND i.id = u.id
-    """
-)
-
-_INSERT_OUTBOX = text(
-    """
+    WITH confirmed AS (
+        DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))
+    ),
+    entries AS (
+        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
+                             started_at, finished_at)
+        SELECT * FROM unnest(CAST(:j_tenants AS text[]), CAST(:j_ids AS text[]),
+                             CAST(:seqs AS int[]), CAST(:kinds AS smallint[]),
+                             CAST(:names AS text[]), CAST(:vals AS text[]),
+                             CAST(:attempts AS int[]), CAST(:starts AS timestamptz[]),
+                             CAST(:ends AS timestamptz[]))
+    ),
+    states AS (
+        UPDATE instances AS i
+        SET status = u.status, position = u.position, output = u.output, error = u.error,
+            updated_at = now()
+        FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
+                    CAST(:positions AS int[]), CAST(:outputs AS text[]),
+                    CAST(:errors AS text[])) AS u(tenant, id, status, position, output, error)
+        WHERE i.tenant = u.tenant AND i.id = u.id
+    )
     INSERT INTO outbox (routing_key, headers, body)
     SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:headers AS text[]),
                          CAST(:bodies AS bytea[]))
@@ -210,50 +210,48 @@ class StepTransaction:
                 entries[InstanceKey(row.tenant, row.instance_id)].append(_entry(row))
         return params, entries
 
-    async def write_steps(self, writes: Sequence[StepWrite]) -> None:
-        """Write the journal entries and instance states of a batch."""
-        if not writes:
-            return
-        rows = [w for w in writes if w.entry is not None]
-        if rows:
-            entries = [w.entry for w in rows if w.entry is not None]
-            await self._conn.execute(
-                _INSERT_JOURNAL,
-                {
-                    **_split(w.key for w in rows),
-                    "seqs": [e.seq for e in entries],
-                    "kinds": [int(e.kind) for e in entries],
-                    "names": [e.name for e in entries],
-                    "vals": [e.value for e in entries],
-                    "attempts": [e.attempt for e in entries],
-                    "starts": [e.started_at for e in entries],
-                    "ends": [e.finished_at for e in entries],
-                },
-            )
-        await self._conn.execute(
-            _UPDATE_INSTANCES,
+    async def write_batch(
+        self,
+        writes: Sequence[StepWrite],
+        outbox: Sequence[OutboxMessage],
+        *,
+        confirmed_outbox: Sequence[int] = (),
+    ) -> list[int]:
+        """Write a batch's journal entries, instance states and outbox rows in one statement.
+
+        Also deletes `confirmed_outbox` (rows whose publish the broker confirmed earlier).
+        Returns the new outbox ids in the order of `outbox`.
+        """
+        if not writes and not outbox and not confirmed_outbox:
+            return []
+        appended = [w for w in writes if w.entry is not None]
+        entries = [w.entry for w in appended if w.entry is not None]
+        j_keys = _split(w.key for w in appended)
+        result = await self._conn.execute(
+            _WRITE_BATCH,
             {
+                "confirmed": list(confirmed_outbox),
+                "j_tenants": j_keys["tenants"],
+                "j_ids": j_keys["ids"],
+                "seqs": [e.seq for e in entries],
+                "kinds": [int(e.kind) for e in entries],
+                "names": [e.name for e in entries],
+                "vals": [e.value for e in entries],
+                "attempts": [e.attempt for e in entries],
+                "starts": [e.started_at for e in entries],
+                "ends": [e.finished_at for e in entries],
                 **_split(w.key for w in writes),
                 "statuses": [w.status.value for w in writes],
                 "positions": [w.position for w in writes],
                 "outputs": [w.output for w in writes],
                 "errors": [w.error for w in writes],
+                "keys": [m.routing_key for m in outbox],
+                "headers": [m.headers for m in outbox],
+                "bodies": [m.body for m in outbox],
             },
         )
-
-    async def add_outbox(self, messages: Sequence[OutboxMessage]) -> list[int]:
-        """Queue messages to publish after commit; return their outbox ids in order."""
-        if not messages:
-            return []
-        result = await self._conn.execute(
-            _INSERT_OUTBOX,
-            {
-                "keys": [m.routing_key for m in messages],
-                "headers": [m.headers for m in messages],
-                "bodies": [m.body for m in messages],
-            },
-        )
-        return [row.id for row in result]
+        # INSERT ... SELECT FROM unnest keeps the input order for a serial id.
+        return sorted(row.id for row in result)
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Forget messages whose publish the broker confirmed."""

@@ -116,8 +116,6 @@ class BatchProcessor:
         ran: list[_Ran] = []
         decisions: list[Decision] = []
         async with self._store.transaction() as tx:
-            deleting, self.confirmed_outbox = self.confirmed_outbox, []
-            await tx.delete_outbox(deleting)
             admitted = await self._admit(tx, works, dead, result)
             await self._load_replays(tx, admitted)
             await self._load_modules(tx, admitted)
@@ -125,9 +123,6 @@ class BatchProcessor:
                 self._wasm, self._run_guests, admitted
             )
             decisions = [self._decide(item) for item in ran]
-            await tx.write_steps(
-                [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)]
-            )
             outbox = [
                 step_message(
                     item.work.key,
@@ -138,7 +133,12 @@ class BatchProcessor:
                 for item, d in zip(ran, decisions, strict=True)
                 if d.next_position is not None
             ]
-            result.outbox_ids = await tx.add_outbox(outbox)
+            confirmed, self.confirmed_outbox = self.confirmed_outbox, []
+            result.outbox_ids = await tx.write_batch(
+                [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)],
+                outbox,
+                confirmed_outbox=confirmed,
+            )
         self._remember(ran, decisions)
         result.steps = len(ran)
         result.dead_letters = len(dead)

@@ -1,0 +1,274 @@
+"""The wire protocol's written forms agree: models, committed JSON Schemas and docs/protocol.md."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stepfleet.broker import Topology
+from stepfleet.engine import InstanceState, Reject, admit
+from stepfleet.schemas import (
+    BODY_MODELS,
+    CreateBody,
+    Envelope,
+    EventBody,
+    Headers,
+    InstanceKey,
+    InstanceStatus,
+    InvalidMessage,
+    MessageKind,
+    StepBody,
+    parse_envelope,
+)
+from stepfleet.schemas.export import REGENERATE_COMMAND, json_schemas, main, write_schemas
+from stepfleet.workers.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMAS = ROOT / "schemas"
+PROTOCOL = ROOT / "docs" / "protocol.md"
+
+MODULE = "sha256:" + "ab" * 32
+OTHER_MODULE = "sha256:" + "cd" * 32
+LIMIT = 1000
+CREATE_HEADERS = {
+    Headers.TENANT: "acme",
+    Headers.INSTANCE: "order-1",
+    Headers.MODULE: MODULE,
+    Headers.KIND: "create",
+    Headers.SCHEMA_VERSION: "1",
+}
+CREATE_BODY = b'{"version":1,"params":{"order_id":"A-1"}}'
+
+# `<!-- example: KIND -->` on the line before a ```json block says what the block is.
+_EXAMPLE = re.compile(r"<!-- example: ([a-z]+) -->\n```json\n(.*?)```", re.DOTALL)
+_JSON_BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
+
+
+def _doc() -> str:
+    return PROTOCOL.read_text(encoding="utf-8")
+
+
+def _examples() -> list[tuple[str, Any]]:
+    return [(kind, json.loads(text)) for kind, text in _EXAMPLE.findall(_doc())]
+
+
+def _documented_reasons() -> set[str]:
+    """The codes in the first column of the doc's `x-dead-reason` table."""
+    lines = _doc().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| `x-dead-reason` |"))
+    codes: set[str] = set()
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        codes.add(line.split("|")[1].strip().strip("`"))
+    return codes
+
+
+def _without(name: str) -> dict[str, Any]:
+    return {k: v for k, v in CREATE_HEADERS.items() if k != name}
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return CREATE_HEADERS | {k.replace("_", "-"): v for k, v in changes.items()}
+
+
+REFUSALS = [
+    pytest.param(_without(Headers.KIND), CREATE_BODY, "missing-header", id="no-kind"),
+    pytest.param(_without(Headers.SCHEMA_VERSION), CREATE_BODY, "missing-header", id="no-version"),
+    pytest.param(_without(Headers.TENANT), CREATE_BODY, "missing-header", id="no-tenant"),
+    pytest.param(_without(Headers.INSTANCE), CREATE_BODY, "missing-header", id="no-instance"),
+    pytest.param(_without(Headers.MODULE), CREATE_BODY, "missing-header", id="create-no-module"),
+    pytest.param(_with(x_tenant=""), CREATE_BODY, "missing-header", id="empty-tenant"),
+    pytest.param(_with(x_kind="start"), CREATE_BODY, "bad-header", id="unknown-kind"),
+    pytest.param(_with(x_tenant="Acme"), CREATE_BODY, "bad-header", id="upper-case-tenant"),
+    pytest.param(_with(x_tenant="acme.eu"), CREATE_BODY, "bad-header", id="dotted-tenant"),
+    pytest.param(_with(x_instance_id="-1"), CREATE_BODY, "bad-header", id="bad-instance-id"),
+    pytest.param(_with(x_instance_id="a" * 129), CREATE_BODY, "bad-header", id="long-instance"),
+    pytest.param(_with(x_module="sha256:ABC"), CREATE_BODY, "bad-header", id="bad-digest"),
+    pytest.param(_with(x_module=MODULE.upper()), CREATE_BODY, "bad-header", id="upper-digest"),
+    pytest.param(_with(x_tenant=["acme"]), CREATE_BODY, "bad-header", id="array-value"),
+    pytest.param(_with(x_tenant=True), CREATE_BODY, "bad-header", id="boolean-value"),
+    pytest.param(_with(x_tenant=b"\xff"), CREATE_BODY, "bad-header", id="not-utf8"),
+    pytest.param(_with(x_schema_version="2"), CREATE_BODY, "unsupported-version", id="version-2"),
+    pytest.param(
+        _with(x_schema_version="1.0"), CREATE_BODY, "unsupported-version", id="version-1.0"
+    ),
+    pytest.param(CREATE_HEADERS, b" " * (LIMIT + 1), "too-large", id="too-large"),
+    pytest.param(CREATE_HEADERS, b"{not json", "bad-body", id="not-json"),
+    pytest.param(CREATE_HEADERS, b"[1]", "bad-body", id="not-an-object"),
+    pytest.param(CREATE_HEADERS, b'{"version":1,"parms":{}}', "bad-body", id="unknown-field"),
+    pytest.param(CREATE_HEADERS, b'{"version":2}', "bad-body", id="body-version-2"),
+    pytest.param(_with(x_kind="step"), b'{"version":1}', "bad-body", id="step-no-position"),
+    pytest.param(_with(x_kind="step"), b'{"position":-1}', "bad-body", id="negative-position"),
+    pytest.param(_with(x_kind="event"), b'{"type":"paid"}', "bad-body", id="event-no-id"),
+    pytest.param(
+        _with(x_kind="event"), b'{"event_id":"","type":"x"}', "bad-body", id="event-empty-id"
+    ),
+]
+
+
+def _admission_reasons() -> set[str]:
+    """Run admit() into each of its refusals and return the reason codes it gave."""
+    key = InstanceKey("acme", "order-1")
+    running = InstanceState(key, MODULE, InstanceStatus.RUNNING, 2)
+
+    def envelope(kind: MessageKind, body: Any, module: str | None = MODULE) -> Envelope:
+        return Envelope(kind, key.tenant, key.instance_id, module, body)
+
+    cases = [
+        admit(envelope(MessageKind.STEP, StepBody(position=0)), None, created_now=False),
+        admit(envelope(MessageKind.CREATE, CreateBody(), OTHER_MODULE), running, created_now=False),
+        admit(envelope(MessageKind.STEP, StepBody(position=3)), running, created_now=False),
+        admit(
+            envelope(MessageKind.EVENT, EventBody(event_id="e1", type="paid")),
+            running,
+            created_now=False,
+        ),
+    ]
+    assert all(isinstance(case, Reject) for case in cases)
+    return {case.reason for case in cases if isinstance(case, Reject)}
+
+
+def test_committed_schemas_match_the_models():
+    """The files in schemas/ are exactly what the models generate today."""
+    expected = json_schemas()
+    committed = {path.name for path in SCHEMAS.glob("*.schema.json")}
+    hint = f"schemas/ is out of date with stepfleet/schemas: run `{REGENERATE_COMMAND}`"
+    assert committed == set(expected), hint
+    for name, document in expected.items():
+        assert json.loads((SCHEMAS / name).read_text(encoding="utf-8")) == document, (
+            f"{name}: {hint}"
+        )
+
+
+def test_schema_documents_identify_themselves():
+    """Every schema document carries its dialect, a unique $id, a title and a description."""
+    documents = json_schemas()
+    assert {f"{kind.value}.v1.schema.json" for kind in BODY_MODELS} < set(documents)
+    assert "headers.v1.schema.json" in documents
+    ids = [document["$id"] for document in documents.values()]
+    assert len(set(ids)) == len(ids)
+    for name, document in documents.items():
+        assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert document["$id"].endswith(name)
+        assert document["title"]
+        assert document["description"]
+
+
+def test_write_schemas_and_main_write_every_document(tmp_path: Path):
+    """write_schemas and the command-line entry write one file per document, as JSON."""
+    written = write_schemas(tmp_path / "a")
+    assert {path.name for path in written} == set(json_schemas())
+    assert main([str(tmp_path / "b")]) == 0
+    for path in written:
+        again = tmp_path / "b" / path.name
+        assert again.read_bytes() == path.read_bytes()
+        assert json.loads(path.read_text(encoding="utf-8")) == json_schemas()[path.name]
+
+
+def test_every_body_json_block_in_the_doc_is_a_marked_example():
+    """Each ```json block of protocol.md with a "version" key is marked with its message kind."""
+    bodies = [
+        block
+        for block in _JSON_BLOCK.findall(_doc())
+        if isinstance(loaded := json.loads(block), dict) and "version" in loaded
+    ]
+    marked = [json.loads(text) for kind, text in _EXAMPLE.findall(_doc()) if kind != "message"]
+    assert len(bodies) == len(marked), "mark every body example with <!-- example: KIND -->"
+    assert {kind for kind, _ in _examples()} == {kind.value for kind in BODY_MODELS} | {"message"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "example"), [e for e in _examples() if e[0] != "message"], ids=lambda v: str(v)[:20]
+)
+def test_doc_body_examples_validate(kind: str, example: Any):
+    """A body example from protocol.md validates against the model of its kind."""
+    BODY_MODELS[MessageKind(kind)].model_validate_json(json.dumps(example))
+
+
+def test_doc_message_example_is_a_valid_create():
+    """The worked example's raw message routes and parses exactly as the doc says."""
+    [message] = [example for kind, example in _examples() if kind == "message"]
+    properties, headers = message["properties"], message["properties"]["headers"]
+    envelope = parse_envelope(
+        headers,
+        json.dumps(message["body"]).encode(),
+        max_body_bytes=Settings.model_fields["max_message_bytes"].default,
+    )
+    assert envelope.kind is MessageKind.CREATE
+    assert message["exchange"] == Topology().ingress_exchange
+    assert message["routing_key"] == f"{envelope.tenant}.{envelope.kind.value}"
+    assert message["mandatory"] is True
+    assert properties["delivery_mode"] == 2
+    assert properties["content_type"] == "application/json"
+    assert properties["message_id"] == f"{envelope.tenant}/{envelope.instance_id}/create"
+
+
+def test_doc_names_the_topology_headers_and_limits():
+    """protocol.md names every broker object, queue argument, header and the size limit."""
+    doc = _doc()
+    topology = Topology()
+    names = [
+        topology.ingress_exchange,
+        topology.internal_exchange,
+        topology.dead_letter_exchange,
+        topology.work_queue,
+        topology.dead_letter_queue,
+    ]
+    for name in names:
+        assert f"`{name}`" in doc, name
+    for argument, value in topology.work_queue_arguments().items():
+        if value == topology.dead_letter_exchange:
+            value = f"{topology.prefix}.dead-letter"
+        assert f"| `{argument}` | `{value}`" in doc, argument
+    for name in (
+        Headers.TENANT,
+        Headers.INSTANCE,
+        Headers.MODULE,
+        Headers.KIND,
+        Headers.SCHEMA_VERSION,
+        Headers.TRACEPARENT,
+        Headers.DEAD_REASON,
+        Headers.DEAD_DETAIL,
+        "x-original-routing-key",
+        "x-original-user-id",
+    ):
+        assert f"| `{name}` |" in doc, name
+    assert f"{Settings.model_fields['max_message_bytes'].default:,}" in doc
+
+
+@pytest.mark.parametrize(("headers", "body", "reason"), REFUSALS)
+def test_parse_envelope_refusals_carry_documented_reasons(
+    headers: dict[str, Any], body: bytes, reason: str
+):
+    """parse_envelope refuses a broken message with the reason code protocol.md documents."""
+    with pytest.raises(InvalidMessage) as refused:
+        parse_envelope(headers, body, max_body_bytes=LIMIT)
+    assert refused.value.reason == reason
+    assert reason in _documented_reasons()
+
+
+def test_reason_table_lists_exactly_the_codes_stepfleet_uses():
+    """The doc's reason table holds every code the code can produce, and no other."""
+    produced = {str(param.values[2]) for param in REFUSALS} | _admission_reasons()
+    # The worker's own check that a create's module was pushed (workers/batch.py).
+    produced.add("unknown-module")
+    assert _documented_reasons() == produced
+
+
+def test_parse_envelope_accepts_bytes_and_integer_header_values():
+    """Header values may arrive as UTF-8 bytes, and the schema version as an integer."""
+    headers = {k: v.encode() for k, v in CREATE_HEADERS.items()} | {Headers.SCHEMA_VERSION: 1}
+    envelope = parse_envelope(headers, CREATE_BODY, max_body_bytes=LIMIT)
+    assert envelope.tenant == "acme"
+    assert envelope.body == CreateBody(params={"order_id": "A-1"})
+
+
+def test_create_body_defaults_match_the_doc():
+    """A create body may omit version and params: they default to 1 and {}."""
+    envelope = parse_envelope(CREATE_HEADERS, b"{}", max_body_bytes=LIMIT)
+    assert envelope.body == CreateBody(version=1, params={})
