@@ -90,8 +90,8 @@ class WasmSandbox:
     # -- modules -------------------------------------------------------------------------
 
     def validate(self, wasm: bytes) -> None:
-        """Check size, imports and exports, and that the module compiles."""
-        self._compile(wasm)
+        """Check size, imports, exports and ABI version, and that the module compiles."""
+        self._check_abi_version(self._linker.instantiate_pre(self._compile(wasm)))
 
     def is_loaded(self, digest: str) -> bool:
         """Tell whether `digest` is compiled and cached (and mark it recently used)."""
@@ -104,7 +104,9 @@ class WasmSandbox:
         """Compile and cache a module, refusing bytes that do not match their digest."""
         if digest_of(wasm) != digest:
             raise InvalidModule(f"module bytes do not hash to {digest}")
-        self._compiled[digest] = self._linker.instantiate_pre(self._compile(wasm))
+        pre = self._linker.instantiate_pre(self._compile(wasm))
+        self._check_abi_version(pre)
+        self._compiled[digest] = pre
         self._compiled.move_to_end(digest)
         while len(self._compiled) > self.limits.compiled_cache_entries:
             self._compiled.popitem(last=False)
@@ -122,6 +124,22 @@ class WasmSandbox:
         _check_imports(module)
         _check_exports(module)
         return module
+
+    def _check_abi_version(self, pre: wasmtime.InstancePre) -> None:
+        """Ask the module once, at load, which ABI it speaks (not on every run)."""
+        store = wasmtime.Store(self._engine)
+        store.set_fuel(1_000_000)
+        try:
+            exports = pre.instantiate(store).exports(store)
+            version = _call(exports, store, "sf_abi_version")
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise InvalidModule(f"module failed to start: {_first_line(exc)}") from None
+        finally:
+            store.close()
+        if version != ABI_VERSION:
+            raise InvalidModule(
+                f"module speaks guest ABI {version}, this host speaks {ABI_VERSION}"
+            )
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -144,9 +162,6 @@ class WasmSandbox:
             initialize = exports.get("_initialize")
             if isinstance(initialize, wasmtime.Func):
                 initialize(store)
-            version = _call(exports, store, "sf_abi_version")
-            if version != ABI_VERSION:
-                return GuestCrashed(f"module speaks guest ABI {version}, not {ABI_VERSION}"), []
             size = len(job.replay_buffer)
             pointer = _call(exports, store, "sf_alloc", size)
             if not isinstance(pointer, int) or pointer <= 0:
