@@ -42,7 +42,9 @@ _WORKLOADS: list[tuple[str, str, Callable[[int], dict[str, object]]]] = [
 ]
 
 
-def run_demo(settings: Settings, *, workers: int, per_tenant: int) -> None:
+def run_demo(
+    settings: Settings, *, workers: int, per_tenant: int, examples: Path = EXAMPLES
+) -> None:
     """Migrate, declare, push, start a fleet, run the examples and print what they returned."""
     started = time.monotonic()
     typer.echo(f"1. migrating {settings.database_url.rsplit('@', 1)[-1]}")
@@ -55,7 +57,7 @@ def run_demo(settings: Settings, *, workers: int, per_tenant: int) -> None:
     typer.echo(f"2. declaring the RabbitMQ topology {settings.prefix}.*")
     run(_declare(settings, topology))
     typer.echo("3. pushing the example tenant modules")
-    digests = run(_push(settings))
+    digests = run(_push(settings, examples))
     typer.echo(f"4. starting {workers} worker process(es)")
     fleet = _start_fleet(settings, workers)
     try:
@@ -84,13 +86,13 @@ async def _declare(settings: Settings, topology: Topology) -> None:
         await broker.declare()
 
 
-async def _push(settings: Settings) -> dict[str, str]:
+async def _push(settings: Settings, examples: Path) -> dict[str, str]:
     sandbox = WasmSandbox(settings.sandbox_limits())
     store = PgStore(settings.database_url, pool_size=1)
     digests: dict[str, str] = {}
     try:
         for tenant, file, _ in _WORKLOADS:
-            path = EXAMPLES / file
+            path = examples / file
             if not path.exists():
                 fail(
                     f"{path} is missing: the demo runs from a source checkout (./dev guests rebuilds it)"

@@ -226,11 +226,14 @@ def worker(
 def demo(
     workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 2,
     per_tenant: Annotated[int, typer.Option(help="Workflows to run per example.")] = 5,
+    examples: Annotated[
+        Path | None, typer.Option(help="Folder holding order/order.wasm and greeter/greeter.wasm.")
+    ] = None,
 ) -> None:
     """The main job: migrate, declare, push the examples, run a fleet, print the results."""
-    from stepfleet.cli.demo import run_demo
+    from stepfleet.cli.demo import EXAMPLES, run_demo
 
-    run_demo(settings(), workers=workers, per_tenant=per_tenant)
+    run_demo(settings(), workers=workers, per_tenant=per_tenant, examples=examples or EXAMPLES)
 
 
 def main() -> None:

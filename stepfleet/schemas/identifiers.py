@@ -26,17 +26,17 @@ class InstanceKey(NamedTuple):
 
 def is_tenant(value: str) -> bool:
     """Tell whether `value` is a well-formed tenant name."""
-    return _TENANT.match(value) is not None
+    return _TENANT.fullmatch(value) is not None
 
 
 def is_instance_id(value: str) -> bool:
     """Tell whether `value` is a well-formed instance id."""
-    return _INSTANCE_ID.match(value) is not None
+    return _INSTANCE_ID.fullmatch(value) is not None
 
 
 def is_digest(value: str) -> bool:
     """Tell whether `value` is a well-formed module digest (`sha256:` and 64 hex digits)."""
-    return _DIGEST.match(value) is not None
+    return _DIGEST.fullmatch(value) is not None
 
 
 def digest_of(wasm: bytes) -> str:

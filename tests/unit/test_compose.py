@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import tomllib
@@ -354,6 +355,37 @@ def test_builder_copies_everything_the_wheel_build_reads() -> None:
         if line.strip() and not line.lstrip().startswith("#")
     }
     assert not needed & ignored, f".dockerignore excludes {sorted(needed & ignored)}"
+
+
+def _ignored_by_dockerignore(path: str) -> bool:
+    """Whether a context path (or a folder above it) matches a .dockerignore pattern."""
+    patterns = [
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", "!"))
+    ]
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
+        for pattern in patterns
+        for prefix in prefixes
+    )
+
+
+def test_every_copied_path_is_in_the_build_context() -> None:
+    """Each path a COPY takes from the build context exists and is not dockerignored."""
+    seen = 0
+    for stage in _dockerfile_stages():
+        for name, arguments in stage:
+            if name != "COPY" or "--from=" in arguments:
+                continue
+            for source in [a for a in arguments.split() if not a.startswith("--")][:-1]:
+                seen += 1
+                relative = source.removeprefix("./").rstrip("/")
+                assert (ROOT / relative).exists(), f"COPY {source}: missing"
+                assert not _ignored_by_dockerignore(relative), f"COPY {source}: dockerignored"
+    assert seen
 
 
 def test_dockerignore_keeps_heavy_and_secret_paths_out() -> None:
