@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "guest" / "examples"
 HOSTILE = ROOT / "guest" / "hostile"
 
+# The C example's documented run (guest/examples/order/README.md).
+ORDER_PARAMS = {"order_id": "A-1", "amount": 4200, "items": 3}
+ORDER_OUTPUT = {
+    "order": "A-1",
+    "reservation": "RSV-A-1",
+    "items": 3,
+    "charged": 4200,
+    "tracking": "TRK-A-1-A7237DDA",
+}
+
 
 @pytest.fixture(scope="session")
 def order_wasm() -> bytes:

@@ -135,6 +135,22 @@ def _entry(row: Any) -> JournalEntry:
     )
 
 
+def _record(row: Any) -> InstanceRecord:
+    """Build an instance record from a row that has at least the locked columns."""
+    mapping = row._mapping
+    return InstanceRecord(
+        key=InstanceKey(row.tenant, row.id),
+        module=row.module,
+        status=InstanceStatus(row.status),
+        position=row.position,
+        generation=row.generation,
+        output=mapping.get("output"),
+        error=mapping.get("error"),
+        created_at=mapping.get("created_at"),
+        updated_at=mapping.get("updated_at"),
+    )
+
+
 class StepTransaction:
     """One transaction of the per-step path, covering a whole batch of deliveries."""
 
@@ -160,16 +176,7 @@ class StepTransaction:
     ) -> dict[InstanceKey, InstanceRecord]:
         """Lock the rows (in key order, so batches never deadlock) and return them."""
         result = await self._conn.execute(_LOCK_INSTANCES, _split(keys))
-        return {
-            InstanceKey(row.tenant, row.id): InstanceRecord(
-                key=InstanceKey(row.tenant, row.id),
-                module=row.module,
-                status=InstanceStatus(row.status),
-                position=row.position,
-                generation=row.generation,
-            )
-            for row in result
-        }
+        return {InstanceKey(row.tenant, row.id): _record(row) for row in result}
 
     async def owned_modules(self, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """Return which (tenant, digest) pairs the tenant has pushed."""
@@ -333,23 +340,7 @@ class PgStore:
             query = query.where(instances.c.tenant == tenant)
         async with translated(), self._engine.connect() as connection:
             result = await connection.execute(query.order_by(instances.c.tenant))
-            return [
-                (
-                    InstanceRecord(
-                        key=InstanceKey(row.tenant, row.id),
-                        module=row.module,
-                        status=InstanceStatus(row.status),
-                        position=row.position,
-                        generation=row.generation,
-                        output=row.output,
-                        error=row.error,
-                        created_at=row.created_at,
-                        updated_at=row.updated_at,
-                    ),
-                    row.params,
-                )
-                for row in result
-            ]
+            return [(_record(row), row.params) for row in result]
 
     async def journal(self, key: InstanceKey) -> list[JournalEntry]:
         """Return an instance's whole journal in order."""

@@ -12,19 +12,11 @@ from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import PgStore
-from tests.conftest import hostile_wasm
+from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, hostile_wasm
 from tests.integration.conftest import wait_for_status
 
 pytestmark = pytest.mark.services
 
-ORDER_PARAMS = {"order_id": "A-1", "amount": 4200, "items": 3}
-ORDER_OUTPUT = {
-    "order": "A-1",
-    "reservation": "RSV-A-1",
-    "items": 3,
-    "charged": 4200,
-    "tracking": "TRK-A-1-A7237DDA",
-}
 FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED}
 
 

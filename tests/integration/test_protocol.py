@@ -19,18 +19,11 @@ import pytest
 from aiormq.abc import DeliveredMessage
 
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
+from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 
 pytestmark = pytest.mark.services
 
-ORDER_PARAMS = {"order_id": "A-1", "amount": 4200, "items": 3}
-ORDER_OUTPUT = {
-    "order": "A-1",
-    "reservation": "RSV-A-1",
-    "items": 3,
-    "charged": 4200,
-    "tracking": "TRK-A-1-A7237DDA",
-}
 FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED}
 
 
