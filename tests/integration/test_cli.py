@@ -1,0 +1,112 @@
+"""The `stepfleet` command against the real services, as an operator types it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from stepfleet.cli.main import app
+from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
+from tests.conftest import EXAMPLES, ORDER_OUTPUT, ORDER_PARAMS
+from tests.integration.conftest import wait_for_status
+
+pytestmark = pytest.mark.services
+
+ORDER = EXAMPLES / "order" / "order.wasm"
+
+
+@pytest.fixture
+def cli(settings):
+    """Invoke the CLI with this run's database and broker prefix."""
+    env = {
+        "STEPFLEET_DATABASE_URL": settings.database_url,
+        "STEPFLEET_AMQP_URL": settings.amqp_url,
+        "STEPFLEET_PREFIX": settings.prefix,
+    }
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), env=env)
+
+    return invoke
+
+
+def test_module_push_prints_the_digest_and_is_idempotent(cli):
+    """Pushing a module prints its sha256 digest; pushing the same bytes again changes nothing."""
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    first = cli("module", "push", str(ORDER), "--tenant", tenant)
+    second = cli("module", "push", str(ORDER), "--tenant", tenant)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.strip() == digest_of(ORDER.read_bytes())
+    assert second.exit_code == 0
+    assert second.stdout.strip() == first.stdout.strip()
+    listed = cli("module", "list", "--tenant", tenant)
+    assert listed.stdout.count("sha256:") == 1
+
+
+def test_module_push_refuses_what_is_not_a_guest_module(cli, tmp_path):
+    """Garbage and modules without the ABI's exports are refused with a clear message."""
+    garbage = tmp_path / "notes.wasm"
+    garbage.write_text("not webassembly")
+    result = cli("module", "push", str(garbage), "--tenant", "acme")
+    assert result.exit_code == 1
+    assert "not a valid WebAssembly module" in result.output
+    empty = tmp_path / "empty.wasm"
+    empty.write_bytes(b"\x00asm\x01\x00\x00\x00")
+    result = cli("module", "push", str(empty), "--tenant", "acme")
+    assert result.exit_code == 1
+    assert "does not export its memory" in result.output
+
+
+async def test_create_then_status_shows_output_and_journal(cli, store, start_worker):
+    """`create` publishes, a worker runs it, and `status --json` shows output and journal."""
+    # The CLI runs its own event loop, so from this async test it runs in a thread.
+    digest = (
+        await asyncio.to_thread(cli, "module", "push", str(ORDER), "--tenant", "acme")
+    ).stdout.strip()
+    await start_worker()
+    instance_id = f"cli-{uuid.uuid4().hex[:10]}"
+    created = await asyncio.to_thread(
+        cli,
+        "create",
+        "--tenant",
+        "acme",
+        "--module",
+        digest,
+        "--params",
+        json.dumps(ORDER_PARAMS),
+        "--id",
+        instance_id,
+    )
+    assert created.exit_code == 0, created.output
+    assert created.stdout.strip() == instance_id
+    await wait_for_status(store, InstanceKey("acme", instance_id), {InstanceStatus.COMPLETE})
+    shown = json.loads((await asyncio.to_thread(cli, "status", instance_id, "--json")).stdout)
+    assert shown["status"] == "complete"
+    assert shown["output"] == ORDER_OUTPUT
+    assert [(e["seq"], e["name"], e["attempt"]) for e in shown["journal"]] == [
+        (0, "reserve", 1),
+        (1, "charge", 1),
+        (2, "ship", 1),
+    ]
+    human = await asyncio.to_thread(cli, "status", instance_id)
+    assert "complete" in human.stdout
+    assert "charge" in human.stdout
+
+
+def test_cli_errors_are_one_clear_line(cli):
+    """Bad input and unknown ids fail with a message, not a traceback."""
+    assert (
+        "is not JSON"
+        in cli(
+            "create", "--tenant", "acme", "--module", "sha256:" + "a" * 64, "--params", "{"
+        ).output
+    )
+    assert "is not a digest" in cli("create", "--tenant", "acme", "--module", "abc").output
+    missing = cli("status", "no-such-instance")
+    assert missing.exit_code == 1
+    assert "no instance 'no-such-instance'" in missing.output
