@@ -15,7 +15,12 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    DeliveryError,
+    MessageProcessError,
+    PublishError,
+)
 
 from stepfleet.broker.errors import BrokerUnavailable, PublishRefused
 from stepfleet.broker.messages import Delivery, Outgoing
@@ -35,6 +40,14 @@ def _delivery(message: AbstractIncomingMessage) -> Delivery:
             # The broker will redeliver it; the journal position makes that harmless.
             raise BrokerUnavailable(f"ack failed: {exc!r}") from exc
 
+    async def release() -> None:
+        try:
+            await message.nack(requeue=True)
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"release failed: {exc!r}") from exc
+        except MessageProcessError:
+            pass  # already acked or released: nothing left to hand back
+
     return Delivery(
         body=message.body,
         headers=headers,
@@ -44,6 +57,7 @@ def _delivery(message: AbstractIncomingMessage) -> Delivery:
         redelivered=bool(message.redelivered),
         delivery_count=count if isinstance(count, int) else 0,
         _ack=ack,
+        _release=release,
     )
 
 

@@ -30,7 +30,15 @@ class Delivery:
     redelivered: bool
     delivery_count: int
     _ack: Callable[[], Awaitable[None]]
+    _release: Callable[[], Awaitable[None]]
 
     async def ack(self) -> None:
         """Acknowledge the delivery; a lost channel makes the broker redeliver instead."""
         await self._ack()
+
+    async def release(self) -> None:
+        """Hand the delivery back for redelivery (counted against the queue's delivery limit).
+
+        Only for failures the worker cannot resolve itself; never a retry mechanism.
+        """
+        await self._release()

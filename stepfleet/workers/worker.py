@@ -138,14 +138,21 @@ class Worker:
             except StoreUnavailable as exc:
                 # Nothing was committed or acked: hold the deliveries and try again.
                 log.warning("store_unavailable", error=str(exc), retry_in=backoff)
-            except (BrokerUnavailable, PublishRefused) as exc:
-                # Committed but not published: the outbox relay publishes it later; the
-                # unacked deliveries come back and are recognised as duplicates.
+            except BrokerUnavailable as exc:
+                # The channel is gone: the broker redelivers what was not acked, and committed
+                # next messages wait in the outbox for the relay.
                 log.warning("publish_failed", error=str(exc))
                 return
+            except PublishRefused as exc:
+                log.warning("publish_refused", error=str(exc))
+                await self._release(batch)
+                return
             except Exception:
+                # A bug, not a guest's fault: hand the deliveries back; the queue's delivery
+                # limit dead-letters a message that keeps failing.
                 log.exception("batch_failed", size=len(batch))
                 await asyncio.sleep(backoff)
+                await self._release(batch)
                 return
             else:
                 self.steps_done += result.steps
@@ -154,6 +161,13 @@ class Worker:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+    async def _release(self, batch: list[Delivery]) -> None:
+        for delivery in batch:
+            try:
+                await delivery.release()
+            except BrokerUnavailable:
+                return  # the channel is gone: the broker requeues everything unacked
 
     async def _flush_confirmed(self) -> None:
         ids, self._processor.confirmed_outbox = self._processor.confirmed_outbox, []

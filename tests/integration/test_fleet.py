@@ -247,3 +247,29 @@ async def test_invalid_messages_are_dead_lettered_and_the_worker_keeps_running(
     )
     record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
     assert record.status is InstanceStatus.COMPLETE
+
+
+async def test_a_batch_that_fails_unexpectedly_is_handed_back_and_completes(
+    settings, topology, store, start_worker, order_wasm
+):
+    """A worker bug in one batch releases its deliveries; they come back and the workflow ends."""
+    digest = await push(store, "acme", order_wasm)
+    worker = await start_worker(concurrency=1)
+    processor = worker._processor
+    real = processor.process
+    failures = []
+
+    async def flaky(deliveries):
+        if not failures:
+            failures.append(len(deliveries))
+            raise RuntimeError("injected failure")
+        return await real(deliveries)
+
+    processor.process = flaky  # type: ignore[method-assign]
+    [instance_id] = await create(
+        settings, topology, CreateRequest("acme", digest, ORDER_PARAMS, new_id("flaky"))
+    )
+    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+    assert failures
+    assert record.status is InstanceStatus.COMPLETE
+    assert [e.seq for e in await store.journal(InstanceKey("acme", instance_id))] == [0, 1, 2]
