@@ -32,6 +32,7 @@ from stepfleet.schemas import (
 from stepfleet.store import (
     InstanceRecord,
     NewInstance,
+    OutboxMessage,
     PgStore,
     StepTransaction,
     StepWrite,
@@ -113,8 +114,32 @@ class BatchProcessor:
         """
         result = BatchResult()
         works, dead = self._validate(deliveries, result)
-        ran: list[_Ran] = []
-        decisions: list[Decision] = []
+        confirmed, self.confirmed_outbox = self.confirmed_outbox, []
+        try:
+            ran, decisions, outbox = await self._transact(works, dead, result, confirmed)
+        except BaseException:
+            self.confirmed_outbox.extend(confirmed)  # still to delete, by the next batch
+            raise
+        self._remember(ran, decisions)
+        result.steps = len(ran)
+        result.dead_letters = len(dead)
+        outgoing = [from_outbox(self._topology, message) for message in outbox]
+        await self._publish(outgoing + [letter for _, letter in dead])
+        self.confirmed_outbox.extend(result.outbox_ids)
+        deferred = {id(d) for d in result.deferred}
+        for delivery in deliveries:
+            if id(delivery) not in deferred:
+                await delivery.ack()
+        return result
+
+    async def _transact(
+        self,
+        works: list[_Work],
+        dead: list[tuple[Delivery, Outgoing]],
+        result: BatchResult,
+        confirmed: list[int],
+    ) -> tuple[list[_Ran], list[Decision], list[OutboxMessage]]:
+        """Admit, run and record the batch in one transaction; return what to publish."""
         async with self._store.transaction() as tx:
             admitted = await self._admit(tx, works, dead, result)
             await self._load_replays(tx, admitted)
@@ -133,23 +158,12 @@ class BatchProcessor:
                 for item, d in zip(ran, decisions, strict=True)
                 if d.next_position is not None
             ]
-            confirmed, self.confirmed_outbox = self.confirmed_outbox, []
             result.outbox_ids = await tx.write_batch(
                 [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)],
                 outbox,
                 confirmed_outbox=confirmed,
             )
-        self._remember(ran, decisions)
-        result.steps = len(ran)
-        result.dead_letters = len(dead)
-        outgoing = [from_outbox(self._topology, message) for message in outbox]
-        await self._publish(outgoing + [letter for _, letter in dead])
-        self.confirmed_outbox.extend(result.outbox_ids)
-        deferred = {id(d) for d in result.deferred}
-        for delivery in deliveries:
-            if id(delivery) not in deferred:
-                await delivery.ack()
-        return result
+        return ran, decisions, outbox
 
     # -- stages --------------------------------------------------------------------------
 
