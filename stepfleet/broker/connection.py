@@ -220,11 +220,3 @@ class Broker:
         except CONNECTION_EXCEPTIONS as exc:
             raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
         return taken
-
-    async def queue_depth(self, queue_name: str) -> int:
-        """Return how many messages wait in a queue (ready, not unacked)."""
-        try:
-            queue = await self._channel().declare_queue(queue_name, passive=True)
-        except CONNECTION_EXCEPTIONS as exc:
-            raise BrokerUnavailable(f"cannot inspect {queue_name}: {exc!r}") from exc
-        return queue.declaration_result.message_count or 0

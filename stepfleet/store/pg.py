@@ -284,11 +284,6 @@ class PgStore:
         async with translated(), self._engine.begin() as connection:
             yield StepTransaction(connection)
 
-    async def ping(self) -> None:
-        """Check that PostgreSQL answers."""
-        async with translated(), self._engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-
     # -- modules -------------------------------------------------------------------------
 
     async def put_module(self, tenant: str, digest: str, wasm: bytes) -> bool:

@@ -32,12 +32,11 @@ from stepfleet.schemas import (
 from stepfleet.store import (
     InstanceRecord,
     NewInstance,
-    OutboxMessage,
     PgStore,
     StepTransaction,
     StepWrite,
 )
-from stepfleet.workers.outgoing import dead_letter, from_outbox, step_message
+from stepfleet.workers.outgoing import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
 
 log = structlog.get_logger("stepfleet.worker")
@@ -116,14 +115,13 @@ class BatchProcessor:
         works, dead = self._validate(deliveries, result)
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
-            ran, decisions, outbox = await self._transact(works, dead, result, confirmed)
+            ran, decisions, outgoing = await self._transact(works, dead, result, confirmed)
         except BaseException:
             self.confirmed_outbox.extend(confirmed)  # still to delete, by the next batch
             raise
         self._remember(ran, decisions)
         result.steps = len(ran)
         result.dead_letters = len(dead)
-        outgoing = [from_outbox(self._topology, message) for message in outbox]
         await self._publish(outgoing + [letter for _, letter in dead])
         self.confirmed_outbox.extend(result.outbox_ids)
         deferred = {id(d) for d in result.deferred}
@@ -138,7 +136,7 @@ class BatchProcessor:
         dead: list[tuple[Delivery, Outgoing]],
         result: BatchResult,
         confirmed: list[int],
-    ) -> tuple[list[_Ran], list[Decision], list[OutboxMessage]]:
+    ) -> tuple[list[_Ran], list[Decision], list[Outgoing]]:
         """Admit, run and record the batch in one transaction; return what to publish."""
         async with self._store.transaction() as tx:
             admitted = await self._admit(tx, works, dead, result)
@@ -148,8 +146,9 @@ class BatchProcessor:
                 self._wasm, self._run_guests, admitted
             )
             decisions = [self._decide(item) for item in ran]
-            outbox = [
+            messages = [
                 step_message(
+                    self._topology,
                     item.work.key,
                     _module(item.work),
                     d.next_position,
@@ -160,10 +159,10 @@ class BatchProcessor:
             ]
             result.outbox_ids = await tx.write_batch(
                 [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)],
-                outbox,
+                [row for row, _ in messages],
                 confirmed_outbox=confirmed,
             )
-        return ran, decisions, outbox
+        return ran, decisions, [outgoing for _, outgoing in messages]
 
     # -- stages --------------------------------------------------------------------------
 

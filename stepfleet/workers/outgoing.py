@@ -13,9 +13,13 @@ from stepfleet.store import OutboxMessage
 
 
 def step_message(
-    key: InstanceKey, module: str, position: int, traceparent: str | None
-) -> OutboxMessage:
-    """Build the outbox row that asks a worker to run the step at `position`."""
+    topology: Topology, key: InstanceKey, module: str, position: int, traceparent: str | None
+) -> tuple[OutboxMessage, Outgoing]:
+    """Build the message that asks a worker to run the step at `position`.
+
+    Returns the outbox row and the same message ready to publish, so the per-step path never
+    parses back what it has just serialised (the relay uses `from_outbox` instead).
+    """
     headers = {
         Headers.TENANT: key.tenant,
         Headers.INSTANCE: key.instance_id,
@@ -25,10 +29,17 @@ def step_message(
     }
     if traceparent:
         headers[Headers.TRACEPARENT] = traceparent
-    return OutboxMessage(
+    row = OutboxMessage(
         routing_key=routing_key(key.tenant, MessageKind.STEP),
         headers=json.dumps(headers, separators=(",", ":")),
         body=b'{"version":%d,"position":%d}' % (SCHEMA_VERSION, position),
+    )
+    return row, Outgoing(
+        exchange=topology.internal_exchange,
+        routing_key=row.routing_key,
+        body=row.body,
+        headers=headers,
+        message_id=_message_id(headers, position),
     )
 
 
@@ -41,10 +52,14 @@ def from_outbox(topology: Topology, message: OutboxMessage) -> Outgoing:
         routing_key=message.routing_key,
         body=message.body,
         headers=headers,
-        message_id=(
-            f"{headers.get(Headers.TENANT)}/{headers.get(Headers.INSTANCE)}"
-            f"/{headers.get(Headers.KIND)}/{position}"
-        ),
+        message_id=_message_id(headers, position),
+    )
+
+
+def _message_id(headers: Mapping[str, Any], position: object) -> str:
+    return (
+        f"{headers.get(Headers.TENANT)}/{headers.get(Headers.INSTANCE)}"
+        f"/{headers.get(Headers.KIND)}/{position}"
     )
 
 
