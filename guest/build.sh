@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Rebuilds every example .wasm from source:
 #   examples/order/order.wasm      C, clang --target=wasm32-wasi + wasi-libc, SDK sdk/c/stepfleet.h
+#   examples/playbook/playbook.wasm  C, likewise
 #   examples/greeter/greeter.wasm  AssemblyScript (asc from sdk/assemblyscript, installed by npm ci)
-# Needs: clang, wasm-ld (lld) and wasi-libc (Debian: apt-get install clang lld wasi-libc), node >= 20
+# Needs: clang, wasm-ld (lld), wasi-libc and clang's wasm32 builtins (Debian: apt-get install clang lld
+# wasi-libc libclang-rt-14-dev-wasm32 for clang 14), node >= 20
 # and npm. Outputs are byte-for-byte reproducible with the same toolchain versions.
 # The .wasm files are committed, so running the fleet or its tests never needs this script.
 set -euo pipefail
@@ -22,7 +24,7 @@ trap 'rm -rf "$tmp"' EXIT
 # A probe link catches a missing wasm32 target or wasi-libc before any real build.
 printf '#include <stdlib.h>\nvoid *probe(void) { return malloc(1); }\n' > "$tmp/probe.c"
 clang --target=wasm32-wasi -mexec-model=reactor -O2 -o "$tmp/probe.wasm" "$tmp/probe.c" \
-  || die "clang cannot build wasm32-wasi reactors (install wasi-libc, e.g. apt-get install wasi-libc)"
+  || die "clang cannot build wasm32-wasi reactors (install wasi-libc and clang's wasm32 builtins, e.g. apt-get install wasi-libc libclang-rt-14-dev-wasm32)"
 
 # Fails the build if a module imports anything outside the stepfleet module.
 check_imports() {
@@ -45,6 +47,9 @@ install_wasm() {
 clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror -Wl,--strip-all \
   -I sdk/c -o "$tmp/order.wasm" examples/order/order.c
 install_wasm "$tmp/order.wasm" examples/order/order.wasm
+clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -Wextra -Werror -Wl,--strip-all \
+  -I sdk/c -o "$tmp/playbook.wasm" examples/playbook/playbook.c
+install_wasm "$tmp/playbook.wasm" examples/playbook/playbook.wasm
 
 (cd sdk/assemblyscript && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci failed in sdk/assemblyscript"
 asc=sdk/assemblyscript/node_modules/.bin/asc
@@ -53,3 +58,6 @@ asc=sdk/assemblyscript/node_modules/.bin/asc
 "$asc" examples/greeter/greeter.ts --runtime stub -O3 \
   --use abort=sdk/assemblyscript/assembly/index/stepfleetAbort -o "$tmp/greeter.wasm"
 install_wasm "$tmp/greeter.wasm" examples/greeter/greeter.wasm
+"$asc" examples/reminder/reminder.ts --runtime stub -O3 \
+  --use abort=sdk/assemblyscript/assembly/index/stepfleetAbort -o "$tmp/reminder.wasm"
+install_wasm "$tmp/reminder.wasm" examples/reminder/reminder.wasm

@@ -6,7 +6,7 @@
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 1024))
   (data (i32.const 16) "{}")
-  (func (export "sf_abi_version") (result i32) (i32.const 1))
+  (func (export "sf_abi_version") (result i32) (i32.const 2))
   ;; Bump allocator for the replay buffer; grows memory as needed, 0 when it cannot.
   (func (export "sf_alloc") (param $len i32) (result i32)
     (local $p i32) (local $end i32)
@@ -22,9 +22,10 @@
           (then (return (i32.const 0))))))
     (global.set $heap (i32.and (i32.add (local.get $end) (i32.const 7)) (i32.const -8)))
     (local.get $p))
-  ;; Journal length: the replay buffer's entry_count, after the version, instance id and params.
+  ;; Journal length: the replay buffer's entry_count, after the header (abi_version, mode,
+  ;; attempt), instance id and params.
   (func $entry_count (param $p i32) (result i32)
-    (local.set $p (i32.add (local.get $p) (i32.const 4)))
+    (local.set $p (i32.add (local.get $p) (i32.const 12)))
     (local.set $p (i32.add (i32.add (local.get $p) (i32.const 4)) (i32.load (local.get $p))))
     (local.set $p (i32.add (i32.add (local.get $p) (i32.const 4)) (i32.load (local.get $p))))
     (i32.load (local.get $p)))

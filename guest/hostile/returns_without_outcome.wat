@@ -5,7 +5,7 @@
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 1024))
   (data (i32.const 16) "returning without an outcome")
-  (func (export "sf_abi_version") (result i32) (i32.const 1))
+  (func (export "sf_abi_version") (result i32) (i32.const 2))
   ;; Bump allocator for the replay buffer; grows memory as needed, 0 when it cannot.
   (func (export "sf_alloc") (param $len i32) (result i32)
     (local $p i32) (local $end i32)

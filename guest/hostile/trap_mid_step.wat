@@ -1,11 +1,14 @@
-;; Hostile: starts new step "explode" (logs that it did) and hits unreachable before reporting
-;; an outcome. Expected: the trap fails the step; nothing is recorded; the step may be retried.
+;; Hostile: begins new step "explode" (step_begin, default config), logs that it did and hits
+;; unreachable before reporting an outcome. Expected: the trap fails that attempt; nothing is
+;; recorded in the journal; the step is retried under its retry policy.
 (module
+  (import "stepfleet" "step_begin" (func $step_begin (param i32 i32 i32 i32 i32) (result i32)))
   (import "stepfleet" "log" (func $log (param i32 i32 i32)))
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 1024))
   (data (i32.const 16) "starting step explode")
-  (func (export "sf_abi_version") (result i32) (i32.const 1))
+  (data (i32.const 48) "explode")
+  (func (export "sf_abi_version") (result i32) (i32.const 2))
   ;; Bump allocator for the replay buffer; grows memory as needed, 0 when it cannot.
   (func (export "sf_alloc") (param $len i32) (result i32)
     (local $p i32) (local $end i32)
@@ -21,6 +24,15 @@
           (then (return (i32.const 0))))))
     (global.set $heap (i32.and (i32.add (local.get $end) (i32.const 7)) (i32.const -8)))
     (local.get $p))
+  ;; Journal length: the replay buffer's entry_count, after the header (abi_version, mode,
+  ;; attempt), instance id and params.
+  (func $entry_count (param $p i32) (result i32)
+    (local.set $p (i32.add (local.get $p) (i32.const 12)))
+    (local.set $p (i32.add (i32.add (local.get $p) (i32.const 4)) (i32.load (local.get $p))))
+    (local.set $p (i32.add (i32.add (local.get $p) (i32.const 4)) (i32.load (local.get $p))))
+    (i32.load (local.get $p)))
   (func (export "sf_run") (param $ptr i32) (param $len i32)
+    (drop (call $step_begin (call $entry_count (local.get $ptr)) (i32.const 48) (i32.const 7)
+      (i32.const 0) (i32.const 0)))
     (call $log (i32.const 1) (i32.const 16) (i32.const 21))
     unreachable))

@@ -1,8 +1,12 @@
 /*
  * Order workflow: reserve inventory, charge payment, ship. See README.md for params and output.
  *
- * Test hook: params "fail_at" names a step ("reserve", "charge" or "ship") that then fails;
- * "fail_mode":"retry" makes that failure retryable, otherwise it is marked do-not-retry.
+ * reserve registers a rollback (release) that the host runs if the instance fails later;
+ * charge is retried up to 3 times with exponential backoff.
+ *
+ * Test hook: params "fail_at" names a step ("reserve", "charge" or "ship") that then fails.
+ * "fail_mode" absent: the failure is non-retryable; "retry": retryable, on every attempt;
+ * "once": retryable, on attempt 1 only (attempt 2 succeeds).
  */
 #include "stepfleet.h"
 
@@ -16,9 +20,10 @@ static int injected_failure(const char *step, const char *what, const char *orde
     char fail_at[16], mode[16];
     if (sf_json_str(g_params, "fail_at", fail_at, sizeof fail_at) < 0 || strcmp(fail_at, step) != 0)
         return SF_OK;
-    sf_buf_printf(out, "%s for order %s", what, order);
     sf_json_str(g_params, "fail_mode", mode, sizeof mode);
-    return strcmp(mode, "retry") == 0 ? SF_ERROR : SF_ERROR_NO_RETRY;
+    if (strcmp(mode, "once") == 0 && sf_attempt() > 1) return SF_OK;
+    sf_buf_printf(out, "%s for order %s", what, order);
+    return mode[0] ? SF_ERROR : SF_ERROR_NO_RETRY; /* "retry" or "once": retryable */
 }
 
 /* A stable stand-in for a carrier's tracking number: FNV-1a over the payment id. */
@@ -82,7 +87,8 @@ static int ship(const char *input, sf_buf *out) {
     return SF_OK;
 }
 
-/* Compensation for a failed charge. input: {"reservation"}. result: {"released":"RSV-..."} */
+/* Rollback of reserve, run by the host's compensations if the instance fails after reserve
+ * succeeded. input: reserve's recorded result. result: {"released":"RSV-..."} */
 static int release(const char *input, sf_buf *out) {
     char reservation[128];
     sf_json_str(input, "reservation", reservation, sizeof reservation);
@@ -93,7 +99,7 @@ static int release(const char *input, sf_buf *out) {
 }
 
 const char *sf_workflow(const char *params) {
-    char order[64], reservation[128], payment[128], tracking[128];
+    char order[64], reservation[128], payment[128], tracking[128], text[16];
     sf_buf in = SF_BUF_INIT, out = SF_BUF_INIT;
     g_params = params;
 
@@ -104,8 +110,26 @@ const char *sf_workflow(const char *params) {
     if (amount < 0) return sf_fail("params.amount must be a non-negative integer");
     long long items = sf_json_int(params, "items", 1);
     if (items < 1) return sf_fail("params.items must be a positive integer");
+    long long retry_delay_ms = 1000;
+    if (sf_json_raw(params, "retry_delay_ms", NULL)) {
+        retry_delay_ms = sf_json_int(params, "retry_delay_ms", -1);
+        if (retry_delay_ms < 0) return sf_fail("params.retry_delay_ms must be a non-negative integer");
+    }
+    if (sf_json_raw(params, "fail_at", NULL)) {
+        long n = sf_json_str(params, "fail_at", text, sizeof text);
+        if (n < 0 || (size_t)n >= sizeof text ||
+            (strcmp(text, "reserve") != 0 && strcmp(text, "charge") != 0 && strcmp(text, "ship") != 0))
+            return sf_fail("params.fail_at must be \"reserve\", \"charge\" or \"ship\"");
+    }
+    if (sf_json_raw(params, "fail_mode", NULL)) {
+        long n = sf_json_str(params, "fail_mode", text, sizeof text);
+        if (n < 0 || (size_t)n >= sizeof text || (strcmp(text, "retry") != 0 && strcmp(text, "once") != 0))
+            return sf_fail("params.fail_mode must be \"retry\" or \"once\"");
+    }
 
-    const char *r = step_do("reserve", reserve, params);
+    sf_step_config reserve_config = SF_STEP_CONFIG_DEFAULT;
+    reserve_config.rollback = release;
+    const char *r = step_do_with("reserve", reserve, params, &reserve_config);
     if (!r) return sf_failf("reserve failed: %s", sf_last_error());
     sf_json_str(r, "reservation", reservation, sizeof reservation);
 
@@ -114,18 +138,12 @@ const char *sf_workflow(const char *params) {
     sf_buf_printf(&in, ",\"amount\":%lld,\"reservation\":", amount);
     sf_buf_json_str(&in, reservation);
     sf_buf_puts(&in, "}");
-    const char *c = step_do("charge", charge, sf_buf_cstr(&in));
-    if (!c) {
-        /* Copy the message first: the next step_do resets sf_last_error(). */
-        sf_buf why = SF_BUF_INIT;
-        sf_buf_puts(&why, sf_last_error());
-        sf_buf_reset(&in);
-        sf_buf_puts(&in, "{\"reservation\":");
-        sf_buf_json_str(&in, reservation);
-        sf_buf_puts(&in, "}");
-        step_do("release", release, sf_buf_cstr(&in));
-        return sf_failf("charge failed: %s", sf_buf_cstr(&why));
-    }
+    sf_step_config charge_config = SF_STEP_CONFIG_DEFAULT;
+    charge_config.retries_limit = 3;
+    charge_config.retry_delay_ms = retry_delay_ms;
+    charge_config.backoff = SF_BACKOFF_EXPONENTIAL;
+    const char *c = step_do_with("charge", charge, sf_buf_cstr(&in), &charge_config);
+    if (!c) return sf_failf("charge failed: %s", sf_last_error());
     long long charged = sf_json_int(c, "charged", 0);
     sf_json_str(c, "payment", payment, sizeof payment);
 

@@ -1,5 +1,5 @@
 /*
- * stepfleet.h - single-header C SDK for stepfleet guest modules (guest ABI version 1).
+ * stepfleet.h - single-header C SDK for stepfleet guest modules (guest ABI version 2).
  *
  * Contract: docs/guest-abi.md. Build a module with
  *   clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wl,--strip-all -o wf.wasm wf.c
@@ -10,18 +10,38 @@
  *
  * It receives the instance's params (JSON text) and returns the output (JSON text). The SDK
  * provides the module's exports (sf_abi_version, sf_alloc, sf_run) and replays the journal:
- * step_do() answers recorded steps inside the guest, runs the first unrecorded step and reports
- * it to the host, which then stops the guest. Returning from sf_workflow completes the instance.
+ * every primitive (step_do, step_sleep, step_wait_for_event, sf_now, sf_random) is answered
+ * inside the guest from the journal while there is a recorded entry for it; the first one that
+ * is not recorded does its work and reports it to the host, which then stops the guest
+ * (sf_now and sf_random record their value and let the run go on). Returning from sf_workflow
+ * completes the instance.
  *
- * The workflow must be deterministic in *which* steps it asks for, given the journal; work
- * that is not deterministic belongs inside a step function, whose result is recorded.
+ * The workflow must be deterministic in *which* primitives it asks for, given the journal; work
+ * that is not deterministic belongs inside a step function, whose result is recorded, or goes
+ * through sf_now / sf_random.
+ *
+ * Compensations (sagas): a step may register a rollback function in its sf_step_config. When
+ * the instance fails (or an operator terminates it asking for rollback) the host replays the
+ * program in compensate mode; the SDK then runs the rollbacks of the completed steps, one per
+ * run, newest first, each called with its step's recorded result. The program itself needs
+ * no extra code for this: it is replayed unchanged, and the SDK takes over when it reaches the
+ * end of what was recorded (or the first recorded compensation), whatever primitive the
+ * program is calling there; sf_fail and returning from sf_workflow hand over at once. The
+ * rollbacks are taken from the configs the program passes on replay, so pass the same config
+ * on every run. A rollback is begun with its step's config (retries, timeout), and its result
+ * counts as sensitive when the step's does. Recorded compensations that do not match the
+ * registered rollbacks, newest first, report nondeterminism (op 6) under the name of the
+ * rollback expected there, or "(none)" when the journal holds more compensations than that.
  *
  * The implementation is compiled into the file that includes this header. A program split over
  * several .c files defines STEPFLEET_DECLARATIONS_ONLY before the include in all files but one.
  *
- * Memory handed out by the SDK (step results, instance id, sf_buf contents) is never freed by
- * the SDK: a module instance lives for one run only. Running out of memory traps, so the host
- * reports the memory limit instead of the workflow failing for good.
+ * Memory handed out by the SDK (step results, event payloads, instance id, sf_buf contents) is
+ * never freed by the SDK: a module instance lives for one run only. Running out of memory
+ * traps, so the host reports the memory limit instead of the workflow failing for good.
+ *
+ * The module imports nothing outside the stepfleet module unless STEPFLEET_LIBC_PRINTF is
+ * defined (see sf_buf_printf).
  */
 #ifndef STEPFLEET_H
 #define STEPFLEET_H
@@ -35,7 +55,7 @@ extern "C" {
 #endif
 
 /* The guest ABI version this SDK speaks; returned by the sf_abi_version export. */
-#define SF_ABI_VERSION 1
+#define SF_ABI_VERSION 2
 
 /* Step function return codes. */
 #define SF_OK 0              /* success: out holds the result, JSON text ("null" if empty) */
@@ -58,8 +78,41 @@ typedef struct sf_buf {
 #define SF_BUF_INIT {0, 0, 0}
 
 /* A step function: reads its input (never NULL) and writes the result or error message to out.
- * Returns SF_OK, SF_ERROR or SF_ERROR_NO_RETRY (any other non-zero value counts as SF_ERROR). */
+ * Returns SF_OK, SF_ERROR or SF_ERROR_NO_RETRY (any other non-zero value counts as SF_ERROR).
+ * Rollback (compensation) functions have the same type; their input is the step's recorded
+ * result. A step function may call sf_now, sf_random, sf_attempt, sf_log and the sf_buf /
+ * sf_json helpers; any other primitive fails the step for good (see step_do). */
 typedef int (*sf_step_fn)(const char *input, sf_buf *out);
+
+/* Retry backoff of a step (sf_step_config.backoff), for retry n = 1, 2, ...:
+ * constant: delay; linear: delay * n; exponential: delay * 2^(n-1) (capped by the host). */
+#define SF_BACKOFF_DEFAULT 0     /* the host default (exponential) */
+#define SF_BACKOFF_CONSTANT 1
+#define SF_BACKOFF_LINEAR 2
+#define SF_BACKOFF_EXPONENTIAL 3
+
+/* "Use the host default" for the numeric fields of sf_step_config (any negative value works). */
+#define SF_DEFAULT (-1)
+
+/* How a step runs. Start from SF_STEP_CONFIG_DEFAULT and set what you need:
+ *
+ *   sf_step_config cfg = SF_STEP_CONFIG_DEFAULT;
+ *   cfg.retries_limit = 3;
+ *   cfg.rollback = release;
+ *
+ * Fields left at their default are omitted from the config the host receives (so the host's
+ * documented defaults apply); the host checks the ranges and fails the run on a value out of
+ * range (it never clamps). */
+typedef struct sf_step_config {
+    int32_t retries_limit;  /* retries after the first attempt, 0 to 1000; < 0: default (5) */
+    int64_t retry_delay_ms; /* base retry delay in ms; < 0: default (10000) */
+    int backoff;            /* SF_BACKOFF_*; SF_BACKOFF_DEFAULT: default (exponential) */
+    int64_t timeout_ms;     /* wall-clock limit of each attempt in ms; < 0: default (600000) */
+    sf_step_fn rollback;    /* compensation, called with the step's recorded result; NULL: none */
+    int sensitive;          /* non-zero: the result is shown as <redacted> in status and logs */
+} sf_step_config;
+
+#define SF_STEP_CONFIG_DEFAULT {SF_DEFAULT, SF_DEFAULT, SF_BACKOFF_DEFAULT, SF_DEFAULT, NULL, 0}
 
 /* ---- Provided by the tenant ------------------------------------------------------------ */
 
@@ -70,21 +123,66 @@ const char *sf_workflow(const char *params);
 
 /* ---- Workflow API ------------------------------------------------------------------------ */
 
-/* Runs step `name` at the current journal position.
- * Recorded success: returns the recorded result (NUL-terminated JSON) without running fn.
- * Recorded failure: returns NULL; sf_last_error() gives the recorded message.
- * Not recorded yet: runs fn(input, out) and reports the outcome to the host; never returns.
- * A recorded entry with another name or an unknown kind reports nondeterminism; never returns.
- * name must be 1 to 256 bytes of UTF-8 (the host checks). input may be NULL (fn then sees "").
- * Must not be called from inside a step function (that fails the instance). */
+/* Runs step `name` at the current journal position with the default config (no rollback, not
+ * sensitive, host-default retries and timeout). Same as step_do_with(name, fn, input, NULL). */
 const char *step_do(const char *name, sf_step_fn fn, const char *input);
 
-/* Message of the last step that step_do() answered as failed; "" after a successful step. */
+/* Runs step `name` at the current journal position with `config` (NULL: all defaults).
+ * Recorded success: returns the recorded result (NUL-terminated JSON) without running fn.
+ * Recorded failure (the last attempt failed, or a non-retryable error): returns NULL;
+ * sf_last_error() gives the recorded message.
+ * Not recorded yet: tells the host the step begins (step_begin, which returns the attempt
+ * number, see sf_attempt), runs fn(input, out) and reports the outcome to the host; never
+ * returns. The host retries failed attempts by running the program again later.
+ * A recorded entry with another name or of another kind reports nondeterminism; never returns.
+ * name must be 1 to 256 bytes of UTF-8 (the host checks). input may be NULL (fn then sees "").
+ * An unknown config->backoff fails the instance. Called from inside a step function, it fails
+ * the running step for good (non-retryable) instead. */
+const char *step_do_with(const char *name, sf_step_fn fn, const char *input,
+                         const sf_step_config *config);
+
+/* The attempt number (1 = first) of the step or rollback function now running, as the host
+ * returned it from step_begin; 0 when no step function is running. */
+int32_t sf_attempt(void);
+
+/* Durable sleep `name` for duration_ms milliseconds (a negative duration counts as 0).
+ * Recorded: returns at once. Not recorded yet: reports the sleep to the host, which stops the
+ * run and continues the program after the timer fires; never returns. Durations over the
+ * host's limit fail the instance. Nondeterminism as for step_do. */
+void step_sleep(const char *name, int64_t duration_ms);
+
+/* Durable sleep `name` until unix_ms (milliseconds since the Unix epoch); a time in the past
+ * continues at once (after one host round trip). Otherwise like step_sleep. */
+void step_sleep_until(const char *name, int64_t unix_ms);
+
+/* Waits (durably) under the name `name` for an event of `type` (1 to 256 bytes) sent to this
+ * instance. timeout_ms < 0 uses the host default (24 hours).
+ * Recorded event: returns its payload (NUL-terminated JSON); sf_last_error() is then "".
+ * Recorded timeout: returns NULL; sf_last_error() holds the timeout message.
+ * Not recorded yet: reports the wait to the host, which stops the run; never returns. */
+const char *step_wait_for_event(const char *name, const char *type, int64_t timeout_ms);
+
+/* The current time in milliseconds since the Unix epoch. In workflow code the value is
+ * recorded in the journal (a journal position of its own) and replayed; inside a step or
+ * rollback function it comes from the host each time and is not recorded. A journal entry of
+ * another kind at this position reports nondeterminism (op 4, under the name "now", since the
+ * primitive has none). */
+int64_t sf_now(void);
+
+/* Fills buf with len random bytes, recorded like sf_now (one journal entry per 256 bytes, so
+ * keep the length the same from run to run). len 0 does nothing. A journal entry of another
+ * kind or length reports nondeterminism (op 5, under the name "random"). */
+void sf_random(void *buf, size_t len);
+
+/* Message of the last step_do / step_wait_for_event answered as failed / timed out; "" after
+ * one answered with a result. The string stays valid for the whole run. */
 const char *sf_last_error(void);
 
 /* Fails the instance for good with msg (NULL means "workflow failed"); never returns.
- * Declared to return a string so a workflow can write `return sf_fail(msg);`.
- * Inside a step function return SF_ERROR_NO_RETRY instead: sf_fail fails the whole instance. */
+ * Declared to return a string so a workflow can write `return sf_fail(msg);`. The host then
+ * runs the compensations of completed steps, if any registered one.
+ * Called inside a step or rollback function it fails that step for good instead (as if the
+ * function had returned SF_ERROR_NO_RETRY with msg); the program then decides. */
 __attribute__((noreturn)) const char *sf_fail(const char *msg);
 
 /* Like sf_fail with a printf-style message. */
@@ -92,7 +190,7 @@ __attribute__((noreturn, format(printf, 1, 2))) const char *sf_failf(const char 
 
 /* Sends a log line at `level` (SF_LOG_*) to the host, formatted like sf_buf_printf. The host
  * bounds lines per run and their length. Lines logged by replayed workflow code repeat on every
- * run; log from inside step functions to log once. */
+ * run; log from inside step functions to log once per attempt. */
 __attribute__((format(printf, 2, 3))) void sf_log(int level, const char *fmt, ...);
 
 /* The instance id (NUL-terminated). Valid once sf_workflow has been called. */
@@ -128,7 +226,12 @@ void sf_buf_reset(sf_buf *b);
 /* Releases the allocation and empties the buffer. */
 void sf_buf_free(sf_buf *b);
 
-/* ---- Minimal JSON readers (top-level keys of an object; first occurrence wins) ------------ */
+/* ---- Minimal JSON readers ------------------------------------------------------------------
+ * The key readers look at the top-level keys of the object at the start of json (leading
+ * whitespace allowed; first occurrence of a key wins) and read no further than that object,
+ * so json may also point at a value inside larger text, such as an element found by
+ * sf_json_array_next or a value found by sf_json_raw. They are lenient readers for trusted
+ * input, not validators: text after the object is not looked at. */
 
 /* The integer value of `key`, or def if json is not an object, the key is missing, or its value
  * is not a JSON integer that fits in a long long (fractions and exponents count as not). */
@@ -138,6 +241,41 @@ long long sf_json_int(const char *json, const char *key, long long def);
  * bytes like snprintf, which may cut a multi-byte character). Returns the full unescaped length, or -1 if json is not an object, the
  * key is missing, or its value is not a well-formed JSON string (buf is then set to ""). */
 long sf_json_str(const char *json, const char *key, char *buf, size_t buflen);
+
+/* 1 or 0 for a value of `key` that is true or false; def otherwise (missing, not a boolean). */
+int sf_json_bool(const char *json, const char *key, int def);
+
+/* The raw JSON text of the value of `key` (not NUL-terminated at its end: *len gives its
+ * length in bytes), pointing into json; NULL (and *len 0) if json is not an object, the key is
+ * missing or the value is malformed. len may be NULL. The first byte tells the type:
+ * '{' object, '[' array, '"' string, 't'/'f' boolean, 'n' null, otherwise a number. */
+const char *sf_json_raw(const char *json, const char *key, size_t *len);
+
+/* Iterator over the elements of a JSON array or the members of a JSON object. */
+typedef struct sf_json_iter {
+    const char *p; /* next element or member, or where the walk stopped */
+    int state;     /* 0 walking, 1 done, -1 malformed */
+} sf_json_iter;
+
+/* Starts walking the array at the start of json (leading whitespace allowed). Returns 1, or 0
+ * if json does not start with '['. */
+int sf_json_array_begin(sf_json_iter *it, const char *json);
+
+/* The next element: returns 1 and points *elem at its raw JSON text (*len bytes, within the
+ * array's text; elem and len may be NULL); 0 after the last element; -1 if the array is
+ * malformed (then always -1). */
+int sf_json_array_next(sf_json_iter *it, const char **elem, size_t *len);
+
+/* Starts walking the members of the object at the start of json. Returns 1, or 0 if json does
+ * not start with '{'. */
+int sf_json_object_begin(sf_json_iter *it, const char *json);
+
+/* The next member: returns 1, copies its unescaped key into key (NUL-terminated, truncated to
+ * keylen-1 bytes like sf_json_str: a key of keylen-1 bytes may have been cut) and points
+ * *value at the member's raw JSON value (*len bytes; value and len may be NULL); 0 after the
+ * last member; -1 if the object is malformed (then always -1). */
+int sf_json_object_next(sf_json_iter *it, char *key, size_t keylen, const char **value,
+                        size_t *len);
 
 #ifdef __cplusplus
 }
@@ -160,12 +298,24 @@ extern "C" {
 #define SF__IMPORT(n) __attribute__((import_module("stepfleet"), import_name(n)))
 #define SF__EXPORT(n) __attribute__((export_name(n)))
 
+SF__IMPORT("step_begin")
+int32_t sf__host_step_begin(int32_t seq, const char *name, int32_t name_len, const char *config,
+                            int32_t config_len);
 SF__IMPORT("step_done")
 void sf__host_step_done(int32_t seq, const char *name, int32_t name_len, const char *result,
-                        int32_t result_len);
+                        int32_t result_len, int32_t flags);
 SF__IMPORT("step_failed")
 void sf__host_step_failed(int32_t seq, const char *name, int32_t name_len, const char *msg,
                           int32_t msg_len, int32_t flags);
+SF__IMPORT("sleep")
+void sf__host_sleep(int32_t seq, const char *name, int32_t name_len, int64_t ms, int32_t flags);
+SF__IMPORT("wait_event")
+void sf__host_wait_event(int32_t seq, const char *name, int32_t name_len, const char *type,
+                         int32_t type_len, int64_t timeout_ms);
+SF__IMPORT("now")
+int64_t sf__host_now(int32_t seq);
+SF__IMPORT("random")
+void sf__host_random(int32_t seq, void *ptr, int32_t len);
 SF__IMPORT("complete")
 void sf__host_complete(int32_t seq, const char *output, int32_t output_len);
 SF__IMPORT("fail")
@@ -175,9 +325,42 @@ void sf__host_nondeterminism(int32_t seq, int32_t op, const char *name, int32_t 
 SF__IMPORT("log")
 void sf__host_log(int32_t level, const char *msg, int32_t msg_len);
 
+/* nondeterminism ops */
 #define SF__OP_STEP 1
+#define SF__OP_SLEEP 2
+#define SF__OP_WAIT 3
+#define SF__OP_NOW 4
+#define SF__OP_RANDOM 5
+#define SF__OP_COMPENSATION 6
+
+/* journal entry kinds */
 #define SF__KIND_STEP_OK 1
 #define SF__KIND_STEP_FAILED 2
+#define SF__KIND_SLEEP 3
+#define SF__KIND_EVENT 4
+#define SF__KIND_WAIT_TIMEOUT 5
+#define SF__KIND_NOW 6
+#define SF__KIND_RANDOM 7
+#define SF__KIND_COMPENSATED 8
+
+/* step_done / step_failed / sleep flags */
+#define SF__DONE_HAS_ROLLBACK 1
+#define SF__DONE_SENSITIVE 2
+#define SF__DONE_COMPENSATION 4
+#define SF__FAILED_NO_RETRY 1
+#define SF__SLEEP_UNTIL 1
+
+#define SF__MODE_FORWARD 0
+#define SF__MODE_COMPENSATE 1
+
+#define SF__RANDOM_MAX 256 /* bytes per random call */
+
+/* A replayed step that registered a rollback (compensate mode only). */
+typedef struct sf__undo {
+    const char *name;
+    const char *result;    /* the step's recorded result: the rollback's input */
+    sf_step_config config; /* for step_begin and the flags */
+} sf__undo;
 
 /* Replay state for the current run. The buffer is read in place, entry by entry, so an entry
  * kind from a future ABI is only an error when the program actually reaches it. */
@@ -185,16 +368,23 @@ static struct {
     const unsigned char *cur, *end; /* unread part of the replay buffer */
     uint32_t entries_left;          /* journal entries not replayed yet */
     int32_t seq;                    /* journal position reached */
+    uint32_t mode;                  /* SF__MODE_* */
     const char *instance_id;
     const char *last_error;
-    int in_step;
-} sf__st = {0, 0, 0, 0, "", "", 0};
+    int in_step;                    /* a step or rollback function is running */
+    const char *step_name;          /* ... under this name */
+    int32_t attempt;                /* ... as this attempt (from step_begin) */
+    sf__undo *undo;                 /* compensate mode: replayed steps with a rollback, in order */
+    size_t undo_len, undo_cap;
+} sf__st;
 
 /* A terminal import returned: the host broke the contract, so stop here rather than continue. */
 #define SF__AFTER_TERMINAL() __builtin_trap()
 
+static int32_t sf__len32(size_t n) { return n > INT32_MAX ? INT32_MAX : (int32_t)n; }
+
 static void sf__log_raw(int level, const char *msg) {
-    sf__host_log(level, msg, (int32_t)strlen(msg));
+    sf__host_log(level, msg, sf__len32(strlen(msg)));
 }
 
 __attribute__((noreturn)) static void sf__oom(void) {
@@ -215,26 +405,180 @@ static void *sf__xmalloc(size_t n) {
 }
 
 static char *sf__strndup(const char *s, size_t n) {
+    if (n == SIZE_MAX) sf__oom();
     char *p = (char *)sf__xmalloc(n + 1);
     memcpy(p, s, n);
     p[n] = '\0';
     return p;
 }
 
-static uint32_t sf__read_u32(void) {
-    if ((size_t)(sf__st.end - sf__st.cur) < 4) sf__corrupt("stepfleet: replay buffer truncated");
-    const unsigned char *p = sf__st.cur;
-    sf__st.cur += 4;
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+/* ---- replay buffer ---- */
+
+static uint32_t sf__read_u32(const unsigned char **p) {
+    if ((size_t)(sf__st.end - *p) < 4) sf__corrupt("stepfleet: replay buffer truncated");
+    const unsigned char *q = *p;
+    *p += 4;
+    return (uint32_t)q[0] | (uint32_t)q[1] << 8 | (uint32_t)q[2] << 16 | (uint32_t)q[3] << 24;
 }
 
-static const char *sf__read_bytes(uint32_t *len) {
-    *len = sf__read_u32();
-    if ((size_t)(sf__st.end - sf__st.cur) < *len) sf__corrupt("stepfleet: replay buffer truncated");
-    const char *p = (const char *)sf__st.cur;
-    sf__st.cur += *len;
-    return p;
+static const char *sf__read_bytes(const unsigned char **p, uint32_t *len) {
+    *len = sf__read_u32(p);
+    if ((size_t)(sf__st.end - *p) < *len) sf__corrupt("stepfleet: replay buffer truncated");
+    const char *s = (const char *)*p;
+    *p += *len;
+    return s;
 }
+
+/* One journal entry, read in place. */
+typedef struct sf__entry {
+    unsigned kind;
+    const char *name, *value;
+    uint32_t name_len, value_len;
+    const unsigned char *next; /* the entry after it */
+} sf__entry;
+
+/* Reads the entry at the current journal position without consuming it; 0 at the end. */
+static int sf__peek(sf__entry *e) {
+    if (sf__st.entries_left == 0) return 0;
+    const unsigned char *p = sf__st.cur;
+    if (p >= sf__st.end) sf__corrupt("stepfleet: replay buffer truncated");
+    e->kind = *p++;
+    e->name = sf__read_bytes(&p, &e->name_len);
+    e->value = sf__read_bytes(&p, &e->value_len);
+    e->next = p;
+    return 1;
+}
+
+static void sf__consume(const sf__entry *e) {
+    sf__st.cur = e->next;
+    sf__st.entries_left--;
+    sf__st.seq++;
+}
+
+static int sf__name_is(const sf__entry *e, const char *name) {
+    size_t n = strlen(name);
+    return e->name_len == n && memcmp(e->name, name, n) == 0;
+}
+
+/* ---- reporting ---- */
+
+__attribute__((noreturn)) static void sf__nondeterminism(int32_t op, const char *name) {
+    sf__host_nondeterminism(sf__st.seq, op, name, sf__len32(strlen(name)));
+    SF__AFTER_TERMINAL();
+}
+
+/* Fails the step (or rollback) function now running, at the step's seq. */
+__attribute__((noreturn)) static void sf__step_failed(const char *msg, int32_t flags) {
+    const char *name = sf__st.step_name;
+    sf__host_step_failed(sf__st.seq, name, sf__len32(strlen(name)), msg, sf__len32(strlen(msg)),
+                         flags);
+    SF__AFTER_TERMINAL();
+}
+
+/* A step function called a primitive it must not call: the step fails for good. */
+__attribute__((noreturn)) static void sf__misuse(const char *what) {
+    sf_buf b = SF_BUF_INIT;
+    sf_buf_printf(&b, "%s called inside step function '%s'", what, sf__st.step_name);
+    sf__step_failed(sf_buf_cstr(&b), SF__FAILED_NO_RETRY);
+}
+
+/* The step_begin config JSON; empty when every field is at its default. */
+static void sf__config_json(sf_buf *b, const sf_step_config *c) {
+    static const char *const backoff[] = {"", "constant", "linear", "exponential"};
+    const char *sep = "";
+    if (!c) return;
+    if (c->retries_limit >= 0 || c->retry_delay_ms >= 0 || c->backoff != SF_BACKOFF_DEFAULT) {
+        sf_buf_puts(b, "{\"retries\":{");
+        if (c->retries_limit >= 0) sf_buf_printf(b, "\"limit\":%ld", (long)c->retries_limit), sep = ",";
+        if (c->retry_delay_ms >= 0)
+            sf_buf_printf(b, "%s\"delay_ms\":%lld", sep, (long long)c->retry_delay_ms), sep = ",";
+        if (c->backoff != SF_BACKOFF_DEFAULT)
+            sf_buf_printf(b, "%s\"backoff\":\"%s\"", sep, backoff[c->backoff]);
+        sf_buf_puts(b, "}");
+        sep = ",";
+    }
+    if (c->timeout_ms >= 0)
+        sf_buf_printf(b, "%s\"timeout_ms\":%lld", b->len ? sep : "{", (long long)c->timeout_ms);
+    if (b->len) sf_buf_puts(b, "}");
+}
+
+/* Begins a new step (or, with compensation set, the rollback of one) at seq, runs fn as the
+ * attempt the host names and reports the outcome. */
+__attribute__((noreturn)) static void sf__run_new_step(const char *name, sf_step_fn fn,
+                                                       const char *input,
+                                                       const sf_step_config *config,
+                                                       int compensation) {
+    sf_buf cfg = SF_BUF_INIT, out = SF_BUF_INIT;
+    size_t name_len = strlen(name);
+    sf__config_json(&cfg, config);
+    int32_t attempt = sf__host_step_begin(sf__st.seq, name, sf__len32(name_len), sf_buf_cstr(&cfg),
+                                          sf__len32(cfg.len));
+    sf_buf_free(&cfg);
+    sf__st.in_step = 1;
+    sf__st.step_name = name;
+    sf__st.attempt = attempt;
+    int rc = SF_ERROR_NO_RETRY;
+    if (fn) rc = fn(input ? input : "", &out);
+    else sf_buf_printf(&out, "step '%s' has no step function", name);
+    if (rc == SF_OK) {
+        int32_t flags = 0;
+        if (compensation) flags |= SF__DONE_COMPENSATION;
+        else if (config && config->rollback) flags |= SF__DONE_HAS_ROLLBACK;
+        if (config && config->sensitive) flags |= SF__DONE_SENSITIVE;
+        const char *res = out.len ? out.data : "null";
+        sf__host_step_done(sf__st.seq, name, sf__len32(name_len), res, sf__len32(strlen(res)), flags);
+        SF__AFTER_TERMINAL();
+    }
+    sf__step_failed(out.len ? out.data : "step failed",
+                    rc == SF_ERROR_NO_RETRY ? SF__FAILED_NO_RETRY : 0);
+}
+
+/* Compensate mode, at a kind-8 entry or the end of the journal: checks the compensations
+ * recorded so far against the remembered steps (newest first), then runs the next one or, when
+ * all have run, completes. */
+__attribute__((noreturn)) static void sf__compensate(void) {
+    size_t m = sf__st.undo_len, k = 0;
+    sf__entry e;
+    while (sf__peek(&e)) {
+        const char *want = k < m ? sf__st.undo[m - 1 - k].name : NULL;
+        if (e.kind != SF__KIND_COMPENSATED || !want || !sf__name_is(&e, want))
+            sf__nondeterminism(SF__OP_COMPENSATION, want ? want : "(none)");
+        sf__consume(&e);
+        k++;
+    }
+    if (k == m) {
+        sf__host_complete(sf__st.seq, "null", 4);
+        SF__AFTER_TERMINAL();
+    }
+    const sf__undo *u = &sf__st.undo[m - 1 - k];
+    sf__run_new_step(u->name, u->config.rollback, u->result, &u->config, 1);
+}
+
+/* Every primitive outside a step function starts here: in compensate mode the program stops
+ * at the first kind-8 entry or at the end of the journal. */
+static void sf__intercept(void) {
+    sf__entry e;
+    if (sf__st.mode == SF__MODE_COMPENSATE && (!sf__peek(&e) || e.kind == SF__KIND_COMPENSATED))
+        sf__compensate();
+}
+
+static void sf__remember(const char *name, const char *result, size_t result_len,
+                         const sf_step_config *config) {
+    if (sf__st.undo_len == sf__st.undo_cap) {
+        size_t cap = sf__st.undo_cap ? sf__st.undo_cap * 2 : 8;
+        if (cap > SIZE_MAX / sizeof *sf__st.undo) sf__oom();
+        sf__undo *p = (sf__undo *)realloc(sf__st.undo, cap * sizeof *p);
+        if (!p) sf__oom();
+        sf__st.undo = p;
+        sf__st.undo_cap = cap;
+    }
+    sf__undo *u = &sf__st.undo[sf__st.undo_len++];
+    u->name = sf__strndup(name, strlen(name));
+    u->result = sf__strndup(result, result_len);
+    u->config = *config;
+}
+
+/* ---- exports ---- */
 
 SF__EXPORT("sf_abi_version") int32_t sf_abi_version(void) { return SF_ABI_VERSION; }
 
@@ -242,73 +586,184 @@ SF__EXPORT("sf_alloc") void *sf_alloc(int32_t len) {
     return len < 0 ? NULL : malloc(len ? (size_t)len : 1);
 }
 
+/* Forward mode: completes the instance with out. Compensate mode: see sf__compensate. */
+__attribute__((noreturn)) static void sf__complete(const char *out) {
+    if (sf__st.mode == SF__MODE_COMPENSATE) sf__compensate();
+    sf__host_complete(sf__st.seq, out, sf__len32(strlen(out)));
+    SF__AFTER_TERMINAL();
+}
+
 SF__EXPORT("sf_run") void sf_run(const unsigned char *ptr, int32_t len) {
+    const unsigned char *p = ptr;
     uint32_t n;
     sf__st.cur = ptr;
     sf__st.end = ptr + (len < 0 ? 0 : len);
-    if (sf__read_u32() != SF_ABI_VERSION) sf__corrupt("stepfleet: replay buffer ABI version is not 1");
-    const char *id = sf__read_bytes(&n);
+    if (sf__read_u32(&p) != SF_ABI_VERSION) sf__corrupt("stepfleet: replay buffer ABI version is not 2");
+    sf__st.mode = sf__read_u32(&p);
+    if (sf__st.mode != SF__MODE_FORWARD && sf__st.mode != SF__MODE_COMPENSATE)
+        sf__corrupt("stepfleet: replay buffer has an unknown mode");
+    (void)sf__read_u32(&p); /* attempt: step_begin returns it when a step function runs */
+    const char *id = sf__read_bytes(&p, &n);
     sf__st.instance_id = sf__strndup(id, n);
-    const char *params_raw = sf__read_bytes(&n);
+    const char *params_raw = sf__read_bytes(&p, &n);
     const char *params = sf__strndup(params_raw, n);
-    sf__st.entries_left = sf__read_u32();
+    sf__st.entries_left = sf__read_u32(&p);
+    sf__st.cur = p;
     sf__st.seq = 0;
+    sf__st.last_error = "";
 
     const char *out = sf_workflow(params);
     if (!out) sf_fail("sf_workflow returned NULL");
-    sf__host_complete(sf__st.seq, out, (int32_t)strlen(out));
-    SF__AFTER_TERMINAL();
+    sf__complete(out);
 }
+
+/* ---- primitives ---- */
 
 const char *step_do(const char *name, sf_step_fn fn, const char *input) {
+    return step_do_with(name, fn, input, NULL);
+}
+
+const char *step_do_with(const char *name, sf_step_fn fn, const char *input,
+                         const sf_step_config *config) {
+    sf__entry e;
     if (!name) name = "";
-    size_t name_len = strlen(name);
-    if (sf__st.in_step) sf_fail("step_do called inside a step function");
-
-    if (sf__st.entries_left > 0) {
-        if (sf__st.cur >= sf__st.end) sf__corrupt("stepfleet: replay buffer truncated");
-        unsigned kind = *sf__st.cur++;
-        if (kind != SF__KIND_STEP_OK && kind != SF__KIND_STEP_FAILED) {
-            sf__host_nondeterminism(sf__st.seq, SF__OP_STEP, name, (int32_t)name_len);
-            SF__AFTER_TERMINAL();
-        }
-        uint32_t rec_name_len, value_len;
-        const char *rec_name = sf__read_bytes(&rec_name_len);
-        const char *value = sf__read_bytes(&value_len);
-        if (rec_name_len != name_len || memcmp(rec_name, name, name_len) != 0) {
-            sf__host_nondeterminism(sf__st.seq, SF__OP_STEP, name, (int32_t)name_len);
-            SF__AFTER_TERMINAL();
-        }
-        sf__st.seq++;
-        sf__st.entries_left--;
-        if (kind == SF__KIND_STEP_FAILED) {
-            sf__st.last_error = sf__strndup(value, value_len);
-            return NULL;
-        }
-        sf__st.last_error = "";
-        return sf__strndup(value, value_len);
+    if (sf__st.in_step) sf__misuse("step_do");
+    if (config && (config->backoff < SF_BACKOFF_DEFAULT || config->backoff > SF_BACKOFF_EXPONENTIAL))
+        sf_failf("step '%s' has an unknown backoff (%d)", name, config->backoff);
+    sf__intercept();
+    if (!sf__peek(&e)) sf__run_new_step(name, fn, input, config, 0);
+    if ((e.kind != SF__KIND_STEP_OK && e.kind != SF__KIND_STEP_FAILED) || !sf__name_is(&e, name))
+        sf__nondeterminism(SF__OP_STEP, name);
+    sf__consume(&e);
+    if (e.kind == SF__KIND_STEP_FAILED) {
+        sf__st.last_error = sf__strndup(e.value, e.value_len);
+        return NULL;
     }
+    sf__st.last_error = "";
+    if (sf__st.mode == SF__MODE_COMPENSATE && config && config->rollback)
+        sf__remember(name, e.value, e.value_len, config);
+    return sf__strndup(e.value, e.value_len);
+}
 
-    sf_buf out = SF_BUF_INIT;
-    sf__st.in_step = 1;
-    int rc = fn(input ? input : "", &out);
-    sf__st.in_step = 0;
-    if (rc == SF_OK) {
-        const char *res = out.len ? out.data : "null";
-        sf__host_step_done(sf__st.seq, name, (int32_t)name_len, res, (int32_t)strlen(res));
-    } else {
-        const char *msg = out.len ? out.data : "step failed";
-        sf__host_step_failed(sf__st.seq, name, (int32_t)name_len, msg, (int32_t)strlen(msg),
-                             rc == SF_ERROR_NO_RETRY ? 1 : 0);
+int32_t sf_attempt(void) { return sf__st.in_step ? sf__st.attempt : 0; }
+
+static void sf__sleep(const char *what, const char *name, int64_t ms, int32_t flags) {
+    sf__entry e;
+    if (!name) name = "";
+    if (sf__st.in_step) sf__misuse(what);
+    sf__intercept();
+    if (sf__peek(&e)) {
+        if (e.kind != SF__KIND_SLEEP || !sf__name_is(&e, name)) sf__nondeterminism(SF__OP_SLEEP, name);
+        sf__consume(&e);
+        return;
     }
+    sf__host_sleep(sf__st.seq, name, sf__len32(strlen(name)), ms, flags);
     SF__AFTER_TERMINAL();
 }
 
-const char *sf_last_error(void) { return sf__st.last_error; }
+void step_sleep(const char *name, int64_t duration_ms) {
+    sf__sleep("step_sleep", name, duration_ms < 0 ? 0 : duration_ms, 0);
+}
+
+void step_sleep_until(const char *name, int64_t unix_ms) {
+    sf__sleep("step_sleep_until", name, unix_ms, SF__SLEEP_UNTIL);
+}
+
+const char *step_wait_for_event(const char *name, const char *type, int64_t timeout_ms) {
+    sf__entry e;
+    if (!name) name = "";
+    if (!type) type = "";
+    if (sf__st.in_step) sf__misuse("step_wait_for_event");
+    sf__intercept();
+    if (!sf__peek(&e)) {
+        sf__host_wait_event(sf__st.seq, name, sf__len32(strlen(name)), type,
+                            sf__len32(strlen(type)), timeout_ms < 0 ? -1 : timeout_ms);
+        SF__AFTER_TERMINAL();
+    }
+    if ((e.kind != SF__KIND_EVENT && e.kind != SF__KIND_WAIT_TIMEOUT) || !sf__name_is(&e, name))
+        sf__nondeterminism(SF__OP_WAIT, name);
+    sf__consume(&e);
+    if (e.kind == SF__KIND_WAIT_TIMEOUT) {
+        sf__st.last_error = sf__strndup(e.value, e.value_len);
+        return NULL;
+    }
+    sf__st.last_error = "";
+    return sf__strndup(e.value, e.value_len);
+}
+
+int64_t sf_now(void) {
+    sf__entry e;
+    if (sf__st.in_step) return sf__host_now(sf__st.seq); /* not recorded: seq is ignored */
+    sf__intercept();
+    if (!sf__peek(&e)) {
+        int64_t now = sf__host_now(sf__st.seq); /* recorded at seq: the journal grew by one */
+        sf__st.seq++;
+        return now;
+    }
+    if (e.kind != SF__KIND_NOW) sf__nondeterminism(SF__OP_NOW, "now");
+    /* decimal, optional '-', at most 19 digits (no int64 overflow) */
+    const char *p = e.value, *end = e.value + e.value_len;
+    int neg = p < end && *p == '-';
+    int64_t v = 0;
+    p += neg;
+    if (p == end || end - p > 19) sf__corrupt("stepfleet: malformed now entry");
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9') sf__corrupt("stepfleet: malformed now entry");
+        uint64_t next = (uint64_t)v * 10 + (uint64_t)(*p - '0');
+        if (next > (uint64_t)INT64_MAX) sf__corrupt("stepfleet: malformed now entry");
+        v = (int64_t)next;
+    }
+    sf__consume(&e);
+    return neg ? -v : v;
+}
+
+static int sf__hex_digit(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* One random call: 1 to SF__RANDOM_MAX bytes. */
+static void sf__random_chunk(unsigned char *buf, size_t len) {
+    sf__entry e;
+    if (sf__st.in_step) { /* not recorded: seq is ignored */
+        sf__host_random(sf__st.seq, buf, (int32_t)len);
+        return;
+    }
+    sf__intercept();
+    if (!sf__peek(&e)) {
+        sf__host_random(sf__st.seq, buf, (int32_t)len); /* recorded at seq */
+        sf__st.seq++;
+        return;
+    }
+    if (e.kind != SF__KIND_RANDOM || e.value_len != 2 * len) sf__nondeterminism(SF__OP_RANDOM, "random");
+    for (size_t i = 0; i < len; i++) {
+        int hi = sf__hex_digit(e.value[2 * i]), lo = sf__hex_digit(e.value[2 * i + 1]);
+        if (hi < 0 || lo < 0) sf__corrupt("stepfleet: malformed random entry");
+        buf[i] = (unsigned char)(hi << 4 | lo);
+    }
+    sf__consume(&e);
+}
+
+void sf_random(void *buf, size_t len) {
+    unsigned char *p = (unsigned char *)buf;
+    while (len > 0) {
+        size_t n = len < SF__RANDOM_MAX ? len : SF__RANDOM_MAX;
+        sf__random_chunk(p, n);
+        p += n;
+        len -= n;
+    }
+}
+
+const char *sf_last_error(void) { return sf__st.last_error ? sf__st.last_error : ""; }
 
 const char *sf_fail(const char *msg) {
     if (!msg) msg = "workflow failed";
-    sf__host_fail(sf__st.seq, msg, (int32_t)strlen(msg));
+    if (sf__st.in_step) sf__step_failed(msg, SF__FAILED_NO_RETRY);
+    /* Compensate mode: fail is forward-mode only; the compensations take over here. */
+    if (sf__st.mode == SF__MODE_COMPENSATE) sf__compensate();
+    sf__host_fail(sf__st.seq, msg, sf__len32(strlen(msg)));
     SF__AFTER_TERMINAL();
 }
 
@@ -327,11 +782,11 @@ void sf_log(int level, const char *fmt, ...) {
     va_start(ap, fmt);
     sf_buf_vprintf(&b, fmt, ap);
     va_end(ap);
-    sf__host_log(level, sf_buf_cstr(&b), (int32_t)b.len);
+    sf__host_log(level, sf_buf_cstr(&b), sf__len32(b.len));
     sf_buf_free(&b);
 }
 
-const char *sf_instance_id(void) { return sf__st.instance_id; }
+const char *sf_instance_id(void) { return sf__st.instance_id ? sf__st.instance_id : ""; }
 
 /* ---- sf_buf ---- */
 
@@ -754,6 +1209,87 @@ long sf_json_str(const char *json, const char *key, char *buf, size_t buflen) {
     long n = (p && *p == '"') ? sf__json_decode_str(p, buf, buflen ? buflen - 1 : 0, &e) : -1;
     if (buflen) buf[n < 0 ? 0 : ((size_t)n < buflen ? (size_t)n : buflen - 1)] = '\0';
     return n;
+}
+
+
+int sf_json_bool(const char *json, const char *key, int def) {
+    const char *p = sf__json_find(json, key), *e = p ? sf__json_skip(p) : NULL;
+    if (!e) return def;
+    if (e - p == 4 && memcmp(p, "true", 4) == 0) return 1;
+    if (e - p == 5 && memcmp(p, "false", 5) == 0) return 0;
+    return def;
+}
+
+const char *sf_json_raw(const char *json, const char *key, size_t *len) {
+    const char *p = sf__json_find(json, key), *e = p ? sf__json_skip(p) : NULL;
+    if (len) *len = e ? (size_t)(e - p) : 0;
+    return e ? p : NULL;
+}
+
+static int sf__json_iter_begin(sf_json_iter *it, const char *json, char open, char close) {
+    const char *p = json ? sf__json_ws(json) : "";
+    it->p = p;
+    it->state = -1;
+    if (*p != open) return 0;
+    it->p = p = sf__json_ws(p + 1);
+    it->state = *p == close ? 1 : 0;
+    return 1;
+}
+
+/* After an element or member ending at p: a comma and another one, or the closing bracket. */
+static void sf__json_iter_after(sf_json_iter *it, const char *p, char close) {
+    p = sf__json_ws(p);
+    if (*p == ',') {
+        p = sf__json_ws(p + 1);
+        it->state = (*p == close || *p == ',' || *p == '\0') ? -1 : 0;
+    } else {
+        it->state = *p == close ? 1 : -1;
+    }
+    it->p = p;
+}
+
+int sf_json_array_begin(sf_json_iter *it, const char *json) {
+    return sf__json_iter_begin(it, json, '[', ']');
+}
+
+int sf_json_array_next(sf_json_iter *it, const char **elem, size_t *len) {
+    if (it->state != 0) return it->state > 0 ? 0 : -1;
+    const char *e = sf__json_skip(it->p);
+    if (!e) {
+        it->state = -1;
+        return -1;
+    }
+    if (elem) *elem = it->p;
+    if (len) *len = (size_t)(e - it->p);
+    sf__json_iter_after(it, e, ']');
+    return 1;
+}
+
+int sf_json_object_begin(sf_json_iter *it, const char *json) {
+    return sf__json_iter_begin(it, json, '{', '}');
+}
+
+int sf_json_object_next(sf_json_iter *it, char *key, size_t keylen, const char **value,
+                        size_t *len) {
+    const char *p = it->p, *e;
+    long n;
+    if (keylen) key[0] = '\0';
+    if (it->state != 0) return it->state > 0 ? 0 : -1;
+    if (*p != '"' || (n = sf__json_decode_str(p, key, keylen ? keylen - 1 : 0, &e)) < 0) {
+        it->state = -1;
+        return -1;
+    }
+    if (keylen) key[(size_t)n < keylen ? (size_t)n : keylen - 1] = '\0';
+    p = sf__json_ws(e);
+    if (*p != ':' || !(e = sf__json_skip(p = sf__json_ws(p + 1)))) {
+        if (keylen) key[0] = '\0';
+        it->state = -1;
+        return -1;
+    }
+    if (value) *value = p;
+    if (len) *len = (size_t)(e - p);
+    sf__json_iter_after(it, e, '}');
+    return 1;
 }
 
 #ifdef __cplusplus

@@ -1,4 +1,4 @@
-// stepfleet guest SDK for AssemblyScript (guest ABI version 1). Contract: docs/guest-abi.md.
+// stepfleet guest SDK for AssemblyScript (guest ABI version 2). Contract: docs/guest-abi.md.
 //
 // A workflow module's entry file looks like this (paths relative to guest/examples/NAME/):
 //
@@ -10,17 +10,42 @@
 // Build with --runtime stub and route aborts to this SDK so the module imports only stepfleet:
 //   asc entry.ts --runtime stub --use abort=<internal path of this file>/stepfleetAbort -o x.wasm
 //
-// Replay: stepDo answers steps recorded in the journal without calling the host, runs the first
-// unrecorded step and reports it (the host then stops the guest). Returning from the workflow
-// completes the instance. Workflow code must be deterministic in which steps it asks for;
-// nondeterministic work belongs inside step functions, whose results are recorded.
+// Replay: every primitive (stepDo, sleep, waitForEvent, now, random) is answered from the
+// journal in the replay buffer without calling the host while the journal has an entry at the
+// current position. The first primitive that is not recorded does the new work and reports it
+// through a terminal import (the host then stops the guest); now and random record their value
+// and let the run go on. Returning from the workflow completes the instance.
+//
+// AssemblyScript has no catchable exceptions, so failures are return values: a step that failed
+// for good and a wait that timed out return null, and lastError() holds the message.
+//
+// Compensate mode (the host sets it to run rollbacks): the program is replayed as usual; when it
+// reaches the end of the journal or a "compensated" entry, the SDK stops it and runs the next
+// rollback of the steps that completed, in reverse order, one per run.
+//
+// Workflow code must be deterministic in which primitives it asks for, in which order, with
+// which names; nondeterministic work belongs inside step functions or goes through now/random.
 
 // ---- Host imports ------------------------------------------------------------------------------
 
+@external("stepfleet", "step_begin")
+declare function hostStepBegin(
+  seq: i32, namePtr: usize, nameLen: i32, configPtr: usize, configLen: i32): i32;
 @external("stepfleet", "step_done")
-declare function hostStepDo(seq: i32, namePtr: usize, nameLen: i32, resultPtr: usize, resultLen: i32): void;
+declare function hostStepDone(
+  seq: i32, namePtr: usize, nameLen: i32, resultPtr: usize, resultLen: i32, flags: i32): void;
 @external("stepfleet", "step_failed")
-declare function hostStepFailed(seq: i32, namePtr: usize, nameLen: i32, msgPtr: usize, msgLen: i32, flags: i32): void;
+declare function hostStepFailed(
+  seq: i32, namePtr: usize, nameLen: i32, msgPtr: usize, msgLen: i32, flags: i32): void;
+@external("stepfleet", "sleep")
+declare function hostSleep(seq: i32, namePtr: usize, nameLen: i32, ms: i64, flags: i32): void;
+@external("stepfleet", "wait_event")
+declare function hostWaitEvent(
+  seq: i32, namePtr: usize, nameLen: i32, typePtr: usize, typeLen: i32, timeoutMs: i64): void;
+@external("stepfleet", "now")
+declare function hostNow(seq: i32): i64;
+@external("stepfleet", "random")
+declare function hostRandom(seq: i32, ptr: usize, len: i32): void;
 @external("stepfleet", "complete")
 declare function hostComplete(seq: i32, outputPtr: usize, outputLen: i32): void;
 @external("stepfleet", "fail")
@@ -33,13 +58,22 @@ declare function hostLog(level: i32, msgPtr: usize, msgLen: i32): void;
 // ---- Public constants and types ----------------------------------------------------------------
 
 /** The guest ABI version this SDK speaks. */
-export const ABI_VERSION: i32 = 1;
+export const ABI_VERSION: i32 = 2;
 
 /** Log levels for log(). */
 export const LOG_DEBUG: i32 = 0;
 export const LOG_INFO: i32 = 1;
 export const LOG_WARN: i32 = 2;
 export const LOG_ERROR: i32 = 3;
+
+/** Retry backoff for StepConfig.backoff. BACKOFF_DEFAULT leaves it to the host (exponential). */
+export const BACKOFF_DEFAULT: i32 = 0;
+export const BACKOFF_CONSTANT: i32 = 1; // delay
+export const BACKOFF_LINEAR: i32 = 2; // delay × n
+export const BACKOFF_EXPONENTIAL: i32 = 3; // delay × 2^(n-1)
+
+/** Most bytes random() returns per call. */
+export const RANDOM_MAX: i32 = 256;
 
 /** What a step function returns; build it with ok(), error() or errorNoRetry(). */
 export class Outcome {
@@ -52,11 +86,55 @@ export class Outcome {
   ) {}
 }
 
-/** A step function: gets its input, returns an Outcome. */
+/** A step function (and a rollback): gets its input, returns an Outcome. */
 export type StepFn = (input: string) => Outcome;
 
 /** A workflow: gets the params (JSON text), returns the output (JSON text) or `return fail(msg)`. */
 export type WorkflowFn = (params: string) => string;
+
+/** Options of one step for stepDoWith. Every field left unset keeps the host's default and is
+ *  left out of the step_begin config JSON; with all unset the config is sent empty. Values out
+ *  of the documented ranges are sent as they are and the host refuses them (never clamped). */
+export class StepConfig {
+  /** Retries after the first attempt, 0 to 1,000 (host default 5). Negative: unset. */
+  retryLimit: i32 = -1;
+  /** Base retry delay in ms, 0 to 365 days (host default 10,000). Negative: unset. */
+  retryDelayMs: i64 = -1;
+  /** BACKOFF_CONSTANT, BACKOFF_LINEAR or BACKOFF_EXPONENTIAL; BACKOFF_DEFAULT: unset
+   *  (host default exponential). */
+  backoff: i32 = BACKOFF_DEFAULT;
+  /** Wall-clock limit of each attempt in ms, at most 365 days (host default 600,000). Negative:
+   *  unset. */
+  timeoutMs: i64 = -1;
+  /** Compensation: called with the step's recorded result when the instance is rolled back.
+   *  Retried with the step's retry policy. */
+  rollback: StepFn | null = null;
+  /** The result is stored (replay needs it) but shown as <redacted> in status, lists and logs. */
+  sensitive: bool = false;
+
+  /** The step_begin config JSON; "" when every field is unset. */
+  toJson(): string {
+    let retries = "";
+    if (this.retryLimit >= 0) retries = "\"limit\":" + this.retryLimit.toString();
+    if (this.retryDelayMs >= 0) {
+      retries += (retries.length ? "," : "") + "\"delay_ms\":" + this.retryDelayMs.toString();
+    }
+    if (this.backoff != BACKOFF_DEFAULT) {
+      const b = this.backoff;
+      // An unknown value goes out as a number, which the host refuses by name.
+      const text = b == BACKOFF_CONSTANT ? "\"constant\""
+        : b == BACKOFF_LINEAR ? "\"linear\""
+        : b == BACKOFF_EXPONENTIAL ? "\"exponential\""
+        : b.toString();
+      retries += (retries.length ? "," : "") + "\"backoff\":" + text;
+    }
+    let json = retries.length ? "\"retries\":{" + retries + "}" : "";
+    if (this.timeoutMs >= 0) {
+      json += (json.length ? "," : "") + "\"timeout_ms\":" + this.timeoutMs.toString();
+    }
+    return json.length ? "{" + json + "}" : "";
+  }
+}
 
 /** Step success with result `json` (JSON text; "" is recorded as null). */
 export function ok(json: string): Outcome {
@@ -75,17 +153,52 @@ export function errorNoRetry(msg: string): Outcome {
 
 // ---- Replay state for the current run ----------------------------------------------------------
 
-const KIND_STEP_OK: u8 = 1;
-const KIND_STEP_FAILED: u8 = 2;
+const MODE_FORWARD: u32 = 0;
+const MODE_COMPENSATE: u32 = 1;
+
+const KIND_STEP_OK: i32 = 1;
+const KIND_STEP_FAILED: i32 = 2;
+const KIND_SLEEP: i32 = 3;
+const KIND_EVENT: i32 = 4;
+const KIND_WAIT_TIMEOUT: i32 = 5;
+const KIND_NOW: i32 = 6;
+const KIND_RANDOM: i32 = 7;
+const KIND_COMPENSATED: i32 = 8;
+
 const OP_STEP: i32 = 1;
+const OP_SLEEP: i32 = 2;
+const OP_WAIT: i32 = 3;
+const OP_NOW: i32 = 4;
+const OP_RANDOM: i32 = 5;
+const OP_COMPENSATION: i32 = 6;
+
+const DONE_HAS_ROLLBACK: i32 = 1;
+const DONE_SENSITIVE: i32 = 2;
+const DONE_COMPENSATION: i32 = 4;
+const FAILED_NO_RETRY: i32 = 1;
+const SLEEP_UNTIL: i32 = 1;
+
+// A replayed step with a rollback, remembered in compensate mode.
+class Rollback {
+  constructor(
+    public name: string,
+    public result: string,
+    public config: string,
+    public fn: StepFn,
+    public sensitive: bool,
+  ) {}
+}
 
 let cur: usize = 0; // unread part of the replay buffer: [cur, end)
 let end: usize = 0;
+let mode: u32 = MODE_FORWARD;
 let entriesLeft: u32 = 0; // journal entries not replayed yet
-let seq: i32 = 0; // journal position reached
+let seq: i32 = 0; // journal position reached (now/random recorded in this run included)
 let currentInstanceId: string = "";
 let lastErr: string = "";
-let currentStep: string | null = null; // name of the step function running, if any
+let currentStep: string | null = null; // name of the step function (or rollback) running, if any
+let stepAttempt: i32 = 0; // what step_begin returned for it
+let rollbacks: Rollback[] = [];
 
 // Strings cross the ABI as UTF-8; lone surrogates become U+FFFD so the host always gets UTF-8.
 function utf8(s: string): ArrayBuffer {
@@ -125,6 +238,120 @@ function readString(): string {
   return String.UTF8.decodeUnsafe(p, readLen);
 }
 
+// The entry at seq, read by readEntry (the caller then checks it and calls consumeEntry).
+let entKind: i32 = 0;
+let entName: usize = 0;
+let entNameLen: u32 = 0;
+let entValue: usize = 0;
+let entValueLen: u32 = 0;
+
+function readEntry(): void {
+  if (cur >= end) corrupt("replay buffer truncated");
+  entKind = <i32>load<u8>(cur);
+  cur += 1;
+  entName = readBytes();
+  entNameLen = readLen;
+  entValue = readBytes();
+  entValueLen = readLen;
+}
+
+function consumeEntry(): void {
+  seq++;
+  entriesLeft--;
+}
+
+function entryNameIs(name: ArrayBuffer): bool {
+  const len = name.byteLength;
+  return entNameLen == <u32>len && memory.compare(entName, changetype<usize>(name), len) == 0;
+}
+
+function entryName(): string {
+  return String.UTF8.decodeUnsafe(entName, entNameLen);
+}
+
+function entryValue(): string {
+  return String.UTF8.decodeUnsafe(entValue, entValueLen);
+}
+
+// The program asked for `op` named `name` at seq, but the journal holds something else there.
+function nondeterminism(op: i32, name: ArrayBuffer): void {
+  hostNondeterminism(seq, op, changetype<usize>(name), name.byteLength);
+  unreachable();
+}
+
+// The value of a now or sleep entry: a non-negative decimal integer; -1 if malformed.
+function entryDecimal(): i64 {
+  if (entValueLen == 0 || entValueLen > 18) return -1; // 18 digits cannot overflow i64
+  let v: i64 = 0;
+  for (let i: u32 = 0; i < entValueLen; i++) {
+    const c = <i32>load<u8>(entValue + i);
+    if (c < 0x30 || c > 0x39) return -1;
+    v = v * 10 + <i64>(c - 0x30);
+  }
+  return v;
+}
+
+// Every primitive reached outside a step function starts here. In compensate mode, reaching a
+// compensated entry or the end of the journal stops the program and runs compensations.
+function reach(): void {
+  if (mode != MODE_COMPENSATE) return;
+  if (entriesLeft == 0) compensate();
+  if (cur >= end) corrupt("replay buffer truncated");
+  if (<i32>load<u8>(cur) == KIND_COMPENSATED) compensate();
+}
+
+// Reports a step (or compensation) begun at seq; never returns.
+function finishStep(name: ArrayBuffer, o: Outcome, doneFlags: i32): void {
+  if (o.succeeded) {
+    const res = utf8(o.value.length ? o.value : "null");
+    hostStepDone(seq, changetype<usize>(name), name.byteLength, changetype<usize>(res), res.byteLength,
+      doneFlags);
+  } else {
+    const msg = utf8(o.value.length ? o.value : "step failed");
+    hostStepFailed(seq, changetype<usize>(name), name.byteLength, changetype<usize>(msg), msg.byteLength,
+      o.retry ? 0 : FAILED_NO_RETRY);
+  }
+  unreachable(); // a terminal import returned: the host broke the contract
+}
+
+// Runs `fn(input)` as the step `name` begun at seq with `config`; never returns.
+function runStep(name: string, fn: StepFn, input: string, config: string, doneFlags: i32): void {
+  const nameBuf = utf8(name);
+  const cfg = utf8(config);
+  stepAttempt = hostStepBegin(seq, changetype<usize>(nameBuf), nameBuf.byteLength,
+    changetype<usize>(cfg), cfg.byteLength);
+  currentStep = name;
+  const o = fn(input);
+  currentStep = null;
+  finishStep(nameBuf, o, doneFlags);
+}
+
+// Compensate mode, at a compensated entry or the end of the journal: checks the compensated
+// entries against the remembered rollbacks (last first), then runs the next one or completes.
+function compensate(): void {
+  const n = rollbacks.length;
+  let k = 0;
+  while (entriesLeft > 0) {
+    readEntry();
+    if (k < n) {
+      const expected = utf8(rollbacks[n - 1 - k].name);
+      if (entKind != KIND_COMPENSATED || !entryNameIs(expected)) nondeterminism(OP_COMPENSATION, expected);
+    } else {
+      // More compensated entries than rollbacks: nothing was asked for; name what is there.
+      nondeterminism(OP_COMPENSATION, utf8(entNameLen ? entryName() : "compensation"));
+    }
+    k++;
+    consumeEntry();
+  }
+  if (k == n) {
+    const out = utf8("null"); // ignored by the host in compensate mode
+    hostComplete(seq, changetype<usize>(out), out.byteLength);
+    unreachable();
+  }
+  const r = rollbacks[n - 1 - k];
+  runStep(r.name, r.fn, r.result, r.config, DONE_COMPENSATION | (r.sensitive ? DONE_SENSITIVE : 0));
+}
+
 // ---- Exports the module re-exports -------------------------------------------------------------
 
 /** Export: the ABI version. Re-export it from the entry file. */
@@ -143,77 +370,205 @@ export function sf_alloc(len: i32): usize {
 export function run(ptr: usize, len: usize, workflow: WorkflowFn): void {
   cur = ptr;
   end = ptr + len;
-  if (readU32() != <u32>ABI_VERSION) corrupt("replay buffer ABI version is not 1");
+  const version = readU32();
+  if (version != <u32>ABI_VERSION) {
+    corrupt("replay buffer ABI version is " + version.toString() + ", not " + ABI_VERSION.toString());
+  }
+  mode = readU32();
+  if (mode != MODE_FORWARD && mode != MODE_COMPENSATE) {
+    corrupt("replay buffer mode " + mode.toString() + " is unknown");
+  }
+  readU32(); // attempt of the next new step; step_begin returns it too
   currentInstanceId = readString();
   const params = readString();
   entriesLeft = readU32();
   seq = 0;
-  const out = utf8(workflow(params));
+  lastErr = "";
+  currentStep = null;
+  stepAttempt = 0;
+  rollbacks = [];
+  const output = workflow(params);
+  reach();
+  const out = utf8(output);
   hostComplete(seq, changetype<usize>(out), out.byteLength);
   unreachable(); // a terminal import returned: the host broke the contract
 }
 
 // ---- Workflow API ------------------------------------------------------------------------------
 
-/** Runs step `name` at the current journal position.
+/** Runs step `name` at the current journal position with the host's default config.
  *  Recorded success: returns the recorded result (JSON text) without running fn.
- *  Recorded failure: returns null; lastError() gives the recorded message.
+ *  Recorded failure (after the last attempt): returns null; lastError() gives the message.
  *  Not recorded yet: runs fn(input) and reports the outcome to the host; never returns.
- *  A recorded entry with another name or an unknown kind reports nondeterminism; never returns.
- *  Must not be called from inside a step function. */
+ *  A recorded entry of another kind or name reports nondeterminism; never returns.
+ *  Inside a step function it fails that step without retry. */
 export function stepDo(name: string, fn: StepFn, input: string = ""): string | null {
-  if (currentStep !== null) fail("stepDo called inside a step function");
+  return stepDoWith(name, fn, input, null);
+}
+
+/** stepDo with retries, timeout, rollback and sensitivity from `config` (null: all defaults). */
+export function stepDoWith(
+  name: string, fn: StepFn, input: string, config: StepConfig | null,
+): string | null {
+  if (currentStep !== null) fail("stepDo(" + jsonQuote(name) + ") called inside a step function");
+  reach();
   const nameBuf = utf8(name);
-  const nameLen = nameBuf.byteLength;
+  const cfgJson = config !== null ? config.toJson() : "";
+  const rollback: StepFn | null = config !== null ? config.rollback : null;
+  const sensitive = config !== null && config.sensitive;
 
   if (entriesLeft > 0) {
-    if (cur >= end) corrupt("replay buffer truncated");
-    const kind = load<u8>(cur);
-    cur += 1;
-    if (kind != KIND_STEP_OK && kind != KIND_STEP_FAILED) {
-      hostNondeterminism(seq, OP_STEP, changetype<usize>(nameBuf), nameLen);
-      unreachable();
+    readEntry();
+    const kind = entKind;
+    if ((kind != KIND_STEP_OK && kind != KIND_STEP_FAILED) || !entryNameIs(nameBuf)) {
+      nondeterminism(OP_STEP, nameBuf);
     }
-    const recName = readBytes();
-    const recNameLen = readLen;
-    const value = readString();
-    if (<u32>nameLen != recNameLen || memory.compare(recName, changetype<usize>(nameBuf), nameLen) != 0) {
-      hostNondeterminism(seq, OP_STEP, changetype<usize>(nameBuf), nameLen);
-      unreachable();
-    }
-    seq++;
-    entriesLeft--;
+    const value = entryValue();
+    consumeEntry();
     if (kind == KIND_STEP_FAILED) {
+      lastErr = value;
+      return null;
+    }
+    lastErr = "";
+    if (mode == MODE_COMPENSATE && rollback !== null) {
+      rollbacks.push(new Rollback(name, value, cfgJson, rollback, sensitive));
+    }
+    return value;
+  }
+
+  runStep(name, fn, input, cfgJson,
+    (rollback !== null ? DONE_HAS_ROLLBACK : 0) | (sensitive ? DONE_SENSITIVE : 0));
+  return null;
+}
+
+/** Durable sleep `name` of `ms` milliseconds (0 continues at once, after a round trip through
+ *  the host). Not recorded yet: reports it and never returns; the run after the wake continues
+ *  past it. */
+export function sleep(name: string, ms: i64): void {
+  sleepImpl(name, ms, 0);
+}
+
+/** Durable sleep `name` until `unixMs` (milliseconds since the Unix epoch, e.g. now() + delay);
+ *  a time in the past continues at once. */
+export function sleepUntil(name: string, unixMs: i64): void {
+  sleepImpl(name, unixMs, SLEEP_UNTIL);
+}
+
+function sleepImpl(name: string, ms: i64, flags: i32): void {
+  if (currentStep !== null) fail("sleep(" + jsonQuote(name) + ") called inside a step function");
+  reach();
+  const nameBuf = utf8(name);
+  if (entriesLeft > 0) {
+    readEntry();
+    if (entKind != KIND_SLEEP || !entryNameIs(nameBuf)) nondeterminism(OP_SLEEP, nameBuf);
+    consumeEntry();
+    return;
+  }
+  hostSleep(seq, changetype<usize>(nameBuf), nameBuf.byteLength, ms, flags);
+  unreachable();
+}
+
+/** Waits (as `name`) for an event of `type` sent to this instance and returns its payload (JSON
+ *  text). On timeout returns null and lastError() holds the timeout message. `timeoutMs` < 0
+ *  means the host's default (24 hours). Not recorded yet: reports the wait; never returns. */
+export function waitForEvent(name: string, type: string, timeoutMs: i64 = -1): string | null {
+  if (currentStep !== null) fail("waitForEvent(" + jsonQuote(name) + ") called inside a step function");
+  reach();
+  const nameBuf = utf8(name);
+  if (entriesLeft > 0) {
+    readEntry();
+    const kind = entKind;
+    if ((kind != KIND_EVENT && kind != KIND_WAIT_TIMEOUT) || !entryNameIs(nameBuf)) {
+      nondeterminism(OP_WAIT, nameBuf);
+    }
+    const value = entryValue();
+    consumeEntry();
+    if (kind == KIND_WAIT_TIMEOUT) {
       lastErr = value;
       return null;
     }
     lastErr = "";
     return value;
   }
-
-  currentStep = name;
-  const o = fn(input);
-  currentStep = null;
-  if (o.succeeded) {
-    const res = utf8(o.value.length ? o.value : "null");
-    hostStepDo(seq, changetype<usize>(nameBuf), nameLen, changetype<usize>(res), res.byteLength);
-  } else {
-    const msg = utf8(o.value.length ? o.value : "step failed");
-    hostStepFailed(seq, changetype<usize>(nameBuf), nameLen, changetype<usize>(msg), msg.byteLength, o.retry ? 0 : 1);
-  }
+  const typeBuf = utf8(type);
+  hostWaitEvent(seq, changetype<usize>(nameBuf), nameBuf.byteLength,
+    changetype<usize>(typeBuf), typeBuf.byteLength, timeoutMs);
   unreachable();
   return null;
 }
 
-/** Message of the last step that stepDo answered as failed; "" after a successful step. */
+/** The current time in milliseconds since the Unix epoch. Outside a step function it is
+ *  recorded in the journal (replay gets the same value); inside one it is not. */
+export function now(): i64 {
+  if (currentStep !== null) return hostNow(seq);
+  reach();
+  if (entriesLeft > 0) {
+    readEntry();
+    const v = entKind == KIND_NOW ? entryDecimal() : -1;
+    if (v < 0) nondeterminism(OP_NOW, utf8("now"));
+    consumeEntry();
+    return v;
+  }
+  const v = hostNow(seq);
+  seq++;
+  return v;
+}
+
+/** `len` (1 to RANDOM_MAX) random bytes. Outside a step function they are recorded in the
+ *  journal (replay gets the same bytes); inside one they are not. Another len fails the instance
+ *  (inside a step function: the step, without retry). */
+export function random(len: i32): Uint8Array {
+  if (len < 1 || len > RANDOM_MAX) {
+    fail("random: len must be 1 to " + RANDOM_MAX.toString() + ", got " + len.toString());
+  }
+  const out = new Uint8Array(len);
+  if (currentStep !== null) {
+    hostRandom(seq, out.dataStart, len);
+    return out;
+  }
+  reach();
+  if (entriesLeft > 0) {
+    readEntry();
+    if (entKind != KIND_RANDOM || entValueLen != <u32>(2 * len) || !decodeHex(entValue, out)) {
+      nondeterminism(OP_RANDOM, utf8("random"));
+    }
+    consumeEntry();
+    return out;
+  }
+  hostRandom(seq, out.dataStart, len);
+  seq++;
+  return out;
+}
+
+/** random(len) as 2 × len lower-case hex digits. */
+export function randomHex(len: i32): string {
+  return toHex(random(len));
+}
+
+/** The attempt number (1 for the first) of the step function or rollback running now; 0 outside
+ *  a step function. */
+export function attempt(): i32 {
+  return currentStep !== null ? stepAttempt : 0;
+}
+
+/** Message of the last failed step or timed-out wait that was handed back as null; "" after a
+ *  step or wait that returned a value. */
 export function lastError(): string {
   return lastErr;
 }
 
-/** Fails the instance for good with `msg`; never returns. Typed as string so a workflow can
- *  `return fail(msg)`. Inside a step function return errorNoRetry(msg) instead. */
+/** Fails the instance for good with `msg` (after its compensations run); never returns. Typed as
+ *  string so a workflow can `return fail(msg)`. Inside a step function it fails the step without
+ *  retry (better: return errorNoRetry(msg)). */
 export function fail(msg: string): string {
-  const b = utf8(msg.length ? msg : "workflow failed");
+  const text = msg.length ? msg : "workflow failed";
+  const step = currentStep;
+  if (step !== null) {
+    const nameBuf = utf8(step);
+    finishStep(nameBuf, errorNoRetry(text), 0);
+  }
+  reach();
+  const b = utf8(text);
   hostFail(seq, changetype<usize>(b), b.byteLength);
   unreachable();
   return "";
@@ -236,13 +591,37 @@ export function stepfleetAbort(message: string | null, fileName: string | null, 
   let text = "abort: " + (message !== null ? message : "(no message)");
   if (fileName !== null) text += " at " + fileName + ":" + line.toString() + ":" + column.toString();
   const step = currentStep;
-  if (step !== null) {
-    const nameBuf = utf8(step);
-    const msg = utf8(text);
-    hostStepFailed(seq, changetype<usize>(nameBuf), nameBuf.byteLength, changetype<usize>(msg), msg.byteLength, 0);
-    unreachable();
-  }
+  if (step !== null) finishStep(utf8(step), error(text), 0);
   fail(text);
+}
+
+// ---- Hex ---------------------------------------------------------------------------------------
+
+/** `bytes` as lower-case hex. */
+export function toHex(bytes: Uint8Array): string {
+  let hex = "";
+  for (let i = 0; i < bytes.length; i++) {
+    const b = <i32>bytes[i];
+    hex += "0123456789abcdef".charAt(b >> 4) + "0123456789abcdef".charAt(b & 15);
+  }
+  return hex;
+}
+
+// Decodes out.length bytes from 2 × out.length lower-case hex digits at p; false if malformed.
+function decodeHex(p: usize, out: Uint8Array): bool {
+  for (let i = 0; i < out.length; i++) {
+    const hi = lowerHexVal(<i32>load<u8>(p + 2 * i));
+    const lo = lowerHexVal(<i32>load<u8>(p + 2 * i + 1));
+    if (hi < 0 || lo < 0) return false;
+    out[i] = <u8>((hi << 4) | lo);
+  }
+  return true;
+}
+
+function lowerHexVal(c: i32): i32 {
+  if (c >= 0x30 && c <= 0x39) return c - 0x30;
+  if (c >= 0x61 && c <= 0x66) return c - 0x61 + 10;
+  return -1;
 }
 
 // ---- Minimal JSON helpers (top-level keys of an object; first occurrence wins) -----------------
@@ -394,6 +773,24 @@ export function jsonInt(json: string, key: string, def: i64 = 0): i64 {
     if (c == 0x2e || c == 0x65 || c == 0x45) return def;
   }
   return neg ? <i64>(0 - v) : <i64>v;
+}
+
+/** The raw JSON text of the value of top-level `key` in object `json` (e.g. `true`, `12`,
+ *  `{"a":1}`, `"text"` with its quotes), or null if json is not an object or the key is missing. */
+export function jsonRaw(json: string, key: string): string | null {
+  const i = findKey(json, key);
+  if (i < 0) return null;
+  const e = skipValue(json, i);
+  return e < 0 ? null : json.substring(i, e);
+}
+
+/** The boolean value of top-level `key` in object `json`, or `def` if missing or not true/false. */
+export function jsonBool(json: string, key: string, def: bool = false): bool {
+  const raw = jsonRaw(json, key);
+  if (raw === null) return def;
+  if (raw == "true") return true;
+  if (raw == "false") return false;
+  return def;
 }
 
 /** `s` as a quoted, escaped JSON string. */
