@@ -12,10 +12,11 @@ import typer
 
 from stepfleet.broker import Broker, Topology
 from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.instances import register_instance_commands
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.sandbox import InvalidModule, WasmSandbox
-from stepfleet.schemas import JournalEntry, digest_of, is_digest, is_tenant
-from stepfleet.store import InstanceRecord, PgStore, StoreUnavailable
+from stepfleet.schemas import digest_of, is_digest, is_tenant
+from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.logs import configure_logging
 from stepfleet.workers.worker import Worker
@@ -105,8 +106,11 @@ def create(
     instance_id: Annotated[
         str | None, typer.Option("--id", help="Instance id (default: a UUID).")
     ] = None,
+    retention_days: Annotated[
+        float | None, typer.Option(help="Keep the finished instance this long.")
+    ] = None,
 ) -> None:
-    """Publish a create message; print the instance id."""
+    """Publish a create message; print the instance id (the same id twice is one instance)."""
     try:
         parsed = json.loads(params)
     except ValueError as exc:
@@ -117,87 +121,15 @@ def create(
 
     async def go() -> str:
         async with Producer(config.amqp_url, Topology(config.prefix, config.delivery_limit)) as p:
-            return await p.create(CreateRequest(tenant, module, parsed, instance_id))
+            retention = None if retention_days is None else int(retention_days * 86400)
+            return await p.create(
+                CreateRequest(tenant, module, parsed, instance_id, retention_seconds=retention)
+            )
 
     try:
         typer.echo(run(go()))
     except ValueError as exc:
         fail(str(exc))
-
-
-def _status_json(
-    record: InstanceRecord, params: str, journal: list[JournalEntry]
-) -> dict[str, object]:
-    return {
-        "tenant": record.key.tenant,
-        "id": record.key.instance_id,
-        "module": record.module,
-        "status": record.status.value,
-        "params": json.loads(params),
-        "output": None if record.output is None else json.loads(record.output),
-        "error": record.error,
-        "created_at": record.created_at.isoformat() if record.created_at else None,
-        "updated_at": record.updated_at.isoformat() if record.updated_at else None,
-        "journal": [
-            {
-                "seq": e.seq,
-                "name": e.name,
-                "kind": e.kind.name.lower(),
-                "attempt": e.attempt,
-                "started_at": e.started_at.isoformat() if e.started_at else None,
-                "ms": _ms(e),
-            }
-            for e in journal
-        ],
-    }
-
-
-def _ms(entry: JournalEntry) -> float | None:
-    if entry.started_at is None or entry.finished_at is None:
-        return None
-    return round((entry.finished_at - entry.started_at).total_seconds() * 1000, 3)
-
-
-@app.command()
-def status(
-    instance_id: Annotated[str, typer.Argument(help="Instance id.")],
-    tenant: Annotated[str | None, typer.Option(help="Tenant (needed when ids repeat).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show an instance: status, output or error, and its journal."""
-    config = settings()
-
-    async def go() -> list[tuple[InstanceRecord, str, list[JournalEntry]]]:
-        store = PgStore(config.database_url, pool_size=1)
-        try:
-            found = await store.find_instances(instance_id, tenant)
-            return [(record, params, await store.journal(record.key)) for record, params in found]
-        finally:
-            await store.close()
-
-    found = run(go())
-    if not found:
-        fail(f"no instance {instance_id!r}" + (f" for tenant {tenant}" if tenant else ""))
-    if len(found) > 1:
-        tenants = ", ".join(record.key.tenant for record, _, _ in found)
-        fail(f"instance id {instance_id!r} exists for several tenants ({tenants}): pass --tenant")
-    record, params, journal = found[0]
-    if as_json:
-        typer.echo(json.dumps(_status_json(record, params, journal), indent=2))
-        return
-    typer.echo(f"instance  {record.key.tenant}/{record.key.instance_id}")
-    typer.echo(f"status    {record.status.value}")
-    typer.echo(f"module    {record.module}")
-    if record.output is not None:
-        typer.echo(f"output    {record.output}")
-    if record.error is not None:
-        typer.echo(f"error     {record.error}")
-    typer.echo(f"journal   {len(journal)} entries")
-    for entry in journal:
-        typer.echo(
-            f"  {entry.seq:>4}  {entry.name:<24} {entry.kind.name.lower():<15} "
-            f"attempt {entry.attempt}  {_ms(entry)} ms"
-        )
 
 
 @app.command()
@@ -234,6 +166,9 @@ def demo(
     from stepfleet.cli.demo import EXAMPLES, run_demo
 
     run_demo(settings(), workers=workers, per_tenant=per_tenant, examples=examples or EXAMPLES)
+
+
+register_instance_commands(app)
 
 
 def main() -> None:

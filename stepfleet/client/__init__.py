@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from stepfleet.client.producer import CreateRequest, Producer, create_message
+from stepfleet.client.producer import (
+    CreateRequest,
+    EventRequest,
+    Producer,
+    create_message,
+    event_message,
+)
 
-__all__ = ["CreateRequest", "Producer", "create_message"]
+__all__ = ["CreateRequest", "EventRequest", "Producer", "create_message", "event_message"]

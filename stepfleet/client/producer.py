@@ -1,4 +1,4 @@
-"""Producer: publishes create messages exactly as docs/protocol.md describes them."""
+"""Producer: publishes create and event messages exactly as docs/protocol.md describes them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.schemas import (
+    MAX_NAME_BYTES,
     SCHEMA_VERSION,
     Headers,
     MessageKind,
@@ -29,6 +30,19 @@ class CreateRequest:
     params: Any = field(default_factory=dict)
     instance_id: str | None = None
     traceparent: str | None = None
+    retention_seconds: int | None = None
+    """Keep the instance this long once finished (default: the fleet's retention)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventRequest:
+    """An event for an instance; `event_id` makes sending it idempotent (default: a UUID)."""
+
+    tenant: str
+    instance_id: str
+    type: str
+    payload: Any = None
+    event_id: str | None = None
 
 
 def create_message(topology: Topology, request: CreateRequest) -> tuple[str, Outgoing]:
@@ -53,13 +67,54 @@ def create_message(topology: Topology, request: CreateRequest) -> tuple[str, Out
     }
     if request.traceparent:
         headers[Headers.TRACEPARENT] = request.traceparent
-    body = json.dumps({"version": SCHEMA_VERSION, "params": request.params}).encode()
+    fields: dict[str, Any] = {"version": SCHEMA_VERSION, "params": request.params}
+    if request.retention_seconds is not None:
+        fields["retention_seconds"] = request.retention_seconds
+    body = json.dumps(fields).encode()
     return instance_id, Outgoing(
         exchange=topology.ingress_exchange,
         routing_key=routing_key(request.tenant, MessageKind.CREATE),
         body=body,
         headers=headers,
         message_id=f"{request.tenant}/{instance_id}/create",
+    )
+
+
+def event_message(topology: Topology, request: EventRequest) -> tuple[str, Outgoing]:
+    """Validate an event and build its message; return (event id, message).
+
+    Raises:
+        ValueError: a field is malformed (the message would be dead-lettered).
+    """
+    if not is_tenant(request.tenant):
+        raise ValueError(f"{request.tenant!r} is not a tenant name")
+    if not is_instance_id(request.instance_id):
+        raise ValueError(f"{request.instance_id!r} is not an instance id")
+    if not 1 <= len(request.type.encode()) <= MAX_NAME_BYTES:
+        raise ValueError(f"event type must be 1 to {MAX_NAME_BYTES} bytes")
+    event_id = request.event_id or str(uuid.uuid4())
+    if not 1 <= len(event_id.encode()) <= MAX_NAME_BYTES:
+        raise ValueError(f"event id must be 1 to {MAX_NAME_BYTES} bytes")
+    headers = {
+        Headers.TENANT: request.tenant,
+        Headers.INSTANCE: request.instance_id,
+        Headers.KIND: MessageKind.EVENT.value,
+        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
+    }
+    body = json.dumps(
+        {
+            "version": SCHEMA_VERSION,
+            "event_id": event_id,
+            "type": request.type,
+            "payload": request.payload,
+        }
+    ).encode()
+    return event_id, Outgoing(
+        exchange=topology.ingress_exchange,
+        routing_key=routing_key(request.tenant, MessageKind.EVENT),
+        body=body,
+        headers=headers,
+        message_id=f"{request.tenant}/{request.instance_id}/event/{event_id}",
     )
 
 
@@ -86,3 +141,12 @@ class Producer:
         built = [create_message(self.topology, request) for request in requests]
         await self._broker.publish_many([message for _, message in built])
         return [instance_id for instance_id, _ in built]
+
+    async def send_event(self, request: EventRequest) -> str:
+        """Publish an event; return its id once the broker confirmed it.
+
+        Sending the same event id twice delivers it once.
+        """
+        event_id, message = event_message(self.topology, request)
+        await self._broker.publish_many([message])
+        return event_id

@@ -5,16 +5,33 @@ Nothing here does I/O; time comes in as arguments, so every rule is unit-testabl
 
 from __future__ import annotations
 
-from stepfleet.engine.admission import Admission, Admit, Duplicate, Reject, admit
-from stepfleet.engine.decide import Decision, InstanceState, decide
+from stepfleet.engine.admission import (
+    Admission,
+    Admit,
+    Duplicate,
+    Keep,
+    Reject,
+    admit,
+    check_size,
+    event_entry,
+    matches_wait,
+)
+from stepfleet.engine.decide import Decision, decide, resolve_wait
+from stepfleet.engine.state import EngineLimits, InstanceState
 
 __all__ = [
     "Admission",
     "Admit",
     "Decision",
     "Duplicate",
+    "EngineLimits",
     "InstanceState",
+    "Keep",
     "Reject",
     "admit",
+    "check_size",
     "decide",
+    "event_entry",
+    "matches_wait",
+    "resolve_wait",
 ]

@@ -1,108 +1,404 @@
-"""What a guest outcome means for the instance: the engine's state machine."""
+"""What a guest run means for the instance: the engine's state machine."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
-from stepfleet.engine.state import InstanceState
+from stepfleet.engine.state import EngineLimits, InstanceState
 from stepfleet.schemas import (
+    OPERATIONS,
     Completed,
+    EntryFlags,
     EntryKind,
+    EventAwaited,
+    FailedAttempt,
     GuestCrashed,
-    GuestOutcome,
+    GuestReport,
     InstanceStatus,
     JournalEntry,
     Nondeterministic,
+    RunMode,
+    SleepRequested,
     StepFailed,
     StepSucceeded,
+    Waiting,
+    WaitKind,
     WorkflowFailed,
 )
 
-__all__ = ["Decision", "InstanceState", "decide"]
+__all__ = ["Decision", "decide", "resolve_wait"]
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The effects of one run: at most one journal entry, the new state, the next message."""
+    """The effects of one run: the entries to record and the instance's new state."""
 
     status: InstanceStatus
     position: int
-    entry: JournalEntry | None = None
+    entries: tuple[JournalEntry, ...] = ()
+    attempt: int = 1
+    waiting: Waiting | None = None
+    mode: RunMode = RunMode.FORWARD
+    end_status: InstanceStatus | None = None
     output: str | None = None
     error: str | None = None
-    next_position: int | None = None
-    """Publish a step message for this journal position (None: nothing to publish)."""
+    publish_step: bool = False
+    """Publish a step message for `position` now (the instance goes on at once)."""
+    failed_attempt: FailedAttempt | None = None
+    state_bytes: int = 0
+
+    @property
+    def step_entry(self) -> JournalEntry | None:
+        """The last entry recorded, which names the step in logs."""
+        return self.entries[-1] if self.entries else None
 
 
 def decide(
     state: InstanceState,
     journal: Sequence[JournalEntry],
-    outcome: GuestOutcome,
+    report: GuestReport,
     *,
     started_at: datetime,
     finished_at: datetime,
+    limits: EngineLimits,
+    pending: Sequence[JournalEntry] = (),
 ) -> Decision:
-    """Turn a guest's outcome for the instance's next step into durable effects.
+    """Turn one run's report into durable effects. Never raises: a guest that breaks the ABI
+    errors its instance instead.
 
-    Never raises: a guest that breaks the ABI errors its instance instead.
+    Args:
+        state: the instance as locked, before this delivery.
+        journal: the committed journal.
+        report: what the guest reported.
+        pending: entries this delivery records before the run (an event, a timed-out wait).
     """
-    length = len(journal)
+    return _Run(state, journal, report, started_at, finished_at, limits, pending).decide()
 
-    def errored(message: str) -> Decision:
-        return Decision(status=InstanceStatus.ERRORED, position=length, error=message)
 
-    def record(kind: EntryKind, name: str, value: str) -> Decision:
-        entry = JournalEntry(
-            seq=length,
+def resolve_wait(
+    decision: Decision, payload: str, received_at: datetime, limits: EngineLimits
+) -> Decision:
+    """End a wait the run has just begun with an event that was already waiting for it."""
+    waiting = decision.waiting
+    assert waiting is not None
+    assert waiting.kind is WaitKind.EVENT
+    entry = JournalEntry(
+        seq=decision.position,
+        kind=EntryKind.EVENT_RECEIVED,
+        name=waiting.name,
+        value=payload,
+        started_at=received_at,
+        finished_at=received_at,
+    )
+    over = _over_limits(decision.position + 1, decision.state_bytes + len(payload), limits)
+    if over:
+        return replace(decision, status=InstanceStatus.ERRORED, waiting=None, error=over)
+    return replace(
+        decision,
+        status=InstanceStatus.RUNNING,
+        position=decision.position + 1,
+        entries=(*decision.entries, entry),
+        waiting=None,
+        publish_step=True,
+        state_bytes=decision.state_bytes + len(payload),
+    )
+
+
+class _Run:
+    """One decision in the making; methods name the outcomes."""
+
+    def __init__(
+        self,
+        state: InstanceState,
+        journal: Sequence[JournalEntry],
+        report: GuestReport,
+        started_at: datetime,
+        finished_at: datetime,
+        limits: EngineLimits,
+        pending: Sequence[JournalEntry],
+    ) -> None:
+        self.state = state
+        self.journal = journal
+        self.report = report
+        self.started_at = started_at
+        self.finished_at = finished_at
+        self.limits = limits
+        self.entries: list[JournalEntry] = list(pending)
+        base = len(journal) + len(pending)
+        for offset, recorded in enumerate(report.recorded):
+            self.entries.append(self._entry(base + offset, recorded.kind, "", recorded.value))
+        self.length = base + len(report.recorded)
+        """The journal length after the recorded values: the position of new work."""
+
+    def decide(self) -> Decision:
+        outcome = self.report.outcome
+        if isinstance(outcome, Nondeterministic):
+            return self._nondeterministic(outcome)
+        if isinstance(outcome, GuestCrashed):
+            if self.state.mode is RunMode.COMPENSATE:
+                return self._errored(
+                    f"{self.state.error}; compensations could not run: {outcome.message}"
+                )
+            return self._failed(f"step at journal position {self.length} failed: {outcome.message}")
+        if isinstance(outcome, Completed | WorkflowFailed) and outcome.seq < self.length:
+            return self._errored(
+                f"nondeterminism: the workflow finished after {outcome.seq} journal entries "
+                f"but the journal holds {self.length}"
+            )
+        if outcome.seq != self.length:
+            return self._errored(
+                f"guest ABI violation: {type(outcome).__name__} reported at position "
+                f"{outcome.seq}, the journal length is {self.length}"
+            )
+        if self.state.mode is RunMode.COMPENSATE:
+            return self._compensating(outcome)
+        match outcome:
+            case StepSucceeded():
+                if outcome.flags & EntryFlags.COMPENSATION:
+                    return self._errored("guest ABI violation: a compensation in forward mode")
+                return self._step_done(
+                    EntryKind.STEP_SUCCEEDED, outcome.name, outcome.result, outcome.flags
+                )
+            case StepFailed():
+                return self._step_failed(outcome)
+            case SleepRequested():
+                return self._sleep(outcome)
+            case EventAwaited():
+                return self._wait(outcome)
+            case Completed():
+                return self._done(InstanceStatus.COMPLETE, output=outcome.output)
+            case WorkflowFailed():
+                return self._failed(f"workflow failed: {outcome.message}")
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def _step_done(
+        self, kind: EntryKind, name: str, value: str, flags: EntryFlags = EntryFlags.NONE
+    ) -> Decision:
+        entry = self._entry(self.length, kind, name, value, self.state.attempt, flags)
+        return self._go_on(entry)
+
+    def _step_failed(self, outcome: StepFailed) -> Decision:
+        config = outcome.config
+        attempt = self.state.attempt
+        if not outcome.non_retryable and attempt <= config.retry_limit:
+            delay = min(config.delay_ms(attempt), self.limits.max_sleep_ms)
+            failed = FailedAttempt(
+                seq=self.length,
+                name=outcome.name,
+                attempt=attempt,
+                error=outcome.message,
+                started_at=self.started_at,
+                finished_at=self.finished_at,
+            )
+            waiting = None
+            if delay > 0:
+                wake_at = self.finished_at + timedelta(milliseconds=delay)
+                waiting = Waiting(WaitKind.RETRY, outcome.name, wake_at)
+            return self._decision(
+                InstanceStatus.RUNNING,
+                attempt=attempt + 1,
+                waiting=waiting,
+                publish_step=waiting is None,
+                failed_attempt=failed,
+            )
+        if self.state.mode is RunMode.COMPENSATE:
+            return self._errored(
+                f"{self.state.error}; compensation of step {outcome.name!r} failed after "
+                f"{attempt} attempt(s): {outcome.message}"
+            )
+        return self._step_done(EntryKind.STEP_FAILED, outcome.name, outcome.message)
+
+    def _sleep(self, outcome: SleepRequested) -> Decision:
+        limit = self.limits.max_sleep_ms
+        if outcome.absolute:
+            due = datetime.fromtimestamp(outcome.ms / 1000, UTC)
+            length_ms = int((due - self.finished_at) / timedelta(milliseconds=1))
+        else:
+            length_ms = max(outcome.ms, 0)
+            due = self.finished_at + timedelta(milliseconds=length_ms)
+        if length_ms > limit:
+            return self._errored(
+                f"sleep {outcome.name!r} of {length_ms} ms is over the limit of {limit} ms"
+            )
+        due_ms = int(due.timestamp() * 1000)
+        entry = self._entry(self.length, EntryKind.SLEPT, outcome.name, str(due_ms))
+        if due <= self.finished_at:
+            return self._go_on(entry)
+        return self._decision(
+            InstanceStatus.SLEEPING,
+            entry=entry,
+            waiting=Waiting(WaitKind.SLEEP, outcome.name, due),
+        )
+
+    def _wait(self, outcome: EventAwaited) -> Decision:
+        timeout = outcome.timeout_ms
+        if timeout is None:
+            timeout = self.limits.default_event_timeout_ms
+        if timeout > self.limits.max_sleep_ms:
+            return self._errored(
+                f"wait {outcome.name!r} timeout of {timeout} ms is over the limit of "
+                f"{self.limits.max_sleep_ms} ms"
+            )
+        wake_at = self.finished_at + timedelta(milliseconds=timeout)
+        waiting = Waiting(WaitKind.EVENT, outcome.name, wake_at, outcome.event_type, timeout)
+        return self._decision(InstanceStatus.WAITING, waiting=waiting)
+
+    def _compensating(self, outcome: object) -> Decision:
+        match outcome:
+            case StepSucceeded(flags=flags) if flags & EntryFlags.COMPENSATION:
+                return self._step_done(EntryKind.COMPENSATED, outcome.name, outcome.result, flags)
+            case StepFailed():
+                return self._step_failed(outcome)
+            case Completed():
+                return self._done(
+                    self.state.end_status or InstanceStatus.ERRORED, error=self.state.error
+                )
+        return self._errored(
+            f"{self.state.error}; guest ABI violation while compensating: "
+            f"{type(outcome).__name__} is not allowed in compensate mode"
+        )
+
+    def _nondeterministic(self, outcome: Nondeterministic) -> Decision:
+        everything = [*self.journal, *self.entries]
+        asked = f"{OPERATIONS.get(outcome.op, 'operation')} {outcome.name!r}"
+        if not 0 <= outcome.seq < len(everything):
+            return self._errored(
+                f"guest ABI violation: nondeterminism reported at position {outcome.seq}, "
+                f"the journal length is {len(everything)}"
+            )
+        recorded = everything[outcome.seq]
+        return self._errored(
+            f"nondeterminism at journal position {outcome.seq}: the journal has "
+            f"{_describe(recorded)} but the workflow asked for {asked}"
+        )
+
+    def _failed(self, error: str) -> Decision:
+        """The instance fails: run compensations first if a completed step has one."""
+        rollbacks = any(
+            e.kind is EntryKind.STEP_SUCCEEDED and e.flags & EntryFlags.HAS_ROLLBACK
+            for e in (*self.journal, *self.entries)
+        )
+        if not rollbacks:
+            return self._errored(error)
+        return self._decision(
+            InstanceStatus.RUNNING,
+            mode=RunMode.COMPENSATE,
+            end_status=InstanceStatus.ERRORED,
+            error=error,
+            publish_step=True,
+        )
+
+    # -- building blocks -----------------------------------------------------------------
+
+    def _go_on(self, entry: JournalEntry) -> Decision:
+        return self._decision(InstanceStatus.RUNNING, entry=entry, publish_step=True)
+
+    def _done(
+        self, status: InstanceStatus, *, output: str | None = None, error: str | None = None
+    ) -> Decision:
+        return self._decision(status, output=output, error=error)
+
+    def _errored(self, error: str) -> Decision:
+        # Values recorded before the failure stay: compensations replay over them.
+        return self._decision(InstanceStatus.ERRORED, error=error, check_limits=False)
+
+    def _decision(
+        self,
+        status: InstanceStatus,
+        *,
+        entry: JournalEntry | None = None,
+        attempt: int = 1,
+        waiting: Waiting | None = None,
+        mode: RunMode | None = None,
+        end_status: InstanceStatus | None = None,
+        output: str | None = None,
+        error: str | None = None,
+        publish_step: bool = False,
+        failed_attempt: FailedAttempt | None = None,
+        check_limits: bool = True,
+    ) -> Decision:
+        entries = (*self.entries, entry) if entry is not None else tuple(self.entries)
+        position = len(self.journal) + len(entries)
+        state_bytes = self.state.state_bytes + sum(len(e.value) for e in entries)
+        over = _over_limits(position, state_bytes, self.limits) if check_limits else None
+        if over:
+            # Nothing of this run is recorded: the instance stops where it stood.
+            entries, position, state_bytes = (), len(self.journal), self.state.state_bytes
+            status, waiting, publish_step, output, error = (
+                InstanceStatus.ERRORED,
+                None,
+                False,
+                None,
+                over,
+            )
+        if mode is None:
+            mode = self.state.mode
+        if mode is RunMode.COMPENSATE and end_status is None:
+            end_status = self.state.end_status
+        if error is None and mode is RunMode.COMPENSATE and not status.is_final:
+            error = self.state.error
+        return Decision(
+            status=status,
+            position=position,
+            entries=entries,
+            attempt=attempt,
+            waiting=waiting,
+            mode=mode,
+            end_status=end_status,
+            output=output,
+            error=error,
+            publish_step=publish_step,
+            failed_attempt=failed_attempt,
+            state_bytes=state_bytes,
+        )
+
+    def _entry(
+        self,
+        seq: int,
+        kind: EntryKind,
+        name: str,
+        value: str,
+        attempt: int = 1,
+        flags: EntryFlags = EntryFlags.NONE,
+    ) -> JournalEntry:
+        return JournalEntry(
+            seq=seq,
             kind=kind,
             name=name,
             value=value,
-            attempt=1,
-            started_at=started_at,
-            finished_at=finished_at,
-        )
-        return Decision(
-            status=InstanceStatus.RUNNING,
-            position=length + 1,
-            entry=entry,
-            next_position=length + 1,
+            attempt=attempt,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            flags=flags,
         )
 
-    match outcome:
-        case StepSucceeded(seq=seq, name=name, result=result):
-            if seq != length:
-                return errored(_misplaced("a step", seq, length))
-            return record(EntryKind.STEP_SUCCEEDED, name, result)
-        case StepFailed(seq=seq, name=name, message=message):
-            if seq != length:
-                return errored(_misplaced("a failed step", seq, length))
-            # The failure is recorded and handed back to the program on the next run,
-            # which may handle it or give up.
-            return record(EntryKind.STEP_FAILED, name, message)
-        case Completed(seq=seq, output=output):
-            if seq < length:
-                return errored(
-                    f"nondeterminism: the workflow finished after {seq} steps "
-                    f"but the journal holds {length}"
-                )
-            if seq > length:
-                return errored(_misplaced("completion", seq, length))
-            return Decision(status=InstanceStatus.COMPLETE, position=length, output=output)
-        case WorkflowFailed(message=message):
-            return errored(f"workflow failed: {message}")
-        case Nondeterministic(seq=seq, name=name):
-            if not 0 <= seq < length:
-                return errored(_misplaced("nondeterminism", seq, length))
-            recorded = journal[seq]
-            return errored(
-                f"nondeterminism at journal position {seq}: the journal has step "
-                f"{recorded.name!r} but the workflow asked for step {name!r}"
-            )
-        case GuestCrashed(message=message):
-            return errored(f"step at journal position {length} failed: {message}")
+
+def _over_limits(position: int, state_bytes: int, limits: EngineLimits) -> str | None:
+    if position > limits.max_steps:
+        return f"the instance reached its limit of {limits.max_steps} journal entries"
+    if state_bytes > limits.max_state_bytes:
+        return (
+            f"the instance's state would be {state_bytes} bytes, "
+            f"the limit is {limits.max_state_bytes}"
+        )
+    return None
 
 
-def _misplaced(what: str, seq: int, length: int) -> str:
-    return f"guest ABI violation: {what} reported at position {seq}, the journal length is {length}"
+_KIND_WORDS = {
+    EntryKind.STEP_SUCCEEDED: "step",
+    EntryKind.STEP_FAILED: "step",
+    EntryKind.SLEPT: "sleep",
+    EntryKind.EVENT_RECEIVED: "wait for event",
+    EntryKind.EVENT_TIMED_OUT: "wait for event",
+    EntryKind.NOW: "now",
+    EntryKind.RANDOM: "random",
+    EntryKind.COMPENSATED: "compensation",
+}
+
+
+def _describe(entry: JournalEntry) -> str:
+    word = _KIND_WORDS[entry.kind]
+    return f"{word} {entry.name!r}" if entry.name else word

@@ -1,21 +1,26 @@
-"""The guest ABI v1 constants and the replay buffer (see docs/guest-abi.md)."""
+"""The guest ABI v2 constants and the replay buffer (see docs/guest-abi.md)."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
-from stepfleet.schemas import JournalEntry
+from stepfleet.schemas import JournalEntry, RunMode
 
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
 HOST_MODULE: Final = "stepfleet"
 WASI_MODULE: Final = "wasi_snapshot_preview1"
 
 # Import name -> (params, results), all i32 except where noted ("i64").
 HOST_IMPORTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
-    "step_done": (("i32",) * 5, ()),
+    "step_begin": (("i32",) * 5, ("i32",)),
+    "step_done": (("i32",) * 6, ()),
     "step_failed": (("i32",) * 6, ()),
+    "sleep": (("i32", "i32", "i32", "i64", "i32"), ()),
+    "wait_event": (("i32",) * 5 + ("i64",), ()),
+    "now": (("i32",), ("i64",)),
+    "random": (("i32",) * 3, ()),
     "complete": (("i32",) * 3, ()),
     "fail": (("i32",) * 3, ()),
     "nondeterminism": (("i32",) * 4, ()),
@@ -91,14 +96,29 @@ class ReplayJournal:
         return self._chunks[0] if self._chunks else b""
 
 
-def encode_replay_buffer(instance_id: str, params: str, journal: ReplayJournal) -> bytes:
-    """Build the buffer `sf_run` receives: header, params and the whole journal."""
+def encode_replay_buffer(
+    instance_id: str,
+    params: str,
+    journal: ReplayJournal,
+    *,
+    pending: Sequence[JournalEntry] = (),
+    mode: RunMode = RunMode.FORWARD,
+    attempt: int = 1,
+) -> bytes:
+    """Build the buffer `sf_run` receives: header, params and the whole journal.
+
+    `pending` entries follow the journal: recorded by this very delivery (an event that
+    arrived, a wait that timed out) and not committed yet, so not part of the cached journal.
+    """
     return b"".join(
         (
             _U32.pack(ABI_VERSION),
+            _U32.pack(mode),
+            _U32.pack(attempt),
             _chunk(instance_id.encode()),
             _chunk(params.encode()),
-            _U32.pack(len(journal)),
+            _U32.pack(len(journal) + len(pending)),
             journal.encoded_entries(),
+            *(encode_entry(entry) for entry in pending),
         )
     )

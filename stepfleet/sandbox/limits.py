@@ -18,3 +18,7 @@ class SandboxLimits:
     log_line_bytes: int = 4096
     module_bytes: int = 8 * 1024 * 1024
     compiled_cache_entries: int = 256
+    max_sleep_ms: int = 365 * 86_400_000
+    """Longest sleep, retry delay, step timeout or event timeout."""
+    run_timeout_ms: int = 600_000
+    """Wall-clock bound on a whole run outside any step (replay is quick; fuel bounds CPU)."""

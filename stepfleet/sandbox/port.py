@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from stepfleet.schemas import GuestOutcome
+from stepfleet.schemas import GuestReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +14,9 @@ class GuestRun:
 
     digest: str
     replay_buffer: bytes
+    journal_length: int = 0
+    """Entries in the buffer: the position the run's first new entry takes."""
+    attempt: int = 1
 
 
 class Sandbox(Protocol):
@@ -28,5 +31,5 @@ class Sandbox(Protocol):
     def load(self, digest: str, wasm: bytes) -> None:
         """Compile and cache a module whose bytes hash to `digest`."""
 
-    def run(self, job: GuestRun) -> tuple[GuestOutcome, list[tuple[int, str]]]:
-        """Run one guest to its outcome; also return its log lines as (level, text)."""
+    def run(self, job: GuestRun) -> GuestReport:
+        """Run one guest to its outcome, with the values it recorded and its log lines."""

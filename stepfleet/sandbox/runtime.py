@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import secrets
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -21,11 +25,19 @@ from stepfleet.sandbox.abi import (
 from stepfleet.sandbox.errors import InvalidModule
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.port import GuestRun
+from stepfleet.sandbox.step_config import parse_step_config
 from stepfleet.schemas import (
     Completed,
+    EntryFlags,
+    EntryKind,
+    EventAwaited,
     GuestCrashed,
     GuestOutcome,
+    GuestReport,
     Nondeterministic,
+    Recorded,
+    SleepRequested,
+    StepConfig,
     StepFailed,
     StepSucceeded,
     WorkflowFailed,
@@ -41,7 +53,12 @@ _PAGE = 65536
 _TRAP_LIMITS = {
     wasmtime.TrapCode.OUT_OF_FUEL: "cpu",
     wasmtime.TrapCode.STACK_OVERFLOW: "stack",
+    wasmtime.TrapCode.INTERRUPT: "timeout",
 }
+_TICK_SECONDS = 0.01
+"""Epoch tick: step timeouts are enforced to within about this much."""
+_MAX_RANDOM_BYTES = 256
+_KNOWN_FLAGS = EntryFlags.HAS_ROLLBACK | EntryFlags.SENSITIVE | EntryFlags.COMPENSATION
 
 
 class _Stop(BaseException):
@@ -62,30 +79,85 @@ class _Violation(Exception):
         self.limit = limit
 
 
+class _Step:
+    """The step the guest has begun (`step_begin`) and not yet reported."""
+
+    __slots__ = ("config", "name", "seq")
+
+    def __init__(self, seq: int, name: str, config: StepConfig) -> None:
+        self.seq = seq
+        self.name = name
+        self.config = config
+
+
 class _RunState:
-    """What the host imports of the current run write to."""
+    """What the host imports of the current run read and write."""
 
-    __slots__ = ("logs",)
+    __slots__ = ("attempt", "logs", "next_seq", "recorded", "step", "store")
 
-    def __init__(self) -> None:
+    def __init__(self, store: wasmtime.Store | None = None, next_seq: int = 0, attempt: int = 1):
+        self.store = store
         self.logs: list[tuple[int, str]] = []
+        self.recorded: list[Recorded] = []
+        self.next_seq = next_seq
+        self.attempt = attempt
+        self.step: _Step | None = None
+
+    def record(self, seq: int, kind: EntryKind, value: str) -> None:
+        """Record a `now` or `random` value, which must take the next journal position."""
+        if seq != self.next_seq:
+            raise _Violation(
+                f"guest ABI violation: a value recorded at position {seq}, "
+                f"the next position is {self.next_seq}"
+            )
+        self.recorded.append(Recorded(seq, kind, value))
+        self.next_seq += 1
+
+
+class _EpochTicker:
+    """Advances the engine's epoch every tick, so a store's deadline measures wall time."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(_TICK_SECONDS):
+            self._engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class WasmSandbox:
     """Runs guest modules per docs/guest-abi.md; drive it from one thread only."""
 
-    def __init__(self, limits: SandboxLimits | None = None) -> None:
+    def __init__(
+        self, limits: SandboxLimits | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.limits = limits or SandboxLimits()
+        self._clock = clock
         config = wasmtime.Config()
         config.consume_fuel = True
+        config.epoch_interruption = True
         config.max_wasm_stack = self.limits.stack_bytes
         config.cranelift_opt_level = "speed"
         self._engine = wasmtime.Engine(config)
         self._linker = wasmtime.Linker(self._engine)
         self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
         self._run = _RunState()
+        self._ticker = _EpochTicker(self._engine)
         self._define_host_imports()
         self._define_wasi_imports()
+
+    def close(self) -> None:
+        """Stop the epoch ticker; the sandbox cannot run guests afterwards."""
+        self._ticker.stop()
+
+    def _ticks(self, ms: int) -> int:
+        return math.ceil(ms / 1000 / _TICK_SECONDS) + 1
 
     # -- modules -------------------------------------------------------------------------
 
@@ -129,6 +201,7 @@ class WasmSandbox:
         """Ask the module once, at load, which ABI it speaks (not on every run)."""
         store = wasmtime.Store(self._engine)
         store.set_fuel(1_000_000)
+        store.set_epoch_deadline(self._ticks(10_000))
         try:
             exports = pre.instantiate(store).exports(store)
             version = _call(exports, store, "sf_abi_version")
@@ -143,16 +216,21 @@ class WasmSandbox:
 
     # -- runs ----------------------------------------------------------------------------
 
-    def run(self, job: GuestRun) -> tuple[GuestOutcome, list[tuple[int, str]]]:
-        """Run one guest over its replay buffer and return what it reported, with its logs."""
+    def run(self, job: GuestRun) -> GuestReport:
+        """Run one guest over its replay buffer and return what it reported."""
         pre = self._compiled.get(job.digest)
         if pre is None:
             raise KeyError(f"module {job.digest} is not loaded")
-        self._run = run = _RunState()
         store = wasmtime.Store(self._engine)
+        self._run = run = _RunState(store, job.journal_length, job.attempt)
         store.set_fuel(self.limits.fuel_per_run)
+        store.set_epoch_deadline(self._ticks(self.limits.run_timeout_ms))
         store.set_limits(memory_size=self.limits.memory_bytes, instances=1, tables=4, memories=1)
         memory: wasmtime.Memory | None = None
+
+        def report(outcome: GuestOutcome) -> GuestReport:
+            return GuestReport(outcome, tuple(run.recorded), run.logs)
+
         try:
             instance = pre.instantiate(store)
             exports = instance.exports(store)
@@ -165,21 +243,33 @@ class WasmSandbox:
             size = len(job.replay_buffer)
             pointer = _call(exports, store, "sf_alloc", size)
             if not isinstance(pointer, int) or pointer <= 0:
-                return GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"), run.logs
+                return report(GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"))
             _check_range(memory, store, pointer, size)
             memory.write(store, job.replay_buffer, pointer)
             _call(exports, store, "sf_run", pointer, size)
         except _Stop as stop:
-            return stop.outcome, run.logs
+            return report(stop.outcome)
         except _Violation as exc:
-            return GuestCrashed(str(exc), exc.limit), run.logs
+            return report(GuestCrashed(str(exc), exc.limit))
         except wasmtime.Trap as trap:
-            return self._crashed(trap, memory, store), run.logs
+            return report(self._in_step(run, self._crashed(trap, memory, store)))
         except wasmtime.WasmtimeError as exc:
-            return GuestCrashed(f"guest error: {exc}"), run.logs
+            return report(GuestCrashed(f"guest error: {exc}"))
         finally:
+            run.store = None
             store.close()
-        return GuestCrashed("guest returned without an outcome"), run.logs
+        return report(GuestCrashed("guest returned without an outcome"))
+
+    @staticmethod
+    def _in_step(run: _RunState, crash: GuestCrashed) -> GuestOutcome:
+        """A trap inside a step (a breached limit, a timeout) is a failed, retryable attempt."""
+        step = run.step
+        if step is None:
+            return crash
+        message = crash.message
+        if crash.limit == "timeout":
+            message = f"step {step.name!r} timed out after {step.config.timeout_ms} ms"
+        return StepFailed(step.seq, step.name, message, config=step.config, limit=crash.limit)
 
     def _crashed(
         self, trap: wasmtime.Trap, memory: wasmtime.Memory | None, store: wasmtime.Store
@@ -190,6 +280,10 @@ class WasmSandbox:
             return GuestCrashed(
                 f"CPU limit exceeded: the step used all {self.limits.fuel_per_run} units of fuel",
                 "cpu",
+            )
+        if limit == "timeout":
+            return GuestCrashed(
+                f"the run took longer than {self.limits.run_timeout_ms} ms", "timeout"
             )
         if limit == "stack":
             return GuestCrashed(
@@ -224,10 +318,10 @@ class WasmSandbox:
     def _define_host_imports(self) -> None:
         limits = self.limits
 
-        def name_at(caller: wasmtime.Caller, ptr: int, length: int) -> str:
-            name = _text(caller, ptr, length, limits.name_bytes, "step name")
+        def name_at(caller: wasmtime.Caller, ptr: int, length: int, what: str = "step name") -> str:
+            name = _text(caller, ptr, length, limits.name_bytes, what)
             if not name:
-                raise _Violation("step name is empty")
+                raise _Violation(f"{what} is empty")
             return name
 
         def json_at(caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
@@ -238,30 +332,104 @@ class WasmSandbox:
                 raise _Violation(f"{what} is not valid JSON") from None
             return text
 
-        def step_done(
-            caller: wasmtime.Caller, seq: int, np: int, nl: int, rp: int, rl: int
-        ) -> NoReturn:
+        def begun(seq: int, name: str) -> _Step:
+            step = self._run.step
+            if step is None or step.seq != seq or step.name != name:
+                raise _Violation(
+                    f"guest ABI violation: step {name!r} at position {seq} reported "
+                    "without step_begin"
+                )
+            return step
+
+        def outside_step(what: str) -> None:
+            if self._run.step is not None:
+                raise _Violation(f"guest ABI violation: {what} called inside a step")
+
+        def step_begin(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, cp: int, cl: int
+        ) -> int:
+            run = self._run
             name = name_at(caller, np, nl)
-            raise _Stop(StepSucceeded(seq, name, json_at(caller, rp, rl, "step result")))
+            if run.step is not None:
+                raise _Violation(f"guest ABI violation: step {name!r} begun inside a step")
+            if seq != run.next_seq:
+                raise _Violation(
+                    f"guest ABI violation: step {name!r} begun at position {seq}, "
+                    f"the next position is {run.next_seq}"
+                )
+            text = _text(caller, cp, cl, limits.value_bytes, "step config") if cl else ""
+            try:
+                config = parse_step_config(text, max_ms=limits.max_sleep_ms)
+            except ValueError as exc:
+                raise _Violation(f"step {name!r} config: {exc}") from None
+            run.step = _Step(seq, name, config)
+            assert run.store is not None
+            run.store.set_epoch_deadline(self._ticks(config.timeout_ms))
+            return run.attempt
+
+        def step_done(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, rp: int, rl: int, flags: int
+        ) -> NoReturn:
+            step = begun(seq, name_at(caller, np, nl))
+            if flags & ~_KNOWN_FLAGS:
+                raise _Violation(f"guest ABI violation: unknown step_done flags {flags:#x}")
+            result = json_at(caller, rp, rl, "step result")
+            raise _Stop(
+                StepSucceeded(seq, step.name, result, EntryFlags(flags), config=step.config)
+            )
 
         def step_failed(
             caller: wasmtime.Caller, seq: int, np: int, nl: int, mp: int, ml: int, flags: int
         ) -> NoReturn:
-            name = name_at(caller, np, nl)
+            step = begun(seq, name_at(caller, np, nl))
             message = _text(caller, mp, ml, limits.value_bytes, "error message")
-            raise _Stop(StepFailed(seq, name, message, non_retryable=bool(flags & 1)))
+            raise _Stop(StepFailed(seq, step.name, message, bool(flags & 1), config=step.config))
+
+        def sleep(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, ms: int, flags: int
+        ) -> NoReturn:
+            outside_step("sleep")
+            name = name_at(caller, np, nl, "sleep name")
+            raise _Stop(SleepRequested(seq, name, ms, absolute=bool(flags & 1)))
+
+        def wait_event(
+            caller: wasmtime.Caller, seq: int, np: int, nl: int, tp: int, tl: int, timeout: int
+        ) -> NoReturn:
+            outside_step("wait_event")
+            name = name_at(caller, np, nl, "wait name")
+            event_type = name_at(caller, tp, tl, "event type")
+            raise _Stop(EventAwaited(seq, name, event_type, None if timeout < 0 else timeout))
+
+        def now(caller: wasmtime.Caller, seq: int) -> int:
+            value = int(self._clock() * 1000)
+            if self._run.step is None:
+                self._run.record(seq, EntryKind.NOW, str(value))
+            return value
+
+        def random(caller: wasmtime.Caller, seq: int, ptr: int, length: int) -> None:
+            if not 1 <= length <= _MAX_RANDOM_BYTES:
+                raise _Violation(f"random asks for {length} bytes, allowed 1 to 256")
+            memory = _memory(caller)
+            _check_range(memory, caller, ptr, length)
+            data = secrets.token_bytes(length)
+            if self._run.step is None:
+                self._run.record(seq, EntryKind.RANDOM, data.hex())
+            memory.write(caller, data, ptr)
 
         def complete(caller: wasmtime.Caller, seq: int, op: int, ol: int) -> NoReturn:
+            outside_step("complete")
             raise _Stop(Completed(seq, json_at(caller, op, ol, "workflow output")))
 
         def fail(caller: wasmtime.Caller, seq: int, mp: int, ml: int) -> NoReturn:
+            outside_step("fail")
             message = _text(caller, mp, ml, limits.value_bytes, "error message")
             raise _Stop(WorkflowFailed(seq, message))
 
         def nondeterminism(
             caller: wasmtime.Caller, seq: int, op: int, np: int, nl: int
         ) -> NoReturn:
-            raise _Stop(Nondeterministic(seq, name_at(caller, np, nl)))
+            name = _text(caller, np, nl, limits.name_bytes, "name")
+            raise _Stop(Nondeterministic(seq, name, op))
 
         def log(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
             logs = self._run.logs
@@ -272,8 +440,13 @@ class WasmSandbox:
             logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
 
         handlers: dict[str, Callable[..., Any]] = {
+            "step_begin": step_begin,
             "step_done": step_done,
             "step_failed": step_failed,
+            "sleep": sleep,
+            "wait_event": wait_event,
+            "now": now,
+            "random": random,
             "complete": complete,
             "fail": fail,
             "nondeterminism": nondeterminism,
@@ -359,8 +532,12 @@ def _text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str)
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The line of a wasmtime error that says what happened (a trap's cause, not its backtrace)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("wasm trap:"):
+            return line.removeprefix("wasm trap:").strip()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _signature(functype: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:

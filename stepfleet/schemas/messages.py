@@ -45,21 +45,31 @@ class _Body(BaseModel):
 
 
 class CreateBody(_Body):
-    """Start a new instance of the module named in the headers with these params."""
+    """Start a new instance of the module named in the headers with these params.
+
+    `retention_seconds` keeps the finished instance that long (default: the fleet's setting).
+    """
 
     params: JsonValue = Field(default_factory=dict)
+    retention_seconds: Annotated[int, Field(ge=0, le=10 * 365 * 86400)] | None = None
 
 
 class StepBody(_Body):
-    """Run the instance's next step; `position` is the journal length the sender expects."""
+    """Run the instance's next step; `position` is the journal length the sender expects.
+
+    `generation` counts restarts, so messages from before a restart are told apart.
+    """
 
     position: Annotated[int, Field(ge=0)]
+    generation: Annotated[int, Field(ge=0)] = 0
 
 
 class WakeBody(_Body):
-    """A timer fired for the instance at journal `position`."""
+    """A timer fired for the instance parked at `position`, `attempt` and `generation`."""
 
     position: Annotated[int, Field(ge=0)]
+    attempt: Annotated[int, Field(ge=1)] = 1
+    generation: Annotated[int, Field(ge=0)] = 0
 
 
 class EventBody(_Body):

@@ -2,31 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from stepfleet.schemas.instance import DEFAULT_STEP_CONFIG, StepConfig
+from stepfleet.schemas.journal import EntryFlags, EntryKind
 
 
 @dataclass(frozen=True, slots=True)
 class StepSucceeded:
-    """The first step not in the journal ran and returned `result` (JSON text)."""
+    """The step begun at `seq` returned `result` (JSON text)."""
 
     seq: int
     name: str
     result: str
+    flags: EntryFlags = EntryFlags.NONE
+    config: StepConfig = DEFAULT_STEP_CONFIG
 
 
 @dataclass(frozen=True, slots=True)
 class StepFailed:
-    """The first step not in the journal ran and failed with `message`."""
+    """The step begun at `seq` failed with `message` (a breached limit is named in `limit`)."""
 
     seq: int
     name: str
     message: str
     non_retryable: bool = False
+    config: StepConfig = DEFAULT_STEP_CONFIG
+    limit: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SleepRequested:
+    """The program sleeps `name` at `seq`: for `ms` milliseconds, or until Unix ms if absolute."""
+
+    seq: int
+    name: str
+    ms: int
+    absolute: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventAwaited:
+    """The program waits `name` at `seq` for an event of `event_type` (None: default timeout)."""
+
+    seq: int
+    name: str
+    event_type: str
+    timeout_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Completed:
-    """The program returned `output` (JSON text) after replaying `seq` entries."""
+    """The program returned `output` (JSON text) after `seq` entries; in compensate mode,
+    every compensation has run."""
 
     seq: int
     output: str
@@ -40,12 +68,16 @@ class WorkflowFailed:
     message: str
 
 
+OPERATIONS = {1: "step", 2: "sleep", 3: "wait for event", 4: "now", 5: "random", 6: "compensation"}
+
+
 @dataclass(frozen=True, slots=True)
 class Nondeterministic:
-    """At journal position `seq` the program asked for step `name`; the journal holds another."""
+    """At journal position `seq` the program asked for `op` named `name`; the journal differs."""
 
     seq: int
     name: str
+    op: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,5 +92,30 @@ class GuestCrashed:
 
 
 GuestOutcome = (
-    StepSucceeded | StepFailed | Completed | WorkflowFailed | Nondeterministic | GuestCrashed
+    StepSucceeded
+    | StepFailed
+    | SleepRequested
+    | EventAwaited
+    | Completed
+    | WorkflowFailed
+    | Nondeterministic
+    | GuestCrashed
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A value the run recorded before its outcome (`now` or `random`) at journal `seq`."""
+
+    seq: int
+    kind: EntryKind
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuestReport:
+    """Everything one run produced: its outcome, recorded values and log lines."""
+
+    outcome: GuestOutcome
+    recorded: tuple[Recorded, ...] = ()
+    logs: list[tuple[int, str]] = field(default_factory=list)

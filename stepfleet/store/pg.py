@@ -15,35 +15,51 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, JournalEntry
+from stepfleet.schemas import (
+    FailedAttempt,
+    InstanceKey,
+    InstanceStatus,
+    JournalEntry,
+    Waiting,
+)
+from stepfleet.store.control import ControlTransaction
 from stepfleet.store.errors import translated
 from stepfleet.store.records import (
+    DueTimer,
+    InstanceDetail,
     InstanceRecord,
+    NewEvent,
     NewInstance,
     OutboxMessage,
     StepWrite,
 )
-from stepfleet.store.tables import instances, journal, modules, tenant_modules
+from stepfleet.store.rows import (
+    STATE_COLUMNS,
+    entry_from_row,
+    record_from_row,
+    split_keys,
+    take_events,
+)
+from stepfleet.store.tables import instances, journal, modules, step_attempts, tenant_modules
 
 _INSERT_INSTANCES = text(
     """
-    INSERT INTO instances (tenant, id, module, status, params)
-    SELECT t, i, m, 'running', p
+    INSERT INTO instances (tenant, id, module, status, params, retention_seconds, state_bytes)
+    SELECT t, i, m, 'running', p, r, octet_length(p)
     FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]),
-                CAST(:modules AS text[]), CAST(:params AS text[])) AS n(t, i, m, p)
+                CAST(:modules AS text[]), CAST(:params AS text[]), CAST(:retentions AS int[]))
+         AS n(t, i, m, p, r)
     ON CONFLICT ON CONSTRAINT pk_instances DO NOTHING
     RETURNING tenant, id
     """
 )
 
+# STATE_COLUMNS is a constant column list, not input.
 _LOCK_INSTANCES = text(
-    """
-    SELECT tenant, id, module, status, position, generation FROM instances
-    WHERE (tenant, id) IN (
-        SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))
-    ORDER BY tenant, id
-    FOR UPDATE
-    """
+    f"SELECT {STATE_COLUMNS} FROM instances "  # noqa: S608
+    "WHERE (tenant, id) IN ("
+    " SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))"
+    " ORDER BY tenant, id FOR UPDATE"
 )
 
 _OWNED_MODULES = text(
@@ -65,7 +81,7 @@ _PARAMS = text(
 _JOURNAL_SINCE = text(
     """
     SELECT j.tenant, j.instance_id, j.seq, j.kind, j.name, j.value, j.attempt,
-           j.started_at, j.finished_at
+           j.started_at, j.finished_at, j.flags
     FROM journal AS j
     JOIN unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:froms AS int[]))
          AS r(tenant, instance_id, from_seq)
@@ -75,7 +91,8 @@ _JOURNAL_SINCE = text(
 )
 
 # Everything a batch writes, in one statement: forget confirmed outbox rows, append journal
-# entries, move instance states, queue the next messages. Empty arrays make empty parts.
+# entries and failed attempts, move instance states, queue the next messages. Empty arrays make
+# empty parts.
 _WRITE_BATCH = text(
     """
     WITH confirmed AS (
@@ -83,26 +100,59 @@ _WRITE_BATCH = text(
     ),
     entries AS (
         INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
-                             started_at, finished_at)
+                             started_at, finished_at, flags)
         SELECT * FROM unnest(CAST(:j_tenants AS text[]), CAST(:j_ids AS text[]),
                              CAST(:seqs AS int[]), CAST(:kinds AS smallint[]),
                              CAST(:names AS text[]), CAST(:vals AS text[]),
                              CAST(:attempts AS int[]), CAST(:starts AS timestamptz[]),
-                             CAST(:ends AS timestamptz[]))
+                             CAST(:ends AS timestamptz[]), CAST(:flags AS smallint[]))
+    ),
+    failures AS (
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT * FROM unnest(CAST(:a_tenants AS text[]), CAST(:a_ids AS text[]),
+                             CAST(:a_seqs AS int[]), CAST(:a_attempts AS int[]),
+                             CAST(:a_names AS text[]), CAST(:a_errors AS text[]),
+                             CAST(:a_starts AS timestamptz[]), CAST(:a_ends AS timestamptz[]))
     ),
     states AS (
         UPDATE instances AS i
-        SET status = u.status, position = u.position, output = u.output, error = u.error,
-            updated_at = now()
+        SET status = u.status, position = u.position, attempt = u.attempt,
+            wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
+            wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
+            mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
+            state_bytes = u.state_bytes, updated_at = now(),
+            finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                               THEN now() END,
+            retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention))
+                END
         FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
-                    CAST(:positions AS int[]), CAST(:outputs AS text[]),
-                    CAST(:errors AS text[])) AS u(tenant, id, status, position, output, error)
+                    CAST(:positions AS int[]), CAST(:u_attempts AS int[]),
+                    CAST(:wait_kinds AS text[]), CAST(:wait_names AS text[]),
+                    CAST(:wait_events AS text[]), CAST(:wait_timeouts AS bigint[]),
+                    CAST(:wake_ats AS timestamptz[]), CAST(:modes AS smallint[]),
+                    CAST(:end_statuses AS text[]), CAST(:outputs AS text[]),
+                    CAST(:errors AS text[]), CAST(:state_bytes AS bigint[]))
+             AS u(tenant, id, status, position, attempt, wait_kind, wait_name, wait_event,
+                  wait_timeout_ms, wake_at, mode, end_status, output, error, state_bytes)
         WHERE i.tenant = u.tenant AND i.id = u.id
     )
     INSERT INTO outbox (routing_key, headers, body)
     SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:headers AS text[]),
                          CAST(:bodies AS bytea[]))
     RETURNING id
+    """
+)
+
+_INSERT_EVENTS = text(
+    """
+    INSERT INTO events (tenant, instance_id, event_id, type, payload, consumed_seq)
+    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]),
+                         CAST(:event_ids AS text[]), CAST(:types AS text[]),
+                         CAST(:payloads AS text[]), CAST(:consumed AS int[]))
+    ON CONFLICT ON CONSTRAINT pk_events DO NOTHING
+    RETURNING tenant, instance_id
     """
 )
 
@@ -118,44 +168,24 @@ _CLAIM_OUTBOX = text(
 )
 
 
-def _split(keys: Iterable[InstanceKey]) -> dict[str, list[str]]:
-    keys = list(keys)
-    return {"tenants": [k.tenant for k in keys], "ids": [k.instance_id for k in keys]}
-
-
-def _entry(row: Any) -> JournalEntry:
-    return JournalEntry(
-        seq=row.seq,
-        kind=EntryKind(row.kind),
-        name=row.name,
-        value=row.value,
-        attempt=row.attempt,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    )
-
-
-def _record(row: Any) -> InstanceRecord:
-    """Build an instance record from a row that has at least the locked columns."""
-    mapping = row._mapping
-    return InstanceRecord(
-        key=InstanceKey(row.tenant, row.id),
-        module=row.module,
-        status=InstanceStatus(row.status),
-        position=row.position,
-        generation=row.generation,
-        output=mapping.get("output"),
-        error=mapping.get("error"),
-        created_at=mapping.get("created_at"),
-        updated_at=mapping.get("updated_at"),
-    )
+def _waiting_columns(waiting: Waiting | None) -> dict[str, Any]:
+    if waiting is None:
+        return {"kind": None, "name": None, "event": None, "timeout": None, "wake_at": None}
+    return {
+        "kind": waiting.kind.value,
+        "name": waiting.name,
+        "event": waiting.event_type,
+        "timeout": waiting.timeout_ms,
+        "wake_at": waiting.wake_at,
+    }
 
 
 class StepTransaction:
     """One transaction of the per-step path, covering a whole batch of deliveries."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: AsyncConnection, *, retention_seconds: int) -> None:
         self._conn = connection
+        self._retention = retention_seconds
 
     async def create_instances(self, new: Sequence[NewInstance]) -> set[InstanceKey]:
         """Insert instances that do not exist yet; return the keys actually inserted."""
@@ -164,9 +194,10 @@ class StepTransaction:
         result = await self._conn.execute(
             _INSERT_INSTANCES,
             {
-                **_split(n.key for n in new),
+                **split_keys(n.key for n in new),
                 "modules": [n.module for n in new],
                 "params": [n.params for n in new],
+                "retentions": [n.retention_seconds for n in new],
             },
         )
         return {InstanceKey(row.tenant, row.id) for row in result}
@@ -175,8 +206,8 @@ class StepTransaction:
         self, keys: Iterable[InstanceKey]
     ) -> dict[InstanceKey, InstanceRecord]:
         """Lock the rows (in key order, so batches never deadlock) and return them."""
-        result = await self._conn.execute(_LOCK_INSTANCES, _split(keys))
-        return {InstanceKey(row.tenant, row.id): _record(row) for row in result}
+        result = await self._conn.execute(_LOCK_INSTANCES, split_keys(keys))
+        return {InstanceKey(row.tenant, row.id): record_from_row(row) for row in result}
 
     async def owned_modules(self, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """Return which (tenant, digest) pairs the tenant has pushed."""
@@ -206,16 +237,41 @@ class StepTransaction:
         params: dict[InstanceKey, str] = {}
         wanted = list(with_params)
         if wanted:
-            result = await self._conn.execute(_PARAMS, _split(wanted))
+            result = await self._conn.execute(_PARAMS, split_keys(wanted))
             params = {InstanceKey(row.tenant, row.id): row.params for row in result}
         entries: dict[InstanceKey, list[JournalEntry]] = {key: [] for key in since}
         if since:
             result = await self._conn.execute(
-                _JOURNAL_SINCE, {**_split(since), "froms": list(since.values())}
+                _JOURNAL_SINCE, {**split_keys(since), "froms": list(since.values())}
             )
             for row in result:
-                entries[InstanceKey(row.tenant, row.instance_id)].append(_entry(row))
+                entries[InstanceKey(row.tenant, row.instance_id)].append(entry_from_row(row))
         return params, entries
+
+    async def insert_events(self, events: Sequence[NewEvent]) -> set[InstanceKey]:
+        """Store events; return the keys whose event was new (the rest are repeats)."""
+        if not events:
+            return set()
+        result = await self._conn.execute(
+            _INSERT_EVENTS,
+            {
+                **split_keys(e.key for e in events),
+                "event_ids": [e.event_id for e in events],
+                "types": [e.type for e in events],
+                "payloads": [e.payload for e in events],
+                "consumed": [e.consumed_seq for e in events],
+            },
+        )
+        return {InstanceKey(row.tenant, row.instance_id) for row in result}
+
+    async def take_events(
+        self, waits: Sequence[tuple[InstanceKey, str, int]]
+    ) -> dict[InstanceKey, tuple[str, datetime]]:
+        """For each (instance, event type, position) wait, take the oldest stored event.
+
+        Returns the payload and arrival time of each event taken, by instance.
+        """
+        return await take_events(self._conn, waits)
 
     async def write_batch(
         self,
@@ -224,38 +280,16 @@ class StepTransaction:
         *,
         confirmed_outbox: Sequence[int] = (),
     ) -> list[int]:
-        """Write a batch's journal entries, instance states and outbox rows in one statement.
+        """Write a batch's journal entries, attempts, instance states and outbox rows at once.
 
         Also deletes `confirmed_outbox` (rows whose publish the broker confirmed earlier).
         Returns the new outbox ids in the order of `outbox`.
         """
         if not writes and not outbox and not confirmed_outbox:
             return []
-        appended = [w for w in writes if w.entry is not None]
-        entries = [w.entry for w in appended if w.entry is not None]
-        j_keys = _split(w.key for w in appended)
         result = await self._conn.execute(
             _WRITE_BATCH,
-            {
-                "confirmed": list(confirmed_outbox),
-                "j_tenants": j_keys["tenants"],
-                "j_ids": j_keys["ids"],
-                "seqs": [e.seq for e in entries],
-                "kinds": [int(e.kind) for e in entries],
-                "names": [e.name for e in entries],
-                "vals": [e.value for e in entries],
-                "attempts": [e.attempt for e in entries],
-                "starts": [e.started_at for e in entries],
-                "ends": [e.finished_at for e in entries],
-                **_split(w.key for w in writes),
-                "statuses": [w.status.value for w in writes],
-                "positions": [w.position for w in writes],
-                "outputs": [w.output for w in writes],
-                "errors": [w.error for w in writes],
-                "keys": [m.routing_key for m in outbox],
-                "headers": [m.headers for m in outbox],
-                "bodies": [m.body for m in outbox],
-            },
+            _batch_params(writes, outbox, confirmed_outbox, self._retention),
         )
         # INSERT ... SELECT FROM unnest keeps the input order for a serial id.
         return sorted(row.id for row in result)
@@ -266,13 +300,102 @@ class StepTransaction:
             await self._conn.execute(_DELETE_OUTBOX, {"ids": list(ids)})
 
 
-class PgStore:
-    """The PostgreSQL store; one per process, sharing a small connection pool."""
+def _batch_params(
+    writes: Sequence[StepWrite],
+    outbox: Sequence[OutboxMessage],
+    confirmed: Sequence[int],
+    retention: int,
+) -> dict[str, Any]:
+    entries = [(w.key, e) for w in writes for e in w.entries]
+    failures = [(w.key, f) for w in writes if (f := w.failed_attempt) is not None]
+    waits = [_waiting_columns(w.waiting) for w in writes]
+    return {
+        "confirmed": list(confirmed),
+        "retention": retention,
+        "j_tenants": [k.tenant for k, _ in entries],
+        "j_ids": [k.instance_id for k, _ in entries],
+        "seqs": [e.seq for _, e in entries],
+        "kinds": [int(e.kind) for _, e in entries],
+        "names": [e.name for _, e in entries],
+        "vals": [e.value for _, e in entries],
+        "attempts": [e.attempt for _, e in entries],
+        "starts": [e.started_at for _, e in entries],
+        "ends": [e.finished_at for _, e in entries],
+        "flags": [int(e.flags) for _, e in entries],
+        "a_tenants": [k.tenant for k, _ in failures],
+        "a_ids": [k.instance_id for k, _ in failures],
+        "a_seqs": [f.seq for _, f in failures],
+        "a_attempts": [f.attempt for _, f in failures],
+        "a_names": [f.name for _, f in failures],
+        "a_errors": [f.error for _, f in failures],
+        "a_starts": [f.started_at for _, f in failures],
+        "a_ends": [f.finished_at for _, f in failures],
+        **split_keys(w.key for w in writes),
+        "statuses": [w.status.value for w in writes],
+        "positions": [w.position for w in writes],
+        "u_attempts": [w.attempt for w in writes],
+        "wait_kinds": [w["kind"] for w in waits],
+        "wait_names": [w["name"] for w in waits],
+        "wait_events": [w["event"] for w in waits],
+        "wait_timeouts": [w["timeout"] for w in waits],
+        "wake_ats": [w["wake_at"] for w in waits],
+        "modes": [int(w.mode) for w in writes],
+        "end_statuses": [w.end_status.value if w.end_status else None for w in writes],
+        "outputs": [w.output for w in writes],
+        "errors": [w.error for w in writes],
+        "state_bytes": [w.state_bytes for w in writes],
+        "keys": [m.routing_key for m in outbox],
+        "headers": [m.headers for m in outbox],
+        "bodies": [m.body for m in outbox],
+    }
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+
+_DUE_TIMERS = text(
+    """
+    WITH due AS (
+        SELECT tenant, id FROM instances
+        WHERE wake_at <= now() AND status IN ('running', 'sleeping', 'waiting')
+          AND (wake_sent_at IS NULL OR wake_sent_at < now() - make_interval(secs => :resend))
+        ORDER BY wake_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE instances AS i SET wake_sent_at = now()
+    FROM due WHERE i.tenant = due.tenant AND i.id = due.id
+    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation
+    """
+)
+
+_DELETE_EXPIRED = text(
+    """
+    DELETE FROM instances WHERE (tenant, id) IN (
+        SELECT tenant, id FROM instances WHERE retain_until < now()
+        ORDER BY retain_until LIMIT :limit FOR UPDATE SKIP LOCKED)
+    """
+)
+
+_WAITING_EVENTS = text(
+    """
+    SELECT count(*) FROM events
+    WHERE tenant = :tenant AND instance_id = :id AND consumed_seq IS NULL
+    """
+)
+
+
+class PgStore:
+    """The PostgreSQL store; one per process, sharing a small connection pool.
+
+    `retention_seconds` is how long finished instances are kept unless their create said
+    otherwise.
+    """
+
+    def __init__(
+        self, url: str, *, pool_size: int = 4, retention_seconds: int = 30 * 86400
+    ) -> None:
         self._engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True
         )
+        self._retention = retention_seconds
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -282,7 +405,43 @@ class PgStore:
     async def transaction(self) -> AsyncIterator[StepTransaction]:
         """Run a batch in one transaction, committed when the block exits cleanly."""
         async with translated(), self._engine.begin() as connection:
-            yield StepTransaction(connection)
+            yield StepTransaction(connection, retention_seconds=self._retention)
+
+    @asynccontextmanager
+    async def control(self) -> AsyncIterator[ControlTransaction]:
+        """Run one operator action in one transaction."""
+        async with translated(), self._engine.begin() as connection:
+            yield ControlTransaction(connection, retention_seconds=self._retention)
+
+    # -- timers and retention ------------------------------------------------------------
+
+    async def due_timers(self, *, limit: int, resend_after_seconds: float) -> list[DueTimer]:
+        """Claim parked instances whose timer is due, marking their wake as sent.
+
+        Any worker may call this; SKIP LOCKED keeps two off the same rows, and a wake that
+        was sent but never processed (lost, or its worker died) is sent again after
+        `resend_after_seconds`.
+        """
+        async with translated(), self._engine.begin() as connection:
+            result = await connection.execute(
+                _DUE_TIMERS, {"limit": limit, "resend": resend_after_seconds}
+            )
+            return [
+                DueTimer(
+                    InstanceKey(row.tenant, row.id),
+                    row.module,
+                    row.position,
+                    row.attempt,
+                    row.generation,
+                )
+                for row in result
+            ]
+
+    async def delete_expired(self, *, limit: int) -> int:
+        """Delete up to `limit` finished instances past their retention; return how many."""
+        async with translated(), self._engine.begin() as connection:
+            result = await connection.execute(_DELETE_EXPIRED, {"limit": limit})
+            return result.rowcount or 0
 
     # -- modules -------------------------------------------------------------------------
 
@@ -335,7 +494,7 @@ class PgStore:
             query = query.where(instances.c.tenant == tenant)
         async with translated(), self._engine.connect() as connection:
             result = await connection.execute(query.order_by(instances.c.tenant))
-            return [(_record(row), row.params) for row in result]
+            return [(record_from_row(row), row.params) for row in result]
 
     async def journal(self, key: InstanceKey) -> list[JournalEntry]:
         """Return an instance's whole journal in order."""
@@ -345,7 +504,70 @@ class PgStore:
                 .where(journal.c.tenant == key.tenant, journal.c.instance_id == key.instance_id)
                 .order_by(journal.c.seq)
             )
-            return [_entry(row) for row in result]
+            return [entry_from_row(row) for row in result]
+
+    async def detail(self, key: InstanceKey) -> InstanceDetail | None:
+        """Return an instance with its params, journal, failed attempts and stored events."""
+        async with translated(), self._engine.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(instances).where(
+                        instances.c.tenant == key.tenant, instances.c.id == key.instance_id
+                    )
+                )
+            ).first()
+            if row is None:
+                return None
+            entries = await connection.execute(
+                select(journal)
+                .where(journal.c.tenant == key.tenant, journal.c.instance_id == key.instance_id)
+                .order_by(journal.c.seq)
+            )
+            attempts = await connection.execute(
+                select(step_attempts)
+                .where(
+                    step_attempts.c.tenant == key.tenant,
+                    step_attempts.c.instance_id == key.instance_id,
+                )
+                .order_by(step_attempts.c.seq, step_attempts.c.attempt)
+            )
+            waiting = await connection.execute(
+                _WAITING_EVENTS, {"tenant": key.tenant, "id": key.instance_id}
+            )
+            return InstanceDetail(
+                record=record_from_row(row),
+                params=row.params,
+                journal=[entry_from_row(e) for e in entries],
+                attempts=[
+                    FailedAttempt(a.seq, a.name, a.attempt, a.error, a.started_at, a.finished_at)
+                    for a in attempts
+                ],
+                pending_events=waiting.scalar_one(),
+            )
+
+    async def list_instances(
+        self,
+        tenant: str,
+        *,
+        statuses: Sequence[InstanceStatus] = (),
+        module: str | None = None,
+        limit: int = 100,
+    ) -> list[InstanceRecord]:
+        """List a tenant's instances, newest first, optionally by status and module."""
+        query = select(instances).where(instances.c.tenant == tenant)
+        if statuses:
+            query = query.where(instances.c.status.in_([s.value for s in statuses]))
+        if module is not None:
+            query = query.where(instances.c.module == module)
+        query = query.order_by(instances.c.created_at.desc(), instances.c.id).limit(limit)
+        async with translated(), self._engine.connect() as connection:
+            return [record_from_row(row) for row in await connection.execute(query)]
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget messages whose publish the broker confirmed."""
+        if ids:
+            async with translated(), self._engine.begin() as connection:
+                await connection.execute(_DELETE_OUTBOX, {"ids": list(ids)})
 
     # -- outbox relay --------------------------------------------------------------------
 

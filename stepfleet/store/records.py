@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry
+from stepfleet.schemas import (
+    FailedAttempt,
+    InstanceKey,
+    InstanceStatus,
+    JournalEntry,
+    RunMode,
+    Waiting,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +22,7 @@ class NewInstance:
     key: InstanceKey
     module: str
     params: str
+    retention_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,30 +34,35 @@ class InstanceRecord:
     status: InstanceStatus
     position: int
     generation: int
+    attempt: int = 1
+    waiting: Waiting | None = None
+    mode: RunMode = RunMode.FORWARD
+    end_status: InstanceStatus | None = None
+    state_bytes: int = 0
     output: str | None = None
     error: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayData:
-    """What a guest run needs beyond the row: params and the journal from some position on."""
-
-    params: str
-    entries: list[JournalEntry]
+    finished_at: datetime | None = None
+    retain_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class StepWrite:
-    """The effects of one step on one instance, written in the batch's transaction."""
+    """The effects of one delivery on one instance, written in the batch's transaction."""
 
     key: InstanceKey
     status: InstanceStatus
     position: int
-    entry: JournalEntry | None
-    output: str | None
-    error: str | None
+    entries: tuple[JournalEntry, ...] = ()
+    attempt: int = 1
+    waiting: Waiting | None = None
+    mode: RunMode = RunMode.FORWARD
+    end_status: InstanceStatus | None = None
+    output: str | None = None
+    error: str | None = None
+    state_bytes: int = 0
+    failed_attempt: FailedAttempt | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +72,36 @@ class OutboxMessage:
     routing_key: str
     headers: str
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event for an instance; `consumed_seq` is set when it ends the instance's wait now."""
+
+    key: InstanceKey
+    event_id: str
+    type: str
+    payload: str
+    consumed_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    """A parked instance whose timer is due: what its wake message must name."""
+
+    key: InstanceKey
+    module: str
+    position: int
+    attempt: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceDetail:
+    """An instance with everything status views show."""
+
+    record: InstanceRecord
+    params: str
+    journal: list[JournalEntry] = field(default_factory=list)
+    attempts: list[FailedAttempt] = field(default_factory=list)
+    pending_events: int = 0

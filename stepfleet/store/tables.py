@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 
 from stepfleet.schemas import InstanceStatus
@@ -73,11 +74,35 @@ instances = Table(
     Column("error", Text),
     _now(),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The attempt number the next new step runs as (retries bump it).
+    Column("attempt", Integer, nullable=False, server_default="1"),
+    # A parked instance: what it waits for and when its timer is due (sleep, retry, event).
+    Column("wait_kind", Text),
+    Column("wait_name", Text),
+    Column("wait_event", Text),
+    Column("wait_timeout_ms", BigInteger),
+    Column("wake_at", DateTime(timezone=True)),
+    # When a wake was last published for the timer; a lost wake is sent again after a while.
+    Column("wake_sent_at", DateTime(timezone=True)),
+    # 0 forward, 1 running compensations; end_status is where compensations end.
+    Column("mode", SmallInteger, nullable=False, server_default="0"),
+    Column("end_status", Text),
+    Column("state_bytes", BigInteger, nullable=False, server_default="0"),
+    Column("retention_seconds", Integer),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("retain_until", DateTime(timezone=True)),
     PrimaryKeyConstraint("tenant", "id"),
     ForeignKeyConstraint(["module"], ["modules.digest"]),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),
     CheckConstraint("position >= 0", name="position"),
+    CheckConstraint("wait_kind IN ('sleep', 'retry', 'event')", name="wait_kind"),
     Index(None, "tenant", "status"),
+    Index("ix_instances_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
+    Index(
+        "ix_instances_retain_until",
+        "retain_until",
+        postgresql_where=text("retain_until IS NOT NULL"),
+    ),
 )
 
 journal = Table(
@@ -92,10 +117,54 @@ journal = Table(
     Column("attempt", Integer, nullable=False, server_default="1"),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("flags", SmallInteger, nullable=False, server_default="0"),
     # The primary key is what makes "each step exactly once" a database guarantee.
     PrimaryKeyConstraint("tenant", "instance_id", "seq"),
     ForeignKeyConstraint(
         ["tenant", "instance_id"], ["instances.tenant", "instances.id"], ondelete="CASCADE"
+    ),
+)
+
+step_attempts = Table(
+    "step_attempts",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("instance_id", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("tenant", "instance_id", "seq", "attempt"),
+    ForeignKeyConstraint(
+        ["tenant", "instance_id"], ["instances.tenant", "instances.id"], ondelete="CASCADE"
+    ),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("instance_id", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The journal position the event was delivered at; NULL while it waits for a wait.
+    Column("consumed_seq", Integer),
+    # The event id makes sending idempotent.
+    PrimaryKeyConstraint("tenant", "instance_id", "event_id"),
+    ForeignKeyConstraint(
+        ["tenant", "instance_id"], ["instances.tenant", "instances.id"], ondelete="CASCADE"
+    ),
+    Index(
+        "ix_events_waiting",
+        "tenant",
+        "instance_id",
+        "type",
+        "received_at",
+        postgresql_where=text("consumed_seq IS NULL"),
     ),
 )
 

@@ -13,24 +13,40 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from stepfleet.broker import Delivery, Outgoing, Topology
-from stepfleet.engine import Admit, Decision, Duplicate, InstanceState, admit, decide
+from stepfleet.engine import (
+    Admit,
+    Decision,
+    Duplicate,
+    EngineLimits,
+    InstanceState,
+    Keep,
+    Reject,
+    admit,
+    check_size,
+    decide,
+    resolve_wait,
+)
 from stepfleet.sandbox import GuestRun, ReplayJournal, Sandbox, encode_replay_buffer
 from stepfleet.schemas import (
     CreateBody,
     Envelope,
-    GuestOutcome,
+    EventBody,
+    GuestReport,
     InstanceKey,
     InvalidMessage,
+    JournalEntry,
+    WaitKind,
     parse_envelope,
 )
 from stepfleet.store import (
     InstanceRecord,
+    NewEvent,
     NewInstance,
     PgStore,
     StepTransaction,
@@ -57,14 +73,16 @@ class _Work:
     envelope: Envelope
     key: InstanceKey
     record: InstanceRecord | None = None
+    state: InstanceState | None = None
+    """The instance as the run sees it (after a wake or an event ended its wait)."""
+    pending: tuple[JournalEntry, ...] = ()
     replay: CachedReplay | None = None
 
 
 @dataclass(slots=True)
 class _Ran:
     work: _Work
-    outcome: GuestOutcome
-    logs: list[tuple[int, str]]
+    report: GuestReport
     started_at: datetime
     finished_at: datetime
 
@@ -92,7 +110,10 @@ class BatchProcessor:
         topology: Topology,
         publish: Callable[[Sequence[Outgoing]], Awaitable[None]],
         max_message_bytes: int,
+        value_bytes: int = 1024 * 1024,
+        limits: EngineLimits | None = None,
         clock: Callable[[], datetime] = utcnow,
+        on_wake_due: Callable[[datetime], None] | None = None,
     ) -> None:
         self._store = store
         self._sandbox = sandbox
@@ -100,7 +121,10 @@ class BatchProcessor:
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
+        self._value_bytes = value_bytes
+        self._limits = limits or EngineLimits()
         self._clock = clock
+        self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
         self.confirmed_outbox: list[int] = []
         """Outbox ids whose publish was confirmed; deleted by the next transaction."""
@@ -145,23 +169,25 @@ class BatchProcessor:
             ran = await asyncio.get_running_loop().run_in_executor(
                 self._wasm, self._run_guests, admitted
             )
-            decisions = [self._decide(item) for item in ran]
+            decisions = await self._take_waiting_events(tx, ran, [self._decide(i) for i in ran])
             messages = [
                 step_message(
                     self._topology,
                     item.work.key,
                     _module(item.work),
-                    d.next_position,
+                    d.position,
+                    _generation(item.work),
                     item.work.envelope.traceparent,
                 )
                 for item, d in zip(ran, decisions, strict=True)
-                if d.next_position is not None
+                if d.publish_step
             ]
             result.outbox_ids = await tx.write_batch(
                 [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)],
                 [row for row, _ in messages],
                 confirmed_outbox=confirmed,
             )
+        self._note_timers(decisions)
         return ran, decisions, [outgoing for _, outgoing in messages]
 
     # -- stages --------------------------------------------------------------------------
@@ -196,50 +222,82 @@ class BatchProcessor:
         dead: list[tuple[Delivery, Outgoing]],
         result: BatchResult,
     ) -> list[_Work]:
+        def reject(work: _Work, reason: str, detail: str) -> None:
+            dead.append((work.delivery, self._dead(work.delivery, reason, detail)))
+
         creates = [w for w in works if isinstance(w.envelope.body, CreateBody)]
         owned = await tx.owned_modules({(w.key.tenant, _module(w)) for w in creates})
         live: list[_Work] = []
         new: list[NewInstance] = []
         for work in works:
-            if isinstance(work.envelope.body, CreateBody):
+            body = work.envelope.body
+            if isinstance(body, CreateBody):
                 if (work.key.tenant, _module(work)) not in owned:
                     detail = f"module {_module(work)} was never pushed for tenant {work.key.tenant}"
-                    dead.append(
-                        (work.delivery, self._dead(work.delivery, "unknown-module", detail))
-                    )
+                    reject(work, "unknown-module", detail)
                     continue
-                params = json.dumps(work.envelope.body.params, separators=(",", ":"))
-                new.append(NewInstance(work.key, _module(work), params))
+                params = json.dumps(body.params, separators=(",", ":"))
+                if (over := check_size("params", params, self._value_bytes)) is not None:
+                    reject(work, over.reason, over.detail)
+                    continue
+                new.append(NewInstance(work.key, _module(work), params, body.retention_seconds))
                 work.replay = CachedReplay(0, params, ReplayJournal())
+            elif isinstance(body, EventBody):
+                payload = json.dumps(body.payload, separators=(",", ":"))
+                if (over := check_size("event payload", payload, self._value_bytes)) is not None:
+                    reject(work, over.reason, over.detail)
+                    continue
             live.append(work)
         created = await tx.create_instances(new)
         records = await tx.lock_instances(w.key for w in live)
+        now = self._clock()
         admitted: list[_Work] = []
+        events: list[NewEvent] = []
         for work in live:
             record = records.get(work.key)
-            state = (
-                None
-                if record is None
-                else InstanceState(work.key, record.module, record.status, record.position)
-            )
-            verdict = admit(work.envelope, state, created_now=work.key in created)
+            state = None if record is None else _state(record)
+            verdict = admit(work.envelope, state, created_now=work.key in created, now=now)
+            body = work.envelope.body
+            if isinstance(body, EventBody) and isinstance(verdict, Admit | Keep):
+                assert state is not None
+                consumed = state.position if isinstance(verdict, Admit) else None
+                payload = json.dumps(body.payload, separators=(",", ":"))
+                events.append(NewEvent(work.key, body.event_id, body.type, payload, consumed))
             if isinstance(verdict, Admit):
+                assert state is not None
                 work.record = record
+                work.state = replace(state, waiting=None) if verdict.woken else state
+                work.pending = () if verdict.resolution is None else (verdict.resolution,)
                 admitted.append(work)
             elif isinstance(verdict, Duplicate):
                 result.duplicates += 1
+                self._log_duplicate(work, verdict.why)
+            elif isinstance(verdict, Reject):
+                reject(work, verdict.reason, verdict.detail)
+            else:
                 log.info(
-                    "duplicate_ignored",
+                    "event_stored",
                     tenant=work.key.tenant,
                     instance=work.key.instance_id,
-                    kind=work.envelope.kind.value,
-                    why=verdict.why,
+                    event_type=body.type if isinstance(body, EventBody) else None,
                 )
-            else:
-                dead.append(
-                    (work.delivery, self._dead(work.delivery, verdict.reason, verdict.detail))
-                )
+        if events:
+            fresh = await tx.insert_events(events)
+            repeats = {e.key for e in events if e.key not in fresh}
+            for work in [w for w in admitted if w.key in repeats]:
+                admitted.remove(work)
+                result.duplicates += 1
+                self._log_duplicate(work, "event already received")
         return admitted
+
+    def _log_duplicate(self, work: _Work, why: str) -> None:
+        log.info(
+            "duplicate_ignored",
+            tenant=work.key.tenant,
+            instance=work.key.instance_id,
+            kind=work.envelope.kind.value,
+            why=why,
+        )
 
     async def _load_replays(self, tx: StepTransaction, admitted: list[_Work]) -> None:
         since: dict[InstanceKey, int] = {}
@@ -298,50 +356,106 @@ class BatchProcessor:
         ran: list[_Ran] = []
         for work in admitted:
             assert work.replay is not None
+            assert work.state is not None
+            journal = work.replay.journal
             buffer = encode_replay_buffer(
-                work.key.instance_id, work.replay.params, work.replay.journal
+                work.key.instance_id,
+                work.replay.params,
+                journal,
+                pending=work.pending,
+                mode=work.state.mode,
+                attempt=work.state.attempt,
+            )
+            job = GuestRun(
+                _module(work), buffer, len(journal) + len(work.pending), work.state.attempt
             )
             started_at = self._clock()
-            outcome, logs = self._sandbox.run(GuestRun(_module(work), buffer))
-            ran.append(_Ran(work, outcome, logs, started_at, self._clock()))
+            report = self._sandbox.run(job)
+            ran.append(_Ran(work, report, started_at, self._clock()))
         return ran
 
     def _decide(self, item: _Ran) -> Decision:
         work = item.work
         assert work.replay is not None
-        assert work.record is not None
-        position = len(work.replay.journal)
-        state = InstanceState(work.key, _module(work), work.record.status, position)
+        assert work.state is not None
         decision = decide(
-            state,
+            work.state,
             work.replay.journal.entries,
-            item.outcome,
+            item.report,
             started_at=item.started_at,
             finished_at=item.finished_at,
+            limits=self._limits,
+            pending=work.pending,
         )
-        entry = decision.entry
+        self._log_run(item, decision)
+        return decision
+
+    async def _take_waiting_events(
+        self, tx: StepTransaction, ran: list[_Ran], decisions: list[Decision]
+    ) -> list[Decision]:
+        """A run that has just begun a wait takes an event that arrived before it."""
+        waits = [
+            (item.work.key, d.waiting.event_type, d.position)
+            for item, d in zip(ran, decisions, strict=True)
+            if d.waiting is not None
+            and d.waiting.kind is WaitKind.EVENT
+            and d.waiting.event_type is not None
+        ]
+        if not waits:
+            return decisions
+        taken = await tx.take_events(waits)
+        return [
+            resolve_wait(d, *taken[item.work.key], self._limits)
+            if item.work.key in taken and d.waiting is not None
+            else d
+            for item, d in zip(ran, decisions, strict=True)
+        ]
+
+    def _note_timers(self, decisions: list[Decision]) -> None:
+        """Tell the timer loop about the earliest wake this batch scheduled."""
+        if self._on_wake_due is None:
+            return
+        due = [d.waiting.wake_at for d in decisions if d.waiting is not None]
+        if due:
+            self._on_wake_due(min(due))
+
+    def _log_run(self, item: _Ran, decision: Decision) -> None:
+        work = item.work
+        assert work.state is not None
+        entry = decision.step_entry
+        failed = decision.failed_attempt
         bound = log.bind(
             tenant=work.key.tenant,
             instance=work.key.instance_id,
             module_digest=_module(work),
-            step=entry.name if entry else None,
-            attempt=entry.attempt if entry else None,
-            position=position,
+            step=failed.name if failed else entry.name if entry else None,
+            attempt=failed.attempt if failed else entry.attempt if entry else None,
+            position=work.state.position,
         )
-        for level, line in item.logs:
+        for level, line in item.report.logs:
             getattr(bound, _GUEST_LEVELS[level])("guest_log", message=line)
         ms = round((item.finished_at - item.started_at) / timedelta(milliseconds=1), 3)
-        if decision.error is not None:
-            bound.warning(
-                "instance_errored", status=decision.status.value, error=decision.error, ms=ms
+        status = decision.status.value
+        if decision.error is not None and decision.status.is_final:
+            bound.warning("instance_errored", status=status, error=decision.error, ms=ms)
+        elif failed is not None:
+            retry_at = decision.waiting.wake_at.isoformat() if decision.waiting else "now"
+            bound.info("step_attempt_failed", error=failed.error, retry_at=retry_at, ms=ms)
+        elif decision.waiting is not None:
+            bound.info(
+                "instance_parked",
+                status=status,
+                waits_for=decision.waiting.kind.value,
+                name=decision.waiting.name,
+                wake_at=decision.waiting.wake_at.isoformat(),
+                ms=ms,
             )
         elif entry is not None:
-            bound.info(
-                "step_recorded", status=decision.status.value, kind=entry.kind.name.lower(), ms=ms
-            )
+            bound.info("step_recorded", status=status, kind=entry.kind.name.lower(), ms=ms)
+        elif decision.mode is not work.state.mode:
+            bound.warning("compensations_started", error=decision.error, ms=ms)
         else:
-            bound.info("instance_finished", status=decision.status.value, ms=ms)
-        return decision
+            bound.info("instance_finished", status=status, ms=ms)
 
     def _remember(self, ran: list[_Ran], decisions: list[Decision]) -> None:
         """After commit: keep the journals of instances that go on, forget finished ones."""
@@ -351,8 +465,9 @@ class BatchProcessor:
                 self._replays.drop(work.key)
                 continue
             journal = work.replay.journal
-            if decision.entry is not None and decision.entry.seq == len(journal):
-                journal.append(decision.entry)
+            for entry in decision.entries:
+                if entry.seq == len(journal):
+                    journal.append(entry)
             self._replays.put(work.key, work.replay)
 
     def _dead(self, delivery: Delivery, reason: str, detail: str) -> Outgoing:
@@ -374,14 +489,40 @@ def _module(work: _Work) -> str:
     return work.envelope.module
 
 
+def _generation(work: _Work) -> int:
+    return work.record.generation if work.record is not None else 0
+
+
+def _state(record: InstanceRecord) -> InstanceState:
+    return InstanceState(
+        key=record.key,
+        module=record.module,
+        status=record.status,
+        position=record.position,
+        generation=record.generation,
+        attempt=record.attempt,
+        waiting=record.waiting,
+        mode=record.mode,
+        end_status=record.end_status,
+        error=record.error,
+        state_bytes=record.state_bytes,
+    )
+
+
 def _write(key: InstanceKey, decision: Decision) -> StepWrite:
     return StepWrite(
         key=key,
         status=decision.status,
         position=decision.position,
-        entry=decision.entry,
+        entries=decision.entries,
+        attempt=decision.attempt,
+        waiting=decision.waiting,
+        mode=decision.mode,
+        end_status=decision.end_status,
         output=decision.output,
         error=decision.error,
+        state_bytes=decision.state_bytes,
+        failed_attempt=decision.failed_attempt,
     )
 
 

@@ -9,30 +9,43 @@ from typing import Any
 from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.schemas import SCHEMA_VERSION, Headers, InstanceKey, MessageKind
-from stepfleet.store import OutboxMessage
+from stepfleet.store import DueTimer, OutboxMessage
+
+
+def _headers(
+    key: InstanceKey, module: str, kind: MessageKind, traceparent: str | None = None
+) -> dict[str, str]:
+    headers = {
+        Headers.TENANT: key.tenant,
+        Headers.INSTANCE: key.instance_id,
+        Headers.MODULE: module,
+        Headers.KIND: kind.value,
+        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
+    }
+    if traceparent:
+        headers[Headers.TRACEPARENT] = traceparent
+    return headers
 
 
 def step_message(
-    topology: Topology, key: InstanceKey, module: str, position: int, traceparent: str | None
+    topology: Topology,
+    key: InstanceKey,
+    module: str,
+    position: int,
+    generation: int,
+    traceparent: str | None = None,
 ) -> tuple[OutboxMessage, Outgoing]:
     """Build the message that asks a worker to run the step at `position`.
 
     Returns the outbox row and the same message ready to publish, so the per-step path never
     parses back what it has just serialised (the relay uses `from_outbox` instead).
     """
-    headers = {
-        Headers.TENANT: key.tenant,
-        Headers.INSTANCE: key.instance_id,
-        Headers.MODULE: module,
-        Headers.KIND: MessageKind.STEP.value,
-        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
-    }
-    if traceparent:
-        headers[Headers.TRACEPARENT] = traceparent
+    headers = _headers(key, module, MessageKind.STEP, traceparent)
     row = OutboxMessage(
         routing_key=routing_key(key.tenant, MessageKind.STEP),
         headers=json.dumps(headers, separators=(",", ":")),
-        body=b'{"version":%d,"position":%d}' % (SCHEMA_VERSION, position),
+        body=b'{"version":%d,"position":%d,"generation":%d}'
+        % (SCHEMA_VERSION, position, generation),
     )
     return row, Outgoing(
         exchange=topology.internal_exchange,
@@ -40,6 +53,25 @@ def step_message(
         body=row.body,
         headers=headers,
         message_id=_message_id(headers, position),
+    )
+
+
+def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
+    """Build the message that ends a due timer's wait (published straight, not via the outbox:
+    the timer row itself is the durable record, and an unprocessed wake is sent again)."""
+    headers = _headers(timer.key, timer.module, MessageKind.WAKE)
+    body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d}' % (
+        SCHEMA_VERSION,
+        timer.position,
+        timer.attempt,
+        timer.generation,
+    )
+    return Outgoing(
+        exchange=topology.internal_exchange,
+        routing_key=routing_key(timer.key.tenant, MessageKind.WAKE),
+        body=body,
+        headers=headers,
+        message_id=f"{_message_id(headers, timer.position)}/{timer.attempt}",
     )
 
 

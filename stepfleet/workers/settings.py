@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
 
 
@@ -31,6 +32,19 @@ class Settings(BaseSettings):
     value_bytes: int = Field(default=1024 * 1024, ge=1024)
     module_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
+    max_steps: int = Field(default=10_000, ge=1)
+    """Journal entries per instance."""
+    max_state_bytes: int = Field(default=1024**3, ge=1024)
+    """Params plus every journal value of one instance."""
+    max_sleep_seconds: int = Field(default=365 * 86400, ge=1)
+    """Longest sleep, retry delay, step timeout or event timeout."""
+    default_event_timeout_seconds: int = Field(default=86400, ge=1)
+    retention_days: float = Field(default=30.0, ge=0)
+    """How long finished instances are kept when their create does not say."""
+
+    timer_poll_seconds: float = Field(default=0.5, gt=0)
+    wake_resend_seconds: float = Field(default=30.0, gt=0)
+    """A wake sent but not processed after this long is sent again."""
     outbox_relay_after_seconds: float = Field(default=10.0, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
@@ -42,6 +56,11 @@ class Settings(BaseSettings):
         """Deliveries the broker may hand one worker before it acks: two batches per slot."""
         return self.concurrency * self.batch_size * 2
 
+    @property
+    def retention_seconds(self) -> int:
+        """The default retention of finished instances."""
+        return int(self.retention_days * 86400)
+
     def sandbox_limits(self) -> SandboxLimits:
         """The sandbox limits these settings describe."""
         return SandboxLimits(
@@ -49,4 +68,14 @@ class Settings(BaseSettings):
             memory_bytes=self.memory_bytes,
             value_bytes=self.value_bytes,
             module_bytes=self.module_bytes,
+            max_sleep_ms=self.max_sleep_seconds * 1000,
+        )
+
+    def engine_limits(self) -> EngineLimits:
+        """The per-instance limits these settings describe."""
+        return EngineLimits(
+            max_steps=self.max_steps,
+            max_state_bytes=self.max_state_bytes,
+            max_sleep_ms=self.max_sleep_seconds * 1000,
+            default_event_timeout_ms=self.default_event_timeout_seconds * 1000,
         )

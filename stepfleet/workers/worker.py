@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 import structlog
 
@@ -13,12 +14,14 @@ from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, Publ
 from stepfleet.sandbox import Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers.batch import BatchProcessor
-from stepfleet.workers.outgoing import from_outbox
+from stepfleet.workers.outgoing import from_outbox, wake_message
 from stepfleet.workers.settings import Settings
 
 log = structlog.get_logger("stepfleet.worker")
 
 _MAX_BACKOFF_SECONDS = 30.0
+_TIMERS_PER_CLAIM = 500
+_RETENTION_EVERY_CHECKS = 120
 
 # wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
 # module-level global until the guest call returns. So every guest run of a process, whatever
@@ -43,7 +46,11 @@ class Worker:
         self.topology = Topology(settings.prefix, settings.delivery_limit)
         self._owns_store = store is None
         self._owns_broker = broker is None
-        self.store = store or PgStore(settings.database_url, pool_size=settings.concurrency + 1)
+        self.store = store or PgStore(
+            settings.database_url,
+            pool_size=settings.concurrency + 1,
+            retention_seconds=settings.retention_seconds,
+        )
         self.broker = broker or Broker(settings.amqp_url, self.topology)
         self._processor = BatchProcessor(
             store=self.store,
@@ -52,11 +59,17 @@ class Worker:
             topology=self.topology,
             publish=self._publish,
             max_message_bytes=settings.max_message_bytes,
+            value_bytes=settings.value_bytes,
+            limits=settings.engine_limits(),
+            on_wake_due=self._wake_due_at,
         )
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.steps_done = 0
+        self.wakes_sent = 0
+        self._timer_nudge = asyncio.Event()
+        self._timer_deadline = 0.0
 
     async def _publish(self, messages: Sequence[Outgoing]) -> None:
         await self.broker.publish_many(messages)
@@ -82,6 +95,7 @@ class Worker:
                 for i in range(self.settings.concurrency)
             ]
             relay = asyncio.create_task(self._relay(), name="outbox-relay")
+            timers = asyncio.create_task(self._timers(), name="timers")
             self.ready.set()
             log.info(
                 "worker_started",
@@ -101,9 +115,10 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            relay.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await relay
+            for task in (relay, timers):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._flush_confirmed()
         finally:
             if self._owns_broker:
@@ -178,6 +193,46 @@ class Worker:
                 await tx.delete_outbox(ids)
         except StoreUnavailable:
             log.warning("outbox_cleanup_deferred", count=len(ids))
+
+    def _wake_due_at(self, when: datetime) -> None:
+        """A batch parked an instance until `when`: check timers then if that is sooner."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max((when - datetime.now(UTC)).total_seconds(), 0.0) + 0.005
+        if at < self._timer_deadline:
+            self._timer_deadline = at
+            self._timer_nudge.set()
+
+    async def _timers(self) -> None:
+        """Publish wakes for due timers (kept in PostgreSQL) and delete expired instances."""
+        loop = asyncio.get_running_loop()
+        checks = 0
+        while True:
+            self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
+            while (remaining := self._timer_deadline - loop.time()) > 0:
+                self._timer_nudge.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._timer_nudge.wait(), timeout=remaining)
+            checks += 1
+            try:
+                await self._fire_due_timers()
+                if checks % _RETENTION_EVERY_CHECKS == 0:
+                    deleted = await self.store.delete_expired(limit=1000)
+                    if deleted:
+                        log.info("instances_expired", count=deleted)
+            except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:
+                log.warning("timers_failed", error=str(exc))
+
+    async def _fire_due_timers(self) -> None:
+        while True:
+            due = await self.store.due_timers(
+                limit=_TIMERS_PER_CLAIM, resend_after_seconds=self.settings.wake_resend_seconds
+            )
+            if due:
+                await self.broker.publish_many([wake_message(self.topology, t) for t in due])
+                self.wakes_sent += len(due)
+                log.debug("wakes_sent", count=len(due))
+            if len(due) < _TIMERS_PER_CLAIM:
+                return
 
     async def _relay(self) -> None:
         """Publish outbox rows a crashed or cut-off worker left behind; tidy confirmed ones."""

@@ -102,7 +102,7 @@ async def test_guest_failure_errors_the_instance(
     assert [(e.name, e.kind) for e in entries] == [
         ("reserve", EntryKind.STEP_SUCCEEDED),
         ("charge", EntryKind.STEP_FAILED),
-        ("release", EntryKind.STEP_SUCCEEDED),  # the example undoes its reservation
+        ("reserve", EntryKind.COMPENSATED),  # reserve's rollback released the stock
     ]
 
 

@@ -172,10 +172,8 @@ async def test_create_for_a_module_never_pushed_is_dead_lettered(raw, store, sta
     assert await store.find_instances(instance_id, tenant) == []
 
 
-async def test_event_is_dead_lettered_until_events_are_handled(
-    raw, store, start_worker, order_wasm
-):
-    """An event for an existing instance is dead-lettered as unsupported-kind, as documented."""
+async def test_event_for_a_finished_instance_is_dead_lettered(raw, store, start_worker, order_wasm):
+    """An event for a complete instance is refused as instance-finished, as documented."""
     tenant, instance_id = new_tenant(), str(uuid.uuid4())
     digest = await push(store, tenant, order_wasm)
     await start_worker()
@@ -186,5 +184,5 @@ async def test_event_is_dead_lettered_until_events_are_handled(
     message_id = await raw.publish(tenant, instance_id, "event", event)
     letter = await raw.dead_letter(message_id)
     headers = letter.header.properties.headers or {}
-    assert _text(headers["x-dead-reason"]) == "unsupported-kind"
+    assert _text(headers["x-dead-reason"]) == "instance-finished"
     assert _text(headers["x-original-routing-key"]) == f"{tenant}.event"

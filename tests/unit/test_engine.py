@@ -1,182 +1,492 @@
-"""The replay engine's rules, with no services: admission and the meaning of guest outcomes."""
+"""The engine's rules, with no services: admission and the meaning of guest outcomes."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from stepfleet.engine import Admit, Duplicate, InstanceState, Reject, admit, decide
+from stepfleet.engine import (
+    Admit,
+    Duplicate,
+    EngineLimits,
+    InstanceState,
+    Keep,
+    Reject,
+    admit,
+    check_size,
+    decide,
+    resolve_wait,
+)
 from stepfleet.schemas import (
+    Backoff,
     Completed,
     CreateBody,
+    EntryFlags,
     EntryKind,
     Envelope,
+    EventAwaited,
+    EventBody,
     GuestCrashed,
+    GuestOutcome,
+    GuestReport,
     InstanceKey,
     InstanceStatus,
     JournalEntry,
     MessageKind,
     Nondeterministic,
+    Recorded,
+    RunMode,
+    SleepRequested,
     StepBody,
+    StepConfig,
     StepFailed,
     StepSucceeded,
+    Waiting,
+    WaitKind,
+    WakeBody,
     WorkflowFailed,
 )
 
 KEY = InstanceKey("acme", "order-1")
 MODULE = "sha256:" + "a" * 64
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-T1 = datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+T1 = T0 + timedelta(seconds=1)
+LIMITS = EngineLimits()
 
 
-def journal(*names: str) -> list[JournalEntry]:
+def journal(*names: str, rollback: str | None = None) -> list[JournalEntry]:
     return [
-        JournalEntry(seq, EntryKind.STEP_SUCCEEDED, name, f'{{"n":{seq}}}')
+        JournalEntry(
+            seq,
+            EntryKind.STEP_SUCCEEDED,
+            name,
+            f'{{"n":{seq}}}',
+            flags=EntryFlags.HAS_ROLLBACK if name == rollback else EntryFlags.NONE,
+        )
         for seq, name in enumerate(names)
     ]
 
 
-def state(position: int, status: InstanceStatus = InstanceStatus.RUNNING) -> InstanceState:
-    return InstanceState(KEY, MODULE, status, position)
-
-
-def step_envelope(position: int, module: str | None = MODULE) -> Envelope:
-    return Envelope(
-        MessageKind.STEP, KEY.tenant, KEY.instance_id, module, StepBody(position=position)
-    )
+def state(position: int, **changes: object) -> InstanceState:
+    fields: dict[str, object] = {"status": InstanceStatus.RUNNING, **changes}
+    return InstanceState(KEY, MODULE, position=position, **fields)  # type: ignore[arg-type]
 
 
 def run(
-    entries: list[JournalEntry], outcome: object, status: InstanceStatus = InstanceStatus.RUNNING
+    entries: list[JournalEntry],
+    outcome: GuestOutcome,
+    *,
+    recorded: tuple[Recorded, ...] = (),
+    limits: EngineLimits = LIMITS,
+    **changes: object,
 ):
-    return decide(state(len(entries), status), entries, outcome, started_at=T0, finished_at=T1)  # type: ignore[arg-type]
-
-
-def test_new_step_is_recorded_at_the_journal_end_and_schedules_the_next():
-    """A successful new step becomes the next journal entry and asks for the following step."""
-    decision = run(journal("reserve"), StepSucceeded(1, "charge", '{"ok":true}'))
-    assert decision.status is InstanceStatus.RUNNING
-    assert decision.entry == JournalEntry(
-        1, EntryKind.STEP_SUCCEEDED, "charge", '{"ok":true}', 1, T0, T1
+    return decide(
+        state(len(entries), **changes),
+        entries,
+        GuestReport(outcome, recorded),
+        started_at=T0,
+        finished_at=T1,
+        limits=limits,
     )
-    assert decision.position == 2
-    assert decision.next_position == 2
 
 
-def test_first_step_of_an_empty_journal():
-    """The first run of a fresh instance records position 0."""
-    decision = run([], StepSucceeded(0, "reserve", "1"))
-    assert decision.entry is not None
-    assert decision.entry.seq == 0
-    assert decision.next_position == 1
+def envelope(kind: MessageKind, body: object, module: str | None = MODULE) -> Envelope:
+    return Envelope(kind, KEY.tenant, KEY.instance_id, module, body)  # type: ignore[arg-type]
 
 
-def test_completion_sets_output_and_publishes_nothing():
-    """Returning from run completes the instance with its output."""
-    decision = run(journal("a", "b", "c"), Completed(3, '{"done":1}'))
-    assert decision.status is InstanceStatus.COMPLETE
-    assert decision.output == '{"done":1}'
-    assert decision.entry is None
-    assert decision.next_position is None
+def step(position: int, generation: int = 0) -> Envelope:
+    return envelope(MessageKind.STEP, StepBody(position=position, generation=generation))
 
 
-def test_failed_step_is_recorded_for_the_program_to_handle():
-    """A step that fails is journaled as failed; the program sees the error on the next run."""
-    decision = run(journal("a"), StepFailed(1, "charge", "card declined"))
-    assert decision.entry is not None
-    assert decision.entry.kind is EntryKind.STEP_FAILED
-    assert decision.entry.value == "card declined"
-    assert decision.next_position == 2
+def wake(position: int, attempt: int = 1) -> Envelope:
+    return envelope(MessageKind.WAKE, WakeBody(position=position, attempt=attempt))
 
 
-def test_workflow_failure_errors_the_instance():
-    """A program that gives up errors the instance with its message."""
-    decision = run(journal("a", "b"), WorkflowFailed(2, "charge failed: card declined"))
-    assert decision.status is InstanceStatus.ERRORED
-    assert decision.error == "workflow failed: charge failed: card declined"
-    assert decision.next_position is None
+def event(kind: str = "approval", payload: object = None) -> Envelope:
+    body = EventBody(event_id="e1", type=kind, payload=payload)  # type: ignore[arg-type]
+    return envelope(MessageKind.EVENT, body, module=None)
 
 
-def test_nondeterminism_names_both_steps():
-    """A replayed step whose name differs from the journal's errors the instance naming both."""
-    decision = run(journal("reserve", "charge"), Nondeterministic(1, "refund"))
-    assert decision.status is InstanceStatus.ERRORED
-    assert decision.error is not None
-    assert "'charge'" in decision.error
-    assert "'refund'" in decision.error
-    assert "position 1" in decision.error
+def parked(kind: WaitKind, **extra: object) -> Waiting:
+    return Waiting(kind, "w", T1, **extra)  # type: ignore[arg-type]
 
 
-def test_completing_early_is_nondeterminism():
-    """Finishing with fewer steps than the journal holds means the code changed under it."""
-    decision = run(journal("a", "b", "c"), Completed(2, "{}"))
-    assert decision.status is InstanceStatus.ERRORED
-    assert decision.error is not None
-    assert "finished after 2 steps but the journal holds 3" in decision.error
+# -- admission ---------------------------------------------------------------------------
+
+
+def test_create_runs_once():
+    """The create that inserted the instance runs it; the same create again does nothing."""
+    body = envelope(MessageKind.CREATE, CreateBody())
+    assert admit(body, state(0), created_now=True, now=T0) == Admit()
+    assert isinstance(admit(body, state(0), created_now=False, now=T0), Duplicate)
 
 
 @pytest.mark.parametrize(
-    "outcome",
-    [
-        StepSucceeded(5, "x", "1"),
-        StepSucceeded(0, "x", "1"),
-        StepFailed(7, "x", "boom"),
-        Completed(9, "{}"),
-        Nondeterministic(4, "x"),
-    ],
+    ("position", "expected"), [(1, Duplicate), (2, Admit), (3, Reject)], ids=str
 )
-def test_outcomes_at_the_wrong_position_are_abi_violations(outcome):
-    """A guest reporting a position the journal cannot have errors its instance."""
-    decision = run(journal("a", "b"), outcome)
+def test_step_position_decides(position, expected):
+    """Behind the journal is a duplicate, at its end runs, ahead of it is refused."""
+    assert isinstance(admit(step(position), state(2), created_now=False, now=T0), expected)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"status": InstanceStatus.PAUSED},
+        {"status": InstanceStatus.TERMINATED},
+        {"waiting": parked(WaitKind.SLEEP)},
+        {"generation": 1},
+    ],
+    ids=["paused", "terminated", "parked", "restarted"],
+)
+def test_step_messages_that_must_not_run(changes):
+    """Paused, finished, parked or restarted instances ignore a step message for their position."""
+    assert isinstance(admit(step(2), state(2, **changes), created_now=False, now=T0), Duplicate)
+
+
+def test_headers_never_override_the_pinned_module():
+    """A message naming another module than the instance's is refused."""
+    other = envelope(MessageKind.STEP, StepBody(position=0), module="sha256:" + "b" * 64)
+    verdict = admit(other, state(0), created_now=False, now=T0)
+    assert isinstance(verdict, Reject)
+    assert verdict.reason == "module-mismatch"
+
+
+def test_unknown_instance_is_refused():
+    verdict = admit(step(0), None, created_now=False, now=T0)
+    assert isinstance(verdict, Reject)
+    assert verdict.reason == "unknown-instance"
+
+
+def test_wake_for_the_current_timer_ends_the_wait():
+    """A wake with the instance's position and attempt runs it; a stale one does nothing."""
+    retrying = state(2, attempt=3, waiting=parked(WaitKind.RETRY))
+    assert admit(wake(2, attempt=3), retrying, created_now=False, now=T0) == Admit(woken=True)
+    assert isinstance(admit(wake(2, attempt=2), retrying, created_now=False, now=T0), Duplicate)
+    assert isinstance(admit(wake(2), state(2), created_now=False, now=T0), Duplicate)
+
+
+def test_wake_of_an_event_wait_records_the_timeout():
+    """An event wait whose timer fires gets a timeout entry the program can handle."""
+    waiting = state(4, waiting=parked(WaitKind.EVENT, event_type="approval", timeout_ms=500))
+    verdict = admit(wake(4), waiting, created_now=False, now=T1)
+    assert isinstance(verdict, Admit)
+    assert verdict.resolution == JournalEntry(
+        4,
+        EntryKind.EVENT_TIMED_OUT,
+        "w",
+        "wait 'w' for event 'approval' timed out after 500 ms",
+        1,
+        T1,
+        T1,
+    )
+
+
+def test_event_for_the_current_wait_is_delivered():
+    waiting = state(4, waiting=parked(WaitKind.EVENT, event_type="approval"))
+    verdict = admit(event(payload={"ok": True}), waiting, created_now=False, now=T1)
+    assert isinstance(verdict, Admit)
+    assert verdict.resolution is not None
+    assert (verdict.resolution.kind, verdict.resolution.value) == (
+        EntryKind.EVENT_RECEIVED,
+        '{"ok":true}',
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"waiting": parked(WaitKind.EVENT, event_type="other")},
+        {"waiting": parked(WaitKind.SLEEP)},
+        {"status": InstanceStatus.PAUSED, "waiting": parked(WaitKind.EVENT, event_type="approval")},
+    ],
+    ids=["running", "other-type", "sleeping", "paused"],
+)
+def test_event_nobody_waits_for_yet_is_kept(changes):
+    """An event that arrives before its wait is stored for it."""
+    assert admit(event(), state(2, **changes), created_now=False, now=T0) == Keep()
+
+
+def test_event_for_a_finished_instance_is_refused():
+    verdict = admit(event(), state(2, status=InstanceStatus.COMPLETE), created_now=False, now=T0)
+    assert isinstance(verdict, Reject)
+    assert verdict.reason == "instance-finished"
+    assert "complete" in verdict.detail
+
+
+def test_size_limits_are_refused_with_their_numbers():
+    assert check_size("params", "x" * 10, 10) is None
+    refused = check_size("params", "x" * 11, 10)
+    assert refused == Reject("over-limit", "params are 11 bytes, the limit is 10")
+
+
+# -- steps -------------------------------------------------------------------------------
+
+
+def test_new_step_is_recorded_at_the_journal_end_and_goes_on():
+    decision = run(journal("reserve"), StepSucceeded(1, "charge", '{"ok":true}'))
+    assert decision.status is InstanceStatus.RUNNING
+    assert decision.entries == (
+        JournalEntry(1, EntryKind.STEP_SUCCEEDED, "charge", '{"ok":true}', 1, T0, T1),
+    )
+    assert (decision.position, decision.publish_step, decision.attempt) == (2, True, 1)
+
+
+def test_completion_sets_output_and_publishes_nothing():
+    decision = run(journal("a", "b", "c"), Completed(3, '{"done":1}'))
+    assert decision.status is InstanceStatus.COMPLETE
+    assert decision.output == '{"done":1}'
+    assert (decision.entries, decision.publish_step) == ((), False)
+
+
+def test_recorded_values_come_before_the_outcome():
+    """now and random take journal positions ahead of the step that follows them."""
+    recorded = (Recorded(1, EntryKind.NOW, "1700"), Recorded(2, EntryKind.RANDOM, "ab"))
+    decision = run(journal("a"), StepSucceeded(3, "b", "1"), recorded=recorded)
+    kinds = [(e.seq, e.kind) for e in decision.entries]
+    assert kinds == [(1, EntryKind.NOW), (2, EntryKind.RANDOM), (3, EntryKind.STEP_SUCCEEDED)]
+    assert decision.position == 4
+
+
+def test_nondeterminism_names_both_operations():
+    decision = run(journal("reserve", "charge"), Nondeterministic(1, "refund", op=2))
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error == (
+        "nondeterminism at journal position 1: the journal has step 'charge' "
+        "but the workflow asked for sleep 'refund'"
+    )
+
+
+def test_finishing_before_the_journal_ends_is_nondeterminism():
+    decision = run(journal("a", "b"), Completed(1, "{}"))
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error is not None
-    assert "guest ABI violation" in decision.error
-    assert decision.entry is None
+    assert decision.error.startswith("nondeterminism")
 
 
-def test_crash_fails_the_step_with_the_limit_in_the_message():
-    """A trap or breached limit errors the instance with what happened."""
-    decision = run(journal("a"), GuestCrashed("CPU limit exceeded: ...", "cpu"))
+def test_outcome_at_the_wrong_position_is_an_abi_violation():
+    decision = run(journal("a"), StepSucceeded(5, "b", "1"))
     assert decision.status is InstanceStatus.ERRORED
-    assert decision.error == "step at journal position 1 failed: CPU limit exceeded: ..."
+    assert "guest ABI violation" in (decision.error or "")
+    assert decision.entries == ()
 
 
-def test_admit_runs_a_step_at_the_instance_position():
-    """A step message for the current position is admitted."""
-    assert admit(step_envelope(2), state(2), created_now=False) == Admit()
+def test_crash_outside_a_step_errors_the_instance():
+    decision = run(journal("a"), GuestCrashed("guest trapped: unreachable"))
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error == "step at journal position 1 failed: guest trapped: unreachable"
 
 
-def test_admit_recognises_a_redelivered_step_as_duplicate():
-    """A step message behind the journal was already handled."""
-    assert isinstance(admit(step_envelope(1), state(2), created_now=False), Duplicate)
+# -- retries -----------------------------------------------------------------------------
 
 
-def test_admit_ignores_steps_of_finished_instances():
-    """Nothing runs for a complete instance, even at its position."""
-    verdict = admit(step_envelope(3), state(3, InstanceStatus.COMPLETE), created_now=False)
-    assert isinstance(verdict, Duplicate)
+@pytest.mark.parametrize(
+    ("backoff", "delays"),
+    [
+        (Backoff.CONSTANT, [100, 100, 100]),
+        (Backoff.LINEAR, [100, 200, 300]),
+        (Backoff.EXPONENTIAL, [100, 200, 400]),
+    ],
+)
+def test_each_retry_is_a_timer_with_its_backoff(backoff, delays):
+    """A failed attempt parks the instance until its backoff delay; nothing is recorded."""
+    config = StepConfig(retry_limit=3, retry_delay_ms=100, backoff=backoff)
+    for attempt, delay in enumerate(delays, start=1):
+        decision = run(journal("a"), StepFailed(1, "b", "boom", config=config), attempt=attempt)
+        assert decision.status is InstanceStatus.RUNNING
+        assert decision.entries == ()
+        assert decision.attempt == attempt + 1
+        assert decision.waiting == Waiting(WaitKind.RETRY, "b", T1 + timedelta(milliseconds=delay))
+        assert decision.failed_attempt is not None
+        assert (decision.failed_attempt.attempt, decision.failed_attempt.error) == (
+            attempt,
+            "boom",
+        )
 
 
-def test_admit_rejects_a_step_ahead_of_the_journal():
-    """A message expecting a future position cannot be legitimate."""
-    verdict = admit(step_envelope(5), state(2), created_now=False)
-    assert isinstance(verdict, Reject)
-    assert verdict.reason == "position-ahead"
+def test_retries_exhausted_record_the_failure_for_the_program():
+    config = StepConfig(retry_limit=3, retry_delay_ms=100)
+    decision = run(journal("a"), StepFailed(1, "b", "boom", config=config), attempt=4)
+    assert decision.entries == (JournalEntry(1, EntryKind.STEP_FAILED, "b", "boom", 4, T0, T1),)
+    assert (decision.status, decision.publish_step, decision.waiting) == (
+        InstanceStatus.RUNNING,
+        True,
+        None,
+    )
 
 
-def test_admit_rejects_unknown_instances_and_module_mismatch():
-    """Step messages for missing instances or another module are dead letters."""
-    unknown = admit(step_envelope(0), None, created_now=False)
-    assert isinstance(unknown, Reject)
-    assert unknown.reason == "unknown-instance"
-    other = admit(step_envelope(0, "sha256:" + "b" * 64), state(0), created_now=False)
-    assert isinstance(other, Reject)
-    assert other.reason == "module-mismatch"
+def test_a_recovered_step_records_the_attempt_that_succeeded():
+    decision = run(journal("a"), StepSucceeded(1, "b", "1"), attempt=3)
+    assert decision.entries[0].attempt == 3
+    assert decision.attempt == 1
 
 
-def test_admit_runs_a_create_only_when_it_made_the_instance():
-    """The same create twice yields one instance: the second is a duplicate."""
-    create = Envelope(MessageKind.CREATE, KEY.tenant, KEY.instance_id, MODULE, CreateBody())
-    assert admit(create, state(0), created_now=True) == Admit()
-    assert isinstance(admit(create, state(0), created_now=False), Duplicate)
+def test_non_retryable_failure_is_final_at_once():
+    decision = run(journal("a"), StepFailed(1, "b", "no", non_retryable=True))
+    assert decision.entries[0].kind is EntryKind.STEP_FAILED
+    assert decision.entries[0].attempt == 1
+    assert decision.failed_attempt is None
+
+
+def test_retry_without_delay_runs_again_at_once():
+    config = StepConfig(retry_limit=1, retry_delay_ms=0)
+    decision = run(journal(), StepFailed(0, "b", "boom", config=config))
+    assert (decision.waiting, decision.publish_step, decision.attempt) == (None, True, 2)
+
+
+def test_default_retry_policy_matches_the_documented_defaults():
+    config = StepConfig()
+    assert (config.retry_limit, config.retry_delay_ms, config.backoff, config.timeout_ms) == (
+        5,
+        10_000,
+        Backoff.EXPONENTIAL,
+        600_000,
+    )
+
+
+# -- sleeps and waits --------------------------------------------------------------------
+
+
+def test_sleep_records_its_wake_time_and_parks():
+    decision = run(journal("a"), SleepRequested(1, "nap", 5000))
+    due = T1 + timedelta(seconds=5)
+    assert decision.status is InstanceStatus.SLEEPING
+    assert decision.entries[0].kind is EntryKind.SLEPT
+    assert decision.entries[0].value == str(int(due.timestamp() * 1000))
+    assert decision.waiting == Waiting(WaitKind.SLEEP, "nap", due)
+    assert decision.position == 2
+    assert not decision.publish_step
+
+
+def test_sleep_until_a_past_time_goes_on_at_once():
+    past_ms = int((T0 - timedelta(days=1)).timestamp() * 1000)
+    decision = run(journal(), SleepRequested(0, "late", past_ms, absolute=True))
+    assert (decision.status, decision.publish_step, decision.waiting) == (
+        InstanceStatus.RUNNING,
+        True,
+        None,
+    )
+
+
+def test_sleep_over_the_limit_is_refused_with_its_numbers():
+    limits = EngineLimits(max_sleep_ms=1000)
+    decision = run(journal(), SleepRequested(0, "long", 1001), limits=limits)
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error == "sleep 'long' of 1001 ms is over the limit of 1000 ms"
+
+
+def test_wait_parks_with_the_default_timeout():
+    decision = run(journal("a"), EventAwaited(1, "approve", "approval"))
+    assert decision.status is InstanceStatus.WAITING
+    assert decision.waiting == Waiting(
+        WaitKind.EVENT,
+        "approve",
+        T1 + timedelta(milliseconds=LIMITS.default_event_timeout_ms),
+        "approval",
+        LIMITS.default_event_timeout_ms,
+    )
+    assert decision.position == 1
+
+
+def test_wait_over_the_limit_is_refused():
+    decision = run(
+        journal(), EventAwaited(0, "w", "t", 2000), limits=EngineLimits(max_sleep_ms=1000)
+    )
+    assert decision.status is InstanceStatus.ERRORED
+    assert "over the limit of 1000 ms" in (decision.error or "")
+
+
+def test_an_event_already_stored_ends_a_new_wait():
+    decision = run(journal("a"), EventAwaited(1, "approve", "approval"))
+    resolved = resolve_wait(decision, '{"ok":1}', T1, LIMITS)
+    assert resolved.status is InstanceStatus.RUNNING
+    assert resolved.waiting is None
+    assert resolved.entries[-1] == JournalEntry(
+        1, EntryKind.EVENT_RECEIVED, "approve", '{"ok":1}', 1, T1, T1
+    )
+    assert (resolved.position, resolved.publish_step) == (2, True)
+
+
+# -- compensations -----------------------------------------------------------------------
+
+
+def test_failing_with_a_rollback_starts_compensating():
+    decision = run(journal("reserve", "charge", rollback="reserve"), WorkflowFailed(2, "no"))
+    assert decision.status is InstanceStatus.RUNNING
+    assert decision.mode is RunMode.COMPENSATE
+    assert decision.end_status is InstanceStatus.ERRORED
+    assert decision.error == "workflow failed: no"
+    assert decision.publish_step
+
+
+def test_failing_without_rollbacks_errors_at_once():
+    decision = run(journal("reserve"), WorkflowFailed(1, "no"))
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.mode is RunMode.FORWARD
+
+
+def compensating(entries: list[JournalEntry], outcome: GuestOutcome, **changes: object):
+    fields: dict[str, object] = {
+        "mode": RunMode.COMPENSATE,
+        "end_status": InstanceStatus.ERRORED,
+        "error": "workflow failed: no",
+        **changes,
+    }
+    return run(entries, outcome, **fields)
+
+
+def test_a_compensation_is_recorded_and_the_next_one_follows():
+    outcome = StepSucceeded(2, "reserve", '{"released":1}', EntryFlags.COMPENSATION)
+    decision = compensating(journal("reserve", "charge", rollback="reserve"), outcome)
+    assert decision.entries[0].kind is EntryKind.COMPENSATED
+    assert (decision.status, decision.mode, decision.publish_step) == (
+        InstanceStatus.RUNNING,
+        RunMode.COMPENSATE,
+        True,
+    )
+    assert decision.error == "workflow failed: no"
+
+
+def test_compensations_done_end_in_the_status_they_were_started_for():
+    done = compensating(journal("reserve"), Completed(1, "null"))
+    assert (done.status, done.error) == (InstanceStatus.ERRORED, "workflow failed: no")
+    terminated = compensating(
+        journal("reserve"), Completed(1, "null"), end_status=InstanceStatus.TERMINATED
+    )
+    assert terminated.status is InstanceStatus.TERMINATED
+
+
+def test_a_compensation_failing_for_good_says_which():
+    failed = StepFailed(1, "reserve", "warehouse down", non_retryable=True)
+    decision = compensating(journal("reserve"), failed)
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error == (
+        "workflow failed: no; compensation of step 'reserve' failed after 1 attempt(s): "
+        "warehouse down"
+    )
+
+
+def test_a_compensation_in_forward_mode_is_an_abi_violation():
+    outcome = StepSucceeded(1, "x", "1", EntryFlags.COMPENSATION)
+    assert run(journal("a"), outcome).status is InstanceStatus.ERRORED
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+def test_step_limit_stops_the_instance_without_recording():
+    decision = run(journal("a", "b"), StepSucceeded(2, "c", "1"), limits=EngineLimits(max_steps=2))
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error == "the instance reached its limit of 2 journal entries"
+    assert (decision.entries, decision.position) == ((), 2)
+
+
+def test_state_limit_stops_the_instance_without_recording():
+    limits = EngineLimits(max_state_bytes=100)
+    decision = run(journal(), StepSucceeded(0, "big", '"' + "x" * 200 + '"'), limits=limits)
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error is not None
+    assert "the limit is 100" in decision.error
+    assert decision.entries == ()

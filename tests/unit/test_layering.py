@@ -26,7 +26,9 @@ MAY_IMPORT = {
     "broker": {"schemas"},
     "client": {"schemas", "broker"},
     "workers": {"schemas", "engine", "sandbox", "store", "broker"},
-    "cli": {"schemas", "engine", "sandbox", "store", "broker", "workers", "client"},
+    # Operator actions queue the same step messages the workers build (workers/outgoing.py).
+    "control": {"schemas", "engine", "store", "broker", "workers"},
+    "cli": {"schemas", "engine", "sandbox", "store", "broker", "workers", "client", "control"},
 }
 # engine is pure: no I/O modules at all.
 ENGINE_FORBIDDEN = {"asyncio", "socket", "os", "subprocess", "structlog", "pathlib", "time"}

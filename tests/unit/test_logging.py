@@ -6,13 +6,17 @@ from datetime import UTC, datetime
 
 import structlog
 
+from stepfleet.engine import EngineLimits, InstanceState
 from stepfleet.sandbox import ReplayJournal
 from stepfleet.schemas import (
     Envelope,
+    GuestOutcome,
+    GuestReport,
     InstanceKey,
     InstanceStatus,
     MessageKind,
     StepBody,
+    StepFailed,
     StepSucceeded,
 )
 from stepfleet.store import InstanceRecord
@@ -22,22 +26,29 @@ from stepfleet.workers.replay_cache import CachedReplay
 MODULE = "sha256:" + "c" * 64
 
 
-def test_step_recorded_event_has_the_delivery_context():
-    """The per-step log event names tenant, instance, module digest, step and attempt."""
+def decide_logged(outcome: GuestOutcome, attempt: int = 1) -> list[dict[str, object]]:
+    """Run the batch's decide-and-log stage for one delivery; return the captured events."""
     key = InstanceKey("acme", "i-1")
     work = _Work(
         delivery=None,  # type: ignore[arg-type]
         envelope=Envelope(MessageKind.STEP, "acme", "i-1", MODULE, StepBody(position=0)),
         key=key,
-        record=InstanceRecord(key, MODULE, InstanceStatus.RUNNING, 0, 0),
+        record=InstanceRecord(key, MODULE, InstanceStatus.RUNNING, 0, 0, attempt=attempt),
+        state=InstanceState(key, MODULE, InstanceStatus.RUNNING, 0, attempt=attempt),
         replay=CachedReplay(0, "{}", ReplayJournal()),
     )
     now = datetime.now(UTC)
-    item = _Ran(work, StepSucceeded(0, "charge", "{}"), [(1, "hello from the guest")], now, now)
+    item = _Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
     processor = BatchProcessor.__new__(BatchProcessor)
+    processor._limits = EngineLimits()
     with structlog.testing.capture_logs() as logs:
-        decision = processor._decide(item)
-    assert decision.entry is not None
+        processor._decide(item)
+    return logs
+
+
+def test_step_recorded_event_has_the_delivery_context():
+    """The per-step log event names tenant, instance, module digest, step and attempt."""
+    logs = decide_logged(StepSucceeded(0, "charge", "{}"))
     recorded = next(e for e in logs if e["event"] == "step_recorded")
     assert recorded["tenant"] == "acme"
     assert recorded["instance"] == "i-1"
@@ -47,3 +58,12 @@ def test_step_recorded_event_has_the_delivery_context():
     guest = next(e for e in logs if e["event"] == "guest_log")
     assert guest["message"] == "hello from the guest"
     assert guest["tenant"] == "acme"
+
+
+def test_failed_attempt_event_names_the_step_attempt_and_retry():
+    """A retried attempt is logged with its step, attempt number, error and retry time."""
+    logs = decide_logged(StepFailed(0, "charge", "card declined"), attempt=2)
+    failed = next(e for e in logs if e["event"] == "step_attempt_failed")
+    assert (failed["step"], failed["attempt"], failed["error"]) == ("charge", 2, "card declined")
+    assert failed["module_digest"] == MODULE
+    assert failed["retry_at"] != "now"

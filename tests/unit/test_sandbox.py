@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stepfleet.engine import InstanceState, decide
+from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import (
     GuestRun,
     InvalidModule,
@@ -19,11 +19,13 @@ from stepfleet.sandbox import (
 )
 from stepfleet.schemas import (
     Completed,
+    EntryFlags,
     EntryKind,
     GuestCrashed,
     InstanceKey,
     InstanceStatus,
     JournalEntry,
+    StepFailed,
     StepSucceeded,
     digest_of,
 )
@@ -55,13 +57,14 @@ def drive(
     journal = ReplayJournal(entries or [])
     key = InstanceKey("acme", "i-1")
     for _ in range(50):
-        outcome, _ = sandbox.run(
-            GuestRun(digest, encode_replay_buffer(key.instance_id, params, journal))
+        report = sandbox.run(
+            GuestRun(digest, encode_replay_buffer(key.instance_id, params, journal), len(journal))
         )
         state = InstanceState(key, digest, InstanceStatus.RUNNING, len(journal))
-        decision = decide(state, journal.entries, outcome, started_at=T0, finished_at=T0)
-        if decision.entry is not None:
-            journal.append(decision.entry)
+        decision = decide(
+            state, journal.entries, report, started_at=T0, finished_at=T0, limits=EngineLimits()
+        )
+        journal.extend(decision.entries)
         if decision.status.is_final:
             return decision, journal
     raise AssertionError("the workflow did not finish in 50 runs")
@@ -70,12 +73,17 @@ def drive(
 def test_order_runs_one_new_step_per_run(sandbox, order_wasm):
     """Each run over the journal so far reports exactly the next step."""
     digest = load(sandbox, order_wasm)
-    journal = ReplayJournal()
-    outcome, logs = sandbox.run(
-        GuestRun(digest, encode_replay_buffer("i-1", ORDER_PARAMS, journal))
+    report = sandbox.run(
+        GuestRun(digest, encode_replay_buffer("i-1", ORDER_PARAMS, ReplayJournal()))
     )
-    assert outcome == StepSucceeded(0, "reserve", '{"reservation":"RSV-A-1","items":3}')
-    assert logs == [(1, "reserving 3 item(s) for order A-1")]
+    assert isinstance(report.outcome, StepSucceeded)
+    assert (report.outcome.seq, report.outcome.name, report.outcome.result) == (
+        0,
+        "reserve",
+        '{"reservation":"RSV-A-1","items":3}',
+    )
+    assert report.outcome.flags & EntryFlags.HAS_ROLLBACK
+    assert report.logs == [(1, "reserving 3 item(s) for order A-1")]
 
 
 def test_order_completes_with_its_documented_output(sandbox, order_wasm):
@@ -90,14 +98,20 @@ def test_greeter_completes(sandbox, greeter_wasm):
     """The AssemblyScript example completes over the same ABI."""
     decision, journal = drive(sandbox, load(sandbox, greeter_wasm), '{"name":"Ada","lang":"en"}')
     assert decision.status is InstanceStatus.COMPLETE, decision.error
-    assert len(journal) >= 3
-    assert "Ada" in (decision.output or "")
+    assert decision.output == '{"message":"Hello, Ada!","lang":"en","receipt":"RCPT-11ea6ce0"}'
+    assert [e.name for e in journal.entries] == ["lookup", "compose", "deliver"]
 
 
 def golden(name: str) -> tuple[str, list[JournalEntry], dict[str, str]]:
     data = json.loads((GOLDEN / name).read_text())
     entries = [
-        JournalEntry(e["seq"], EntryKind[e["kind"].upper()], e["name"], e["value"])
+        JournalEntry(
+            e["seq"],
+            EntryKind[e["kind"].upper()],
+            e["name"],
+            e["value"],
+            flags=EntryFlags(e.get("flags", 0)),
+        )
         for e in data["journal"]
     ]
     return data["params"], entries, data["expect"]
@@ -109,18 +123,22 @@ def golden(name: str) -> tuple[str, list[JournalEntry], dict[str, str]]:
 def test_golden_journals_replay(sandbox, order_wasm, name):
     """Recorded journals replay to the recorded result, guarding the ABI and journal format."""
     params, entries, expect = golden(name)
-    outcome, _ = sandbox.run(
+    report = sandbox.run(
         GuestRun(
-            load(sandbox, order_wasm), encode_replay_buffer("i-1", params, ReplayJournal(entries))
+            load(sandbox, order_wasm),
+            encode_replay_buffer("i-1", params, ReplayJournal(entries)),
+            len(entries),
         )
     )
     state = InstanceState(InstanceKey("acme", "i-1"), "d", InstanceStatus.RUNNING, len(entries))
-    decision = decide(state, entries, outcome, started_at=T0, finished_at=T0)
+    decision = decide(state, entries, report, started_at=T0, finished_at=T0, limits=EngineLimits())
     assert decision.status.value == expect["status"]
     if "output" in expect:
         assert decision.output == expect["output"]
     if "error" in expect:
         assert decision.error == expect["error"]
+    if "mode" in expect:
+        assert decision.mode.name.lower() == expect["mode"]
 
 
 def test_replay_answers_from_the_journal_not_by_rerunning(sandbox, order_wasm):
@@ -130,14 +148,15 @@ def test_replay_answers_from_the_journal_not_by_rerunning(sandbox, order_wasm):
         JournalEntry(1, EntryKind.STEP_SUCCEEDED, "charge", '{"charged":1,"payment":"PAY-X"}'),
         JournalEntry(2, EntryKind.STEP_SUCCEEDED, "ship", '{"tracking":"TRK-X"}'),
     ]
-    outcome, _ = sandbox.run(
+    report = sandbox.run(
         GuestRun(
             load(sandbox, order_wasm),
             encode_replay_buffer("i-1", ORDER_PARAMS, ReplayJournal(entries)),
+            len(entries),
         )
     )
-    assert isinstance(outcome, Completed)
-    assert json.loads(outcome.output)["tracking"] == "TRK-X"
+    assert isinstance(report.outcome, Completed)
+    assert json.loads(report.outcome.output)["tracking"] == "TRK-X"
 
 
 @pytest.mark.parametrize(
@@ -147,17 +166,27 @@ def test_replay_answers_from_the_journal_not_by_rerunning(sandbox, order_wasm):
         ("membomb", "memory", "memory limit exceeded"),
         ("recursion", "stack", "stack limit exceeded"),
         ("huge_output", "output", "the limit is 1048576"),
-        ("trap_mid_step", None, "guest trapped"),
         ("returns_without_outcome", None, "guest returned without an outcome"),
     ],
 )
 def test_hostile_modules_fail_their_step_with_a_named_limit(sandbox, module, limit, text):
     """Each hostile module ends its run as a crash that says what happened; the host survives."""
     digest = load(sandbox, hostile_wasm(module))
-    outcome, _ = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
-    assert isinstance(outcome, GuestCrashed)
-    assert outcome.limit == limit
-    assert text in outcome.message
+    report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert isinstance(report.outcome, GuestCrashed)
+    assert report.outcome.limit == limit
+    assert text in report.outcome.message
+
+
+def test_a_trap_inside_a_step_is_a_failed_attempt(sandbox):
+    """A trap after step_begin fails that step's attempt (retryable), keeping its log line."""
+    digest = load(sandbox, hostile_wasm("trap_mid_step"))
+    report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert isinstance(report.outcome, StepFailed)
+    assert report.outcome.name == "explode"
+    assert not report.outcome.non_retryable
+    assert report.outcome.message == "guest trapped: wasm `unreachable` instruction executed"
+    assert report.logs == [(1, "starting step explode")]
 
 
 def test_sandbox_still_runs_good_guests_after_hostile_ones(sandbox, order_wasm):

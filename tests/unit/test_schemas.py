@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from stepfleet.broker import Topology
-from stepfleet.engine import InstanceState, Reject, admit
+from stepfleet.engine import InstanceState, Reject, admit, check_size
 from stepfleet.schemas import (
     BODY_MODELS,
     CreateBody,
@@ -121,15 +122,26 @@ def _admission_reasons() -> set[str]:
     def envelope(kind: MessageKind, body: Any, module: str | None = MODULE) -> Envelope:
         return Envelope(kind, key.tenant, key.instance_id, module, body)
 
+    finished = InstanceState(key, MODULE, InstanceStatus.COMPLETE, 2)
+    now = datetime.now(UTC)
     cases = [
-        admit(envelope(MessageKind.STEP, StepBody(position=0)), None, created_now=False),
-        admit(envelope(MessageKind.CREATE, CreateBody(), OTHER_MODULE), running, created_now=False),
-        admit(envelope(MessageKind.STEP, StepBody(position=3)), running, created_now=False),
+        admit(envelope(MessageKind.STEP, StepBody(position=0)), None, created_now=False, now=now),
         admit(
-            envelope(MessageKind.EVENT, EventBody(event_id="e1", type="paid")),
+            envelope(MessageKind.CREATE, CreateBody(), OTHER_MODULE),
             running,
             created_now=False,
+            now=now,
         ),
+        admit(
+            envelope(MessageKind.STEP, StepBody(position=3)), running, created_now=False, now=now
+        ),
+        admit(
+            envelope(MessageKind.EVENT, EventBody(event_id="e1", type="paid")),
+            finished,
+            created_now=False,
+            now=now,
+        ),
+        check_size("params", "{}", 1),
     ]
     assert all(isinstance(case, Reject) for case in cases)
     return {case.reason for case in cases if isinstance(case, Reject)}

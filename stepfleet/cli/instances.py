@@ -1,0 +1,333 @@
+"""Instance commands: status, list, pause, resume, terminate, restart, delete, event, run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from stepfleet.broker import Broker, Topology
+from stepfleet.cli.common import fail, run, settings
+from stepfleet.client import EventRequest, Producer
+from stepfleet.control import Control, ControlError
+from stepfleet.sandbox import InvalidModule
+from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry, is_tenant
+from stepfleet.store import InstanceDetail, InstanceRecord, PgStore
+from stepfleet.workers.local import parse_event, run_locally
+
+T = TypeVar("T")
+
+Tenant = Annotated[str | None, typer.Option(help="Tenant (needed when ids repeat).")]
+InstanceId = Annotated[str, typer.Argument(help="Instance id.")]
+
+
+@asynccontextmanager
+async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
+    config = settings()
+    topology = Topology(config.prefix, config.delivery_limit)
+    store = PgStore(config.database_url, pool_size=1, retention_seconds=config.retention_seconds)
+    broker = Broker(config.amqp_url, topology) if publish else None
+    try:
+        if broker is not None:
+            await broker.connect(name="stepfleet-cli")
+        yield Control(store, broker, topology), store
+    finally:
+        if broker is not None:
+            await broker.close()
+        await store.close()
+
+
+async def _key(store: PgStore, instance_id: str, tenant: str | None) -> InstanceKey:
+    found = await store.find_instances(instance_id, tenant)
+    if not found:
+        raise ControlError(
+            f"no instance {instance_id!r}" + (f" for tenant {tenant}" if tenant else "")
+        )
+    if len(found) > 1:
+        tenants = ", ".join(record.key.tenant for record, _ in found)
+        raise ControlError(
+            f"instance id {instance_id!r} exists for several tenants ({tenants}): pass --tenant"
+        )
+    return found[0][0].key
+
+
+def _act(
+    instance_id: str,
+    tenant: str | None,
+    action: Callable[[Control, InstanceKey], Awaitable[T]],
+    *,
+    publish: bool = True,
+) -> T:
+    async def go() -> T:
+        async with _control(publish=publish) as (control, store):
+            return await action(control, await _key(store, instance_id, tenant))
+
+    try:
+        return run(go())
+    except ControlError as exc:
+        fail(str(exc))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _ms(entry: JournalEntry) -> float | None:
+    if entry.started_at is None or entry.finished_at is None:
+        return None
+    return round((entry.finished_at - entry.started_at).total_seconds() * 1000, 3)
+
+
+def _status_json(detail: InstanceDetail) -> dict[str, Any]:
+    record = detail.record
+    waiting = record.waiting
+    return {
+        "tenant": record.key.tenant,
+        "id": record.key.instance_id,
+        "module": record.module,
+        "status": record.status.value,
+        "params": json.loads(detail.params),
+        "output": None if record.output is None else json.loads(record.output),
+        "error": record.error,
+        "position": record.position,
+        "attempt": record.attempt,
+        "generation": record.generation,
+        "compensating": bool(record.mode),
+        "waiting": None
+        if waiting is None
+        else {
+            "for": waiting.kind.value,
+            "name": waiting.name,
+            "event_type": waiting.event_type,
+            "until": _iso(waiting.wake_at),
+        },
+        "stored_events": detail.pending_events,
+        "created_at": _iso(record.created_at),
+        "updated_at": _iso(record.updated_at),
+        "finished_at": _iso(record.finished_at),
+        "retain_until": _iso(record.retain_until),
+        "journal": [
+            {
+                "seq": e.seq,
+                "name": e.name,
+                "kind": e.kind.name.lower(),
+                "value": e.shown_value,
+                "attempt": e.attempt,
+                "started_at": _iso(e.started_at),
+                "ms": _ms(e),
+            }
+            for e in detail.journal
+        ],
+        "failed_attempts": [
+            {
+                "seq": a.seq,
+                "name": a.name,
+                "attempt": a.attempt,
+                "error": a.error,
+                "started_at": _iso(a.started_at),
+                "finished_at": _iso(a.finished_at),
+            }
+            for a in detail.attempts
+        ],
+    }
+
+
+def _print_status(detail: InstanceDetail) -> None:
+    record = detail.record
+    echo = typer.echo
+    echo(f"instance  {record.key.tenant}/{record.key.instance_id}")
+    echo(f"status    {record.status.value}" + ("  (running compensations)" if record.mode else ""))
+    echo(f"module    {record.module}")
+    if record.waiting is not None:
+        w = record.waiting
+        what = f"event {w.event_type!r}" if w.event_type else w.kind.value
+        echo(f"waiting   {what} ({w.name}) until {_iso(w.wake_at)}")
+    if record.output is not None:
+        echo(f"output    {record.output}")
+    if record.error is not None:
+        echo(f"error     {record.error}")
+    if detail.pending_events:
+        echo(f"events    {detail.pending_events} stored, not yet waited for")
+    echo(f"journal   {len(detail.journal)} entries")
+    failures: dict[int, list[str]] = {}
+    for a in detail.attempts:
+        failures.setdefault(a.seq, []).append(f"attempt {a.attempt} failed: {a.error}")
+    for entry in detail.journal:
+        value = entry.shown_value
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        echo(
+            f"  {entry.seq:>4}  {entry.name or '-':<20} {entry.kind.name.lower():<15} "
+            f"attempt {entry.attempt}  {_ms(entry)} ms  {shown}"
+        )
+        for line in failures.pop(entry.seq, []):
+            echo(f"        {line}")
+    for seq, lines in sorted(failures.items()):
+        for line in lines:
+            echo(f"  {seq:>4}  (not recorded yet) {line}")
+
+
+def status(
+    instance_id: InstanceId,
+    tenant: Tenant = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show an instance: status, output or error, its journal and failed attempts."""
+    detail = _act(instance_id, tenant, lambda c, k: c.status(k), publish=False)
+    if as_json:
+        typer.echo(json.dumps(_status_json(detail), indent=2))
+    else:
+        _print_status(detail)
+
+
+def list_instances(
+    tenant: Annotated[str, typer.Option(help="Tenant whose instances to list.")],
+    status_filter: Annotated[
+        list[InstanceStatus] | None, typer.Option("--status", help="Only these statuses.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+) -> None:
+    """List a tenant's instances, newest first."""
+    if not is_tenant(tenant):
+        fail(f"{tenant!r} is not a tenant name")
+
+    async def go() -> list[InstanceRecord]:
+        async with _control(publish=False) as (control, _):
+            return await control.list_instances(tenant, statuses=status_filter or (), limit=limit)
+
+    for record in run(go()):
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {
+                        "id": record.key.instance_id,
+                        "status": record.status.value,
+                        "module": record.module,
+                        "position": record.position,
+                        "created_at": _iso(record.created_at),
+                        "error": record.error,
+                    }
+                )
+            )
+        else:
+            typer.echo(
+                f"{record.key.instance_id:<40} {record.status.value:<10} "
+                f"{record.position:>6} entries  {_iso(record.created_at)}"
+            )
+
+
+def pause(instance_id: InstanceId, tenant: Tenant = None) -> None:
+    """Pause an instance between steps (it stays paused across restarts)."""
+    _act(instance_id, tenant, lambda c, k: c.pause(k))
+    typer.echo(f"{instance_id} paused")
+
+
+def resume(instance_id: InstanceId, tenant: Tenant = None) -> None:
+    """Resume a paused instance where it stopped."""
+    _act(instance_id, tenant, lambda c, k: c.resume(k))
+    typer.echo(f"{instance_id} resumed")
+
+
+def terminate(
+    instance_id: InstanceId,
+    tenant: Tenant = None,
+    rollback: Annotated[
+        bool, typer.Option(help="Run the compensations of completed steps first.")
+    ] = False,
+) -> None:
+    """Stop an instance for good and cancel its timers."""
+    _act(instance_id, tenant, lambda c, k: c.terminate(k, rollback=rollback))
+    typer.echo(f"{instance_id} " + ("compensating, then terminated" if rollback else "terminated"))
+
+
+def restart(
+    instance_id: InstanceId,
+    tenant: Tenant = None,
+    from_step: Annotated[
+        str | None, typer.Option(help="Keep the journal before the first step of this name.")
+    ] = None,
+) -> None:
+    """Run an instance again on its pinned module, from the start or from a named step."""
+    record = _act(instance_id, tenant, lambda c, k: c.restart(k, from_step=from_step))
+    typer.echo(f"{instance_id} restarted at journal position {record.position}")
+
+
+def delete(instance_id: InstanceId, tenant: Tenant = None) -> None:
+    """Delete a finished instance with its journal and events."""
+    _act(instance_id, tenant, lambda c, k: c.delete(k), publish=False)
+    typer.echo(f"{instance_id} deleted")
+
+
+def event(
+    instance_id: InstanceId,
+    tenant: Annotated[str, typer.Option(help="Tenant the instance belongs to.")],
+    event_type: Annotated[str, typer.Option("--type", help="Event type the workflow waits for.")],
+    payload: Annotated[str, typer.Option(help="Payload as JSON.")] = "null",
+    event_id: Annotated[
+        str | None, typer.Option("--event-id", help="Idempotency key (default: a UUID).")
+    ] = None,
+) -> None:
+    """Send an event to an instance; print the event id."""
+    try:
+        parsed = json.loads(payload)
+    except ValueError as exc:
+        fail(f"--payload is not JSON: {exc}")
+    config = settings()
+
+    async def go() -> str:
+        async with Producer(config.amqp_url, Topology(config.prefix, config.delivery_limit)) as p:
+            return await p.send_event(
+                EventRequest(tenant, instance_id, event_type, parsed, event_id)
+            )
+
+    try:
+        typer.echo(run(go()))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def run_local(
+    module: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    params: Annotated[str, typer.Option(help="Params as JSON.")] = "{}",
+    events: Annotated[
+        list[str] | None,
+        typer.Option("--event", help="TYPE=JSON, an event sent before the run (repeatable)."),
+    ] = None,
+) -> None:
+    """Run a workflow locally, with no RabbitMQ or PostgreSQL; sleeps are skipped.
+
+    Exits 0 when the workflow completes, 1 when it fails.
+    """
+    try:
+        parsed = json.dumps(json.loads(params), separators=(",", ":"))
+        sent = [parse_event(text) for text in events or []]
+    except ValueError as exc:
+        fail(f"--params is not JSON: {exc}" if "event" not in str(exc) else str(exc))
+    config = settings()
+    try:
+        result = run_locally(
+            module.read_bytes(),
+            parsed,
+            events=sent,
+            say=typer.echo,
+            limits=config.engine_limits(),
+            sandbox_limits=config.sandbox_limits(),
+        )
+    except InvalidModule as exc:
+        fail(f"{module} refused: {exc}")
+    if result.status is not InstanceStatus.COMPLETE:
+        raise typer.Exit(1)
+
+
+def register_instance_commands(app: typer.Typer) -> None:
+    """Add the instance commands to the `stepfleet` app."""
+    app.command()(status)
+    app.command("list")(list_instances)
+    for command in (pause, resume, terminate, restart, delete, event):
+        app.command()(command)
+    app.command("run")(run_local)

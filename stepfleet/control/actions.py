@@ -1,0 +1,233 @@
+"""Operator actions, each one transaction under the instance's row lock.
+
+A pause lands between two steps (the per-step path holds the same lock while it runs one);
+every later message for a paused, terminated or restarted instance is recognised by the
+engine's admission and acknowledged without effect. Messages an action needs (the next step
+after a resume, restart or compensating terminate) go through the outbox, so a crash between
+commit and publish loses nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.schemas import InstanceKey, InstanceStatus, RunMode, Waiting, WaitKind
+from stepfleet.store import ControlTransaction, InstanceDetail, InstanceRecord, PgStore
+from stepfleet.workers.outgoing import step_message
+
+log = structlog.get_logger("stepfleet.control")
+
+
+class ControlError(Exception):
+    """An action that cannot be done, with a message for the operator."""
+
+
+class Control:
+    """Operator actions against the store, publishing what they queue through `broker`."""
+
+    def __init__(self, store: PgStore, broker: Broker | None, topology: Topology) -> None:
+        self._store = store
+        self._broker = broker
+        self._topology = topology
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def status(self, key: InstanceKey) -> InstanceDetail:
+        """Return the instance with its journal and attempts."""
+        detail = await self._store.detail(key)
+        if detail is None:
+            raise ControlError(_unknown(key))
+        return detail
+
+    async def list_instances(
+        self,
+        tenant: str,
+        *,
+        statuses: Sequence[InstanceStatus] = (),
+        module: str | None = None,
+        limit: int = 100,
+    ) -> list[InstanceRecord]:
+        """List a tenant's instances, newest first."""
+        return await self._store.list_instances(
+            tenant, statuses=statuses, module=module, limit=limit
+        )
+
+    # -- actions -------------------------------------------------------------------------
+
+    async def pause(self, key: InstanceKey) -> InstanceRecord:
+        """Stop the instance between steps; its timers keep their due times."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            _refuse_final(record, "paused")
+            if record.status is not InstanceStatus.PAUSED:
+                await tx.update(
+                    record,
+                    status=InstanceStatus.PAUSED,
+                    waiting=record.waiting,
+                    end_status=record.end_status,
+                    error=record.error,
+                )
+        log.info("instance_paused", tenant=key.tenant, instance=key.instance_id)
+        return record
+
+    async def resume(self, key: InstanceKey) -> InstanceRecord:
+        """Continue a paused instance where it stopped."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            if record.status is not InstanceStatus.PAUSED:
+                raise ControlError(f"instance {key.instance_id} is {record.status}, not paused")
+            waiting = record.waiting
+            # An event that arrived while paused ends an event wait: run the wait again and
+            # the per-step path hands it the stored event.
+            if (
+                waiting is not None
+                and waiting.kind is WaitKind.EVENT
+                and waiting.event_type is not None
+                and await tx.has_event(key, waiting.event_type)
+            ):
+                waiting = None
+            status = _live_status(waiting)
+            await tx.update(
+                record,
+                status=status,
+                waiting=waiting,
+                end_status=record.end_status,
+                error=record.error,
+            )
+            ids, messages = await self._queue_step(tx, record, waiting is None)
+        await self._publish(ids, messages)
+        log.info("instance_resumed", tenant=key.tenant, instance=key.instance_id, status=status)
+        return record
+
+    async def terminate(self, key: InstanceKey, *, rollback: bool = False) -> InstanceRecord:
+        """Stop the instance for good and cancel its timers; with `rollback`, run the
+        compensations of its completed steps first."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            _refuse_final(record, "terminated")
+            compensate = rollback and (
+                record.mode is RunMode.COMPENSATE or await tx.has_rollbacks(key)
+            )
+            if compensate:
+                await tx.update(
+                    record,
+                    status=InstanceStatus.RUNNING,
+                    waiting=None,
+                    attempt=1 if record.mode is RunMode.FORWARD else record.attempt,
+                    mode=RunMode.COMPENSATE,
+                    end_status=InstanceStatus.TERMINATED,
+                    error=record.error or "terminated by an operator",
+                )
+                ids, messages = await self._queue_step(tx, record, True)
+            else:
+                await tx.update(
+                    record,
+                    status=InstanceStatus.TERMINATED,
+                    waiting=None,
+                    error=record.error or "terminated by an operator",
+                )
+                ids, messages = [], []
+        await self._publish(ids, messages)
+        log.info(
+            "instance_terminated",
+            tenant=key.tenant,
+            instance=key.instance_id,
+            compensating=compensate,
+        )
+        return record
+
+    async def restart(self, key: InstanceKey, *, from_step: str | None = None) -> InstanceRecord:
+        """Run the instance again on its pinned module: from the beginning, or from the first
+        step named `from_step`, keeping the journal before it."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            seq = 0
+            if from_step is not None:
+                found = await tx.first_step_named(key, from_step)
+                if found is None:
+                    raise ControlError(
+                        f"instance {key.instance_id} has no step named {from_step!r}"
+                    )
+                seq = found
+            await tx.rewind(key, seq)
+            restarted = InstanceRecord(
+                key=key,
+                module=record.module,
+                status=InstanceStatus.RUNNING,
+                position=seq,
+                generation=record.generation + 1,
+            )
+            await tx.update(
+                restarted,
+                status=InstanceStatus.RUNNING,
+                waiting=None,
+                attempt=1,
+                mode=RunMode.FORWARD,
+            )
+            ids, messages = await self._queue_step(tx, restarted, True)
+        await self._publish(ids, messages)
+        log.info(
+            "instance_restarted",
+            tenant=key.tenant,
+            instance=key.instance_id,
+            from_position=seq,
+            generation=restarted.generation,
+        )
+        return restarted
+
+    async def delete(self, key: InstanceKey) -> None:
+        """Delete a finished instance with its journal and events."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            if not record.status.is_final:
+                raise ControlError(
+                    f"instance {key.instance_id} is {record.status}: terminate it first"
+                )
+            await tx.delete(key)
+        log.info("instance_deleted", tenant=key.tenant, instance=key.instance_id)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    async def _lock(tx: ControlTransaction, key: InstanceKey) -> InstanceRecord:
+        record = await tx.lock(key)
+        if record is None:
+            raise ControlError(_unknown(key))
+        return record
+
+    async def _queue_step(
+        self, tx: ControlTransaction, record: InstanceRecord, needed: bool
+    ) -> tuple[list[int], list[Outgoing]]:
+        if not needed:
+            return [], []
+        row, message = step_message(
+            self._topology, record.key, record.module, record.position, record.generation
+        )
+        return await tx.add_outbox([row]), [message]
+
+    async def _publish(self, ids: list[int], messages: list[Outgoing]) -> None:
+        """Publish what the action queued; if that fails, the outbox relay sends it later."""
+        if not messages or self._broker is None:
+            return
+        await self._broker.publish_many(messages)
+        await self._store.delete_outbox(ids)
+
+
+def _unknown(key: InstanceKey) -> str:
+    return f"no instance {key.instance_id!r} for tenant {key.tenant!r}"
+
+
+def _refuse_final(record: InstanceRecord, action: str) -> None:
+    if record.status.is_final:
+        raise ControlError(
+            f"instance {record.key.instance_id} is {record.status} and cannot be {action}"
+        )
+
+
+def _live_status(waiting: Waiting | None) -> InstanceStatus:
+    if waiting is None or waiting.kind is WaitKind.RETRY:
+        return InstanceStatus.RUNNING
+    return InstanceStatus.SLEEPING if waiting.kind is WaitKind.SLEEP else InstanceStatus.WAITING
