@@ -38,3 +38,15 @@ def hostile_wasm(name: str) -> bytes:
     import wasmtime
 
     return wasmtime.wat2wasm((HOSTILE / f"{name}.wat").read_text())
+
+
+@pytest.fixture(scope="session")
+def playbook_wasm() -> bytes:
+    """The C test workflow that runs whatever primitives its params list."""
+    return (EXAMPLES / "playbook" / "playbook.wasm").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def reminder_wasm() -> bytes:
+    """The AssemblyScript example with now, random, sleep, an event wait and a rollback."""
+    return (EXAMPLES / "reminder" / "reminder.wasm").read_bytes()

@@ -36,7 +36,9 @@ def parse_step_config(text: str, *, max_ms: int) -> StepConfig:
             f"retries.backoff must be constant, linear or exponential, not {backoff!r}"
         ) from None
     return StepConfig(
-        retry_limit=_int(retries, "limit", DEFAULT_STEP_CONFIG.retry_limit, 0, MAX_RETRY_LIMIT),
+        retry_limit=_int(
+            retries, "limit", DEFAULT_STEP_CONFIG.retry_limit, 0, MAX_RETRY_LIMIT, "retries."
+        ),
         retry_delay_ms=_int(
             retries, "delay_ms", DEFAULT_STEP_CONFIG.retry_delay_ms, 0, max_ms, "retries."
         ),
@@ -52,7 +54,10 @@ def _only(obj: dict[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _int(obj: dict[str, Any], key: str, default: int, low: int, high: int, where: str = "") -> int:
-    value = obj.get(key, default)
+    if key not in obj:
+        # A fleet whose sleep limit is below a default applies its limit instead.
+        return min(default, high)
+    value = obj[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}{key} must be an integer")
     if not low <= value <= high:

@@ -40,7 +40,7 @@ _UPDATE = text(
 _FIRST_STEP_NAMED = text(
     """
     SELECT min(seq) AS seq FROM journal
-    WHERE tenant = :tenant AND instance_id = :id AND name = :name AND kind IN (1, 2)
+    WHERE tenant = :tenant AND instance_id = :id AND name = :name AND kind IN (1, 2, 3, 4, 5)
     """
 )
 
@@ -137,7 +137,7 @@ class ControlTransaction:
         )
 
     async def first_step_named(self, key: InstanceKey, name: str) -> int | None:
-        """The journal position of the first step called `name`, or None."""
+        """The journal position of the first step, sleep or wait called `name`, or None."""
         row = (await self._conn.execute(_FIRST_STEP_NAMED, {**_key(key), "name": name})).first()
         return None if row is None else row.seq
 

@@ -110,3 +110,61 @@ def test_cli_errors_are_one_clear_line(cli):
     missing = cli("status", "no-such-instance")
     assert missing.exit_code == 1
     assert "no instance 'no-such-instance'" in missing.output
+
+
+async def test_operator_commands_drive_an_instance(cli, store, start_worker, playbook_wasm):
+    """event, pause, resume, list, restart and delete, as an operator types them."""
+    tenant = f"ops-{uuid.uuid4().hex[:8]}"
+    playbook = EXAMPLES / "playbook" / "playbook.wasm"
+    digest = (
+        await asyncio.to_thread(cli, "module", "push", str(playbook), "--tenant", tenant)
+    ).stdout.strip()
+    await start_worker()
+    instance_id = f"ops-{uuid.uuid4().hex[:10]}"
+    ops = [
+        {"op": "do", "name": "secret", "sensitive": True},
+        {"op": "wait", "name": "w", "type": "go", "timeout_ms": 60_000},
+    ]
+    await asyncio.to_thread(
+        cli, "create", "--tenant", tenant, "--module", digest,
+        "--params", json.dumps({"ops": ops}), "--id", instance_id,
+    )  # fmt: skip
+    key = InstanceKey(tenant, instance_id)
+    await wait_for_status(store, key, {InstanceStatus.WAITING})
+
+    async def run(*args: str):
+        result = await asyncio.to_thread(cli, *args)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    shown = json.loads(await run("status", instance_id, "--json"))
+    assert shown["status"] == "waiting"
+    assert shown["waiting"]["event_type"] == "go"
+    assert shown["journal"][0]["value"] == "<redacted>"
+    assert "<redacted>" in await run("status", instance_id)
+    listed = await run("list", "--tenant", tenant, "--status", "waiting")
+    assert instance_id in listed
+
+    assert "paused" in await run("pause", instance_id)
+    await run("event", instance_id, "--tenant", tenant, "--type", "go", "--payload", '{"n":1}')
+    await asyncio.sleep(0.5)
+    assert json.loads(await run("status", instance_id, "--json"))["status"] == "paused"
+    await run("resume", instance_id)
+    await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+
+    resumed = await asyncio.to_thread(cli, "resume", instance_id)
+    assert resumed.exit_code == 1
+    assert "is complete, not paused" in resumed.output
+    assert "restarted at journal position 1" in await run(
+        "restart", instance_id, "--from-step", "w"
+    )
+    # The event the removed wait had taken is delivered to the wait again.
+    await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+    again = json.loads(await run("status", instance_id, "--json"))
+    assert (again["generation"], again["output"]["w"]) == (1, {"n": 1})
+    refused = await asyncio.to_thread(cli, "terminate", instance_id)
+    assert refused.exit_code == 1
+    assert "is complete and cannot be terminated" in refused.output
+    assert "deleted" in await run("delete", instance_id)
+    gone = await asyncio.to_thread(cli, "status", instance_id)
+    assert gone.exit_code == 1

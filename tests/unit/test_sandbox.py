@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import wasmtime
 
 from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import (
@@ -17,7 +18,9 @@ from stepfleet.sandbox import (
     WasmSandbox,
     encode_replay_buffer,
 )
+from stepfleet.sandbox.step_config import parse_step_config
 from stepfleet.schemas import (
+    Backoff,
     Completed,
     EntryFlags,
     EntryKind,
@@ -25,6 +28,7 @@ from stepfleet.schemas import (
     InstanceKey,
     InstanceStatus,
     JournalEntry,
+    StepConfig,
     StepFailed,
     StepSucceeded,
     digest_of,
@@ -242,3 +246,94 @@ def test_examples_import_only_what_the_abi_grants(sandbox, order_wasm, greeter_w
     """The committed example modules pass push validation."""
     sandbox.validate(order_wasm)
     sandbox.validate(greeter_wasm)
+
+
+def playbook_run(sandbox: WasmSandbox, wasm: bytes, *ops: dict[str, object]):
+    digest = load(sandbox, wasm)
+    params = json.dumps({"ops": list(ops)})
+    return sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", params, ReplayJournal())))
+
+
+def test_now_and_random_are_recorded_outside_steps_only(sandbox, playbook_wasm):
+    """Values taken by the program are journaled; values taken inside a step are not."""
+    report = playbook_run(
+        sandbox,
+        playbook_wasm,
+        {"op": "now", "name": "t"},
+        {"op": "random", "name": "r", "bytes": 3},
+        {"op": "do", "name": "a", "now_inside": True},
+    )
+    assert [(r.seq, r.kind) for r in report.recorded] == [
+        (0, EntryKind.NOW),
+        (1, EntryKind.RANDOM),
+    ]
+    assert len(report.recorded[1].value) == 6
+    assert isinstance(report.outcome, StepSucceeded)
+    assert report.outcome.seq == 2
+    assert "now" in json.loads(report.outcome.result)
+
+
+def test_step_timeout_stops_a_spinning_attempt(playbook_wasm):
+    """The epoch deadline ends an attempt that runs past its timeout, as a retryable failure."""
+    roomy = WasmSandbox(SandboxLimits(fuel_per_run=10**12))
+    report = playbook_run(
+        roomy, playbook_wasm, {"op": "do", "name": "slow", "spin": True, "timeout_ms": 50}
+    )
+    assert isinstance(report.outcome, StepFailed)
+    assert report.outcome.message == "step 'slow' timed out after 50 ms"
+    assert (report.outcome.limit, report.outcome.non_retryable) == ("timeout", False)
+    roomy.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "message"),
+    [
+        ({"retries": {"limit": 5000}}, "retries.limit is 5000, allowed 0 to 1000"),
+        ({"timeout_ms": 0}, "timeout_ms is 0, allowed 1 to"),
+        ({"retries": {"delay_ms": 10**13}}, "retries.delay_ms is 10000000000000"),
+    ],
+)
+def test_step_config_out_of_range_is_refused(sandbox, playbook_wasm, op, message):
+    report = playbook_run(sandbox, playbook_wasm, {"op": "do", "name": "a", **op})
+    assert isinstance(report.outcome, GuestCrashed)
+    assert report.outcome.message.startswith("step 'a' config: ")
+    assert message in report.outcome.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"retry":{}}', "unknown field retry"),
+        ('{"retries":{"tries":1}}', "unknown field retries.tries"),
+        (
+            '{"retries":{"backoff":"fast"}}',
+            "retries.backoff must be constant, linear or exponential",
+        ),
+        ('{"timeout_ms":"10"}', "timeout_ms must be an integer"),
+        ('{"timeout_ms":true}', "timeout_ms must be an integer"),
+    ],
+)
+def test_step_config_parser_names_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_step_config(text, max_ms=1000)
+
+
+def test_step_config_defaults_and_values():
+    assert parse_step_config("", max_ms=1000) == StepConfig()
+    config = parse_step_config(
+        '{"retries":{"limit":2,"delay_ms":5,"backoff":"linear"},"timeout_ms":9}', max_ms=1000
+    )
+    assert config == StepConfig(2, 5, Backoff.LINEAR, 9)
+
+
+def test_modules_for_another_abi_version_are_refused(sandbox):
+    v1 = wasmtime.wat2wasm(
+        """(module (memory (export "memory") 1)
+           (func (export "sf_abi_version") (result i32) (i32.const 1))
+           (func (export "sf_alloc") (param i32) (result i32) (i32.const 16))
+           (func (export "sf_run") (param i32 i32)))"""
+    )
+    with pytest.raises(InvalidModule, match="module speaks guest ABI 1, this host speaks 2"):
+        sandbox.validate(v1)
