@@ -189,7 +189,9 @@ class Broker:
         try:
             channel = await self._connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await channel.get_queue(queue_name, ensure=False)
+            # A (passive) declare registers the queue with the robust channel, which then
+            # consumes again after a reconnect; get_queue(ensure=False) would not.
+            queue = await channel.declare_queue(queue_name, passive=True)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await handler(_delivery(message))

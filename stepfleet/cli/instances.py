@@ -222,7 +222,7 @@ def list_instances(
 
 
 def pause(instance_id: InstanceId, tenant: Tenant = None) -> None:
-    """Pause an instance between steps (it stays paused across restarts)."""
+    """Pause an instance between steps (it stays paused until resumed, whatever restarts)."""
     _act(instance_id, tenant, lambda c, k: c.pause(k))
     typer.echo(f"{instance_id} paused")
 
@@ -242,7 +242,11 @@ def terminate(
 ) -> None:
     """Stop an instance for good and cancel its timers."""
     _act(instance_id, tenant, lambda c, k: c.terminate(k, rollback=rollback))
-    typer.echo(f"{instance_id} " + ("compensating, then terminated" if rollback else "terminated"))
+    typer.echo(
+        f"{instance_id} terminating: compensations run first (see status)"
+        if rollback
+        else f"{instance_id} terminated"
+    )
 
 
 def restart(

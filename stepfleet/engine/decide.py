@@ -92,7 +92,7 @@ def resolve_wait(
         started_at=received_at,
         finished_at=received_at,
     )
-    over = _over_limits(decision.position + 1, decision.state_bytes + len(payload), limits)
+    over = _over_limits(decision.position + 1, decision.state_bytes + len(payload.encode()), limits)
     if over:
         return replace(decision, status=InstanceStatus.ERRORED, waiting=None, error=over)
     return replace(
@@ -102,7 +102,7 @@ def resolve_wait(
         entries=(*decision.entries, entry),
         waiting=None,
         publish_step=True,
-        state_bytes=decision.state_bytes + len(payload),
+        state_bytes=decision.state_bytes + len(payload.encode()),
     )
 
 
@@ -322,7 +322,7 @@ class _Run:
     ) -> Decision:
         entries = (*self.entries, entry) if entry is not None else tuple(self.entries)
         position = len(self.journal) + len(entries)
-        state_bytes = self.state.state_bytes + sum(len(e.value) for e in entries)
+        state_bytes = self.state.state_bytes + sum(len(e.value.encode()) for e in entries)
         over = _over_limits(position, state_bytes, self.limits) if check_limits else None
         if over:
             # Nothing of this run is recorded: the instance stops where it stood.

@@ -21,13 +21,13 @@ REGENERATE_COMMAND: Final = "python -m stepfleet.schemas.export"
 _SENDERS: Final[dict[MessageKind, str]] = {
     MessageKind.CREATE: "Published by producers to the ingress exchange.",
     MessageKind.EVENT: (
-        "Published by producers to the ingress exchange; not handled yet "
-        "(dead-lettered with reason unsupported-kind)."
+        "Published by producers to the ingress exchange; delivered to the instance's wait "
+        "for its type, or stored until one; idempotent by event_id."
     ),
     MessageKind.STEP: "Internal: published by workers to the internal exchange only.",
     MessageKind.WAKE: (
-        "Internal: reserved for timers, which arrive in a later version; "
-        "today a wake is handled like a step at the same position."
+        "Internal: published by workers when a sleep, a retry backoff or an event "
+        "wait's timeout is due."
     ),
 }
 

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     retention_days: float = Field(default=30.0, ge=0)
     """How long finished instances are kept when their create does not say."""
 
+    retention_check_seconds: float = Field(default=60.0, gt=0)
+    """How often each worker deletes finished instances past their retention."""
     timer_poll_seconds: float = Field(default=0.5, gt=0)
     wake_resend_seconds: float = Field(default=30.0, gt=0)
     """A wake sent but not processed after this long is sent again."""

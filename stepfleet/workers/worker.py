@@ -21,7 +21,6 @@ log = structlog.get_logger("stepfleet.worker")
 
 _MAX_BACKOFF_SECONDS = 30.0
 _TIMERS_PER_CLAIM = 500
-_RETENTION_EVERY_CHECKS = 120
 
 # wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
 # module-level global until the guest call returns. So every guest run of a process, whatever
@@ -205,22 +204,25 @@ class Worker:
     async def _timers(self) -> None:
         """Publish wakes for due timers (kept in PostgreSQL) and delete expired instances."""
         loop = asyncio.get_running_loop()
-        checks = 0
+        next_retention = loop.time() + self.settings.retention_check_seconds
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
                 self._timer_nudge.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._timer_nudge.wait(), timeout=remaining)
-            checks += 1
             try:
                 await self._fire_due_timers()
-                if checks % _RETENTION_EVERY_CHECKS == 0:
+                if loop.time() >= next_retention:
+                    next_retention = loop.time() + self.settings.retention_check_seconds
                     deleted = await self.store.delete_expired(limit=1000)
                     if deleted:
                         log.info("instances_expired", count=deleted)
             except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:
                 log.warning("timers_failed", error=str(exc))
+            except Exception:
+                # A background loop must outlive any one failure; the next poll tries again.
+                log.exception("timers_failed")
 
     async def _fire_due_timers(self) -> None:
         while True:
@@ -254,3 +256,5 @@ class Worker:
                         log.info("outbox_relayed", count=len(claimed))
             except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:
                 log.warning("outbox_relay_failed", error=str(exc))
+            except Exception:
+                log.exception("outbox_relay_failed")

@@ -10,13 +10,16 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stepfleet.broker import Broker, Topology
-from stepfleet.schemas import InstanceKey, InstanceStatus
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.control import Control
+from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import PgStore
 from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.settings import Settings
@@ -137,3 +140,26 @@ async def wait_for_status(
                 return found[0]
         await asyncio.sleep(0.05)
     raise AssertionError(f"{key} did not reach {statuses} in {timeout}s; last seen: {last}")
+
+
+@pytest.fixture
+async def playbook(
+    settings: Settings, topology: Topology, store: PgStore, playbook_wasm: bytes
+) -> Callable[..., Awaitable[InstanceKey]]:
+    """Start a playbook instance for tenant acme from its ops; returns its key."""
+    digest = digest_of(playbook_wasm)
+    await store.put_module("acme", digest, playbook_wasm)
+
+    async def start(*ops: dict[str, Any], label: str = "pb") -> InstanceKey:
+        instance_id = f"{label}-{uuid.uuid4().hex[:12]}"
+        async with Producer(settings.amqp_url, topology) as producer:
+            await producer.create(CreateRequest("acme", digest, {"ops": list(ops)}, instance_id))
+        return InstanceKey("acme", instance_id)
+
+    return start
+
+
+@pytest.fixture
+def control(store: PgStore, broker: Broker, topology: Topology) -> Control:
+    """Operator actions over this run's store and broker."""
+    return Control(store, broker, topology)

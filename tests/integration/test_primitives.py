@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from stepfleet.client import CreateRequest, EventRequest, Producer
-from stepfleet.control import Control, ControlError
+from stepfleet.control import ControlError
 from stepfleet.schemas import REDACTED, EntryKind, InstanceKey, InstanceStatus
 from stepfleet.store import InstanceDetail, PgStore
 from tests.integration.conftest import wait_for_status
@@ -25,25 +25,6 @@ pytestmark = pytest.mark.services
 
 FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
 WEEK_MS = 7 * 86_400_000
-
-
-@pytest.fixture
-async def playbook(settings, topology, store, playbook_wasm):
-    """Start a playbook instance from its ops; returns its key."""
-    digest = await push(store, "acme", playbook_wasm)
-
-    async def start(*ops: dict[str, Any], label: str = "pb") -> InstanceKey:
-        [instance_id] = await create(
-            settings, topology, CreateRequest("acme", digest, {"ops": list(ops)}, new_id(label))
-        )
-        return InstanceKey("acme", instance_id)
-
-    return start
-
-
-@pytest.fixture
-async def control(store, broker, topology) -> Control:
-    return Control(store, broker, topology)
 
 
 async def finished(store: PgStore, key: InstanceKey, timeout: float = 20.0) -> InstanceDetail:
@@ -441,3 +422,29 @@ async def test_event_payload_over_the_limit_is_refused(
     [letter] = await dead_letters(broker, topology, 1)
     assert letter.headers["x-dead-reason"] == "over-limit"
     assert "event payload are" in letter.headers["x-dead-detail"]
+
+
+async def test_finished_instances_are_deleted_after_their_retention(
+    settings, topology, store, start_worker, playbook_wasm
+):
+    """An instance created with a retention of 0 s is deleted once finished; the default keeps."""
+    await start_worker(retention_check_seconds=0.2)
+    digest = await push(store, "acme", playbook_wasm)
+    params = {"ops": [{"op": "do", "name": "a"}]}
+    short, kept = await create(
+        settings,
+        topology,
+        CreateRequest("acme", digest, params, new_id("short"), retention_seconds=0),
+        CreateRequest("acme", digest, params, new_id("kept")),
+    )
+    kept_detail = await finished(store, InstanceKey("acme", kept))
+    assert kept_detail.record.retain_until is not None
+    assert kept_detail.record.finished_at is not None
+    days = (kept_detail.record.retain_until - kept_detail.record.finished_at).days
+    assert days == settings.retention_days
+    for _ in range(100):
+        if await store.detail(InstanceKey("acme", short)) is None:
+            break
+        await asyncio.sleep(0.1)
+    assert await store.detail(InstanceKey("acme", short)) is None
+    assert await store.detail(InstanceKey("acme", kept)) is not None
