@@ -15,7 +15,7 @@ import typer
 
 from stepfleet.broker import Broker, Topology
 from stepfleet.cli.common import fail, run
-from stepfleet.client import CreateRequest, Producer
+from stepfleet.client import CreateRequest, EventRequest, Producer
 from stepfleet.sandbox import WasmSandbox
 from stepfleet.schemas import digest_of
 from stepfleet.store import InstanceRecord, PgStore, StoreUnavailable
@@ -24,7 +24,7 @@ from stepfleet.workers.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "guest" / "examples"
 
-# (tenant, module file, params for workflow i, label)
+# (tenant, module file, params for workflow i)
 _WORKLOADS: list[tuple[str, str, Callable[[int], dict[str, object]]]] = [
     (
         "acme",
@@ -39,7 +39,15 @@ _WORKLOADS: list[tuple[str, str, Callable[[int], dict[str, object]]]] = [
             "lang": ["en", "fr", "de"][i % 3],
         },
     ),
+    # Sleeps until its reminder is due, then waits up to 2 s for an acknowledgement event.
+    (
+        "initech",
+        "reminder/reminder.wasm",
+        lambda i: {"user": f"user-{i}", "delay_ms": 300 * i, "timeout_ms": 2000},
+    ),
 ]
+_ACK_TENANT = "initech"
+"""The demo acknowledges this tenant's even-numbered reminders; the others time out."""
 
 
 def run_demo(
@@ -70,7 +78,7 @@ def run_demo(
     for record in records:
         result = record.output if record.output is not None else record.error
         typer.echo(
-            f"  {record.key.tenant:<7} {record.key.instance_id:<28} {record.status.value:<9} {result}"
+            f"  {record.key.tenant:<8} {record.key.instance_id:<28} {record.status.value:<9} {result}"
         )
     complete = sum(1 for r in records if r.status.value == "complete")
     typer.echo(
@@ -101,7 +109,7 @@ async def _push(settings: Settings, examples: Path) -> dict[str, str]:
             sandbox.validate(wasm)
             digests[tenant] = digest_of(wasm)
             await store.put_module(tenant, digests[tenant], wasm)
-            typer.echo(f"   {tenant:<7} {file:<22} {digests[tenant]}")
+            typer.echo(f"   {tenant:<8} {file:<23} {digests[tenant]}")
     finally:
         await store.close()
     return digests
@@ -143,9 +151,10 @@ async def _run_workflows(
         for tenant, _, params in _WORKLOADS
         for i in range(per_tenant)
     ]
+    store = PgStore(settings.database_url, pool_size=1)
     async with Producer(settings.amqp_url, topology) as producer:
         await producer.create_batch(requests)
-    store = PgStore(settings.database_url, pool_size=1)
+        await _acknowledge(store, producer, [r for r in requests if r.tenant == _ACK_TENANT])
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -163,6 +172,28 @@ async def _run_workflows(
             await asyncio.sleep(0.1)
     finally:
         await store.close()
+
+
+async def _acknowledge(store: PgStore, producer: Producer, requests: list[CreateRequest]) -> None:
+    """Send the reminder.ack event to every other reminder once its instance exists.
+
+    The event usually arrives while the reminder still sleeps: it is stored and handed to
+    the wait when the workflow gets there.
+    """
+    for index, request in enumerate(requests):
+        if index % 2:
+            continue
+        assert request.instance_id is not None
+        deadline = time.monotonic() + 30
+        while not await store.find_instances(request.instance_id, request.tenant):
+            if time.monotonic() > deadline:
+                fail(f"instance {request.instance_id} was not created within 30s")
+            await asyncio.sleep(0.05)
+        await producer.send_event(
+            EventRequest(
+                request.tenant, request.instance_id, "reminder.ack", {"by": "demo"}, "ack-1"
+            )
+        )
 
 
 __all__ = ["run_demo"]
