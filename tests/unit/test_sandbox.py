@@ -337,3 +337,23 @@ def test_modules_for_another_abi_version_are_refused(sandbox):
     )
     with pytest.raises(InvalidModule, match="module speaks guest ABI 1, this host speaks 2"):
         sandbox.validate(v1)
+
+
+def test_names_over_the_limit_are_refused(sandbox):
+    """A step name longer than 256 bytes fails the run with the limit in the message."""
+    name = "n" * 300
+    module = wasmtime.wat2wasm(
+        f"""(module
+          (import "stepfleet" "step_begin" (func $begin (param i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 16) "{name}")
+          (func (export "sf_abi_version") (result i32) (i32.const 2))
+          (func (export "sf_alloc") (param i32) (result i32) (i32.const 1024))
+          (func (export "sf_run") (param i32 i32)
+            (drop (call $begin (i32.const 0) (i32.const 16) (i32.const 300) (i32.const 0)
+                               (i32.const 0)))))"""
+    )
+    digest = load(sandbox, module)
+    report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert isinstance(report.outcome, GuestCrashed)
+    assert report.outcome.message == "step name is 300 bytes, the limit is 256"

@@ -111,6 +111,18 @@ REFUSALS = [
     pytest.param(
         _with(x_kind="event"), b'{"event_id":"","type":"x"}', "bad-body", id="event-empty-id"
     ),
+    pytest.param(
+        _with(x_kind="event"),
+        b'{"event_id":"e","type":"' + b"t" * 257 + b'"}',
+        "bad-body",
+        id="event-type-too-long",
+    ),
+    pytest.param(
+        _with(x_kind="create"),
+        b'{"params":{},"retention_seconds":-1}',
+        "bad-body",
+        id="negative-retention",
+    ),
 ]
 
 
