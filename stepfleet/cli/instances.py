@@ -141,7 +141,8 @@ def _print_status(detail: InstanceDetail) -> None:
     record = detail.record
     echo = typer.echo
     echo(f"instance  {record.key.tenant}/{record.key.instance_id}")
-    echo(f"status    {record.status.value}" + ("  (running compensations)" if record.mode else ""))
+    compensating = record.mode and not record.status.is_final
+    echo(f"status    {record.status.value}" + ("  (running compensations)" if compensating else ""))
     echo(f"module    {record.module}")
     if record.waiting is not None:
         w = record.waiting

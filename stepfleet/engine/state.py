@@ -34,16 +34,6 @@ class InstanceState:
     error: str | None = None
     state_bytes: int = 0
 
-    @property
-    def live_status(self) -> InstanceStatus:
-        """The status an unpaused instance in this state shows."""
-        if self.waiting is None:
-            return InstanceStatus.RUNNING
-        return {
-            "sleep": InstanceStatus.SLEEPING,
-            "event": InstanceStatus.WAITING,
-        }.get(self.waiting.kind.value, InstanceStatus.RUNNING)
-
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:

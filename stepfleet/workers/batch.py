@@ -404,6 +404,8 @@ class BatchProcessor:
         if not waits:
             return decisions
         taken = await tx.take_events(waits)
+        for key in taken:
+            log.info("stored_event_delivered", tenant=key.tenant, instance=key.instance_id)
         return [
             resolve_wait(d, *taken[item.work.key], self._limits)
             if item.work.key in taken and d.waiting is not None
