@@ -52,6 +52,7 @@ def _delivery(message: AbstractIncomingMessage) -> Delivery:
         body=message.body,
         headers=headers,
         routing_key=message.routing_key or "",
+        exchange=message.exchange or "",
         message_id=message.message_id,
         user_id=message.user_id,
         redelivered=bool(message.redelivered),
@@ -117,11 +118,19 @@ class Broker:
             dead = await channel.declare_exchange(
                 topo.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
             )
-            work = await channel.declare_queue(
-                topo.work_queue, durable=True, arguments=topo.work_queue_arguments()
+            lanes = await channel.declare_exchange(
+                topo.lanes_exchange,
+                "x-consistent-hash",
+                durable=True,
+                arguments=topo.lanes_exchange_arguments(),
             )
-            await work.bind(ingress, "#")
-            await work.bind(internal, "#")
+            await lanes.bind(ingress, "#")
+            await lanes.bind(internal, "#")
+            for name in topo.work_queues:
+                work = await channel.declare_queue(
+                    name, durable=True, arguments=topo.work_queue_arguments()
+                )
+                await work.bind(lanes, "1")  # equal weights
             dead_queue = await channel.declare_queue(
                 topo.dead_letter_queue, durable=True, arguments=topo.dead_letter_queue_arguments()
             )
@@ -137,9 +146,15 @@ class Broker:
         """Delete every queue and exchange of this prefix (tests and teardown only)."""
         channel = self._channel()
         topo = self.topology
-        for queue in (topo.work_queue, topo.dead_letter_queue):
+        for queue in (*topo.work_queues, topo.dead_letter_queue):
             await channel.queue_delete(queue)
-        for exchange in (topo.ingress_exchange, topo.internal_exchange, topo.dead_letter_exchange):
+        exchanges = (
+            topo.ingress_exchange,
+            topo.internal_exchange,
+            topo.lanes_exchange,
+            topo.dead_letter_exchange,
+        )
+        for exchange in exchanges:
             await channel.exchange_delete(exchange)
 
     async def _exchange(self, name: str) -> AbstractExchange:
@@ -168,6 +183,7 @@ class Broker:
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=outgoing.message_id,
+                    user_id=outgoing.user_id,
                 )
                 pending.append(exchange.publish(message, outgoing.routing_key, mandatory=True))
             await asyncio.gather(*pending)

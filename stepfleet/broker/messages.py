@@ -16,6 +16,8 @@ class Outgoing:
     body: bytes
     headers: Mapping[str, Any] = field(default_factory=dict)
     message_id: str | None = None
+    user_id: str | None = None
+    """The publishing connection's user; RabbitMQ refuses the message if it is another."""
 
 
 @dataclass(slots=True)
@@ -25,6 +27,8 @@ class Delivery:
     body: bytes
     headers: Mapping[str, Any]
     routing_key: str
+    exchange: str
+    """The exchange it was published to: ingress (producers) or internal (the fleet)."""
     message_id: str | None
     user_id: str | None
     redelivered: bool

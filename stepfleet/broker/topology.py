@@ -14,6 +14,8 @@ class Topology:
 
     prefix: str = "stepfleet"
     delivery_limit: int = 20
+    lanes: int = 8
+    """Work queues; each tenant's messages all go to one of them (by a hash of x-tenant)."""
 
     @property
     def ingress_exchange(self) -> str:
@@ -26,9 +28,21 @@ class Topology:
         return f"{self.prefix}.internal"
 
     @property
-    def work_queue(self) -> str:
-        """Quorum queue every worker consumes."""
-        return f"{self.prefix}.work"
+    def lanes_exchange(self) -> str:
+        """Consistent-hash exchange spreading tenants over the work queues by x-tenant."""
+        return f"{self.prefix}.lanes"
+
+    @property
+    def work_queues(self) -> list[str]:
+        """The lanes: quorum queues every worker consumes, one consumer each.
+
+        A tenant flooding the fleet fills its own lane; the others keep flowing.
+        """
+        return [f"{self.prefix}.work.{lane}" for lane in range(self.lanes)]
+
+    def lanes_exchange_arguments(self) -> dict[str, Any]:
+        """Hash on the tenant header, so a tenant's creates, events and steps share a lane."""
+        return {"hash-header": "x-tenant"}
 
     @property
     def dead_letter_exchange(self) -> str:

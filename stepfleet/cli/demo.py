@@ -61,7 +61,7 @@ def run_demo(
         upgrade(settings.database_url)
     except StoreUnavailable as exc:
         fail(f"PostgreSQL: {exc}")
-    topology = Topology(settings.prefix, settings.delivery_limit)
+    topology = settings.topology()
     typer.echo(f"2. declaring the RabbitMQ topology {settings.prefix}.*")
     run(_declare(settings, topology))
     typer.echo("3. pushing the example tenant modules")

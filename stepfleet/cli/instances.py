@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from stepfleet.broker import Broker, Topology
+from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, settings
 from stepfleet.client import EventRequest, Producer
 from stepfleet.control import Control, ControlError
@@ -29,7 +29,7 @@ InstanceId = Annotated[str, typer.Argument(help="Instance id.")]
 @asynccontextmanager
 async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
     config = settings()
-    topology = Topology(config.prefix, config.delivery_limit)
+    topology = config.topology()
     store = PgStore(config.database_url, pool_size=1, retention_seconds=config.retention_seconds)
     broker = Broker(config.amqp_url, topology) if publish else None
     try:
@@ -285,7 +285,7 @@ def event(
     config = settings()
 
     async def go() -> str:
-        async with Producer(config.amqp_url, Topology(config.prefix, config.delivery_limit)) as p:
+        async with Producer(config.amqp_url, config.topology()) as p:
             return await p.send_event(
                 EventRequest(tenant, instance_id, event_type, parsed, event_id)
             )

@@ -10,9 +10,12 @@ from typing import Annotated
 
 import typer
 
-from stepfleet.broker import Broker, Topology
+from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
+from stepfleet.cli.modules import register_module_commands
+from stepfleet.cli.tenants import tenant_app
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.sandbox import InvalidModule, WasmSandbox
 from stepfleet.schemas import digest_of, is_digest, is_tenant
@@ -26,6 +29,9 @@ module_app = typer.Typer(
     no_args_is_help=True, help="Tenant modules in the content-addressed store."
 )
 app.add_typer(module_app, name="module")
+app.add_typer(tenant_app, name="tenant")
+register_module_commands(module_app)
+register_egress_commands(app)
 
 
 @app.command()
@@ -46,7 +52,7 @@ def declare() -> None:
     config = settings()
 
     async def go() -> None:
-        async with Broker(config.amqp_url, Topology(config.prefix, config.delivery_limit)) as b:
+        async with Broker(config.amqp_url, config.topology()) as b:
             await b.declare()
 
     run(go())
@@ -120,7 +126,7 @@ def create(
     config = settings()
 
     async def go() -> str:
-        async with Producer(config.amqp_url, Topology(config.prefix, config.delivery_limit)) as p:
+        async with Producer(config.amqp_url, config.topology()) as p:
             retention = None if retention_days is None else int(retention_days * 86400)
             return await p.create(
                 CreateRequest(tenant, module, parsed, instance_id, retention_seconds=retention)

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
@@ -45,7 +46,9 @@ class EventRequest:
     event_id: str | None = None
 
 
-def create_message(topology: Topology, request: CreateRequest) -> tuple[str, Outgoing]:
+def create_message(
+    topology: Topology, request: CreateRequest, *, user_id: str | None = None
+) -> tuple[str, Outgoing]:
     """Validate a create request and build its message; return (instance id, message).
 
     Raises:
@@ -77,10 +80,13 @@ def create_message(topology: Topology, request: CreateRequest) -> tuple[str, Out
         body=body,
         headers=headers,
         message_id=f"{request.tenant}/{instance_id}/create",
+        user_id=user_id,
     )
 
 
-def event_message(topology: Topology, request: EventRequest) -> tuple[str, Outgoing]:
+def event_message(
+    topology: Topology, request: EventRequest, *, user_id: str | None = None
+) -> tuple[str, Outgoing]:
     """Validate an event and build its message; return (event id, message).
 
     Raises:
@@ -115,15 +121,21 @@ def event_message(topology: Topology, request: EventRequest) -> tuple[str, Outgo
         body=body,
         headers=headers,
         message_id=f"{request.tenant}/{request.instance_id}/event/{event_id}",
+        user_id=user_id,
     )
 
 
 class Producer:
-    """Publishes to the ingress exchange with confirms; use `async with`."""
+    """Publishes to the ingress exchange with confirms; use `async with`.
+
+    Every message carries the connection's user as its AMQP user_id, which RabbitMQ checks
+    and workers map to the tenant (docs/security.md).
+    """
 
     def __init__(self, amqp_url: str, topology: Topology | None = None) -> None:
         self.topology = topology or Topology()
         self._broker = Broker(amqp_url, self.topology)
+        self.user_id = unquote(urlsplit(amqp_url).username or "guest")
 
     async def __aenter__(self) -> Producer:
         await self._broker.connect(name="stepfleet-producer")
@@ -138,7 +150,9 @@ class Producer:
 
     async def create_batch(self, requests: Sequence[CreateRequest]) -> list[str]:
         """Publish many create messages with one confirm wait; return their instance ids."""
-        built = [create_message(self.topology, request) for request in requests]
+        built = [
+            create_message(self.topology, request, user_id=self.user_id) for request in requests
+        ]
         await self._broker.publish_many([message for _, message in built])
         return [instance_id for instance_id, _ in built]
 
@@ -147,6 +161,6 @@ class Producer:
 
         Sending the same event id twice delivers it once.
         """
-        event_id, message = event_message(self.topology, request)
+        event_id, message = event_message(self.topology, request, user_id=self.user_id)
         await self._broker.publish_many([message])
         return event_id

@@ -178,6 +178,38 @@ class Control:
         )
         return restarted
 
+    async def pause_module(self, tenant: str, module: str) -> list[InstanceKey]:
+        """Pause every live instance of one tenant's module digest (e.g. bad code)."""
+        paused = []
+        live = [
+            InstanceStatus.RUNNING,
+            InstanceStatus.SLEEPING,
+            InstanceStatus.WAITING,
+            InstanceStatus.QUEUED,
+        ]
+        for record in await self._store.list_instances(
+            tenant, statuses=live, module=module, limit=1_000_000
+        ):
+            try:
+                await self.pause(record.key)
+            except ControlError:
+                continue  # finished meanwhile
+            paused.append(record.key)
+        return paused
+
+    async def resume_module(self, tenant: str, module: str) -> list[InstanceKey]:
+        """Resume every paused instance of one tenant's module digest."""
+        resumed = []
+        for record in await self._store.list_instances(
+            tenant, statuses=[InstanceStatus.PAUSED], module=module, limit=1_000_000
+        ):
+            try:
+                await self.resume(record.key)
+            except ControlError:
+                continue
+            resumed.append(record.key)
+        return resumed
+
     async def delete(self, key: InstanceKey) -> None:
         """Delete a finished instance with its journal and events."""
         async with self._store.control() as tx:

@@ -70,15 +70,17 @@ def admit(
     """
     if state is None:
         return Reject("unknown-instance", f"no instance {envelope.instance_id!r} for this tenant")
-    if envelope.module is not None and envelope.module != state.module:
-        # Headers are hints; the pinned digest on the row is the truth.
-        return Reject(
-            "module-mismatch",
-            f"message names module {envelope.module} but the instance runs {state.module}",
-        )
     body = envelope.body
     if isinstance(body, CreateBody):
+        if envelope.module != state.module:
+            # A create repeated with other code is a mistake the producer must hear about.
+            return Reject(
+                "module-mismatch",
+                f"message names module {envelope.module} but the instance runs {state.module}",
+            )
         return Admit() if created_now else Duplicate("instance already exists")
+    # Otherwise x-module is a hint: the digest pinned on the row runs (an operator may have
+    # moved the instance to other code since the message was sent).
     if isinstance(body, EventBody):
         return _event(body, state, now)
     if body.generation != state.generation:

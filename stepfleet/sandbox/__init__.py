@@ -5,17 +5,21 @@ from __future__ import annotations
 from stepfleet.sandbox.abi import ABI_VERSION, ReplayJournal, encode_replay_buffer
 from stepfleet.sandbox.errors import InvalidModule, SandboxError
 from stepfleet.sandbox.limits import SandboxLimits
-from stepfleet.sandbox.port import GuestRun, Sandbox
+from stepfleet.sandbox.module_cache import CompiledModuleCache, UnsafeCacheDirectory
+from stepfleet.sandbox.port import Egress, GuestRun, Sandbox
 from stepfleet.sandbox.runtime import WasmSandbox
 
 __all__ = [
     "ABI_VERSION",
+    "CompiledModuleCache",
+    "Egress",
     "GuestRun",
     "InvalidModule",
     "ReplayJournal",
     "Sandbox",
     "SandboxError",
     "SandboxLimits",
+    "UnsafeCacheDirectory",
     "WasmSandbox",
     "encode_replay_buffer",
 ]

@@ -25,6 +25,9 @@ HOST_IMPORTS: Final[dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "fail": (("i32",) * 3, ()),
     "nondeterminism": (("i32",) * 4, ()),
     "log": (("i32",) * 3, ()),
+    # Optional: only modules that call the outside world import these (inside steps only).
+    "http_request": (("i32", "i32"), ("i32",)),
+    "http_response": (("i32", "i32"), ()),
 }
 
 # The inert WASI subset C code needs to link against wasi-libc: no files, clock or randomness.

@@ -22,3 +22,5 @@ class SandboxLimits:
     """Longest sleep, retry delay, step timeout or event timeout."""
     run_timeout_ms: int = 600_000
     """Wall-clock bound on a whole run outside any step (replay is quick; fuel bounds CPU)."""
+    host_calls_per_step: int = 10
+    """HTTP calls (`http_request`) one step attempt may make; a run's GuestRun may override it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from stepfleet.schemas import GuestReport
+from stepfleet.schemas import GuestReport, HttpRequest, HttpResponse
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,30 @@ class GuestRun:
     journal_length: int = 0
     """Entries in the buffer: the position the run's first new entry takes."""
     attempt: int = 1
+    fuel_per_run: int | None = None
+    """The tenant's CPU budget, when it differs from the sandbox's."""
+    memory_bytes: int | None = None
+    """The tenant's memory cap, when it differs from the sandbox's."""
+    tenant: str = ""
+    """The tenant the instance belongs to: whose egress allow list and secrets apply."""
+    host_calls_per_step: int | None = None
+    """HTTP calls one step may make; None: SandboxLimits.host_calls_per_step."""
+
+
+class Egress(Protocol):
+    """The egress gateway the sandbox hands guests' HTTP calls to; it does the network I/O.
+
+    `request` never raises for anything the guest or the network did: refusals, timeouts and
+    connection failures come back as `HttpResponse.failed(message)`, and the answer must hold
+    nothing the guest may not read (the gateway scrubs the secrets it injects).
+    """
+
+    @property
+    def call_timeout_s(self) -> float:
+        """The longest one call may take; the sandbox passes min(this, the step's time left)."""
+
+    def request(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+        """Perform one call for `tenant` within `timeout_s` seconds, wall clock."""
 
 
 class Sandbox(Protocol):

@@ -24,7 +24,8 @@ from stepfleet.sandbox.abi import (
 )
 from stepfleet.sandbox.errors import InvalidModule
 from stepfleet.sandbox.limits import SandboxLimits
-from stepfleet.sandbox.port import GuestRun
+from stepfleet.sandbox.module_cache import CompiledModuleCache, engine_fingerprint
+from stepfleet.sandbox.port import Egress, GuestRun
 from stepfleet.sandbox.step_config import parse_step_config
 from stepfleet.schemas import (
     Completed,
@@ -34,6 +35,8 @@ from stepfleet.schemas import (
     GuestCrashed,
     GuestOutcome,
     GuestReport,
+    HttpRequest,
+    HttpResponse,
     Nondeterministic,
     Recorded,
     SleepRequested,
@@ -82,26 +85,50 @@ class _Violation(Exception):
 class _Step:
     """The step the guest has begun (`step_begin`) and not yet reported."""
 
-    __slots__ = ("config", "name", "seq")
+    __slots__ = ("config", "deadline", "http_calls", "http_response", "name", "seq")
 
     def __init__(self, seq: int, name: str, config: StepConfig) -> None:
         self.seq = seq
         self.name = name
         self.config = config
+        # When the step's timeout runs out (monotonic seconds): bounds its HTTP calls.
+        self.deadline = time.monotonic() + config.timeout_ms / 1000
+        self.http_calls = 0
+        # The answer of the last `http_request`, until `http_response` copies it.
+        self.http_response: bytes | None = None
 
 
 class _RunState:
     """What the host imports of the current run read and write."""
 
-    __slots__ = ("attempt", "logs", "next_seq", "recorded", "step", "store")
+    __slots__ = (
+        "attempt",
+        "host_calls_per_step",
+        "logs",
+        "next_seq",
+        "recorded",
+        "step",
+        "store",
+        "tenant",
+    )
 
-    def __init__(self, store: wasmtime.Store | None = None, next_seq: int = 0, attempt: int = 1):
+    def __init__(
+        self,
+        store: wasmtime.Store | None = None,
+        next_seq: int = 0,
+        attempt: int = 1,
+        *,
+        tenant: str = "",
+        host_calls_per_step: int = 0,
+    ):
         self.store = store
         self.logs: list[tuple[int, str]] = []
         self.recorded: list[Recorded] = []
         self.next_seq = next_seq
         self.attempt = attempt
         self.step: _Step | None = None
+        self.tenant = tenant
+        self.host_calls_per_step = host_calls_per_step
 
     def record(self, seq: int, kind: EntryKind, value: str) -> None:
         """Record a `now` or `random` value, which must take the next journal position."""
@@ -135,16 +162,30 @@ class WasmSandbox:
     """Runs guest modules per docs/guest-abi.md; drive it from one thread only."""
 
     def __init__(
-        self, limits: SandboxLimits | None = None, *, clock: Callable[[], float] = time.time
+        self,
+        limits: SandboxLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        module_cache: CompiledModuleCache | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.limits = limits or SandboxLimits()
         self._clock = clock
+        # Guests' HTTP calls go through it (the sandbox does no network I/O); None: refused.
+        self._egress = egress
+        # Every Config option goes through this mapping: it is also the on-disk cache's key.
+        engine_options: dict[str, bool | int | str] = {
+            "consume_fuel": True,
+            "epoch_interruption": True,
+            "max_wasm_stack": self.limits.stack_bytes,
+            "cranelift_opt_level": "speed",
+        }
         config = wasmtime.Config()
-        config.consume_fuel = True
-        config.epoch_interruption = True
-        config.max_wasm_stack = self.limits.stack_bytes
-        config.cranelift_opt_level = "speed"
+        for option, value in engine_options.items():
+            setattr(config, option, value)
         self._engine = wasmtime.Engine(config)
+        self.module_cache = module_cache
+        self._engine_fingerprint = engine_fingerprint(engine_options, ABI_VERSION)
         self._linker = wasmtime.Linker(self._engine)
         self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
         self._run = _RunState()
@@ -173,11 +214,21 @@ class WasmSandbox:
         return False
 
     def load(self, digest: str, wasm: bytes) -> None:
-        """Compile and cache a module, refusing bytes that do not match their digest."""
+        """Compile and cache a module, refusing bytes that do not match their digest.
+
+        With a `module_cache`, a precompiled artifact on disk replaces the compile (and a
+        fresh compile is written there); either way the module is validated the same.
+        """
         if digest_of(wasm) != digest:
             raise InvalidModule(f"module bytes do not hash to {digest}")
-        pre = self._linker.instantiate_pre(self._compile(wasm))
+        module = self._module_from_disk(digest, wasm)
+        from_disk = module is not None
+        if module is None:
+            module = self._compile(wasm)
+        pre = self._linker.instantiate_pre(module)
         self._check_abi_version(pre)
+        if self.module_cache is not None and not from_disk:
+            self.module_cache.store(self._engine_fingerprint, digest, module)
         self._compiled[digest] = pre
         self._compiled.move_to_end(digest)
         while len(self._compiled) > self.limits.compiled_cache_entries:
@@ -195,6 +246,21 @@ class WasmSandbox:
             raise InvalidModule(f"not a valid WebAssembly module: {first_line}") from None
         _check_imports(module)
         _check_exports(module)
+        return module
+
+    def _module_from_disk(self, digest: str, wasm: bytes) -> wasmtime.Module | None:
+        """The module's artifact from the on-disk cache, checked like a fresh compile."""
+        cache = self.module_cache
+        if cache is None or len(wasm) > self.limits.module_bytes:
+            return None
+        module = cache.load(self._engine, self._engine_fingerprint, digest)
+        if module is not None:
+            try:
+                _check_imports(module)
+                _check_exports(module)
+            except InvalidModule:
+                cache.discard(self._engine_fingerprint, digest)
+                raise
         return module
 
     def _check_abi_version(self, pre: wasmtime.InstancePre) -> None:
@@ -222,10 +288,20 @@ class WasmSandbox:
         if pre is None:
             raise KeyError(f"module {job.digest} is not loaded")
         store = wasmtime.Store(self._engine)
-        self._run = run = _RunState(store, job.journal_length, job.attempt)
-        store.set_fuel(self.limits.fuel_per_run)
+        calls = job.host_calls_per_step
+        self._run = run = _RunState(
+            store,
+            job.journal_length,
+            job.attempt,
+            tenant=job.tenant,
+            host_calls_per_step=self.limits.host_calls_per_step if calls is None else calls,
+        )
+        # A tenant's own limits, when it has any, replace the fleet's for its runs.
+        fuel = job.fuel_per_run or self.limits.fuel_per_run
+        memory_cap = job.memory_bytes or self.limits.memory_bytes
+        store.set_fuel(fuel)
         store.set_epoch_deadline(self._ticks(self.limits.run_timeout_ms))
-        store.set_limits(memory_size=self.limits.memory_bytes, instances=1, tables=4, memories=1)
+        store.set_limits(memory_size=memory_cap, instances=1, tables=4, memories=1)
         memory: wasmtime.Memory | None = None
 
         def report(outcome: GuestOutcome) -> GuestReport:
@@ -252,7 +328,8 @@ class WasmSandbox:
         except _Violation as exc:
             return report(GuestCrashed(str(exc), exc.limit))
         except wasmtime.Trap as trap:
-            return report(self._in_step(run, self._crashed(trap, memory, store)))
+            crash = self._crashed(trap, memory, store, fuel=fuel, memory_cap=memory_cap)
+            return report(self._in_step(run, crash))
         except wasmtime.WasmtimeError as exc:
             return report(GuestCrashed(f"guest error: {exc}"))
         finally:
@@ -272,13 +349,19 @@ class WasmSandbox:
         return StepFailed(step.seq, step.name, message, config=step.config, limit=crash.limit)
 
     def _crashed(
-        self, trap: wasmtime.Trap, memory: wasmtime.Memory | None, store: wasmtime.Store
+        self,
+        trap: wasmtime.Trap,
+        memory: wasmtime.Memory | None,
+        store: wasmtime.Store,
+        *,
+        fuel: int,
+        memory_cap: int,
     ) -> GuestCrashed:
         code = trap.trap_code
         limit = _TRAP_LIMITS.get(code) if code is not None else None
         if limit == "cpu":
             return GuestCrashed(
-                f"CPU limit exceeded: the step used all {self.limits.fuel_per_run} units of fuel",
+                f"CPU limit exceeded: the step used all {fuel} units of fuel",
                 "cpu",
             )
         if limit == "timeout":
@@ -292,9 +375,9 @@ class WasmSandbox:
             )
         # A failed memory.grow returns -1 and the guest usually traps soon after: a memory
         # already at the cap is the likely cause, and naming it is what the tenant needs.
-        if memory is not None and memory.data_len(store) + _PAGE > self.limits.memory_bytes:
+        if memory is not None and memory.data_len(store) + _PAGE > memory_cap:
             return GuestCrashed(
-                f"memory limit exceeded: the guest reached {self.limits.memory_bytes} bytes "
+                f"memory limit exceeded: the guest reached {memory_cap} bytes "
                 f"and then trapped ({_first_line(trap)})",
                 "memory",
             )
@@ -439,6 +522,42 @@ class WasmSandbox:
             raw = bytes(_memory(caller).read(caller, mp, mp + length)) if length else b""
             logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
 
+        def in_step(what: str) -> _Step:
+            step = self._run.step
+            if step is None:
+                raise _Violation(
+                    f"guest ABI violation: {what} called outside a step "
+                    "(HTTP calls are only allowed inside a step function)"
+                )
+            return step
+
+        def http_request(caller: wasmtime.Caller, rp: int, rl: int) -> int:
+            step = in_step("http_request")
+            text = _text(caller, rp, rl, limits.value_bytes, "http request")
+            try:
+                request = HttpRequest.from_json(text)
+            except ValueError as exc:
+                raise _Violation(f"guest ABI violation: http request {exc}") from None
+            step.http_calls += 1
+            answer = self._http_call(self._run, step, request).to_json().encode()
+            step.http_response = answer
+            return len(answer)
+
+        def http_response(caller: wasmtime.Caller, ptr: int, length: int) -> None:
+            step = in_step("http_response")
+            answer = step.http_response
+            if answer is None:
+                raise _Violation("guest ABI violation: http_response without an http_request")
+            if length != len(answer):
+                raise _Violation(
+                    f"guest ABI violation: http_response asked for {length} bytes, "
+                    f"the answer is {len(answer)}"
+                )
+            memory = _memory(caller)
+            _check_range(memory, caller, ptr, length)
+            memory.write(caller, answer, ptr)
+            step.http_response = None
+
         handlers: dict[str, Callable[..., Any]] = {
             "step_begin": step_begin,
             "step_done": step_done,
@@ -451,9 +570,28 @@ class WasmSandbox:
             "fail": fail,
             "nondeterminism": nondeterminism,
             "log": log,
+            "http_request": http_request,
+            "http_response": http_response,
         }
         for name, signature in HOST_IMPORTS.items():
             self._define(HOST_MODULE, name, signature, handlers[name])
+
+    def _http_call(self, run: _RunState, step: _Step, request: HttpRequest) -> HttpResponse:
+        """One guest HTTP call through the egress gateway, within the step's cap and time."""
+        cap = run.host_calls_per_step
+        if step.http_calls > cap:
+            return HttpResponse.failed(
+                f"host call limit reached: a step may make {cap} HTTP call(s)"
+            )
+        if self._egress is None:
+            return HttpResponse.failed("egress is not configured")
+        left = step.deadline - time.monotonic()
+        if left <= 0:
+            return HttpResponse.failed(f"step {step.name!r} has no time left for an HTTP call")
+        try:
+            return self._egress.request(run.tenant, request, min(self._egress.call_timeout_s, left))
+        except Exception as exc:  # a gateway bug must not fail the worker; say nothing more
+            return HttpResponse.failed(f"egress gateway error ({type(exc).__name__})")
 
     def _define_wasi_imports(self) -> None:
         limits = self.limits

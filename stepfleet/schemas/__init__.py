@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from stepfleet.schemas.egress import HttpRequest, HttpResponse
 from stepfleet.schemas.identifiers import (
     DIGEST_PATTERN,
     INSTANCE_ID_PATTERN,
@@ -57,6 +58,7 @@ from stepfleet.schemas.outcomes import (
     WorkflowFailed,
 )
 from stepfleet.schemas.status import InstanceStatus
+from stepfleet.schemas.tenancy import TenantLimits
 
 __all__ = [
     "BODY_MODELS",
@@ -82,6 +84,8 @@ __all__ = [
     "GuestOutcome",
     "GuestReport",
     "Headers",
+    "HttpRequest",
+    "HttpResponse",
     "InstanceKey",
     "InstanceStatus",
     "InvalidMessage",
@@ -95,6 +99,7 @@ __all__ = [
     "StepConfig",
     "StepFailed",
     "StepSucceeded",
+    "TenantLimits",
     "WaitKind",
     "Waiting",
     "WakeBody",

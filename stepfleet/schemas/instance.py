@@ -49,6 +49,8 @@ class WaitKind(StrEnum):
     SLEEP = "sleep"
     RETRY = "retry"
     EVENT = "event"
+    THROTTLE = "throttle"
+    """Over its tenant's running-steps or rate limit: runs when its turn comes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from stepfleet.store.records import (
     OutboxMessage,
     StepWrite,
 )
+from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
 __all__ = [
     "ControlTransaction",
@@ -28,4 +29,7 @@ __all__ = [
     "StepWrite",
     "StoreError",
     "StoreUnavailable",
+    "StoredSecret",
+    "TenantRecord",
+    "TenantStore",
 ]

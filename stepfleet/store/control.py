@@ -84,6 +84,10 @@ _HAS_ROLLBACKS = text(
     """
 )
 
+_SET_MODULE = text(
+    "UPDATE instances SET module = :module, updated_at = now() WHERE tenant = :tenant AND id = :id"
+)
+
 _DELETE = text("DELETE FROM instances WHERE tenant = :tenant AND id = :id")
 
 
@@ -175,6 +179,10 @@ class ControlTransaction:
             },
         )
         return sorted(row.id for row in result)
+
+    async def set_module(self, key: InstanceKey, module: str) -> None:
+        """Pin the instance to another module digest (an operator's code move)."""
+        await self._conn.execute(_SET_MODULE, {**_key(key), "module": module})
 
     async def delete(self, key: InstanceKey) -> None:
         """Delete the instance with its journal, attempts and events."""

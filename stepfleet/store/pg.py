@@ -41,6 +41,7 @@ from stepfleet.store.rows import (
     take_events,
 )
 from stepfleet.store.tables import instances, journal, modules, step_attempts, tenant_modules
+from stepfleet.store.tenants import TenantStore
 
 _INSERT_INSTANCES = text(
     """
@@ -145,6 +146,30 @@ _WRITE_BATCH = text(
     """
 )
 
+# Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
+# the slots, held by whichever workers' transactions run the tenant's steps right now.
+_GRANT_SLOTS = text(
+    """
+    SELECT count(*) FROM (
+        SELECT slot FROM generate_series(0, :cap - 1) AS slot
+        WHERE pg_try_advisory_xact_lock(:tenant_key, slot)
+        LIMIT :need
+    ) AS taken
+    """
+)
+
+_REFILL_RATE = text(
+    """
+    INSERT INTO tenant_rates AS r (tenant, tokens, updated_at) VALUES (:tenant, :rate, now())
+    ON CONFLICT (tenant) DO UPDATE SET
+        tokens = LEAST(:rate, r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at)),
+        updated_at = now()
+    RETURNING tokens
+    """
+)
+
+_SPEND_RATE = text("UPDATE tenant_rates SET tokens = tokens - :spent WHERE tenant = :tenant")
+
 _INSERT_EVENTS = text(
     """
     INSERT INTO events (tenant, instance_id, event_id, type, payload, consumed_seq)
@@ -247,6 +272,21 @@ class StepTransaction:
             for row in result:
                 entries[InstanceKey(row.tenant, row.instance_id)].append(entry_from_row(row))
         return params, entries
+
+    async def grant_slots(self, tenant_key: int, cap: int, need: int) -> int:
+        """Take up to `need` of a tenant's `cap` running-step slots until commit."""
+        result = await self._conn.execute(
+            _GRANT_SLOTS, {"tenant_key": tenant_key, "cap": cap, "need": need}
+        )
+        return int(result.scalar_one())
+
+    async def grant_rate(self, tenant: str, per_second: float, need: int) -> int:
+        """Spend up to `need` whole tokens of the tenant's shared bucket; return how many."""
+        result = await self._conn.execute(_REFILL_RATE, {"tenant": tenant, "rate": per_second})
+        granted = max(0, min(need, int(result.scalar_one())))
+        if granted:
+            await self._conn.execute(_SPEND_RATE, {"tenant": tenant, "spent": granted})
+        return granted
 
     async def insert_events(self, events: Sequence[NewEvent]) -> set[InstanceKey]:
         """Store events; return the keys whose event was new (the rest are repeats)."""
@@ -354,7 +394,7 @@ _DUE_TIMERS = text(
     """
     WITH due AS (
         SELECT tenant, id FROM instances
-        WHERE wake_at <= now() AND status IN ('running', 'sleeping', 'waiting')
+        WHERE wake_at <= now() AND status IN ('queued', 'running', 'sleeping', 'waiting')
           AND (wake_sent_at IS NULL OR wake_sent_at < now() - make_interval(secs => :resend))
         ORDER BY wake_at
         LIMIT :limit
@@ -396,6 +436,7 @@ class PgStore:
             url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True
         )
         self._retention = retention_seconds
+        self.tenants = TenantStore(self._engine)
 
     async def close(self) -> None:
         """Close every pooled connection."""

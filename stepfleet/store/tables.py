@@ -7,6 +7,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKeyConstraint,
     Index,
     Integer,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -38,6 +40,54 @@ _STATUSES = ", ".join(f"'{status.value}'" for status in InstanceStatus)
 def _now() -> Column[object]:
     return Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now())
 
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("name", Text, nullable=False),
+    # The RabbitMQ user whose messages are this tenant's (checked against AMQP user_id).
+    Column("broker_user", Text),
+    # TenantLimits as JSON: only the limits that differ from the fleet's settings.
+    Column("limits", Text, nullable=False, server_default="{}"),
+    _now(),
+    PrimaryKeyConstraint("name"),
+    UniqueConstraint("broker_user"),
+)
+
+tenant_rates = Table(
+    "tenant_rates",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    # A token bucket shared by every worker: steps the tenant may start now.
+    Column("tokens", Float, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("tenant"),
+)
+
+tenant_egress = Table(
+    "tenant_egress",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("host", Text, nullable=False),
+    _now(),
+    PrimaryKeyConstraint("tenant", "host"),
+    ForeignKeyConstraint(["tenant"], ["tenants.name"], ondelete="CASCADE"),
+)
+
+tenant_secrets = Table(
+    "tenant_secrets",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    # The gateway adds `header: <secret>` to requests for `host`; the guest never sees it.
+    Column("host", Text, nullable=False),
+    Column("header", Text, nullable=False),
+    # Encrypted with the fleet's secret key; never stored or logged in the clear.
+    Column("ciphertext", LargeBinary, nullable=False),
+    _now(),
+    PrimaryKeyConstraint("tenant", "name"),
+    ForeignKeyConstraint(["tenant"], ["tenants.name"], ondelete="CASCADE"),
+)
 
 modules = Table(
     "modules",
@@ -95,7 +145,7 @@ instances = Table(
     ForeignKeyConstraint(["module"], ["modules.digest"]),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),
     CheckConstraint("position >= 0", name="position"),
-    CheckConstraint("wait_kind IN ('sleep', 'retry', 'event')", name="wait_kind"),
+    CheckConstraint("wait_kind IN ('sleep', 'retry', 'event', 'throttle')", name="wait_kind"),
     Index(None, "tenant", "status"),
     Index("ix_instances_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
     Index(

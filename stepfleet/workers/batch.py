@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -39,8 +41,11 @@ from stepfleet.schemas import (
     EventBody,
     GuestReport,
     InstanceKey,
+    InstanceStatus,
     InvalidMessage,
     JournalEntry,
+    RunMode,
+    Waiting,
     WaitKind,
     parse_envelope,
 )
@@ -54,6 +59,7 @@ from stepfleet.store import (
 )
 from stepfleet.workers.outgoing import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
+from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 
 log = structlog.get_logger("stepfleet.worker")
 
@@ -114,6 +120,8 @@ class BatchProcessor:
         limits: EngineLimits | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
+        directory: TenantDirectory | None = None,
+        producers: ProducerCheck | None = None,
     ) -> None:
         self._store = store
         self._sandbox = sandbox
@@ -123,6 +131,8 @@ class BatchProcessor:
         self._max_message_bytes = max_message_bytes
         self._value_bytes = value_bytes
         self._limits = limits or EngineLimits()
+        self._directory = directory or TenantDirectory(self._limits)
+        self._producers = producers
         self._clock = clock
         self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
@@ -137,6 +147,7 @@ class BatchProcessor:
         """
         result = BatchResult()
         works, dead = self._validate(deliveries, result)
+        works = await self._verify(works, dead)
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
             ran, decisions, outgoing = await self._transact(works, dead, result, confirmed)
@@ -164,6 +175,7 @@ class BatchProcessor:
         """Admit, run and record the batch in one transaction; return what to publish."""
         async with self._store.transaction() as tx:
             admitted = await self._admit(tx, works, dead, result)
+            admitted, throttled = await self._apply_quotas(tx, admitted)
             await self._load_replays(tx, admitted)
             await self._load_modules(tx, admitted)
             ran = await asyncio.get_running_loop().run_in_executor(
@@ -183,11 +195,14 @@ class BatchProcessor:
                 if d.publish_step
             ]
             result.outbox_ids = await tx.write_batch(
-                [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)],
+                [_write(item.work.key, d) for item, d in zip(ran, decisions, strict=True)]
+                + throttled,
                 [row for row, _ in messages],
                 confirmed_outbox=confirmed,
             )
         self._note_timers(decisions)
+        if throttled and self._on_wake_due is not None:
+            self._on_wake_due(min(w.waiting.wake_at for w in throttled if w.waiting))
         return ran, decisions, [outgoing for _, outgoing in messages]
 
     # -- stages --------------------------------------------------------------------------
@@ -214,6 +229,25 @@ class BatchProcessor:
             seen.add(key)
             works.append(_Work(delivery, envelope, key))
         return works, dead
+
+    async def _verify(
+        self, works: list[_Work], dead: list[tuple[Delivery, Outgoing]]
+    ) -> list[_Work]:
+        """Drop deliveries whose producer may not act for the tenant they name."""
+        if self._producers is None:
+            return works
+        users = {w.delivery.user_id for w in works if w.delivery.user_id}
+        await self._directory.refresh_on_miss(self._store, users)
+        allowed: list[_Work] = []
+        for work in works:
+            refusal = self._producers.check(work.delivery, work.envelope)
+            if refusal is None:
+                allowed.append(work)
+            else:
+                dead.append(
+                    (work.delivery, self._dead(work.delivery, refusal.reason, refusal.detail))
+                )
+        return allowed
 
     async def _admit(
         self,
@@ -299,6 +333,39 @@ class BatchProcessor:
             why=why,
         )
 
+    async def _apply_quotas(
+        self, tx: StepTransaction, admitted: list[_Work]
+    ) -> tuple[list[_Work], list[StepWrite]]:
+        """Hold back deliveries over their tenant's running-steps or rate limit.
+
+        A held-back instance is parked (its timer fires shortly) instead of run, so the flood
+        leaves the queue at once and other tenants' messages behind it are reached quickly.
+        Deliveries that carry an event or a timed-out wait always run.
+        """
+        needs: dict[str, list[_Work]] = {}
+        for work in admitted:
+            own = self._directory.limits(work.key.tenant)
+            if (own.running_steps or own.steps_per_second) and not work.pending:
+                needs.setdefault(work.key.tenant, []).append(work)
+        if not needs:
+            return admitted, []
+        held: list[StepWrite] = []
+        held_ids: set[int] = set()
+        now = self._clock()
+        for tenant, works in needs.items():
+            own = self._directory.limits(tenant)
+            granted = len(works)
+            if own.running_steps:
+                granted = await tx.grant_slots(tenant_lock_key(tenant), own.running_steps, granted)
+            if own.steps_per_second and granted:
+                granted = await tx.grant_rate(tenant, own.steps_per_second, granted)
+            for rank, work in enumerate(works[granted:], start=1):
+                held_ids.add(id(work))
+                held.append(_held(work, now + _throttle_delay(rank, own.steps_per_second)))
+            if len(works) > granted:
+                log.info("tenant_throttled", tenant=tenant, held=len(works) - granted)
+        return [w for w in admitted if id(w) not in held_ids], held
+
     async def _load_replays(self, tx: StepTransaction, admitted: list[_Work]) -> None:
         since: dict[InstanceKey, int] = {}
         cold: list[InstanceKey] = []
@@ -366,8 +433,16 @@ class BatchProcessor:
                 mode=work.state.mode,
                 attempt=work.state.attempt,
             )
+            own = self._directory.limits(work.key.tenant)
             job = GuestRun(
-                _module(work), buffer, len(journal) + len(work.pending), work.state.attempt
+                _module(work),
+                buffer,
+                len(journal) + len(work.pending),
+                work.state.attempt,
+                fuel_per_run=own.fuel_per_run,
+                memory_bytes=own.memory_bytes,
+                tenant=work.key.tenant,
+                host_calls_per_step=own.host_calls_per_step,
             )
             started_at = self._clock()
             report = self._sandbox.run(job)
@@ -384,7 +459,7 @@ class BatchProcessor:
             item.report,
             started_at=item.started_at,
             finished_at=item.finished_at,
-            limits=self._limits,
+            limits=self._directory.engine_limits(work.key.tenant),
             pending=work.pending,
         )
         self._log_run(item, decision)
@@ -489,6 +564,34 @@ def _module(work: _Work) -> str:
         return work.record.module
     assert work.envelope.module is not None
     return work.envelope.module
+
+
+def tenant_lock_key(tenant: str) -> int:
+    """The advisory-lock key of a tenant's running-step slots (a signed 32-bit hash)."""
+    return zlib.crc32(tenant.encode()) - 2**31
+
+
+def _throttle_delay(rank: int, per_second: float | None) -> timedelta:
+    """When a held-back delivery should try again: after the tokens it waits for, or soon."""
+    wait = rank / per_second if per_second else 0.0
+    return timedelta(seconds=max(wait, 0.1) + random.uniform(0, 0.1))
+
+
+def _held(work: _Work, wake_at: datetime) -> StepWrite:
+    """The write that parks a held-back instance until `wake_at`, changing nothing else."""
+    state = work.state
+    assert state is not None
+    return StepWrite(
+        key=work.key,
+        status=InstanceStatus.QUEUED if state.position == 0 else InstanceStatus.RUNNING,
+        position=state.position,
+        attempt=state.attempt,
+        waiting=Waiting(WaitKind.THROTTLE, "", wake_at),
+        mode=state.mode,
+        end_status=state.end_status,
+        error=state.error if state.mode is RunMode.COMPENSATE else None,
+        state_bytes=state.state_bytes,
+    )
 
 
 def _generation(work: _Work) -> int:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stepfleet.broker import Topology
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
+
+
+def _default_module_cache_dir() -> Path | None:
+    """$XDG_CACHE_HOME/stepfleet/modules, else ~/.cache/stepfleet/modules (None: no home)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:
+            return None
+    return Path(base) / "stepfleet" / "modules"
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
 
 
 class Settings(BaseSettings):
@@ -19,18 +38,36 @@ class Settings(BaseSettings):
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/stepfleet"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     prefix: str = Field(default="stepfleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,60}$")
+    rabbitmq_admin_url: str = "http://guest:guest@127.0.0.1:15672"
+    """RabbitMQ's management API, used by `stepfleet tenant add` to create producer users."""
+    platform_users: str = ""
+    """Comma-separated broker users trusted to publish for any tenant (a platform's backend).
+    The user of STEPFLEET_AMQP_URL (the fleet's own) is always trusted."""
+    verify_producers: bool = True
+    """Require ingress messages to carry a user_id that is the tenant's producer or a
+    platform user. Turning it off trusts the x-tenant header (for closed test setups only)."""
 
     concurrency: int = Field(default=2, ge=1, le=64)
     """Batches in flight at once per worker process, each on its own database connection."""
     batch_size: int = Field(default=64, ge=1, le=1000)
     """Deliveries that may share one transaction and one confirm wait."""
     delivery_limit: int = Field(default=20, ge=2)
+    lanes: int = Field(default=8, ge=1, le=256)
+    """Work queues tenants are spread over; fixed for a deployment (see docs/operations)."""
 
     max_message_bytes: int = Field(default=1024 * 1024 + 4096, ge=1024)
     fuel_per_run: int = Field(default=2_000_000_000, ge=1_000)
     memory_bytes: int = Field(default=64 * 1024 * 1024, ge=65536)
     value_bytes: int = Field(default=1024 * 1024, ge=1024)
     module_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    module_cache_dir: Annotated[Path | None, BeforeValidator(_empty_is_none)] = Field(
+        default_factory=_default_module_cache_dir
+    )
+    """Precompiled modules on local disk, private to this user (0700); empty disables it."""
+    module_cache_bytes: int = Field(default=1024**3, ge=0)
+    """Bound on that directory; least recently used artifacts are evicted past it (0 disables)."""
+    module_cache_key: Annotated[SecretStr | None, BeforeValidator(_empty_is_none)] = None
+    """HMAC key (16+ bytes) sealing the artifacts; unset: a random key file in the directory."""
 
     max_steps: int = Field(default=10_000, ge=1)
     """Journal entries per instance."""
@@ -44,6 +81,12 @@ class Settings(BaseSettings):
 
     retention_check_seconds: float = Field(default=60.0, gt=0)
     """How often each worker deletes finished instances past their retention."""
+    secret_key: SecretStr | None = None
+    """Fernet key(s), comma-separated (the first seals), for tenants' egress secrets."""
+    egress_timeout_seconds: float = Field(default=10.0, gt=0)
+    host_calls_per_step: int = Field(default=10, ge=0)
+    """Egress (HTTP) calls one step may make, unless the tenant's limits say otherwise."""
+
     timer_poll_seconds: float = Field(default=0.5, gt=0)
     wake_resend_seconds: float = Field(default=30.0, gt=0)
     """A wake sent but not processed after this long is sent again."""
@@ -58,6 +101,19 @@ class Settings(BaseSettings):
         """Deliveries the broker may hand one worker before it acks: two batches per slot."""
         return self.concurrency * self.batch_size * 2
 
+    def topology(self) -> Topology:
+        """The broker objects these settings name."""
+        return Topology(self.prefix, self.delivery_limit, self.lanes)
+
+    @property
+    def trusted_users(self) -> frozenset[str]:
+        """The fleet's own broker user and the configured platform users."""
+        users = {u.strip() for u in self.platform_users.split(",") if u.strip()}
+        own = urlsplit(self.amqp_url).username
+        if own:
+            users.add(unquote(own))
+        return frozenset(users)
+
     @property
     def retention_seconds(self) -> int:
         """The default retention of finished instances."""
@@ -71,6 +127,7 @@ class Settings(BaseSettings):
             value_bytes=self.value_bytes,
             module_bytes=self.module_bytes,
             max_sleep_ms=self.max_sleep_seconds * 1000,
+            host_calls_per_step=self.host_calls_per_step,
         )
 
     def engine_limits(self) -> EngineLimits:

@@ -10,17 +10,20 @@ from datetime import UTC, datetime
 
 import structlog
 
-from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused, Topology
-from stepfleet.sandbox import Sandbox, WasmSandbox
+from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused
+from stepfleet.egress import EgressGateway, SealError, open_secrets
+from stepfleet.sandbox import CompiledModuleCache, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.outgoing import from_outbox, wake_message
 from stepfleet.workers.settings import Settings
+from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 
 log = structlog.get_logger("stepfleet.worker")
 
 _MAX_BACKOFF_SECONDS = 30.0
 _TIMERS_PER_CLAIM = 500
+_TENANTS_REFRESH_SECONDS = 10.0
 
 # wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
 # module-level global until the guest call returns. So every guest run of a process, whatever
@@ -42,7 +45,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.name = name
-        self.topology = Topology(settings.prefix, settings.delivery_limit)
+        self.topology = settings.topology()
         self._owns_store = store is None
         self._owns_broker = broker is None
         self.store = store or PgStore(
@@ -51,9 +54,28 @@ class Worker:
             retention_seconds=settings.retention_seconds,
         )
         self.broker = broker or Broker(settings.amqp_url, self.topology)
+        self.tenants = TenantDirectory(settings.engine_limits())
+        producers = (
+            ProducerCheck(self.topology, self.tenants, settings.trusted_users)
+            if settings.verify_producers
+            else None
+        )
+        self.egress = EgressGateway(
+            call_timeout_s=settings.egress_timeout_seconds,
+            max_response_bytes=settings.value_bytes,
+        )
         self._processor = BatchProcessor(
             store=self.store,
-            sandbox=sandbox or WasmSandbox(settings.sandbox_limits()),
+            sandbox=sandbox
+            or WasmSandbox(
+                settings.sandbox_limits(),
+                module_cache=CompiledModuleCache.open(
+                    settings.module_cache_dir,
+                    settings.module_cache_bytes,
+                    settings.module_cache_key,
+                ),
+                egress=self.egress,
+            ),
             wasm_thread=_WASM_THREAD,
             topology=self.topology,
             publish=self._publish,
@@ -61,6 +83,8 @@ class Worker:
             value_bytes=settings.value_bytes,
             limits=settings.engine_limits(),
             on_wake_due=self._wake_due_at,
+            directory=self.tenants,
+            producers=producers,
         )
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._stopping = asyncio.Event()
@@ -85,10 +109,15 @@ class Worker:
         if self._owns_broker:
             await self.broker.connect(name=f"stepfleet-{self.name}")
         try:
+            await self._load_tenants()
             await self.broker.declare()
-            cancel = await self.broker.consume(
-                self.topology.work_queue, self._on_delivery, prefetch=self.settings.prefetch
-            )
+            # One consumer per lane, each with its share of the prefetch: a flooded lane holds
+            # at most its share, so other tenants' messages reach the inbox right away.
+            per_lane = max(self.settings.batch_size, self.settings.prefetch // self.topology.lanes)
+            cancels = [
+                await self.broker.consume(queue, self._on_delivery, prefetch=per_lane)
+                for queue in self.topology.work_queues
+            ]
             pipelines = [
                 asyncio.create_task(self._pipeline(i), name=f"pipeline-{i}")
                 for i in range(self.settings.concurrency)
@@ -105,7 +134,8 @@ class Worker:
             )
             await self._stopping.wait()
             log.info("worker_stopping", worker=self.name, held=self._inbox.qsize())
-            await cancel()
+            for cancel in cancels:
+                await cancel()
             # Deliveries already received are finished, not abandoned: the pipelines drain
             # the inbox and exit when it is empty.
             try:
@@ -120,6 +150,7 @@ class Worker:
                     await task
             await self._flush_confirmed()
         finally:
+            self.egress.close()
             if self._owns_broker:
                 await self.broker.close()
             if self._owns_store:
@@ -193,6 +224,23 @@ class Worker:
         except StoreUnavailable:
             log.warning("outbox_cleanup_deferred", count=len(ids))
 
+    async def _load_tenants(self) -> None:
+        """Reload producer users, limits, egress allow lists and (opened) secrets."""
+        await self.tenants.refresh(self.store)
+        secrets: list[tuple[str, str, str, str]] = []
+        stored = await self.store.tenants.secrets()
+        key = self.settings.secret_key
+        if stored and key is None:
+            log.warning("secrets_unavailable", why="STEPFLEET_SECRET_KEY is not set")
+        elif stored and key is not None:
+            try:
+                secrets, problems = open_secrets(key.get_secret_value(), stored)
+            except SealError as exc:
+                problems = [f"STEPFLEET_SECRET_KEY is not usable: {exc}"]
+            for problem in problems:
+                log.warning("secret_unavailable", problem=problem)
+        self.egress.configure(await self.store.tenants.allowed_hosts(), secrets)
+
     def _wake_due_at(self, when: datetime) -> None:
         """A batch parked an instance until `when`: check timers then if that is sooner."""
         loop = asyncio.get_running_loop()
@@ -205,6 +253,7 @@ class Worker:
         """Publish wakes for due timers (kept in PostgreSQL) and delete expired instances."""
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + self.settings.retention_check_seconds
+        next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
@@ -213,6 +262,9 @@ class Worker:
                     await asyncio.wait_for(self._timer_nudge.wait(), timeout=remaining)
             try:
                 await self._fire_due_timers()
+                if loop.time() >= next_tenants:
+                    next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
+                    await self._load_tenants()
                 if loop.time() >= next_retention:
                     next_retention = loop.time() + self.settings.retention_check_seconds
                     deleted = await self.store.delete_expired(limit=1000)

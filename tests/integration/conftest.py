@@ -7,12 +7,16 @@ end, so concurrent runs never see each other's rows or messages.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq
 import pytest
+from aiormq.abc import DeliveredMessage
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -76,7 +80,7 @@ def settings(database_url: str, run_id: str) -> Settings:
 @pytest.fixture(scope="session")
 def topology(settings: Settings) -> Topology:
     """This run's broker names."""
-    return Topology(settings.prefix, settings.delivery_limit)
+    return settings.topology()
 
 
 @pytest.fixture(scope="session")
@@ -146,15 +150,18 @@ async def wait_for_status(
 async def playbook(
     settings: Settings, topology: Topology, store: PgStore, playbook_wasm: bytes
 ) -> Callable[..., Awaitable[InstanceKey]]:
-    """Start a playbook instance for tenant acme from its ops; returns its key."""
+    """Start a playbook instance from its ops (tenant acme unless named); returns its key."""
     digest = digest_of(playbook_wasm)
-    await store.put_module("acme", digest, playbook_wasm)
+    pushed: set[str] = set()
 
-    async def start(*ops: dict[str, Any], label: str = "pb") -> InstanceKey:
+    async def start(*ops: dict[str, Any], label: str = "pb", tenant: str = "acme") -> InstanceKey:
+        if tenant not in pushed:
+            await store.put_module(tenant, digest, playbook_wasm)
+            pushed.add(tenant)
         instance_id = f"{label}-{uuid.uuid4().hex[:12]}"
         async with Producer(settings.amqp_url, topology) as producer:
-            await producer.create(CreateRequest("acme", digest, {"ops": list(ops)}, instance_id))
-        return InstanceKey("acme", instance_id)
+            await producer.create(CreateRequest(tenant, digest, {"ops": list(ops)}, instance_id))
+        return InstanceKey(tenant, instance_id)
 
     return start
 
@@ -163,3 +170,78 @@ async def playbook(
 def control(store: PgStore, broker: Broker, topology: Topology) -> Control:
     """Operator actions over this run's store and broker."""
     return Control(store, broker, topology)
+
+
+@dataclass
+class RawClient:
+    """A producer written from docs/protocol.md: one confirming channel, plus a dead-letter tap."""
+
+    prefix: str
+    channel: aiormq.abc.AbstractChannel
+    letters: asyncio.Queue[DeliveredMessage]
+    seen: dict[str | None, DeliveredMessage] = field(default_factory=dict)
+
+    async def publish(
+        self,
+        tenant: str,
+        instance_id: str,
+        kind: str,
+        body: dict[str, Any],
+        module: str | None = None,
+    ) -> str:
+        """Publish one message as the doc describes it; return its message id."""
+        headers = {
+            "x-tenant": tenant,
+            "x-instance-id": instance_id,
+            "x-kind": kind,
+            "x-schema-version": "1",
+        }
+        if module is not None:
+            headers["x-module"] = module
+        message_id = f"{tenant}/{instance_id}/{kind}"
+        confirmation = await self.channel.basic_publish(
+            json.dumps(body).encode("utf-8"),
+            exchange=f"{self.prefix}.ingress",
+            routing_key=f"{tenant}.{kind}",
+            mandatory=True,
+            properties=aiormq.spec.Basic.Properties(
+                delivery_mode=2,
+                content_type="application/json",
+                message_id=message_id,
+                headers=headers,
+                # The broker user this connection logged in as (RabbitMQ checks it).
+                user_id="guest",
+            ),
+        )
+        assert isinstance(confirmation, aiormq.spec.Basic.Ack), confirmation
+        return message_id
+
+    async def dead_letter(self, message_id: str, timeout: float = 15.0) -> DeliveredMessage:
+        """Wait for the dead letter of one message; letters of others are kept for later
+        (lanes do not keep order between tenants)."""
+        async with asyncio.timeout(timeout):
+            while message_id not in self.seen:
+                letter = await self.letters.get()
+                self.seen[letter.header.properties.message_id] = letter
+        return self.seen.pop(message_id)
+
+    def dead_letter_ids(self) -> set[str | None]:
+        """The message ids of the dead letters received so far."""
+        while not self.letters.empty():
+            letter = self.letters.get_nowait()
+            self.seen[letter.header.properties.message_id] = letter
+        return set(self.seen)
+
+
+@pytest.fixture
+async def raw(settings, broker) -> AsyncIterator[RawClient]:
+    """A bare aiormq connection with a queue of its own bound to `<prefix>.dead-letter`."""
+    connection = await aiormq.connect(settings.amqp_url)
+    channel = await connection.channel()  # publisher confirms are on by default
+    letters: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+    declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
+    assert declared.queue is not None
+    await channel.queue_bind(declared.queue, f"{settings.prefix}.dead-letter", routing_key="")
+    await channel.basic_consume(declared.queue, letters.put, no_ack=True)
+    yield RawClient(settings.prefix, channel, letters)
+    await connection.close()

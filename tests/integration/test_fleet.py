@@ -50,6 +50,21 @@ async def dead_letters(broker: Broker, topology: Topology, want: int, timeout: f
     return letters
 
 
+async def dead_letter_of(broker: Broker, topology: Topology, instance_id: str, timeout=15.0):
+    """Drain the dead-letter queue until the letter of `instance_id` arrives (others are
+    earlier tests' and are dropped)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        for letter in await broker.fetch(topology.dead_letter_queue, limit=100):
+            await letter.ack()
+            found = letter.headers.get("x-instance-id")
+            if (found.decode() if isinstance(found, bytes) else found) == instance_id:
+                return letter
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no dead letter for {instance_id} within {timeout}s")
+
+
 async def test_c_example_completes_with_its_output(
     settings, topology, store, start_worker, order_wasm
 ):
@@ -231,6 +246,7 @@ async def test_invalid_messages_are_dead_lettered_and_the_worker_keeps_running(
             "acme.create",
             b'{"params":{}}',
             {**base, "x-module": unknown_module, "x-instance-id": new_id("nomod")},
+            user_id="guest",
         ),
     ]
     await broker.publish_many(bad)

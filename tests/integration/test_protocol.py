@@ -10,13 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import aiormq
 import pytest
-from aiormq.abc import DeliveredMessage
 
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS
@@ -33,77 +29,6 @@ def new_tenant() -> str:
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass
-class RawClient:
-    """A producer written from docs/protocol.md: one confirming channel, plus a dead-letter tap."""
-
-    prefix: str
-    channel: aiormq.abc.AbstractChannel
-    letters: asyncio.Queue[DeliveredMessage]
-
-    async def publish(
-        self,
-        tenant: str,
-        instance_id: str,
-        kind: str,
-        body: dict[str, Any],
-        module: str | None = None,
-    ) -> str:
-        """Publish one message as the doc describes it; return its message id."""
-        headers = {
-            "x-tenant": tenant,
-            "x-instance-id": instance_id,
-            "x-kind": kind,
-            "x-schema-version": "1",
-        }
-        if module is not None:
-            headers["x-module"] = module
-        message_id = f"{tenant}/{instance_id}/{kind}"
-        confirmation = await self.channel.basic_publish(
-            json.dumps(body).encode("utf-8"),
-            exchange=f"{self.prefix}.ingress",
-            routing_key=f"{tenant}.{kind}",
-            mandatory=True,
-            properties=aiormq.spec.Basic.Properties(
-                delivery_mode=2,
-                content_type="application/json",
-                message_id=message_id,
-                headers=headers,
-            ),
-        )
-        assert isinstance(confirmation, aiormq.spec.Basic.Ack), confirmation
-        return message_id
-
-    async def dead_letter(self, message_id: str, timeout: float = 15.0) -> DeliveredMessage:
-        """Wait for the dead letter of one message (other tests' letters are skipped)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                letter = await self.letters.get()
-                if letter.header.properties.message_id == message_id:
-                    return letter
-
-    def dead_letter_ids(self) -> set[str | None]:
-        """The message ids of the dead letters received so far."""
-        ids = set()
-        while not self.letters.empty():
-            ids.add(self.letters.get_nowait().header.properties.message_id)
-        return ids
-
-
-@pytest.fixture
-async def raw(settings, broker) -> AsyncIterator[RawClient]:
-    """A bare aiormq connection with a queue of its own bound to `<prefix>.dead-letter`."""
-    connection = await aiormq.connect(settings.amqp_url)
-    channel = await connection.channel()  # publisher confirms are on by default
-    letters: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
-    declared = await channel.queue_declare("", exclusive=True, auto_delete=True)
-    assert declared.queue is not None
-    await channel.queue_bind(declared.queue, f"{settings.prefix}.dead-letter", routing_key="")
-    await channel.basic_consume(declared.queue, letters.put, no_ack=True)
-    yield RawClient(settings.prefix, channel, letters)
-    await connection.close()
 
 
 async def push(store, tenant: str, wasm: bytes) -> str:

@@ -393,3 +393,14 @@ def test_dockerignore_keeps_heavy_and_secret_paths_out() -> None:
     ignored = {line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()}
     for pattern in (".venv", ".git", "**/node_modules", "bench/results", "**/__pycache__", ".env"):
         assert pattern in ignored, pattern
+
+
+def test_rabbitmq_enables_the_plugins_the_fleet_needs(services):
+    """The lanes exchange type and the management API (tenant users) are enabled."""
+    mounts = [str(v) for v in services["rabbitmq"]["volumes"]]
+    plugin_mount = next(m for m in mounts if m.endswith(":/etc/rabbitmq/enabled_plugins:ro"))
+    source = ROOT / plugin_mount.split(":")[0]
+    plugins = source.read_text()
+    assert "rabbitmq_consistent_hash_exchange" in plugins
+    assert "rabbitmq_management" in plugins
+    assert plugins.strip().endswith("].")

@@ -146,11 +146,15 @@ def test_step_messages_that_must_not_run(changes):
 
 
 def test_headers_never_override_the_pinned_module():
-    """A message naming another module than the instance's is refused."""
-    other = envelope(MessageKind.STEP, StepBody(position=0), module="sha256:" + "b" * 64)
-    verdict = admit(other, state(0), created_now=False, now=T0)
+    """A create repeated with another module is refused; a step naming an old module runs
+    the instance's current one (the row is the truth, e.g. after a module move)."""
+    other_module = "sha256:" + "b" * 64
+    create = envelope(MessageKind.CREATE, CreateBody(), module=other_module)
+    verdict = admit(create, state(0), created_now=False, now=T0)
     assert isinstance(verdict, Reject)
     assert verdict.reason == "module-mismatch"
+    stale = envelope(MessageKind.STEP, StepBody(position=0), module=other_module)
+    assert admit(stale, state(0), created_now=False, now=T0) == Admit()
 
 
 def test_unknown_instance_is_refused():

@@ -16,6 +16,7 @@ OWNED = {
     "wasmtime": "sandbox",
     "sqlalchemy": "store",
     "alembic": "store",
+    "cryptography": "egress",
 }
 # Which of our rooms each room may import.
 MAY_IMPORT = {
@@ -24,11 +25,23 @@ MAY_IMPORT = {
     "sandbox": {"schemas"},
     "store": {"schemas"},
     "broker": {"schemas"},
+    # The egress gateway: stdlib, `cryptography` and the shared types, nothing else of ours.
+    "egress": {"schemas"},
     "client": {"schemas", "broker"},
-    "workers": {"schemas", "engine", "sandbox", "store", "broker"},
+    "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress"},
     # Operator actions queue the same step messages the workers build (workers/outgoing.py).
-    "control": {"schemas", "engine", "store", "broker", "workers"},
-    "cli": {"schemas", "engine", "sandbox", "store", "broker", "workers", "client", "control"},
+    "control": {"schemas", "engine", "sandbox", "store", "broker", "workers"},
+    "cli": {
+        "schemas",
+        "engine",
+        "sandbox",
+        "store",
+        "broker",
+        "workers",
+        "client",
+        "control",
+        "egress",
+    },
 }
 # engine is pure: no I/O modules at all.
 ENGINE_FORBIDDEN = {"asyncio", "socket", "os", "subprocess", "structlog", "pathlib", "time"}

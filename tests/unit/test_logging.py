@@ -22,6 +22,7 @@ from stepfleet.schemas import (
 from stepfleet.store import InstanceRecord
 from stepfleet.workers.batch import BatchProcessor, _Ran, _Work
 from stepfleet.workers.replay_cache import CachedReplay
+from stepfleet.workers.tenants import TenantDirectory
 
 MODULE = "sha256:" + "c" * 64
 
@@ -41,6 +42,7 @@ def decide_logged(outcome: GuestOutcome, attempt: int = 1) -> list[dict[str, obj
     item = _Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
     processor = BatchProcessor.__new__(BatchProcessor)
     processor._limits = EngineLimits()
+    processor._directory = TenantDirectory(processor._limits)
     with structlog.testing.capture_logs() as logs:
         processor._decide(item)
     return logs

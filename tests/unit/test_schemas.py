@@ -243,7 +243,9 @@ def test_doc_names_the_topology_headers_and_limits():
         topology.ingress_exchange,
         topology.internal_exchange,
         topology.dead_letter_exchange,
-        topology.work_queue,
+        topology.lanes_exchange,
+        topology.work_queues[0],
+        topology.work_queues[-1],
         topology.dead_letter_queue,
     ]
     for name in names:
@@ -284,6 +286,8 @@ def test_reason_table_lists_exactly_the_codes_stepfleet_uses():
     produced = {str(param.values[2]) for param in REFUSALS} | _admission_reasons()
     # The worker's own check that a create's module was pushed (workers/batch.py).
     produced.add("unknown-module")
+    # The producer identity check (workers/tenants.py, tested in test_identity.py).
+    produced |= {"tenant-mismatch", "unverified-producer", "kind-not-allowed"}
     assert _documented_reasons() == produced
 
 

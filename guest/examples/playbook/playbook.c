@@ -1,7 +1,7 @@
 /*
  * Playbook workflow: a program interpreted from its params, so that one module can exercise
  * every primitive of the guest ABI (steps with retries, timeouts, rollbacks and sensitive
- * results, sleeps, events, now, random, failing). The host's tests drive it; see README.md for
+ * results, sleeps, events, now, random, failing, HTTP calls inside a step). The host's tests drive it; see README.md for
  * the params and the output.
  *
  * Every op is checked before the first primitive runs, so invalid params fail the instance at
@@ -17,9 +17,12 @@
 #define NAME_BYTES 256 /* names and event types: 1 to 256 bytes, as the host allows */
 #define RANDOM_BYTES 256
 
-enum { OP_DO, OP_SLEEP, OP_SLEEP_UNTIL, OP_WAIT, OP_NOW, OP_RANDOM, OP_FAIL };
+#define HTTP_REPEAT_MAX 100
 
-static const char *const OP_NAMES[] = {"do", "sleep", "sleep_until", "wait", "now", "random", "fail"};
+enum { OP_DO, OP_SLEEP, OP_SLEEP_UNTIL, OP_WAIT, OP_NOW, OP_RANDOM, OP_FAIL, OP_HTTP };
+
+static const char *const OP_NAMES[] = {"do",  "sleep", "sleep_until", "wait",
+                                       "now", "random", "fail", "http"};
 
 /* The fields each op may have, space-separated and space-enclosed. */
 static const char *const OP_FIELDS[] = {
@@ -31,6 +34,7 @@ static const char *const OP_FIELDS[] = {
     " op name ",
     " op name bytes ",
     " op name message ",
+    " op name method url headers body repeat timeout_ms with_headers ",
 };
 
 typedef struct op {
@@ -45,6 +49,7 @@ typedef struct op {
     long long bytes;           /* random */
     char *message;             /* fail */
 } op;
+
 
 /* ---- params checks ---- */
 
@@ -86,6 +91,13 @@ static int get_name(const char *obj, const char *key, char *buf) {
     long n = sf_json_str(obj, key, buf, NAME_BYTES + 1);
     if (n < 1 || n > NAME_BYTES || strlen(buf) != (size_t)n)
         invalid(".%s must be a string of 1 to %d bytes", key, NAME_BYTES);
+    return 1;
+}
+
+/* Checks that the value of key, if present, is a JSON string; returns whether it is present. */
+static int check_str(const char *obj, const char *key) {
+    if (!sf_json_raw(obj, key, NULL)) return 0;
+    if (sf_json_str(obj, key, NULL, 0) < 0) invalid(".%s must be a string", key);
     return 1;
 }
 
@@ -145,9 +157,10 @@ static void parse_op(op *o, const char *text, size_t len) {
     if (*o->text != '{') invalid(" must be an object");
     long n = sf_json_str(o->text, "op", kind, sizeof kind);
     o->kind = -1;
-    for (int k = 0; n > 0 && (size_t)n < sizeof kind && k <= OP_FAIL; k++)
+    for (int k = 0; n > 0 && (size_t)n < sizeof kind && k <= OP_HTTP; k++)
         if (strcmp(kind, OP_NAMES[k]) == 0) o->kind = k;
-    if (o->kind < 0) invalid(".op must be one of do, sleep, sleep_until, wait, now, random, fail");
+    if (o->kind < 0)
+        invalid(".op must be one of do, sleep, sleep_until, wait, now, random, fail, http");
     check_fields(o->text, OP_FIELDS[o->kind], "");
     if (!get_name(o->text, "name", o->name) && o->kind != OP_FAIL) invalid(".name is required");
 
@@ -189,6 +202,26 @@ static void parse_op(op *o, const char *text, size_t len) {
         o->message = (char *)malloc((size_t)m + 1);
         if (!o->message) __builtin_trap();
         sf_json_str(t, "message", o->message, (size_t)m + 1);
+        break;
+    }
+    case OP_HTTP: {
+        sf_json_iter it;
+        const char *v;
+        int r;
+        check_str(t, "method");
+        if (!check_str(t, "url")) invalid(".url is required");
+        check_str(t, "body");
+        const char *h = sf_json_raw(t, "headers", NULL);
+        if (h) {
+            if (!sf_json_object_begin(&it, h)) invalid(".headers must be an object of strings");
+            while ((r = sf_json_object_next(&it, NULL, 0, &v, NULL)) > 0)
+                if (*v != '"') invalid(".headers must be an object of strings");
+            if (r < 0) invalid(".headers must be an object of strings");
+        }
+        get_int(t, "repeat", 1, HTTP_REPEAT_MAX, 1, "");
+        get_bool(t, "with_headers");
+        o->config = (sf_step_config)SF_STEP_CONFIG_DEFAULT;
+        o->config.timeout_ms = get_int(t, "timeout_ms", 0, LLONG_MAX, SF_DEFAULT, "");
         break;
     }
     default:
@@ -257,6 +290,51 @@ static int undo_fails(const char *input, sf_buf *out) {
     return SF_ERROR_NO_RETRY;
 }
 
+/* The string value of key as a new string; NULL if absent or not a string. */
+static char *dup_str(const char *obj, const char *key) {
+    long n = sf_json_str(obj, key, NULL, 0);
+    if (n < 0) return NULL;
+    char *s = (char *)malloc((size_t)n + 1);
+    if (!s) __builtin_trap();
+    sf_json_str(obj, key, s, (size_t)n + 1);
+    return s;
+}
+
+/* input: the http op. Makes the call `repeat` times (to exercise the host's per-step limit)
+ * and records the last answer: {"status":S,"body":B} (+ "headers" with with_headers), or
+ * {"error":msg}. */
+static int http_step(const char *input, sf_buf *out) {
+    char *method = dup_str(input, "method"), *url = dup_str(input, "url");
+    char *body = dup_str(input, "body");
+    const char *headers = sf_json_raw(input, "headers", NULL); /* sf_http reads the object only */
+    long long repeat = sf_json_int(input, "repeat", 1);
+    sf_buf answer = SF_BUF_INIT;
+    int status = -1;
+    for (long long i = 0; i < repeat; i++) {
+        sf_buf_reset(&answer);
+        status = sf_http(method ? method : "GET", url, headers, body, &answer);
+    }
+    if (status < 0) {
+        sf_buf_puts(out, "{\"error\":");
+        sf_buf_json_str(out, sf_last_error());
+        sf_buf_puts(out, "}");
+        return SF_OK;
+    }
+    size_t len;
+    const char *raw = sf_json_raw(sf_buf_cstr(&answer), "body", &len);
+    sf_buf_printf(out, "{\"status\":%d,\"body\":", status);
+    if (raw) sf_buf_append(out, raw, len);
+    else sf_buf_puts(out, "\"\"");
+    if (sf_json_bool(input, "with_headers", 0)) {
+        raw = sf_json_raw(sf_buf_cstr(&answer), "headers", &len);
+        sf_buf_puts(out, ",\"headers\":");
+        if (raw) sf_buf_append(out, raw, len);
+        else sf_buf_puts(out, "{}");
+    }
+    sf_buf_puts(out, "}");
+    return SF_OK;
+}
+
 /* ---- the workflow ---- */
 
 /* Runs one op; appends its output value to out (fail ops never return). */
@@ -311,6 +389,17 @@ static void run_op(const op *o, sf_buf *out) {
     }
     case OP_FAIL:
         sf_fail(o->message);
+    case OP_HTTP: {
+        const char *r = step_do_with(o->name, http_step, o->text, &o->config);
+        if (r) {
+            sf_buf_puts(out, r);
+        } else {
+            sf_buf_puts(out, "{\"error\":");
+            sf_buf_json_str(out, sf_last_error());
+            sf_buf_puts(out, "}");
+        }
+        break;
+    }
     default:
         break;
     }

@@ -20,6 +20,9 @@
  * that is not deterministic belongs inside a step function, whose result is recorded, or goes
  * through sf_now / sf_random.
  *
+ * Step functions may call the outside world with sf_http, through the host's egress gateway
+ * (allow-listed hosts only; secrets are added by the host and never seen by the guest).
+ *
  * Compensations (sagas): a step may register a rollback function in its sf_step_config. When
  * the instance fails (or an operator terminates it asking for rollback) the host replays the
  * program in compensate mode; the SDK then runs the rollbacks of the completed steps, one per
@@ -174,8 +177,30 @@ int64_t sf_now(void);
  * kind or length reports nondeterminism (op 5, under the name "random"). */
 void sf_random(void *buf, size_t len);
 
-/* Message of the last step_do / step_wait_for_event answered as failed / timed out; "" after
- * one answered with a result. The string stays valid for the whole run. */
+/* An HTTP call through the host's egress gateway; only inside a step or rollback function (the
+ * step's result is what gets recorded, so the call is never repeated on replay). Called from
+ * workflow code it fails the instance.
+ *
+ * method: "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE" or "OPTIONS" (NULL: "GET").
+ * url: http or https; its host must be on the tenant's egress allow list, exactly as written.
+ * headers_json: a JSON object of string values, e.g. {"Accept":"application/json"}, or NULL.
+ *   A secret the operator configured for the host is added by the gateway (replacing a header
+ *   of the same name) and never visible to the guest: it is scrubbed from the answer.
+ * body: request body text, sent as UTF-8 (NULL: none).
+ *
+ * Returns the HTTP status (a 3xx included: redirects are not followed) and appends the whole
+ * response JSON {"status":S,"headers":{...},"body":"text"} to *response (header names in
+ * lower case; read the body with sf_json_str(response->data, "body", ...)). On failure
+ * (refused by the allow list, timed out, connection failed, over the per-step call limit,
+ * egress not configured, headers_json not an object of strings) returns -1, leaves *response
+ * unchanged and sets sf_last_error() to the message. See docs/guest-abi.md, "Calling the
+ * outside world". */
+int sf_http(const char *method, const char *url, const char *headers_json, const char *body,
+            sf_buf *response);
+
+/* Message of the last step_do / step_wait_for_event answered as failed / timed out, or of the
+ * last sf_http that returned -1; "" after one answered with a result. The string stays valid
+ * for the whole run. */
 const char *sf_last_error(void);
 
 /* Fails the instance for good with msg (NULL means "workflow failed"); never returns.
@@ -324,6 +349,11 @@ SF__IMPORT("nondeterminism")
 void sf__host_nondeterminism(int32_t seq, int32_t op, const char *name, int32_t name_len);
 SF__IMPORT("log")
 void sf__host_log(int32_t level, const char *msg, int32_t msg_len);
+/* Imported only by modules that call sf_http (the linker drops unused imports). */
+SF__IMPORT("http_request")
+int32_t sf__host_http_request(const char *request, int32_t request_len);
+SF__IMPORT("http_response")
+void sf__host_http_response(char *ptr, int32_t len);
 
 /* nondeterminism ops */
 #define SF__OP_STEP 1
@@ -1290,6 +1320,71 @@ int sf_json_object_next(sf_json_iter *it, char *key, size_t keylen, const char *
     if (len) *len = (size_t)(e - p);
     sf__json_iter_after(it, e, '}');
     return 1;
+}
+
+/* ---- HTTP ---- */
+
+/* Last in the file, so that modules which do not call it build to the same bytes as before
+ * it existed (the linker drops it, and the function types it adds come after the others). */
+int sf_http(const char *method, const char *url, const char *headers_json, const char *body,
+            sf_buf *response) {
+    static const char bad_headers[] = "sf_http: headers_json must be a JSON object of strings";
+    sf_json_iter it;
+    const char *value;
+    size_t value_len;
+    int r;
+    if (!sf__st.in_step)
+        sf_fail("sf_http called outside a step function: HTTP calls must run inside a step");
+    if (!headers_json) headers_json = "{}";
+    if (!sf_json_object_begin(&it, headers_json)) {
+        sf__st.last_error = bad_headers;
+        return -1;
+    }
+    while ((r = sf_json_object_next(&it, NULL, 0, &value, &value_len)) > 0)
+        if (*value != '"') break;
+    if (r != 0) {
+        sf__st.last_error = bad_headers;
+        return -1;
+    }
+    /* it.p is at the object's closing brace: text after it is not sent. */
+    sf_buf req = SF_BUF_INIT;
+    sf_buf_puts(&req, "{\"method\":");
+    sf_buf_json_str(&req, method ? method : "GET");
+    sf_buf_puts(&req, ",\"url\":");
+    sf_buf_json_str(&req, url ? url : "");
+    sf_buf_puts(&req, ",\"headers\":");
+    sf_buf_append(&req, headers_json, (size_t)(it.p + 1 - headers_json));
+    sf_buf_puts(&req, ",\"body\":");
+    sf_buf_json_str(&req, body ? body : "");
+    sf_buf_puts(&req, "}");
+    int32_t n = sf__host_http_request(sf_buf_cstr(&req), sf__len32(req.len));
+    sf_buf_free(&req);
+    if (n < 0) {
+        sf__st.last_error = "sf_http: the host refused the call";
+        return -1;
+    }
+    char *answer = (char *)sf__xmalloc((size_t)n + 1);
+    sf__host_http_response(answer, n);
+    answer[n] = '\0';
+    if (sf_json_raw(answer, "error", NULL)) {
+        long m = sf_json_str(answer, "error", NULL, 0);
+        char *msg = (char *)sf__xmalloc(m < 0 ? 1 : (size_t)m + 1);
+        if (m < 0) msg[0] = '\0';
+        else sf_json_str(answer, "error", msg, (size_t)m + 1);
+        free(answer);
+        sf__st.last_error = m < 0 ? "sf_http: the host's error is not a string" : msg;
+        return -1;
+    }
+    long long status = sf_json_int(answer, "status", -1);
+    if (status < 100 || status > 999) {
+        free(answer);
+        sf__st.last_error = "sf_http: the host's answer has no status";
+        return -1;
+    }
+    if (response) sf_buf_append(response, answer, (size_t)n);
+    free(answer);
+    sf__st.last_error = "";
+    return (int)status;
 }
 
 #ifdef __cplusplus

@@ -10,6 +10,9 @@
 // Build with --runtime stub and route aborts to this SDK so the module imports only stepfleet:
 //   asc entry.ts --runtime stub --use abort=<internal path of this file>/stepfleetAbort -o x.wasm
 //
+// HTTP: http() calls the outside world through the host's egress gateway, inside step functions
+// only (their results are recorded, so a call is never repeated on replay).
+//
 // Replay: every primitive (stepDo, sleep, waitForEvent, now, random) is answered from the
 // journal in the replay buffer without calling the host while the journal has an entry at the
 // current position. The first primitive that is not recorded does the new work and reports it
@@ -54,6 +57,11 @@ declare function hostFail(seq: i32, msgPtr: usize, msgLen: i32): void;
 declare function hostNondeterminism(seq: i32, op: i32, namePtr: usize, nameLen: i32): void;
 @external("stepfleet", "log")
 declare function hostLog(level: i32, msgPtr: usize, msgLen: i32): void;
+// Imported only by modules that call http() (unused imports are left out of the module).
+@external("stepfleet", "http_request")
+declare function hostHttpRequest(requestPtr: usize, requestLen: i32): i32;
+@external("stepfleet", "http_response")
+declare function hostHttpResponse(ptr: usize, len: i32): void;
 
 // ---- Public constants and types ----------------------------------------------------------------
 
@@ -551,8 +559,8 @@ export function attempt(): i32 {
   return currentStep !== null ? stepAttempt : 0;
 }
 
-/** Message of the last failed step or timed-out wait that was handed back as null; "" after a
- *  step or wait that returned a value. */
+/** Message of the last failed step, timed-out wait or failed http() that was handed back as
+ *  null; "" after one that returned a value. */
 export function lastError(): string {
   return lastErr;
 }
@@ -582,6 +590,70 @@ export function log(level: i32, msg: string): void {
 /** The instance id. Valid once the workflow has been called. */
 export function instanceId(): string {
   return currentInstanceId;
+}
+
+/** The answer to an http() call: any status (a 3xx too: redirects are not followed). */
+export class HttpResponse {
+  constructor(
+    public status: i32,
+    /** The body as text. */
+    public body: string,
+    /** The whole answer as JSON: {"status":S,"headers":{...},"body":"text"}. */
+    public json: string,
+  ) {}
+
+  /** The value of response header `name` (repeated headers joined with ", "), or null. */
+  header(name: string): string | null {
+    const headers = jsonRaw(this.json, "headers");
+    return headers === null ? null : jsonStr(headers, name.toLowerCase());
+  }
+}
+
+/** An HTTP call through the host's egress gateway; only inside a step or rollback function (the
+ *  step's result is recorded, so the call is never repeated on replay); called from workflow
+ *  code it fails the instance. `method`: GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS; `url`:
+ *  http or https, its host on the tenant's egress allow list as written; `headersJson`: a JSON
+ *  object of string values ("" for none); `body`: text, sent as UTF-8. A secret the operator
+ *  configured for the host is added by the gateway and scrubbed from the answer.
+ *  Returns the response, or null when there is none (refused, timed out, connection failed,
+ *  over the per-step call limit, egress not configured, headersJson not an object of strings),
+ *  with the message in lastError(). See docs/guest-abi.md, "Calling the outside world". */
+export function http(
+  method: string, url: string, headersJson: string = "", body: string = "",
+): HttpResponse | null {
+  if (currentStep === null) {
+    fail("http(" + jsonQuote(url) + ") called outside a step function: HTTP calls must run inside a step");
+    return null;
+  }
+  const headers = headersJson.length ? headersJson : "{}";
+  const headersEnd = stringObjectEnd(headers);
+  if (headersEnd < 0) {
+    lastErr = "http: headersJson must be a JSON object of strings";
+    return null;
+  }
+  const request = utf8("{\"method\":" + jsonQuote(method) + ",\"url\":" + jsonQuote(url) +
+    ",\"headers\":" + headers.substring(0, headersEnd) + ",\"body\":" + jsonQuote(body) + "}");
+  const n = hostHttpRequest(changetype<usize>(request), request.byteLength);
+  if (n < 0) {
+    lastErr = "http: the host refused the call";
+    return null;
+  }
+  const answer = new ArrayBuffer(n);
+  hostHttpResponse(changetype<usize>(answer), n);
+  const json = String.UTF8.decode(answer);
+  if (jsonRaw(json, "error") !== null) {
+    const message = jsonStr(json, "error");
+    lastErr = message !== null ? message : "http: the host's error is not a string";
+    return null;
+  }
+  const status = jsonInt(json, "status", -1);
+  if (status < 100 || status > 999) {
+    lastErr = "http: the host's answer has no status";
+    return null;
+  }
+  const text = jsonStr(json, "body");
+  lastErr = "";
+  return new HttpResponse(<i32>status, text !== null ? text : "", json);
 }
 
 /** Abort handler: build with --use abort=<this file>/stepfleetAbort. An abort inside a step
@@ -738,6 +810,29 @@ function findKey(json: string, key: string): i32 {
     i = skipWs(json, i);
     if (i >= json.length || json.charCodeAt(i) != 0x2c) return -1;
     i = skipWs(json, i + 1);
+  }
+  return -1;
+}
+
+// The index after the JSON object at the start of `s` if every value in it is a string; -1 if
+// it is not such an object.
+function stringObjectEnd(s: string): i32 {
+  let i = skipWs(s, 0);
+  if (i >= s.length || s.charCodeAt(i) != 0x7b) return -1;
+  i = skipWs(s, i + 1);
+  if (i < s.length && s.charCodeAt(i) == 0x7d) return i + 1;
+  while (true) {
+    if (decodeStr(s, i) === null) return -1;
+    i = skipWs(s, strEnd);
+    if (i >= s.length || s.charCodeAt(i) != 0x3a) return -1;
+    i = skipWs(s, i + 1);
+    if (decodeStr(s, i) === null) return -1;
+    i = skipWs(s, strEnd);
+    if (i >= s.length) return -1;
+    const c = s.charCodeAt(i);
+    if (c == 0x7d) return i + 1;
+    if (c != 0x2c) return -1;
+    i = skipWs(s, i + 1);
   }
   return -1;
 }

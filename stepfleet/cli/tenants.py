@@ -1,0 +1,110 @@
+"""`stepfleet tenant ...`: tenants, their producer users and their limits."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
+from stepfleet.cli.common import fail, run, settings
+from stepfleet.schemas import TenantLimits, is_tenant
+from stepfleet.store import PgStore, TenantRecord
+
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: producer users and limits.")
+
+
+def _limits(text: str) -> TenantLimits:
+    try:
+        return TenantLimits.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "limits"
+        fail(f"--limits: {where}: {first['msg']}")
+
+
+@tenant_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Tenant name (lower-case letters, digits, - _).")],
+    producer: Annotated[
+        bool, typer.Option(help="Create the tenant's RabbitMQ producer user.")
+    ] = True,
+    limits: Annotated[str, typer.Option(help='Limits as JSON, e.g. {"running_steps":4}.')] = "{}",
+) -> None:
+    """Create a tenant and its producer user; print how its producers connect."""
+    if not is_tenant(name):
+        fail(f"{name!r} is not a tenant name (lower-case letters, digits, - and _)")
+    parsed = _limits(limits)
+    config = settings()
+    topology = config.topology()
+
+    async def go() -> tuple[bool, ProducerCredentials | None]:
+        credentials = None
+        if producer:
+            credentials = await BrokerAdmin(config.rabbitmq_admin_url, topology).add_producer(name)
+        store = PgStore(config.database_url, pool_size=1)
+        try:
+            user = credentials.user if credentials else None
+            created = await store.tenants.add(name, user, parsed)
+            if not created and credentials is not None:
+                existing = await store.tenants.get(name)
+                if existing is not None and existing.broker_user != credentials.user:
+                    fail(f"tenant {name} exists with producer user {existing.broker_user!r}")
+            return created, credentials
+        finally:
+            await store.close()
+
+    created, credentials = run(go())
+    typer.echo(f"tenant {name} " + ("created" if created else "exists (producer password reset)"))
+    if credentials is None:
+        return
+    typer.echo(
+        "\nProducers connect and publish like this (the password is shown once):\n"
+        f"  user       {credentials.user}\n"
+        f"  password   {credentials.password}\n"
+        f"  vhost      {credentials.vhost}\n"
+        f"  exchange   {topology.ingress_exchange}\n"
+        f"  routing    {name}.create, {name}.event\n"
+        f"  property   user_id = {credentials.user}  (required; RabbitMQ checks it)\n"
+        f"  headers    x-tenant = {name}, see docs/protocol.md"
+    )
+
+
+@tenant_app.command("list")
+def list_tenants() -> None:
+    """List tenants with their producer user and limits."""
+    config = settings()
+
+    async def go() -> list[TenantRecord]:
+        store = PgStore(config.database_url, pool_size=1)
+        try:
+            return await store.tenants.all()
+        finally:
+            await store.close()
+
+    for tenant in run(go()):
+        own = tenant.limits.model_dump(exclude_none=True)
+        typer.echo(f"{tenant.name:<24} {tenant.broker_user or '-':<40} {json.dumps(own)}")
+
+
+@tenant_app.command("limits")
+def set_limits(
+    name: Annotated[str, typer.Argument(help="Tenant name.")],
+    limits: Annotated[str, typer.Argument(help="Limits as JSON; {} restores the defaults.")],
+) -> None:
+    """Replace a tenant's limits (workers pick them up within 10 seconds)."""
+    parsed = _limits(limits)
+    config = settings()
+
+    async def go() -> bool:
+        store = PgStore(config.database_url, pool_size=1)
+        try:
+            return await store.tenants.set_limits(name, parsed)
+        finally:
+            await store.close()
+
+    if not run(go()):
+        fail(f"no tenant {name!r}: stepfleet tenant add {name}")
+    typer.echo(f"limits of {name}: {json.dumps(parsed.model_dump(exclude_none=True))}")

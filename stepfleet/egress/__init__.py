@@ -1,0 +1,49 @@
+"""The egress gateway: guests' HTTP calls, each tenant's allow list, secrets sealed at rest.
+
+It may import only stepfleet.schemas, the standard library and `cryptography`; the sandbox
+reaches it through its `Egress` port, and the worker builds and configures it.
+"""
+
+from __future__ import annotations
+
+from stepfleet.egress.gateway import (
+    METHODS,
+    RESERVED_HEADERS,
+    EgressGateway,
+    check_secret_header,
+    check_secret_value,
+    is_header_name,
+)
+from stepfleet.egress.hosts import HostError, normalize_host_entry, parse_url
+from stepfleet.egress.sealing import (
+    SealedSecret,
+    SealError,
+    check_key,
+    new_key,
+    open_sealed,
+    open_secret,
+    open_secrets,
+    seal,
+    seal_secret,
+)
+
+__all__ = [
+    "METHODS",
+    "RESERVED_HEADERS",
+    "EgressGateway",
+    "HostError",
+    "SealError",
+    "SealedSecret",
+    "check_key",
+    "check_secret_header",
+    "check_secret_value",
+    "is_header_name",
+    "new_key",
+    "normalize_host_entry",
+    "open_sealed",
+    "open_secret",
+    "open_secrets",
+    "parse_url",
+    "seal",
+    "seal_secret",
+]

@@ -1,0 +1,163 @@
+"""Fair sharing between tenants: lanes keep a flood to its tenant, and per-tenant running-step
+and rate limits hold across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, WaitKind, digest_of
+from stepfleet.workers.batch import tenant_lock_key
+from tests.integration.conftest import wait_for_status
+
+pytestmark = pytest.mark.services
+
+ONE_STEP = [{"op": "do", "name": "a"}]
+
+
+def tenant_name(label: str) -> str:
+    return f"{label}{uuid.uuid4().hex[:8]}"
+
+
+async def lane_of(broker: Broker, topology: Topology, tenant: str) -> int:
+    """Which work queue a tenant's messages land in (no worker may be running)."""
+    probe = uuid.uuid4().hex
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{tenant}.create",
+                b"{}",
+                {"x-tenant": tenant, "x-kind": "create"},
+                message_id=probe,
+                user_id="guest",
+            )
+        ]
+    )
+    for _ in range(50):
+        for lane, queue in enumerate(topology.work_queues):
+            for delivery in await broker.fetch(queue, limit=100):
+                await delivery.ack()
+                if delivery.message_id == probe:
+                    return lane
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"probe for {tenant} not found in any lane")
+
+
+async def test_a_flooding_tenant_does_not_hold_up_another(
+    settings, topology, broker, store, start_worker, playbook_wasm
+):
+    """While tenant A's flood is still queued, tenant B's workflows complete."""
+    flooder = tenant_name("flood")
+    lane = await lane_of(broker, topology, flooder)
+    other = tenant_name("calm")
+    while await lane_of(broker, topology, other) == lane:
+        other = tenant_name("calm")
+    digest = digest_of(playbook_wasm)
+    for tenant in (flooder, other):
+        await store.put_module(tenant, digest, playbook_wasm)
+    params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c")]}
+    async with Producer(settings.amqp_url, topology) as producer:
+        flood = [
+            CreateRequest(flooder, digest, params, f"f-{i}-{uuid.uuid4().hex[:6]}")
+            for i in range(1500)
+        ]
+        for offset in range(0, len(flood), 500):
+            await producer.create_batch(flood[offset : offset + 500])
+        calm = await producer.create_batch(
+            [CreateRequest(other, digest, params, f"c-{i}") for i in range(5)]
+        )
+    await start_worker()
+    for instance_id in calm:
+        await wait_for_status(store, InstanceKey(other, instance_id), {InstanceStatus.COMPLETE})
+    async with store._engine.connect() as connection:
+        done = (
+            await connection.execute(
+                text("SELECT count(*) FROM instances WHERE tenant = :t AND status = 'complete'"),
+                {"t": flooder},
+            )
+        ).scalar_one()
+    assert done < len(flood), "the flood was finished before the other tenant was served"
+    # Let the flood drain, so later tests start with empty lanes.
+    for _ in range(1200):
+        async with store._engine.connect() as connection:
+            drained = (
+                await connection.execute(
+                    text(
+                        "SELECT count(*) FROM instances WHERE tenant = :t AND status = 'complete'"
+                    ),
+                    {"t": flooder},
+                )
+            ).scalar_one()
+        if drained == len(flood):
+            break
+        await asyncio.sleep(0.05)
+    assert drained == len(flood)
+
+
+async def test_running_steps_cap_holds_across_workers(
+    settings, store, start_worker, playbook, database_url
+):
+    """With every one of its slots held elsewhere, a tenant's steps wait (parked, not lost)
+    while another tenant's run; freed slots let them all complete."""
+    capped = tenant_name("capped")
+    await store.tenants.add(capped, None, TenantLimits(running_steps=2))
+    url = make_url(database_url).set(drivername="postgresql")
+    holder = await psycopg.AsyncConnection.connect(url.render_as_string(hide_password=False))
+    try:
+        for slot in range(2):  # another worker's transactions running two of its steps
+            await holder.execute("SELECT pg_advisory_lock(%s, %s)", (tenant_lock_key(capped), slot))
+        await start_worker(name="one")
+        await start_worker(name="two")
+        held = [await playbook(*ONE_STEP, tenant=capped) for _ in range(4)]
+        free = await playbook(*ONE_STEP)
+        await wait_for_status(store, free, {InstanceStatus.COMPLETE})
+        for key in held:
+            detail = await store.detail(key)
+            assert detail is not None
+            assert detail.journal == []
+            assert detail.record.waiting is not None, detail.record
+            assert detail.record.waiting.kind is WaitKind.THROTTLE
+        await holder.execute("SELECT pg_advisory_unlock_all()")
+        for key in held:
+            await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+    finally:
+        await holder.close()
+
+
+async def test_rate_limit_spreads_a_tenants_steps(store, start_worker, playbook):
+    """Over its steps-per-second budget a tenant's steps are parked and run later; all end."""
+    limited = tenant_name("rate")
+    await store.tenants.add(limited, None, TenantLimits(steps_per_second=4))
+    await start_worker()
+    keys = [await playbook(*ONE_STEP, tenant=limited) for _ in range(12)]
+    throttled_seen = False
+    for _ in range(400):
+        async with store._engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    text("SELECT status, wait_kind FROM instances WHERE tenant = :t"),
+                    {"t": limited},
+                )
+            ).all()
+        throttled_seen |= any(row.wait_kind == "throttle" for row in rows)
+        if len(rows) == len(keys) and all(row.status == "complete" for row in rows):
+            break
+        await asyncio.sleep(0.05)
+    assert throttled_seen
+    for key in keys:
+        await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+    async with store._engine.connect() as connection:
+        tokens = (
+            await connection.execute(
+                text("SELECT tokens FROM tenant_rates WHERE tenant = :t"), {"t": limited}
+            )
+        ).scalar_one()
+    assert tokens >= 0

@@ -1,0 +1,263 @@
+"""Tenant identity comes from the broker: per-tenant producer users and the AMQP user_id.
+
+Each test creates producer users through the management API (as `stepfleet tenant add`
+does), connects as them with a bare AMQP client and checks what the broker and the workers
+let through.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiormq
+import pytest
+
+from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
+from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
+from tests.conftest import ORDER_PARAMS, hostile_wasm
+from tests.integration.conftest import RawClient, wait_for_status
+
+pytestmark = pytest.mark.services
+
+FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED}
+
+
+@pytest.fixture
+async def tenant(
+    settings, topology, store
+) -> AsyncIterator[Callable[..., Awaitable[tuple[str, ProducerCredentials]]]]:
+    """Create tenants with producer users; the users are deleted afterwards."""
+    admin = BrokerAdmin(settings.rabbitmq_admin_url, topology)
+    users: list[str] = []
+
+    async def add(limits: TenantLimits | None = None) -> tuple[str, ProducerCredentials]:
+        name = f"t{uuid.uuid4().hex[:10]}"
+        credentials = await admin.add_producer(name)
+        users.append(credentials.user)
+        await store.tenants.add(name, credentials.user, limits or TenantLimits())
+        return name, credentials
+
+    yield add
+    for user in users:
+        await admin.delete_producer(user)
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[ProducerCredentials], Awaitable[Any]]]:
+    """Open AMQP channels as a producer user; everything is closed afterwards."""
+    connections: list[Any] = []
+
+    async def open_channel(credentials: ProducerCredentials) -> Any:
+        connection = await aiormq.connect(
+            f"amqp://{credentials.user}:{credentials.password}@127.0.0.1:5672/"
+        )
+        connections.append(connection)
+        return await connection.channel()
+
+    yield open_channel
+    for connection in connections:
+        if not connection.is_closed:
+            await connection.close()
+
+
+async def publish(
+    channel: Any,
+    prefix: str,
+    *,
+    routing_key: str,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    user_id: str | None,
+    exchange: str = "ingress",
+) -> str:
+    message_id = uuid.uuid4().hex
+    confirmation = await channel.basic_publish(
+        json.dumps(body).encode(),
+        exchange=f"{prefix}.{exchange}",
+        routing_key=routing_key,
+        mandatory=True,
+        properties=aiormq.spec.Basic.Properties(
+            delivery_mode=2, message_id=message_id, headers=headers, user_id=user_id
+        ),
+    )
+    assert isinstance(confirmation, aiormq.spec.Basic.Ack), confirmation
+    return message_id
+
+
+def create_headers(tenant: str, instance_id: str, module: str) -> dict[str, str]:
+    return {
+        "x-tenant": tenant,
+        "x-instance-id": instance_id,
+        "x-module": module,
+        "x-kind": "create",
+        "x-schema-version": "1",
+    }
+
+
+async def reason_of(raw_client: RawClient, message_id: str) -> str:
+    letter = await raw_client.dead_letter(message_id)
+    headers = letter.header.properties.headers or {}
+    value = headers["x-dead-reason"]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_a_tenant_producer_runs_its_own_workflows(
+    settings, store, start_worker, tenant, connect, order_wasm
+):
+    name, credentials = await tenant()
+    digest = digest_of(order_wasm)
+    await store.put_module(name, digest, order_wasm)
+    await start_worker()
+    channel = await connect(credentials)
+    instance_id = f"own-{uuid.uuid4().hex[:8]}"
+    await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{name}.create",
+        headers=create_headers(name, instance_id, digest),
+        body={"params": ORDER_PARAMS},
+        user_id=credentials.user,
+    )
+    record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
+    assert record.status is InstanceStatus.COMPLETE
+
+
+async def test_spoofed_or_missing_identity_is_dead_lettered(
+    settings, store, start_worker, tenant, connect, raw, order_wasm
+):
+    """A producer claiming another tenant in x-tenant, or sending no user_id, changes nothing."""
+    mallory, mallory_credentials = await tenant()
+    victim, _ = await tenant()
+    digest = digest_of(order_wasm)
+    await store.put_module(victim, digest, order_wasm)
+    await start_worker()
+    channel = await connect(mallory_credentials)
+    spoofed_id = f"spoof-{uuid.uuid4().hex[:8]}"
+    spoofed = await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{mallory}.create",  # its own routing key: the broker lets it through
+        headers=create_headers(victim, spoofed_id, digest),
+        body={"params": ORDER_PARAMS},
+        user_id=mallory_credentials.user,
+    )
+    anonymous = await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{mallory}.create",
+        headers=create_headers(mallory, f"anon-{uuid.uuid4().hex[:8]}", digest),
+        body={"params": ORDER_PARAMS},
+        user_id=None,
+    )
+    internal_kind = await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{mallory}.step",
+        headers={**create_headers(mallory, "x", digest), "x-kind": "step"},
+        body={"position": 0},
+        user_id=mallory_credentials.user,
+    )
+    assert await reason_of(raw, spoofed) == "tenant-mismatch"
+    assert await reason_of(raw, anonymous) == "unverified-producer"
+    assert await reason_of(raw, internal_kind) == "kind-not-allowed"
+    assert await store.find_instances(spoofed_id, victim) == []
+
+
+async def test_cross_tenant_instances_and_modules_are_out_of_reach(
+    settings, store, start_worker, tenant, connect, raw, order_wasm
+):
+    """Instance ids and modules are per tenant: another tenant's are unknown to a producer."""
+    owner, owner_credentials = await tenant()
+    other, other_credentials = await tenant()
+    digest = digest_of(order_wasm)
+    await store.put_module(owner, digest, order_wasm)
+    await start_worker()
+    instance_id = f"mine-{uuid.uuid4().hex[:8]}"
+    owner_channel = await connect(owner_credentials)
+    await publish(
+        owner_channel,
+        settings.prefix,
+        routing_key=f"{owner}.create",
+        headers=create_headers(owner, instance_id, digest),
+        body={"params": ORDER_PARAMS},
+        user_id=owner_credentials.user,
+    )
+    await wait_for_status(store, InstanceKey(owner, instance_id), FINAL)
+    channel = await connect(other_credentials)
+    event = await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{other}.event",
+        headers={
+            "x-tenant": other,
+            "x-instance-id": instance_id,
+            "x-kind": "event",
+            "x-schema-version": "1",
+        },
+        body={"event_id": "e1", "type": "poke"},
+        user_id=other_credentials.user,
+    )
+    borrowed = await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{other}.create",
+        headers=create_headers(other, f"borrow-{uuid.uuid4().hex[:8]}", digest),
+        body={"params": ORDER_PARAMS},
+        user_id=other_credentials.user,
+    )
+    assert await reason_of(raw, event) == "unknown-instance"
+    assert await reason_of(raw, borrowed) == "unknown-module"
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    ["another-tenants-routing-key", "someone-elses-user-id", "internal-exchange", "read-a-queue"],
+)
+async def test_the_broker_refuses_what_a_producer_user_may_not_do(
+    settings, tenant, connect, attempt
+):
+    """Producer users can only publish, to ingress, under their own routing keys, as
+    themselves; they read nothing (dead letters, work) and cannot publish fleet messages."""
+    name, credentials = await tenant()
+    channel = await connect(credentials)
+    headers = create_headers(name, "i", "sha256:" + "a" * 64)
+    if attempt == "read-a-queue":
+        forbidden = channel.basic_get(f"{settings.prefix}.dead")
+    else:
+        forbidden = publish(
+            channel,
+            settings.prefix,
+            routing_key="victim.create" if attempt.startswith("another") else f"{name}.step",
+            headers=headers,
+            body={},
+            user_id="guest" if attempt.startswith("someone") else credentials.user,
+            exchange="internal" if attempt == "internal-exchange" else "ingress",
+        )
+    with pytest.raises(aiormq.exceptions.ChannelClosed) as refused:
+        await forbidden
+    assert any(code in str(refused.value) for code in ("ACCESS_REFUSED", "PRECONDITION_FAILED"))
+
+
+async def test_tenant_limits_apply_to_its_runs(settings, store, start_worker, tenant, connect):
+    """A tenant's own CPU budget replaces the fleet's for its runs."""
+    name, credentials = await tenant(TenantLimits(fuel_per_run=1_000_000))
+    loop_wasm = hostile_wasm("loop")
+    digest = digest_of(loop_wasm)
+    await store.put_module(name, digest, loop_wasm)
+    await start_worker()
+    channel = await connect(credentials)
+    instance_id = f"loop-{uuid.uuid4().hex[:8]}"
+    await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{name}.create",
+        headers=create_headers(name, instance_id, digest),
+        body={"params": {}},
+        user_id=credentials.user,
+    )
+    record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
+    assert record.status is InstanceStatus.ERRORED
+    assert "the step used all 1000000 units of fuel" in record.error
