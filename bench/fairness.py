@@ -3,9 +3,10 @@
 Tenant A publishes 20,000 steps (three-step order workflows) at once; right after, tenant B
 publishes 50 three-step workflows. Prints B's create-to-complete p50/p99 under the flood and on
 an idle fleet, and their ratio, as JSON. B is placed in another lane than A (as two tenants are
-with probability 7/8 under the default 8 lanes); `--same-lane` measures the unlucky case.
+with probability 7/8 under the default 8 lanes); `--same-lane` measures the unlucky case, and
+`--flooder-rate N` gives A a steps-per-second limit, the remedy for it.
 
-    python bench/fairness.py [--flood-steps 20000] [--workers 2] [--same-lane]
+    python bench/fairness.py [--flood-steps 20000] [--workers 2] [--same-lane] [--flooder-rate N]
 """
 
 from __future__ import annotations
@@ -13,23 +14,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
-from stepfleet.schemas import digest_of
-from stepfleet.store import PgStore
-from stepfleet.store.migrate import ensure_database, upgrade
+from stepfleet.schemas import TenantLimits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import AMQP, BASE_DB, ORDER, percentile, start_workers, stop_workers
+from harness import AMQP, bench_deployment
+from throughput import ORDER, percentile, start_workers, stop_workers
 
 
 async def lane_of(broker: Broker, topology: Topology, tenant: str) -> int:
@@ -85,82 +83,61 @@ async def main() -> None:
     parser.add_argument("--flood-steps", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--same-lane", action="store_true")
+    parser.add_argument("--flooder-rate", type=float, help="give tenant A a steps-per-second limit")
     args = parser.parse_args()
 
-    run_id = uuid.uuid4().hex[:8]
-    url = make_url(BASE_DB).set(database=f"stepfleet_bench_{run_id}")
-    url_text = url.render_as_string(hide_password=False)
-    ensure_database(url_text)
-    upgrade(url_text)
-    topology = Topology(f"bench-{run_id}")
-    broker = Broker(AMQP, topology)
-    await broker.connect()
-    await broker.declare()
-    flooder = "flood"
-    lane = await lane_of(broker, topology, flooder)
-    calm = "calm0"
-    for attempt in range(100):
-        calm = f"calm{attempt}"
-        if (await lane_of(broker, topology, calm) == lane) == args.same_lane:
-            break
-    wasm = ORDER.read_bytes()
-    digest = digest_of(wasm)
-    store = PgStore(url_text, pool_size=1)
-    for tenant in (flooder, calm):
-        await store.put_module(tenant, digest, wasm)
-    await store.close()
-    env = {
-        **os.environ,
-        "STEPFLEET_DATABASE_URL": url_text,
-        "STEPFLEET_AMQP_URL": AMQP,
-        "STEPFLEET_PREFIX": topology.prefix,
-        "STEPFLEET_LOG_LEVEL": "warning",
+    async with bench_deployment(ORDER) as deployment:
+        topology, digest, url = deployment.topology, deployment.digest, deployment.url
+        flooder = "flood"
+        lane = await lane_of(deployment.broker, topology, flooder)
+        calm = "calm0"
+        for attempt in range(100):
+            calm = f"calm{attempt}"
+            if (await lane_of(deployment.broker, topology, calm) == lane) == args.same_lane:
+                break
+        await deployment.push(flooder, calm)
+        if args.flooder_rate:
+            await deployment.limit(flooder, TenantLimits(steps_per_second=args.flooder_rate))
+        workers = start_workers(args.workers, deployment.env)
+        try:
+            async with Producer(AMQP, topology) as producer:
+                await run_b(producer, url, calm, digest)  # warm: connections, compiled module
+                idle = await run_b(producer, url, calm, digest)
+                flood = [
+                    CreateRequest(flooder, digest, {"order_id": f"A-{i}", "amount": 1}, f"a-{i}")
+                    for i in range(args.flood_steps // 3)
+                ]
+                for offset in range(0, len(flood), 1000):
+                    await producer.create_batch(flood[offset : offset + 1000])
+                loaded = await run_b(producer, url, calm, digest)
+            engine = create_engine(url)
+            with engine.connect() as connection:
+                flood_done = connection.execute(
+                    text(
+                        "SELECT count(*) FROM instances "
+                        "WHERE tenant = 'flood' AND status = 'complete'"
+                    )
+                ).scalar_one()
+            engine.dispose()
+        finally:
+            stop_workers(workers)
+    idle_ms = {"p50": round(percentile(idle, 0.5), 1), "p99": round(percentile(idle, 0.99), 1)}
+    flood_ms = {
+        "p50": round(percentile(loaded, 0.5), 1),
+        "p99": round(percentile(loaded, 0.99), 1),
     }
-    workers = start_workers(args.workers, env)
-    try:
-        async with Producer(AMQP, topology) as producer:
-            await run_b(producer, url_text, calm, digest)  # warm: connections, compiled module
-            idle = await run_b(producer, url_text, calm, digest)
-            flood = [
-                CreateRequest(flooder, digest, {"order_id": f"A-{i}", "amount": 1}, f"a-{i}")
-                for i in range(args.flood_steps // 3)
-            ]
-            for offset in range(0, len(flood), 1000):
-                await producer.create_batch(flood[offset : offset + 1000])
-            loaded = await run_b(producer, url_text, calm, digest)
-        engine = create_engine(url_text)
-        with engine.connect() as connection:
-            flood_done = connection.execute(
-                text(
-                    "SELECT count(*) FROM instances WHERE tenant = 'flood' AND status = 'complete'"
-                )
-            ).scalar_one()
-        engine.dispose()
-    finally:
-        stop_workers(workers)
-        await broker.delete_topology()
-        await broker.close()
-        admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-        admin.dispose()
     report = {
         "workers": args.workers,
         "lanes": topology.lanes,
         "same_lane": args.same_lane,
+        "flooder_steps_per_second": args.flooder_rate,
         "flood_steps": len(flood) * 3,
         "flood_workflows_complete_when_b_done": flood_done,
-        "b_idle_ms": {
-            "p50": round(percentile(idle, 0.5), 1),
-            "p99": round(percentile(idle, 0.99), 1),
-        },
-        "b_flood_ms": {
-            "p50": round(percentile(loaded, 0.5), 1),
-            "p99": round(percentile(loaded, 0.99), 1),
-        },
+        "b_idle_ms": idle_ms,
+        "b_flood_ms": flood_ms,
+        "ratio_p50": round(flood_ms["p50"] / idle_ms["p50"], 2),
+        "ratio_p99": round(flood_ms["p99"] / idle_ms["p99"], 2),
     }
-    report["ratio_p50"] = round(report["b_flood_ms"]["p50"] / report["b_idle_ms"]["p50"], 2)  # type: ignore[index]
-    report["ratio_p99"] = round(report["b_flood_ms"]["p99"] / report["b_idle_ms"]["p99"], 2)  # type: ignore[index]
     print(json.dumps(report, indent=2))
 
 

@@ -31,12 +31,11 @@ from stepfleet.schemas import digest_of
 from stepfleet.store import PgStore
 from stepfleet.store.migrate import ensure_database, upgrade
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import AMQP, BASE_DB
+
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ROOT / "guest" / "examples" / "order" / "order.wasm"
-BASE_DB = os.environ.get(
-    "STEPFLEET_BENCH_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-AMQP = os.environ.get("STEPFLEET_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 STEPS_PER_WORKFLOW = 3
 
 

@@ -158,17 +158,19 @@ _GRANT_SLOTS = text(
     """
 )
 
-_REFILL_RATE = text(
+# A token bucket shared by every worker. Every step asked for takes a token, now or from the
+# future: the bucket goes negative by the steps held back, which is their place in the line.
+_TAKE_TOKENS = text(
     """
-    INSERT INTO tenant_rates AS r (tenant, tokens, updated_at) VALUES (:tenant, :rate, now())
+    INSERT INTO tenant_rates AS r (tenant, tokens, updated_at)
+    VALUES (:tenant, :rate - :need, now())
     ON CONFLICT (tenant) DO UPDATE SET
-        tokens = LEAST(:rate, r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at)),
+        tokens = LEAST(:rate, r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at))
+                 - :need,
         updated_at = now()
-    RETURNING tokens
+    RETURNING tokens + :need AS before
     """
 )
-
-_SPEND_RATE = text("UPDATE tenant_rates SET tokens = tokens - :spent WHERE tenant = :tenant")
 
 _INSERT_EVENTS = text(
     """
@@ -280,13 +282,16 @@ class StepTransaction:
         )
         return int(result.scalar_one())
 
-    async def grant_rate(self, tenant: str, per_second: float, need: int) -> int:
-        """Spend up to `need` whole tokens of the tenant's shared bucket; return how many."""
-        result = await self._conn.execute(_REFILL_RATE, {"tenant": tenant, "rate": per_second})
-        granted = max(0, min(need, int(result.scalar_one())))
-        if granted:
-            await self._conn.execute(_SPEND_RATE, {"tenant": tenant, "spent": granted})
-        return granted
+    async def take_tokens(self, tenant: str, per_second: float, need: int) -> float:
+        """Take `need` tokens of the tenant's shared bucket; return the tokens there were.
+
+        The first whole tokens there were are spent now; the rest are taken from the future,
+        so a step held back is already paid for when its turn comes.
+        """
+        result = await self._conn.execute(
+            _TAKE_TOKENS, {"tenant": tenant, "rate": per_second, "need": need}
+        )
+        return float(result.scalar_one())
 
     async def insert_events(self, events: Sequence[NewEvent]) -> set[InstanceKey]:
         """Store events; return the keys whose event was new (the rest are repeats)."""

@@ -354,16 +354,26 @@ class BatchProcessor:
         now = self._clock()
         for tenant, works in needs.items():
             own = self._directory.limits(tenant)
+            held_before = len(held)
             granted = len(works)
             if own.running_steps:
                 granted = await tx.grant_slots(tenant_lock_key(tenant), own.running_steps, granted)
-            if own.steps_per_second and granted:
-                granted = await tx.grant_rate(tenant, own.steps_per_second, granted)
-            for rank, work in enumerate(works[granted:], start=1):
+            for work in works[granted:]:  # no free slot: look again shortly
                 held_ids.add(id(work))
-                held.append(_held(work, now + _throttle_delay(rank, own.steps_per_second)))
-            if len(works) > granted:
-                log.info("tenant_throttled", tenant=tenant, held=len(works) - granted)
+                held.append(_held(work, now + _SLOT_RETRY + _jitter()))
+            rate = own.steps_per_second
+            # Steps woken from a rate hold took their token when they were held.
+            unpaid = [w for w in works[:granted] if not _prepaid(w)] if rate else []
+            if rate and unpaid:
+                before = await tx.take_tokens(tenant, rate, len(unpaid))
+                now_paid = max(0, min(len(unpaid), int(before)))
+                for rank, work in enumerate(unpaid[now_paid:], start=1):
+                    # Its token comes due (rank - what was left) / rate seconds from now.
+                    wait = timedelta(seconds=(rank - (before - now_paid)) / rate)
+                    held_ids.add(id(work))
+                    held.append(_held(work, now + wait, prepaid=True))
+            if len(held) > held_before:
+                log.info("tenant_throttled", tenant=tenant, held=len(held) - held_before)
         return [w for w in admitted if id(w) not in held_ids], held
 
     async def _load_replays(self, tx: StepTransaction, admitted: list[_Work]) -> None:
@@ -571,13 +581,21 @@ def tenant_lock_key(tenant: str) -> int:
     return zlib.crc32(tenant.encode()) - 2**31
 
 
-def _throttle_delay(rank: int, per_second: float | None) -> timedelta:
-    """When a held-back delivery should try again: after the tokens it waits for, or soon."""
-    wait = rank / per_second if per_second else 0.0
-    return timedelta(seconds=max(wait, 0.1) + random.uniform(0, 0.1))
+_SLOT_RETRY = timedelta(milliseconds=100)
+_RATE_HOLD = "rate"
+"""The name of a throttle wait whose token is already taken."""
 
 
-def _held(work: _Work, wake_at: datetime) -> StepWrite:
+def _jitter() -> timedelta:
+    return timedelta(milliseconds=random.uniform(0, 100))
+
+
+def _prepaid(work: _Work) -> bool:
+    waiting = work.record.waiting if work.record is not None else None
+    return waiting is not None and waiting.kind is WaitKind.THROTTLE and waiting.name == _RATE_HOLD
+
+
+def _held(work: _Work, wake_at: datetime, *, prepaid: bool = False) -> StepWrite:
     """The write that parks a held-back instance until `wake_at`, changing nothing else."""
     state = work.state
     assert state is not None
@@ -586,7 +604,7 @@ def _held(work: _Work, wake_at: datetime) -> StepWrite:
         status=InstanceStatus.QUEUED if state.position == 0 else InstanceStatus.RUNNING,
         position=state.position,
         attempt=state.attempt,
-        waiting=Waiting(WaitKind.THROTTLE, "", wake_at),
+        waiting=Waiting(WaitKind.THROTTLE, _RATE_HOLD if prepaid else "", wake_at),
         mode=state.mode,
         end_status=state.end_status,
         error=state.error if state.mode is RunMode.COMPENSATE else None,

@@ -137,7 +137,7 @@ async def test_rate_limit_spreads_a_tenants_steps(store, start_worker, playbook)
     limited = tenant_name("rate")
     await store.tenants.add(limited, None, TenantLimits(steps_per_second=4))
     await start_worker()
-    keys = [await playbook(*ONE_STEP, tenant=limited) for _ in range(12)]
+    keys = [await playbook(*ONE_STEP, tenant=limited) for _ in range(8)]
     throttled_seen = False
     for _ in range(400):
         async with store._engine.connect() as connection:
@@ -160,4 +160,4 @@ async def test_rate_limit_spreads_a_tenants_steps(store, start_worker, playbook)
                 text("SELECT tokens FROM tenant_rates WHERE tenant = :t"), {"t": limited}
             )
         ).scalar_one()
-    assert tokens >= 0
+    assert tokens <= 4  # the bucket never holds more than a second's worth
