@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -69,10 +70,25 @@ def module_push(
         fail(f"{tenant!r} is not a tenant name (lower-case letters, digits, - and _)")
     config = settings()
     wasm = file.read_bytes()
+
+    async def own_limit() -> int | None:
+        store = PgStore(config.database_url, pool_size=1)
+        try:
+            record = await store.tenants.get(tenant)
+            return record.limits.module_bytes if record else None
+        finally:
+            await store.close()
+
+    limits = config.sandbox_limits()
+    if (module_bytes := run(own_limit())) is not None:
+        limits = dataclasses.replace(limits, module_bytes=module_bytes)
+    sandbox = WasmSandbox(limits)
     try:
-        WasmSandbox(config.sandbox_limits()).validate(wasm)
+        sandbox.validate(wasm)
     except InvalidModule as exc:
         fail(f"{file} refused: {exc}")
+    finally:
+        sandbox.close()
     digest = digest_of(wasm)
 
     async def go() -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
+from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials, producer_user
 from stepfleet.cli.common import fail, run, settings
 from stepfleet.schemas import TenantLimits, is_tenant
 from stepfleet.store import PgStore, TenantRecord
@@ -41,17 +41,20 @@ def add(
     topology = config.topology()
 
     async def go() -> tuple[bool, ProducerCredentials | None]:
-        credentials = None
-        if producer:
-            credentials = await BrokerAdmin(config.rabbitmq_admin_url, topology).add_producer(name)
         store = PgStore(config.database_url, pool_size=1)
         try:
-            user = credentials.user if credentials else None
-            created = await store.tenants.add(name, user, parsed)
-            if not created and credentials is not None:
-                existing = await store.tenants.get(name)
-                if existing is not None and existing.broker_user != credentials.user:
-                    fail(f"tenant {name} exists with producer user {existing.broker_user!r}")
+            existing = await store.tenants.get(name)
+            wanted = producer_user(topology, name) if producer else None
+            if existing is not None and existing.broker_user != wanted:
+                fail(
+                    f"tenant {name} exists with producer user {existing.broker_user!r}; "
+                    "nothing was changed"
+                )
+            credentials = None
+            if producer:
+                admin = BrokerAdmin(config.rabbitmq_admin_url, topology, vhost=config.vhost)
+                credentials = await admin.add_producer(name)
+            created = await store.tenants.add(name, wanted, parsed)
             return created, credentials
         finally:
             await store.close()

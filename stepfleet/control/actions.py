@@ -260,6 +260,6 @@ def _refuse_final(record: InstanceRecord, action: str) -> None:
 
 
 def _live_status(waiting: Waiting | None) -> InstanceStatus:
-    if waiting is None or waiting.kind is WaitKind.RETRY:
+    if waiting is None or waiting.kind in (WaitKind.RETRY, WaitKind.THROTTLE):
         return InstanceStatus.RUNNING
     return InstanceStatus.SLEEPING if waiting.kind is WaitKind.SLEEP else InstanceStatus.WAITING

@@ -158,15 +158,16 @@ _GRANT_SLOTS = text(
     """
 )
 
-# A token bucket shared by every worker. Every step asked for takes a token, now or from the
-# future: the bucket goes negative by the steps held back, which is their place in the line.
+# A token bucket shared by every worker, holding up to a second's worth (at least one token).
+# Every step asked for takes a token, now or from the future: the bucket goes negative by the
+# steps held back, which is their place in the line.
 _TAKE_TOKENS = text(
     """
     INSERT INTO tenant_rates AS r (tenant, tokens, updated_at)
-    VALUES (:tenant, :rate - :need, now())
+    VALUES (:tenant, GREATEST(:rate, 1) - :need, now())
     ON CONFLICT (tenant) DO UPDATE SET
-        tokens = LEAST(:rate, r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at))
-                 - :need,
+        tokens = LEAST(GREATEST(:rate, 1),
+                       r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at)) - :need,
         updated_at = now()
     RETURNING tokens + :need AS before
     """

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     """Deliveries that may share one transaction and one confirm wait."""
     delivery_limit: int = Field(default=20, ge=2)
     lanes: int = Field(default=8, ge=1, le=256)
-    """Work queues tenants are spread over; fixed for a deployment (see docs/operations)."""
+    """Work queues tenants are spread over; fixed for a deployment (see docs/protocol.md)."""
 
     max_message_bytes: int = Field(default=1024 * 1024 + 4096, ge=1024)
     fuel_per_run: int = Field(default=2_000_000_000, ge=1_000)
@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     def topology(self) -> Topology:
         """The broker objects these settings name."""
         return Topology(self.prefix, self.delivery_limit, self.lanes)
+
+    @property
+    def vhost(self) -> str:
+        """The RabbitMQ virtual host of STEPFLEET_AMQP_URL ("/" when the URL names none)."""
+        path = urlsplit(self.amqp_url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def trusted_users(self) -> frozenset[str]:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stepfleet.cli.main import app
-from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
+from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from tests.conftest import EXAMPLES, ORDER_OUTPUT, ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 
@@ -168,3 +168,12 @@ async def test_operator_commands_drive_an_instance(cli, store, start_worker, pla
     assert "deleted" in await run("delete", instance_id)
     gone = await asyncio.to_thread(cli, "status", instance_id)
     assert gone.exit_code == 1
+
+
+async def test_a_tenant_module_size_limit_applies_at_push(cli, store):
+    """A tenant's own module_bytes limit refuses a larger module at push."""
+    tenant = f"small-{uuid.uuid4().hex[:8]}"
+    await store.tenants.add(tenant, None, TenantLimits(module_bytes=1024))
+    refused = await asyncio.to_thread(cli, "module", "push", str(ORDER), "--tenant", tenant)
+    assert refused.exit_code == 1
+    assert "the limit is 1024" in refused.output
