@@ -13,6 +13,7 @@ from stepfleet.engine.admission import (
     Reject,
     admit,
     check_size,
+    due_us,
     event_entry,
     matches_wait,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "admit",
     "check_size",
     "decide",
+    "due_us",
     "event_entry",
     "matches_wait",
     "resolve_wait",

@@ -105,6 +105,10 @@ def _wake(body: WakeBody, state: InstanceState, now: datetime) -> Admission:
     waiting = state.waiting
     if waiting is None or body.attempt != state.attempt:
         return Duplicate("the timer this wake was sent for is gone")
+    if body.due_us is not None and body.due_us != due_us(waiting.wake_at):
+        # A wake of an earlier timer at this position (a sleep's, redelivered or sent again
+        # while the instance already waits for something else).
+        return Duplicate("the wake is for an earlier timer")
     if waiting.kind is WaitKind.EVENT:
         message = f"wait {waiting.name!r} for event {waiting.event_type!r} timed out"
         if waiting.timeout_ms is not None:
@@ -125,6 +129,11 @@ def _event(body: EventBody, state: InstanceState, now: datetime) -> Admission:
         entry = _entry(state, EntryKind.EVENT_RECEIVED, state.waiting.name, _payload(body), now)
         return Admit(resolution=entry, woken=True)
     return Keep()
+
+
+def due_us(when: datetime) -> int:
+    """A timer's due time as wake messages carry it: Unix microseconds."""
+    return round(when.timestamp() * 1_000_000)
 
 
 def matches_wait(state: InstanceState, event_type: str) -> bool:

@@ -65,11 +65,16 @@ class StepBody(_Body):
 
 
 class WakeBody(_Body):
-    """A timer fired for the instance parked at `position`, `attempt` and `generation`."""
+    """A timer fired for the instance parked at `position`, `attempt` and `generation`.
+
+    `due_us` is the timer's due time (Unix microseconds): it tells this wait's timer from
+    an earlier one at the same position, such as a sleep's just before an event wait.
+    """
 
     position: Annotated[int, Field(ge=0)]
     attempt: Annotated[int, Field(ge=1)] = 1
     generation: Annotated[int, Field(ge=0)] = 0
+    due_us: Annotated[int, Field(ge=0)] | None = None
 
 
 class EventBody(_Body):

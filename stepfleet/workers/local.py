@@ -17,6 +17,7 @@ from stepfleet.engine import (
     InstanceState,
     admit,
     decide,
+    due_us,
     resolve_wait,
 )
 from stepfleet.sandbox import GuestRun, ReplayJournal, WasmSandbox, encode_replay_buffer
@@ -195,6 +196,7 @@ class _Local:
                 position=self.state.position,
                 attempt=self.state.attempt,
                 generation=self.state.generation,
+                due_us=due_us(waiting.wake_at),
             ),
         )
         verdict = admit(wake, self.state, created_now=False, now=self.clock.now)
