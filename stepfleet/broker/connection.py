@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -21,12 +23,117 @@ from aio_pika.exceptions import (
     MessageProcessError,
     PublishError,
 )
+from aio_pika.robust_connection import RobustConnection
 
 from stepfleet.broker.errors import BrokerUnavailable, PublishRefused
 from stepfleet.broker.messages import Delivery, Outgoing
 from stepfleet.broker.topology import Topology
 
 log = structlog.get_logger("stepfleet.broker")
+
+# A comma starts another address only where a URL begins, so commas inside a password or a
+# query string stay where they are.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
+
+
+def broker_urls(url: str) -> list[str]:
+    """The addresses in STEPFLEET_AMQP_URL: one URL, or several nodes of one cluster separated
+    by commas (`amqp://u:p@n1:5672/,amqp://u:p@n2:5672/`).
+
+    Every address must log in as the same user to the same virtual host: the fleet's own user
+    and a producer's `user_id` are read from the first one.
+
+    Raises:
+        ValueError: no address, or addresses with different users or virtual hosts.
+    """
+    urls = [part for part in _URL_SEPARATOR.split(url.strip().rstrip(",").strip()) if part]
+    if not urls:
+        raise ValueError("no RabbitMQ URL given")
+    if len(urls) > 1:
+        logins = {_login(u) for u in urls}
+        if len(logins) > 1:
+            raise ValueError(
+                "every RabbitMQ URL must name the same user and virtual host, got "
+                + ", ".join(f"{user}@{vhost!r}" for user, vhost in sorted(logins))
+            )
+    return urls
+
+
+def _login(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return unquote(parts.username or "guest"), vhost
+
+
+def _censored(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:******@{host}").geturl()
+
+
+class RotatingConnection(RobustConnection):
+    """A robust connection to one of several nodes of a cluster.
+
+    aio-pika's RobustConnection reconnects to its one URL. Every time a connection is lost, or
+    an attempt to open one fails, it calls `_on_connection_close` before it tries again (a
+    failed attempt too, with the attempt's error), and the next attempt connects to `self.url`.
+    So rotating `self.url` there sends each attempt to the next address: a connection to a node
+    that went away moves to another node at once, and while nodes stay down the attempts go
+    round the list every `reconnect_interval` (5 s, `?reconnect_interval=` in the first URL).
+    The robust channels then restore the topology and the consumers on the node it reached.
+    """
+
+    def __init__(self, urls: Sequence[str], first: int = 0, **kwargs: Any) -> None:
+        if not urls:
+            raise ValueError("no RabbitMQ URL given")
+        self.urls = tuple(urls)
+        self.index = first % len(self.urls)
+        super().__init__(aio_pika.connection.make_url(self.urls[self.index]), **kwargs)
+
+    @property
+    def current_url(self) -> str:
+        """The address the current (or next) connection attempt uses."""
+        return self.urls[self.index]
+
+    def rotate(self) -> None:
+        """Point the next connection attempt at the next address."""
+        self.index = (self.index + 1) % len(self.urls)
+        self.url = aio_pika.connection.make_url(self.urls[self.index])
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self.close_called and not self.is_closed and len(self.urls) > 1:
+            lost = self.current_url
+            self.rotate()
+            log.warning(
+                "broker_connection_lost",
+                address=_censored(lost),
+                next_address=_censored(self.current_url),
+            )
+        await super()._on_connection_close(closing)
+
+
+async def connect_any(urls: Sequence[str], **kwargs: Any) -> RotatingConnection:
+    """Open a RotatingConnection to the first of `urls` that answers.
+
+    Raises:
+        The last address's connection error when none answers.
+    """
+    failure: BaseException | None = None
+    for first in range(len(urls)):
+        connection = RotatingConnection(urls, first, **kwargs)
+        try:
+            await connection.connect()
+        except CONNECTION_EXCEPTIONS as exc:
+            failure = exc
+            log.warning("broker_unreachable", address=_censored(urls[first]), error=repr(exc))
+            await connection.close()
+            continue
+        return connection
+    assert failure is not None
+    raise failure
 
 
 def _delivery(message: AbstractIncomingMessage) -> Delivery:
@@ -67,6 +174,8 @@ class Broker:
 
     def __init__(self, url: str, topology: Topology) -> None:
         self.url = url
+        self.urls = broker_urls(url)
+        """Several addresses (comma-separated): nodes of one cluster, tried in turn."""
         self.topology = topology
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -76,14 +185,33 @@ class Broker:
     async def connect(self, *, name: str = "stepfleet") -> None:
         """Open the connection and the publishing channel."""
         try:
-            self._connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": name}
-            )
+            if len(self.urls) > 1:
+                self._connection = await connect_any(
+                    self.urls, client_properties={"connection_name": name}
+                )
+            else:
+                self._connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": name}
+                )
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
         except CONNECTION_EXCEPTIONS as exc:
             raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
+
+    @property
+    def address(self) -> str | None:
+        """The address (password hidden) of the node the connection uses; None: not connected."""
+        connection = self._connection
+        if connection is None:
+            return None
+        if isinstance(connection, RotatingConnection):
+            return _censored(connection.current_url)
+        return _censored(self.url)
+
+    def _on_reconnect(self, _connection: AbstractRobustConnection | None, /) -> None:
+        log.info("broker_reconnected", address=self.address)
 
     async def close(self) -> None:
         """Close channels and the connection."""
@@ -91,6 +219,11 @@ class Broker:
             await self._connection.close()
         self._connection = None
         self._exchanges.clear()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is open right now."""
+        return self._connection is not None and not self._connection.is_closed
 
     async def __aenter__(self) -> Broker:
         await self.connect()

@@ -13,6 +13,7 @@ import typer
 
 from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
 from stepfleet.cli.modules import register_module_commands
@@ -22,6 +23,7 @@ from stepfleet.sandbox import InvalidModule, WasmSandbox
 from stepfleet.schemas import digest_of, is_digest, is_tenant
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.store.migrate import ensure_database, upgrade
+from stepfleet.workers.health import judge
 from stepfleet.workers.logs import configure_logging
 from stepfleet.workers.worker import Worker
 
@@ -33,6 +35,7 @@ app.add_typer(module_app, name="module")
 app.add_typer(tenant_app, name="tenant")
 register_module_commands(module_app)
 register_egress_commands(app)
+register_operations_commands(app)
 
 
 @app.command()
@@ -191,6 +194,28 @@ def demo(
 
 
 register_instance_commands(app)
+
+
+@app.command()
+def health(
+    file: Annotated[
+        Path | None, typer.Option(help="Health file (default: STEPFLEET_HEALTH_FILE).")
+    ] = None,
+    max_age: Annotated[
+        float, typer.Option(help="Seconds since the worker last reached its services.")
+    ] = 15.0,
+) -> None:
+    """Exit 0 if the worker on this host is ready and reaching PostgreSQL and RabbitMQ.
+
+    For docker compose healthchecks and orchestrators' exec probes; prints one line why.
+    """
+    path = file or settings().health_file
+    if path is None:
+        fail("no health file: set STEPFLEET_HEALTH_FILE or pass --file")
+    healthy, why = judge(path, max_age=max_age)
+    typer.echo(why)
+    if not healthy:
+        raise typer.Exit(1)
 
 
 def main() -> None:

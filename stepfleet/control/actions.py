@@ -14,8 +14,15 @@ from collections.abc import Sequence
 import structlog
 
 from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.control.audit import operator_name
 from stepfleet.schemas import InstanceKey, InstanceStatus, RunMode, Waiting, WaitKind
-from stepfleet.store import ControlTransaction, InstanceDetail, InstanceRecord, PgStore
+from stepfleet.store import (
+    AuditEntry,
+    ControlTransaction,
+    InstanceDetail,
+    InstanceRecord,
+    PgStore,
+)
 from stepfleet.workers.outgoing import step_message
 
 log = structlog.get_logger("stepfleet.control")
@@ -28,10 +35,18 @@ class ControlError(Exception):
 class Control:
     """Operator actions against the store, publishing what they queue through `broker`."""
 
-    def __init__(self, store: PgStore, broker: Broker | None, topology: Topology) -> None:
+    def __init__(
+        self,
+        store: PgStore,
+        broker: Broker | None,
+        topology: Topology,
+        *,
+        actor: str | None = None,
+    ) -> None:
         self._store = store
         self._broker = broker
         self._topology = topology
+        self.actor = actor or operator_name()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -61,6 +76,7 @@ class Control:
         """Stop the instance between steps; its timers keep their due times."""
         async with self._store.control() as tx:
             record = await self._lock(tx, key)
+            await tx.audit(AuditEntry(self.actor, "pause", _target(key)))
             _refuse_final(record, "paused")
             if record.status is not InstanceStatus.PAUSED:
                 await tx.update(
@@ -77,6 +93,7 @@ class Control:
         """Continue a paused instance where it stopped."""
         async with self._store.control() as tx:
             record = await self._lock(tx, key)
+            await tx.audit(AuditEntry(self.actor, "resume", _target(key)))
             if record.status is not InstanceStatus.PAUSED:
                 raise ControlError(f"instance {key.instance_id} is {record.status}, not paused")
             waiting = record.waiting
@@ -107,6 +124,7 @@ class Control:
         compensations of its completed steps first."""
         async with self._store.control() as tx:
             record = await self._lock(tx, key)
+            await tx.audit(AuditEntry(self.actor, "terminate", _target(key)))
             _refuse_final(record, "terminated")
             compensate = rollback and (
                 record.mode is RunMode.COMPENSATE or await tx.has_rollbacks(key)
@@ -144,6 +162,7 @@ class Control:
         step named `from_step`, keeping the journal before it."""
         async with self._store.control() as tx:
             record = await self._lock(tx, key)
+            await tx.audit(AuditEntry(self.actor, "restart", _target(key)))
             seq = 0
             if from_step is not None:
                 found = await tx.first_step_named(key, from_step)
@@ -177,6 +196,49 @@ class Control:
             generation=restarted.generation,
         )
         return restarted
+
+    async def retry(self, key: InstanceKey) -> InstanceRecord:
+        """Run a failed (errored) instance again from the step that failed for good, keeping
+        the journal before it; an instance that failed outside a step runs on from where it
+        stopped. Meant for after a fix, e.g. a move to corrected code."""
+        async with self._store.control() as tx:
+            record = await self._lock(tx, key)
+            if record.status is not InstanceStatus.ERRORED:
+                raise ControlError(f"instance {key.instance_id} is {record.status}, not errored")
+            failed = await tx.last_failed_step(key)
+            seq = record.position if failed is None else failed
+            await tx.audit(
+                AuditEntry(self.actor, "retry", _target(key), detail=f"from position {seq}")
+            )
+            # The attempt count goes on from the failed one, which joins the attempt history.
+            attempt = 1 if failed is None else await tx.retire_failed_step(key, seq) + 1
+            retried = InstanceRecord(
+                key=key,
+                module=record.module,
+                status=InstanceStatus.RUNNING,
+                position=seq,
+                generation=record.generation + 1,
+            )
+            await tx.update(
+                retried,
+                status=InstanceStatus.RUNNING,
+                waiting=None,
+                attempt=attempt,
+                mode=RunMode.FORWARD,
+            )
+            ids, messages = await self._queue_step(tx, retried, True)
+        await self._publish(ids, messages)
+        log.info("instance_retried", tenant=key.tenant, instance=key.instance_id, position=seq)
+        return retried
+
+    async def failed_instances(
+        self, tenant: str, *, module: str | None = None, error_contains: str | None = None
+    ) -> list[InstanceRecord]:
+        """A tenant's errored instances, optionally of one module or with an error text."""
+        records = await self._store.list_instances(
+            tenant, statuses=[InstanceStatus.ERRORED], module=module, limit=1_000_000
+        )
+        return [r for r in records if not error_contains or error_contains in (r.error or "")]
 
     async def pause_module(self, tenant: str, module: str) -> list[InstanceKey]:
         """Pause every live instance of one tenant's module digest (e.g. bad code)."""
@@ -214,6 +276,7 @@ class Control:
         """Delete a finished instance with its journal and events."""
         async with self._store.control() as tx:
             record = await self._lock(tx, key)
+            await tx.audit(AuditEntry(self.actor, "delete", _target(key)))
             if not record.status.is_final:
                 raise ControlError(
                     f"instance {key.instance_id} is {record.status}: terminate it first"
@@ -246,6 +309,10 @@ class Control:
             return
         await self._broker.publish_many(messages)
         await self._store.delete_outbox(ids)
+
+
+def _target(key: InstanceKey) -> str:
+    return f"{key.tenant}/{key.instance_id}"
 
 
 def _unknown(key: InstanceKey) -> str:

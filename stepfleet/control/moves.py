@@ -11,10 +11,11 @@ from enum import StrEnum
 import structlog
 
 from stepfleet.control.actions import ControlError
+from stepfleet.control.audit import operator_name
 from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import GuestRun, InvalidModule, ReplayJournal, Sandbox, encode_replay_buffer
 from stepfleet.schemas import GuestCrashed, InstanceKey, InstanceStatus, Nondeterministic
-from stepfleet.store import InstanceRecord, PgStore
+from stepfleet.store import AuditEntry, InstanceRecord, PgStore
 
 log = structlog.get_logger("stepfleet.control")
 
@@ -49,9 +50,10 @@ class MoveCheck:
 class ModuleMoves:
     """Dry runs and moves of a tenant's running instances between module digests."""
 
-    def __init__(self, store: PgStore, sandbox: Sandbox) -> None:
+    def __init__(self, store: PgStore, sandbox: Sandbox, *, actor: str | None = None) -> None:
         self._store = store
         self._sandbox = sandbox
+        self.actor = actor or operator_name()
 
     async def check(
         self, tenant: str, to: str, *, from_module: str | None = None, limit: int = 10_000
@@ -81,6 +83,15 @@ class ModuleMoves:
                 )
                 if moved:
                     await tx.set_module(check.key, to)
+                    await tx.audit(
+                        AuditEntry(
+                            self.actor,
+                            "module-move",
+                            f"{check.key.tenant}/{check.key.instance_id}",
+                            filter={"tenant": tenant, "from": from_module, "to": to},
+                            detail=f"{check.module} -> {to} ({check.verdict.value})",
+                        )
+                    )
             if moved:
                 log.info(
                     "instance_moved",

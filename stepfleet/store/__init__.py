@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from stepfleet.store.control import ControlTransaction
+from stepfleet.store.dead_letters import DeadLetter, DeadLetterStore, LetterFilter, NewDeadLetter
 from stepfleet.store.errors import StoreError, StoreUnavailable
 from stepfleet.store.pg import PgStore, StepTransaction
 from stepfleet.store.records import (
+    AuditEntry,
     DueTimer,
     InstanceDetail,
     InstanceRecord,
@@ -17,10 +19,15 @@ from stepfleet.store.records import (
 from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
 __all__ = [
+    "AuditEntry",
     "ControlTransaction",
+    "DeadLetter",
+    "DeadLetterStore",
     "DueTimer",
     "InstanceDetail",
     "InstanceRecord",
+    "LetterFilter",
+    "NewDeadLetter",
     "NewEvent",
     "NewInstance",
     "OutboxMessage",

@@ -6,6 +6,7 @@ the per-step path: a pause lands between two steps, never inside one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepfleet.schemas import InstanceKey, InstanceStatus, RunMode, Waiting
-from stepfleet.store.records import InstanceRecord, OutboxMessage
+from stepfleet.store.dead_letters import DeadLetter, claim_for_replay, purge
+from stepfleet.store.records import AuditEntry, InstanceRecord, OutboxMessage
 from stepfleet.store.rows import STATE_COLUMNS, record_from_row, take_events
 
 _LOCK = text(
@@ -35,6 +37,34 @@ _UPDATE = text(
             THEN now() + make_interval(secs => coalesce(retention_seconds, :retention)) END
     WHERE tenant = :tenant AND id = :id
     """
+)
+
+_LAST_FAILED_STEP = text(
+    """
+    SELECT max(seq) AS seq FROM journal
+    WHERE tenant = :tenant AND instance_id = :id AND kind = 2
+    """
+)
+
+# A retry keeps the failed step's last attempt in the attempt history, then forgets the
+# journal from that step on.
+_RETIRE_FAILED = (
+    text(
+        """
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT tenant, instance_id, seq, attempt, name, value, started_at, finished_at
+        FROM journal WHERE tenant = :tenant AND instance_id = :id AND seq = :seq AND kind = 2
+        ON CONFLICT ON CONSTRAINT pk_step_attempts DO NOTHING
+        RETURNING attempt
+        """
+    ),
+    text("DELETE FROM journal WHERE tenant = :tenant AND instance_id = :id AND seq >= :seq"),
+    text("DELETE FROM step_attempts WHERE tenant = :tenant AND instance_id = :id AND seq > :seq"),
+    text(
+        "UPDATE events SET consumed_seq = NULL "
+        "WHERE tenant = :tenant AND instance_id = :id AND consumed_seq >= :seq"
+    ),
 )
 
 _FIRST_STEP_NAMED = text(
@@ -63,9 +93,9 @@ _REWIND = (
 
 _INSERT_OUTBOX = text(
     """
-    INSERT INTO outbox (routing_key, headers, body)
-    SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:headers AS text[]),
-                         CAST(:bodies AS bytea[]))
+    INSERT INTO outbox (exchange, routing_key, headers, body)
+    SELECT * FROM unnest(CAST(:exchanges AS text[]), CAST(:keys AS text[]),
+                         CAST(:headers AS text[]), CAST(:bodies AS bytea[]))
     RETURNING id
     """
 )
@@ -86,6 +116,13 @@ _HAS_ROLLBACKS = text(
 
 _SET_MODULE = text(
     "UPDATE instances SET module = :module, updated_at = now() WHERE tenant = :tenant AND id = :id"
+)
+
+_AUDIT = text(
+    """
+    INSERT INTO audit_log (actor, action, target, filter, count, detail)
+    VALUES (:actor, :action, :target, :filter, :count, :detail)
+    """
 )
 
 _DELETE = text("DELETE FROM instances WHERE tenant = :tenant AND id = :id")
@@ -145,6 +182,21 @@ class ControlTransaction:
         row = (await self._conn.execute(_FIRST_STEP_NAMED, {**_key(key), "name": name})).first()
         return None if row is None else row.seq
 
+    async def last_failed_step(self, key: InstanceKey) -> int | None:
+        """The journal position of the last step that failed for good, or None."""
+        row = (await self._conn.execute(_LAST_FAILED_STEP, _key(key))).first()
+        return None if row is None else row.seq
+
+    async def retire_failed_step(self, key: InstanceKey, seq: int) -> int:
+        """Move the step that failed for good at `seq` into its attempt history and forget
+        the journal from there; return the attempt number it had."""
+        retire, *rest = _RETIRE_FAILED
+        row = (await self._conn.execute(retire, {**_key(key), "seq": seq})).first()
+        for statement in rest:
+            await self._conn.execute(statement, {**_key(key), "seq": seq})
+        await self._conn.execute(_REWIND[-1], _key(key))  # state_bytes
+        return 0 if row is None else int(row.attempt)
+
     async def rewind(self, key: InstanceKey, seq: int) -> None:
         """Forget the journal from `seq` on, with its attempts; events it consumed wait again."""
         for statement in _REWIND:
@@ -173,6 +225,7 @@ class ControlTransaction:
         result = await self._conn.execute(
             _INSERT_OUTBOX,
             {
+                "exchanges": [m.exchange for m in messages],
                 "keys": [m.routing_key for m in messages],
                 "headers": [m.headers for m in messages],
                 "bodies": [m.body for m in messages],
@@ -183,6 +236,28 @@ class ControlTransaction:
     async def set_module(self, key: InstanceKey, module: str) -> None:
         """Pin the instance to another module digest (an operator's code move)."""
         await self._conn.execute(_SET_MODULE, {**_key(key), "module": module})
+
+    async def audit(self, entry: AuditEntry) -> None:
+        """Record an operator action in the same transaction as the action itself."""
+        await self._conn.execute(
+            _AUDIT,
+            {
+                "actor": entry.actor,
+                "action": entry.action,
+                "target": entry.target,
+                "filter": json.dumps(entry.filter, sort_keys=True, default=str),
+                "count": entry.count,
+                "detail": entry.detail,
+            },
+        )
+
+    async def claim_letters(self, ids: Sequence[int], actor: str) -> list[DeadLetter]:
+        """Mark dead letters replayed (those not replayed yet) and return them."""
+        return await claim_for_replay(self._conn, ids, actor)
+
+    async def purge_letters(self, ids: Sequence[int]) -> int:
+        """Delete archived dead letters; return how many."""
+        return await purge(self._conn, ids)
 
     async def delete(self, key: InstanceKey) -> None:
         """Delete the instance with its journal, attempts and events."""

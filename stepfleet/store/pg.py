@@ -23,6 +23,7 @@ from stepfleet.schemas import (
     Waiting,
 )
 from stepfleet.store.control import ControlTransaction
+from stepfleet.store.dead_letters import DeadLetterStore
 from stepfleet.store.errors import translated
 from stepfleet.store.records import (
     DueTimer,
@@ -173,6 +174,15 @@ _TAKE_TOKENS = text(
     """
 )
 
+_KNOWN_EVENTS = text(
+    """
+    SELECT e.tenant, e.instance_id FROM events AS e
+    JOIN unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:event_ids AS text[]))
+         AS k(tenant, instance_id, event_id)
+      ON e.tenant = k.tenant AND e.instance_id = k.instance_id AND e.event_id = k.event_id
+    """
+)
+
 _INSERT_EVENTS = text(
     """
     INSERT INTO events (tenant, instance_id, event_id, type, payload, consumed_seq)
@@ -188,7 +198,7 @@ _DELETE_OUTBOX = text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))
 
 _CLAIM_OUTBOX = text(
     """
-    SELECT id, routing_key, headers, body FROM outbox
+    SELECT id, exchange, routing_key, headers, body FROM outbox
     WHERE created_at < now() - make_interval(secs => :age)
     ORDER BY id LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -293,6 +303,16 @@ class StepTransaction:
             _TAKE_TOKENS, {"tenant": tenant, "rate": per_second, "need": need}
         )
         return float(result.scalar_one())
+
+    async def known_events(self, events: Sequence[tuple[InstanceKey, str]]) -> set[InstanceKey]:
+        """Of (instance, event id) pairs, the instances that already received that event."""
+        if not events:
+            return set()
+        result = await self._conn.execute(
+            _KNOWN_EVENTS,
+            {**split_keys(k for k, _ in events), "event_ids": [e for _, e in events]},
+        )
+        return {InstanceKey(row.tenant, row.instance_id) for row in result}
 
     async def insert_events(self, events: Sequence[NewEvent]) -> set[InstanceKey]:
         """Store events; return the keys whose event was new (the rest are repeats)."""
@@ -408,7 +428,7 @@ _DUE_TIMERS = text(
     )
     UPDATE instances AS i SET wake_sent_at = now()
     FROM due WHERE i.tenant = due.tenant AND i.id = due.id
-    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation
+    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation, i.wake_at
     """
 )
 
@@ -443,6 +463,7 @@ class PgStore:
         )
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
+        self.dead_letters = DeadLetterStore(self._engine)
 
     async def close(self) -> None:
         """Close every pooled connection."""
@@ -480,6 +501,7 @@ class PgStore:
                     row.position,
                     row.attempt,
                     row.generation,
+                    row.wake_at,
                 )
                 for row in result
             ]
@@ -632,7 +654,10 @@ class PgStore:
                 _CLAIM_OUTBOX, {"age": older_than_seconds, "limit": limit}
             )
             claimed = [
-                (row.id, OutboxMessage(row.routing_key, row.headers, bytes(row.body)))
+                (
+                    row.id,
+                    OutboxMessage(row.routing_key, row.headers, bytes(row.body), row.exchange),
+                )
                 for row in result
             ]
             yield claimed

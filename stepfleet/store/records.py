@@ -72,6 +72,8 @@ class OutboxMessage:
     routing_key: str
     headers: str
     body: bytes
+    exchange: str | None = None
+    """Where to publish it; None is the internal exchange (step and wake messages)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class DueTimer:
     position: int
     attempt: int
     generation: int
+    wake_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +108,16 @@ class InstanceDetail:
     journal: list[JournalEntry] = field(default_factory=list)
     attempts: list[FailedAttempt] = field(default_factory=list)
     pending_events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An operator action: who did what to which target, with the filter of a bulk action."""
+
+    actor: str
+    action: str
+    target: str
+    filter: dict[str, object] = field(default_factory=dict)
+    count: int = 1
+    detail: str = ""
+    at: datetime | None = None

@@ -222,9 +222,52 @@ outbox = Table(
     "outbox",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
+    # NULL: the internal exchange; replayed dead letters name their original exchange.
+    Column("exchange", Text),
     Column("routing_key", Text, nullable=False),
     Column("headers", Text, nullable=False),
     Column("body", LargeBinary, nullable=False),
     _now(),
     Index(None, "created_at"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    # Identifies the dead letter itself, so a redelivered one is archived once.
+    Column("letter_key", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("tenant", Text),
+    Column("instance_id", Text),
+    Column("kind", Text),
+    Column("module", Text),
+    Column("routing_key", Text, nullable=False),
+    Column("message_id", Text),
+    Column("headers", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    # The instance's state and failed attempts when the letter was archived (JSON).
+    Column("context", Text, nullable=False, server_default="{}"),
+    Column("replayed_at", DateTime(timezone=True)),
+    Column("replayed_by", Text),
+    UniqueConstraint("letter_key"),
+    Index(None, "tenant", "received_at"),
+    Index(None, "reason"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    # The filter a bulk action used (JSON), and how many items it touched.
+    Column("filter", Text, nullable=False, server_default="{}"),
+    Column("count", Integer, nullable=False, server_default="1"),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index(None, "at"),
 )

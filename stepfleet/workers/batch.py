@@ -57,6 +57,7 @@ from stepfleet.store import (
     StepTransaction,
     StepWrite,
 )
+from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.outgoing import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
@@ -122,6 +123,7 @@ class BatchProcessor:
         on_wake_due: Callable[[datetime], None] | None = None,
         directory: TenantDirectory | None = None,
         producers: ProducerCheck | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         self._store = store
         self._sandbox = sandbox
@@ -133,6 +135,7 @@ class BatchProcessor:
         self._limits = limits or EngineLimits()
         self._directory = directory or TenantDirectory(self._limits)
         self._producers = producers
+        self._crash = crash_points or CrashPoints({})
         self._clock = clock
         self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
@@ -157,7 +160,9 @@ class BatchProcessor:
         self._remember(ran, decisions)
         result.steps = len(ran)
         result.dead_letters = len(dead)
+        self._crash.reach("after-commit")
         await self._publish(outgoing + [letter for _, letter in dead])
+        self._crash.reach("after-publish")
         self.confirmed_outbox.extend(result.outbox_ids)
         deferred = {id(d) for d in result.deferred}
         for delivery in deliveries:
@@ -287,6 +292,7 @@ class BatchProcessor:
         now = self._clock()
         admitted: list[_Work] = []
         events: list[NewEvent] = []
+        finished_events: list[tuple[_Work, Reject, str]] = []
         for work in live:
             record = records.get(work.key)
             state = None if record is None else _state(record)
@@ -307,7 +313,10 @@ class BatchProcessor:
                 result.duplicates += 1
                 self._log_duplicate(work, verdict.why)
             elif isinstance(verdict, Reject):
-                reject(work, verdict.reason, verdict.detail)
+                if isinstance(body, EventBody) and verdict.reason == "instance-finished":
+                    finished_events.append((work, verdict, body.event_id))  # or a repeat
+                else:
+                    reject(work, verdict.reason, verdict.detail)
             else:
                 log.info(
                     "event_stored",
@@ -315,6 +324,14 @@ class BatchProcessor:
                     instance=work.key.instance_id,
                     event_type=body.type if isinstance(body, EventBody) else None,
                 )
+        if finished_events:
+            known = await tx.known_events([(w.key, event) for w, _, event in finished_events])
+            for work, verdict, _ in finished_events:
+                if work.key in known:
+                    result.duplicates += 1
+                    self._log_duplicate(work, "event already delivered")
+                else:
+                    reject(work, verdict.reason, verdict.detail)
         if events:
             fresh = await tx.insert_events(events)
             repeats = {e.key for e in events if e.key not in fresh}

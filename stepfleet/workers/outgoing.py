@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
+from stepfleet.engine import due_us
 from stepfleet.schemas import SCHEMA_VERSION, Headers, InstanceKey, MessageKind
 from stepfleet.store import DueTimer, OutboxMessage
 
@@ -60,11 +62,12 @@ def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
     """Build the message that ends a due timer's wait (published straight, not via the outbox:
     the timer row itself is the durable record, and an unprocessed wake is sent again)."""
     headers = _headers(timer.key, timer.module, MessageKind.WAKE)
-    body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d}' % (
+    body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d,"due_us":%d}' % (
         SCHEMA_VERSION,
         timer.position,
         timer.attempt,
         timer.generation,
+        due_us(timer.wake_at),
     )
     return Outgoing(
         exchange=topology.internal_exchange,
@@ -75,9 +78,19 @@ def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
     )
 
 
-def from_outbox(topology: Topology, message: OutboxMessage) -> Outgoing:
-    """Turn an outbox row into a message for the internal exchange."""
+def from_outbox(topology: Topology, message: OutboxMessage, *, user_id: str) -> Outgoing:
+    """Turn an outbox row into a message: a step for the internal exchange, or a replayed
+    dead letter for its own exchange (published as the fleet's user, `user_id`)."""
     headers: dict[str, Any] = json.loads(message.headers)
+    if message.exchange is not None:
+        return Outgoing(
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            body=message.body,
+            headers=headers,
+            message_id=headers.pop(REPLAY_ID_HEADER, None),
+            user_id=user_id if message.exchange == topology.ingress_exchange else None,
+        )
     position = json.loads(message.body).get("position")
     return Outgoing(
         exchange=topology.internal_exchange,
@@ -88,11 +101,19 @@ def from_outbox(topology: Topology, message: OutboxMessage) -> Outgoing:
     )
 
 
+REPLAY_ID_HEADER = "x-stepfleet-message-id"
+"""Carries a replayed letter's message id through its outbox row (a property, not a header)."""
+
+
 def _message_id(headers: Mapping[str, Any], position: object) -> str:
     return (
         f"{headers.get(Headers.TENANT)}/{headers.get(Headers.INSTANCE)}"
         f"/{headers.get(Headers.KIND)}/{position}"
     )
+
+
+DEAD_LETTER_ID = "x-dead-letter-id"
+"""Names one dead-lettering, so the archive stores a redelivered dead letter once."""
 
 
 def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str) -> Outgoing:
@@ -102,6 +123,7 @@ def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str
     verified user id as a header (the property itself must match the publishing connection).
     """
     headers: dict[str, Any] = {str(k): _plain(v) for k, v in delivery.headers.items()}
+    headers[DEAD_LETTER_ID] = str(uuid.uuid4())
     headers[Headers.DEAD_REASON] = reason
     headers[Headers.DEAD_DETAIL] = detail[:1000]
     headers["x-original-routing-key"] = delivery.routing_key

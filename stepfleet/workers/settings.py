@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     host_calls_per_step: int = Field(default=10, ge=0)
     """Egress (HTTP) calls one step may make, unless the tenant's limits say otherwise."""
 
+    health_file: Annotated[Path | None, BeforeValidator(_empty_is_none)] = Path(
+        "/tmp/stepfleet-worker.health"  # noqa: S108 (the container's own /tmp)
+    )
+    """Where a worker writes its health for `stepfleet health`; empty to write none."""
+    crash_points: str = ""
+    """Fault injection for tests only: `after-commit:0.02,after-publish:0.02`."""
+
     timer_poll_seconds: float = Field(default=0.5, gt=0)
     wake_resend_seconds: float = Field(default=30.0, gt=0)
     """A wake sent but not processed after this long is sent again."""
@@ -112,12 +119,15 @@ class Settings(BaseSettings):
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
+    def broker_user(self) -> str:
+        """The user the fleet connects to RabbitMQ as (the first URL's)."""
+        return unquote(urlsplit(self.amqp_url.split(",")[0]).username or "guest")
+
+    @property
     def trusted_users(self) -> frozenset[str]:
         """The fleet's own broker user and the configured platform users."""
         users = {u.strip() for u in self.platform_users.split(",") if u.strip()}
-        own = urlsplit(self.amqp_url).username
-        if own:
-            users.add(unquote(own))
+        users.add(self.broker_user)
         return frozenset(users)
 
     @property

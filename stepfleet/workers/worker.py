@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -14,7 +16,12 @@ from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, Publ
 from stepfleet.egress import EgressGateway, SealError, open_secrets
 from stepfleet.sandbox import CompiledModuleCache, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
+from stepfleet.workers import faults
+from stepfleet.workers import health as health_file
+from stepfleet.workers.archive import DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
+from stepfleet.workers.faults import CrashPoints
+from stepfleet.workers.health import Health
 from stepfleet.workers.outgoing import from_outbox, wake_message
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
@@ -24,6 +31,7 @@ log = structlog.get_logger("stepfleet.worker")
 _MAX_BACKOFF_SECONDS = 30.0
 _TIMERS_PER_CLAIM = 500
 _TENANTS_REFRESH_SECONDS = 10.0
+_HEALTH_EVERY_SECONDS = 2.0
 
 # wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
 # module-level global until the guest call returns. So every guest run of a process, whatever
@@ -46,6 +54,7 @@ class Worker:
         self.settings = settings
         self.name = name
         self.topology = settings.topology()
+        self._user = settings.broker_user
         self._owns_store = store is None
         self._owns_broker = broker is None
         self.store = store or PgStore(
@@ -85,12 +94,15 @@ class Worker:
             on_wake_due=self._wake_due_at,
             directory=self.tenants,
             producers=producers,
+            crash_points=CrashPoints(faults.parse(settings.crash_points)),
         )
+        self.health = Health(pid=os.getpid(), name=name)
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.steps_done = 0
         self.wakes_sent = 0
+        self.archiver = DeadLetterArchiver(self.store)
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 
@@ -123,8 +135,17 @@ class Worker:
                 for i in range(self.settings.concurrency)
             ]
             relay = asyncio.create_task(self._relay(), name="outbox-relay")
+            cancels.append(
+                await self.broker.consume(
+                    self.topology.dead_letter_queue, self.archiver.on_delivery, prefetch=200
+                )
+            )
+            archiving = asyncio.create_task(self.archiver.run(), name="dead-letter-archive")
             timers = asyncio.create_task(self._timers(), name="timers")
             self.ready.set()
+            # Both services just answered: the tenants loaded and the topology declared.
+            self.health.store_ok_at = self.health.broker_ok_at = time.time()
+            self._report(state="ready")
             log.info(
                 "worker_started",
                 worker=self.name,
@@ -134,6 +155,7 @@ class Worker:
             )
             await self._stopping.wait()
             log.info("worker_stopping", worker=self.name, held=self._inbox.qsize())
+            self._report(state="stopping")
             for cancel in cancels:
                 await cancel()
             # Deliveries already received are finished, not abandoned: the pipelines drain
@@ -144,12 +166,13 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            for task in (relay, timers):
+            for task in (relay, timers, archiving):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._flush_confirmed()
         finally:
+            self._report(state="stopped")
             self.egress.close()
             if self._owns_broker:
                 await self.broker.close()
@@ -224,6 +247,14 @@ class Worker:
         except StoreUnavailable:
             log.warning("outbox_cleanup_deferred", count=len(ids))
 
+    def _report(self, *, state: str | None = None) -> None:
+        """Rewrite the health file (when one is configured)."""
+        if state is not None:
+            self.health.state = state
+        self.health.steps = self.steps_done
+        if self.settings.health_file is not None:
+            health_file.write(self.settings.health_file, self.health)
+
     async def _load_tenants(self) -> None:
         """Reload producer users, limits, egress allow lists and (opened) secrets."""
         await self.tenants.refresh(self.store)
@@ -254,6 +285,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + self.settings.retention_check_seconds
         next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
+        next_beat = loop.time()
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
@@ -262,6 +294,12 @@ class Worker:
                     await asyncio.wait_for(self._timer_nudge.wait(), timeout=remaining)
             try:
                 await self._fire_due_timers()
+                self.health.store_ok_at = time.time()
+                if self.broker.connected:
+                    self.health.broker_ok_at = time.time()
+                if loop.time() >= next_beat:
+                    next_beat = loop.time() + _HEALTH_EVERY_SECONDS
+                    self._report()
                 if loop.time() >= next_tenants:
                     next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
                     await self._load_tenants()
@@ -303,7 +341,10 @@ class Worker:
                 ) as claimed:
                     if claimed:
                         await self.broker.publish_many(
-                            [from_outbox(self.topology, message) for _, message in claimed]
+                            [
+                                from_outbox(self.topology, message, user_id=self._user)
+                                for _, message in claimed
+                            ]
                         )
                         log.info("outbox_relayed", count=len(claimed))
             except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:

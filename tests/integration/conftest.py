@@ -74,6 +74,7 @@ def settings(database_url: str, run_id: str) -> Settings:
         fuel_per_run=200_000_000,
         memory_bytes=16 * 1024 * 1024,
         outbox_relay_after_seconds=2.0,
+        health_file=None,
     )
 
 

@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
-from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.broker import Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
-from stepfleet.store import PgStore
+from stepfleet.store import LetterFilter, PgStore
 from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, hostile_wasm
 from tests.integration.conftest import wait_for_status
 
@@ -35,34 +35,28 @@ async def create(settings, topology: Topology, *requests: CreateRequest) -> list
         return await producer.create_batch(list(requests))
 
 
-async def dead_letters(broker: Broker, topology: Topology, want: int, timeout: float = 15.0):
-    """Drain the dead-letter queue until `want` letters arrived (acking what it takes)."""
+async def archived(store: PgStore, instance_ids: list[str], timeout: float = 15.0):
+    """Wait until the workers archived a dead letter for each instance id; return them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    letters = []
-    while len(letters) < want and loop.time() < deadline:
-        batch = await broker.fetch(topology.dead_letter_queue, limit=100)
-        for letter in batch:
-            await letter.ack()
-        letters.extend(batch)
-        if len(letters) < want:
-            await asyncio.sleep(0.1)
-    return letters
-
-
-async def dead_letter_of(broker: Broker, topology: Topology, instance_id: str, timeout=15.0):
-    """Drain the dead-letter queue until the letter of `instance_id` arrives (others are
-    earlier tests' and are dropped)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        for letter in await broker.fetch(topology.dead_letter_queue, limit=100):
-            await letter.ack()
-            found = letter.headers.get("x-instance-id")
-            if (found.decode() if isinstance(found, bytes) else found) == instance_id:
-                return letter
+    while True:
+        letters = {}
+        for instance_id in instance_ids:
+            found = await store.dead_letters.find(LetterFilter(instance_id=instance_id))
+            if found:
+                letters[instance_id] = found[-1]
+        if len(letters) == len(instance_ids):
+            return [letters[i] for i in instance_ids]
+        if loop.time() > deadline:
+            missing = set(instance_ids) - set(letters)
+            raise AssertionError(f"no archived dead letter for {missing} within {timeout}s")
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no dead letter for {instance_id} within {timeout}s")
+
+
+async def dead_letter_of(store: PgStore, instance_id: str, timeout: float = 15.0):
+    """The archived dead letter of one instance id."""
+    [letter] = await archived(store, [instance_id], timeout)
+    return letter
 
 
 async def test_c_example_completes_with_its_output(
@@ -250,13 +244,14 @@ async def test_invalid_messages_are_dead_lettered_and_the_worker_keeps_running(
         ),
     ]
     await broker.publish_many(bad)
-    letters = await dead_letters(broker, topology, want=3)
-    reasons = {letter.headers["x-dead-reason"] for letter in letters}
+    ids = [message.headers["x-instance-id"] for message in bad]
+    letters = await archived(store, ids)
+    reasons = {letter.reason for letter in letters}
     assert reasons == {"bad-body", "missing-header", "unknown-module"}
-    by_reason = {letter.headers["x-dead-reason"]: letter for letter in letters}
+    by_reason = {letter.reason: letter for letter in letters}
     assert by_reason["bad-body"].body == b"{not json"
     assert by_reason["unknown-module"].headers["x-module"] == unknown_module
-    assert "was never pushed" in by_reason["unknown-module"].headers["x-dead-detail"]
+    assert "was never pushed" in by_reason["unknown-module"].detail
     # The worker is still serving.
     [instance_id] = await create(
         settings, topology, CreateRequest("acme", digest, ORDER_PARAMS, new_id("after"))

@@ -26,4 +26,4 @@ def test_head_matches_the_tables(database_url):
 
 def test_database_is_at_head(database_url):
     """The test database was brought to the newest revision."""
-    assert current_revision(database_url) == "0003"
+    assert current_revision(database_url) == "0004"

@@ -404,3 +404,9 @@ def test_rabbitmq_enables_the_plugins_the_fleet_needs(services):
     assert "rabbitmq_consistent_hash_exchange" in plugins
     assert "rabbitmq_management" in plugins
     assert plugins.strip().endswith("].")
+
+
+def test_worker_healthcheck_is_stepfleet_health(services):
+    """The worker is healthy when `stepfleet health` says so (ready, services reached)."""
+    test = _as_list(services["worker"]["healthcheck"]["test"])
+    assert test[:3] == ["CMD", "stepfleet", "health"]

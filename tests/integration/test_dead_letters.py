@@ -1,0 +1,183 @@
+"""The dead-letter archive and the operator tools: every poison message is archived with its
+reason and context, can be listed, shown, exported, replayed once and purged, and every
+operator action lands in the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from stepfleet.broker import Outgoing
+from stepfleet.cli.main import app
+from stepfleet.control import DeadLetters
+from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
+from stepfleet.store import LetterFilter
+from tests.conftest import ORDER_PARAMS
+from tests.integration.conftest import wait_for_status
+from tests.integration.test_fleet import archived, dead_letter_of
+from tests.integration.test_primitives import finished
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def cli(settings):
+    env = {
+        "STEPFLEET_DATABASE_URL": settings.database_url,
+        "STEPFLEET_AMQP_URL": settings.amqp_url,
+        "STEPFLEET_PREFIX": settings.prefix,
+        "STEPFLEET_OPERATOR": "oncall-ada",
+    }
+    runner = CliRunner()
+
+    async def invoke(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+    return invoke
+
+
+def create_message(topology, tenant: str, instance_id: str, module: str) -> Outgoing:
+    headers = {
+        "x-tenant": tenant,
+        "x-instance-id": instance_id,
+        "x-module": module,
+        "x-kind": "create",
+        "x-schema-version": "1",
+    }
+    body = json.dumps({"params": ORDER_PARAMS}).encode()
+    return Outgoing(
+        topology.ingress_exchange, f"{tenant}.create", body, headers, instance_id, "guest"
+    )
+
+
+async def test_a_fixed_cause_lets_an_operator_replay_a_letter_once(
+    cli, topology, broker, store, start_worker, order_wasm
+):
+    """An unknown-module create is archived; after the push, replaying it runs the workflow,
+    and replaying it again publishes nothing."""
+    tenant = f"dlq{uuid.uuid4().hex[:8]}"
+    digest = digest_of(order_wasm)
+    await start_worker()
+    instance_id = f"late-{uuid.uuid4().hex[:8]}"
+    await broker.publish_many([create_message(topology, tenant, instance_id, digest)])
+    letter = await dead_letter_of(store, instance_id)
+    assert letter.reason == "unknown-module"
+    assert letter.tenant == tenant
+    assert json.loads(letter.body) == {"params": ORDER_PARAMS}
+
+    listed = await cli("dlq", "list", "--tenant", tenant, "--json")
+    assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [letter.id]
+    shown = json.loads((await cli("dlq", "show", str(letter.id))).stdout)
+    assert shown["headers"]["x-dead-reason"] == "unknown-module"
+    assert shown["body"] == {"params": ORDER_PARAMS}
+
+    await store.put_module(tenant, digest, order_wasm)
+    first = await cli("dlq", "replay", str(letter.id))
+    assert first.exit_code == 0, first.output
+    assert "1 letter(s) replayed" in first.stdout
+    record, _ = await wait_for_status(
+        store, InstanceKey(tenant, instance_id), {InstanceStatus.COMPLETE}
+    )
+    assert record.status is InstanceStatus.COMPLETE
+    again = await cli("dlq", "replay", str(letter.id))
+    assert "0 letter(s) replayed" in again.stdout
+    assert "already replayed" in again.output
+    [marked] = await store.dead_letters.find(LetterFilter(ids=(letter.id,), include_replayed=True))
+    assert marked.replayed_by == "oncall-ada"
+    entries = await store.dead_letters.audit_entries(action="dlq-replay")
+    assert entries[0].actor == "oncall-ada"
+    assert entries[0].target == str(letter.id)
+    missing = await cli("dlq", "show", "999999999")
+    assert missing.exit_code == 1
+    assert "no dead letter 999999999" in missing.output
+
+
+async def test_authorization_refusals_are_not_replayed_as_the_operator(
+    topology, broker, store, start_worker, settings, order_wasm
+):
+    await start_worker()
+    instance_id = f"anon-{uuid.uuid4().hex[:8]}"
+    message = create_message(topology, "acme", instance_id, digest_of(order_wasm))
+    anonymous = Outgoing(message.exchange, message.routing_key, message.body, message.headers)
+    await broker.publish_many([anonymous])
+    letter = await dead_letter_of(store, instance_id)
+    assert letter.reason == "unverified-producer"
+    letters = DeadLetters(store, broker, topology, user_id="guest", actor="test")
+    outcome = await letters.replay(LetterFilter(ids=(letter.id,)))
+    assert outcome.done == []
+    assert "producer check" in outcome.skipped[letter.id]
+
+
+async def test_purge_asks_first_and_is_audited(
+    cli, settings, topology, broker, store, start_worker
+):
+    await start_worker()
+    tenant = f"purge{uuid.uuid4().hex[:8]}"
+    ids = [f"junk-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{tenant}.create",
+                b"{not json",
+                {"x-tenant": tenant, "x-instance-id": i, "x-kind": "create",
+                 "x-schema-version": "1", "x-module": "sha256:" + "a" * 64},
+                user_id="guest",
+            )
+            for i in ids
+        ]
+    )  # fmt: skip
+    await archived(store, ids)
+    runner_input = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        ["dlq", "purge", "--tenant", tenant],
+        input="n\n",
+        env={
+            "STEPFLEET_DATABASE_URL": settings.database_url,
+            "STEPFLEET_AMQP_URL": settings.amqp_url,
+            "STEPFLEET_PREFIX": settings.prefix,
+        },
+    )
+    assert runner_input.exit_code == 1  # declined: nothing purged
+    assert len(await store.dead_letters.find(LetterFilter(tenant=tenant))) == 3
+    exported = await cli("dlq", "export", "--tenant", tenant)
+    assert len(exported.stdout.splitlines()) == 3
+    purged = await cli("dlq", "purge", "--tenant", tenant, "--reason", "bad-body", "--yes")
+    assert "3 letter(s) purged" in purged.stdout
+    assert await store.dead_letters.find(LetterFilter(tenant=tenant, include_replayed=True)) == []
+    [entry] = await store.dead_letters.audit_entries(action="dlq-purge", limit=1)
+    assert entry.count == 3
+    assert entry.filter == {"tenant": tenant, "reason": "bad-body"}
+    log = await cli("audit", "--json", "--action", "dlq-purge")
+    assert json.loads(log.stdout.splitlines()[0])["actor"] == "oncall-ada"
+
+
+async def test_failed_instances_are_retried_from_the_failed_step(
+    cli, store, start_worker, playbook
+):
+    """An instance whose step failed for good runs again from that step, its attempt count
+    going on; the retry is audited."""
+    await start_worker()
+    key = await playbook(
+        {"op": "do", "name": "first"},
+        {"op": "do", "name": "flaky", "fail_times": 1, "non_retryable": True, "propagate": True},
+    )
+    failed = await finished(store, key)
+    assert failed.record.status is InstanceStatus.ERRORED
+    retried = await cli("retry", key.instance_id, "--tenant", key.tenant)
+    assert retried.exit_code == 0, retried.output
+    await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+    detail = await store.detail(key)
+    assert detail is not None
+    assert [(e.name, e.attempt) for e in detail.journal] == [("first", 1), ("flaky", 2)]
+    assert detail.journal[0].started_at == failed.journal[0].started_at  # kept
+    assert [(a.name, a.attempt, a.error) for a in detail.attempts] == [
+        ("flaky", 1, "attempt 1 failed")
+    ]
+    [entry] = await store.dead_letters.audit_entries(action="retry", limit=1)
+    assert entry.target == f"{key.tenant}/{key.instance_id}"
