@@ -51,7 +51,7 @@ class Topology:
 
     @property
     def dead_letter_queue(self) -> str:
-        """Quorum queue holding dead letters until an operator looks at them."""
+        """Quorum queue holding dead letters until a worker archives them in PostgreSQL."""
         return f"{self.prefix}.dead"
 
     def work_queue_arguments(self) -> dict[str, Any]:

@@ -200,7 +200,13 @@ def replay(
         _confirm(count, "replay", yes)
 
     async def action(store: PgStore, broker: Broker | None) -> Any:
-        letters = DeadLetters(store, broker, config.topology(), user_id=config.broker_user)
+        letters = DeadLetters(
+            store,
+            broker,
+            config.topology(),
+            user_id=config.broker_user,
+            trusted_users=config.trusted_users,
+        )
         return await _with_progress(
             count, "replaying", lambda advance: letters.replay(selected, progress=advance)
         )(store, broker)
@@ -282,7 +288,11 @@ def retry(
 
     keys = _go(targets)
     if instance_id is None:
-        _confirm(len(keys), "retry the instances of", yes)
+        if not keys:
+            typer.echo("no failed instance matches")
+            raise typer.Exit(0)
+        if not yes and not typer.confirm(f"retry {len(keys)} failed instance(s)?"):
+            raise typer.Exit(1)
 
     async def action(store: PgStore, broker: Broker | None) -> list[InstanceKey]:
         control = Control(store, broker, topology)
@@ -300,6 +310,8 @@ def retry(
 
     done = _go(action, publish=True)
     typer.echo(f"{len(done)} instance(s) retried")
+    if instance_id is not None and not done:
+        raise typer.Exit(1)
 
 
 def audit(

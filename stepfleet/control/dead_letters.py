@@ -49,12 +49,14 @@ class DeadLetters:
         topology: Topology,
         *,
         user_id: str,
+        trusted_users: frozenset[str] = frozenset(),
         actor: str | None = None,
     ) -> None:
         self._store = store
         self._broker = broker
         self._topology = topology
         self._user_id = user_id
+        self._trusted = trusted_users | {user_id}
         self.actor = actor or operator_name()
 
     async def replay(
@@ -63,12 +65,13 @@ class DeadLetters:
         """Publish the selected letters again, each once, to the exchange they came through."""
         outcome = Outcome()
         selected = await self._store.dead_letters.find(letters)
+        producers = {
+            t.broker_user: t.name for t in await self._store.tenants.all() if t.broker_user
+        }
         for letter in selected:
-            if letter.reason in UNREPLAYABLE:
-                outcome.skipped[letter.id] = (
-                    f"refused by the producer check ({letter.reason}): the producer must "
-                    "publish it again itself"
-                )
+            why = self._unreplayable(letter, producers)
+            if why is not None:
+                outcome.skipped[letter.id] = why
         replayable = [letter.id for letter in selected if letter.id not in outcome.skipped]
         for start in range(0, len(replayable), _CHUNK):
             chunk = replayable[start : start + _CHUNK]
@@ -119,6 +122,29 @@ class DeadLetters:
                 progress(len(chunk))
         log.info("dead_letters_purged", count=len(outcome.done), actor=self.actor)
         return outcome
+
+    def _unreplayable(self, letter: DeadLetter, producers: dict[str, str]) -> str | None:
+        """Why replaying a letter as the operator would bypass the producer check, if it would.
+
+        A replay is published as the fleet's user, which may act for any tenant; so a letter a
+        tenant's producer sent is replayed only for that producer's own tenant.
+        """
+        if letter.reason in UNREPLAYABLE:
+            return (
+                f"refused by the producer check ({letter.reason}): the producer must publish "
+                "it again itself"
+            )
+        sender = letter.headers.get("x-original-user-id")
+        if letter.kind in (MessageKind.STEP.value, MessageKind.WAKE.value):
+            return None  # the fleet's own messages
+        if not sender:
+            return "the letter does not say who sent it: the producer must publish it again"
+        if sender not in self._trusted and producers.get(str(sender)) != letter.tenant:
+            return (
+                f"sent by broker user {sender!r}, which is not tenant {letter.tenant!r}'s "
+                "producer: the producer must publish it again itself"
+            )
+        return None
 
     def _outbox_row(self, letter: DeadLetter) -> OutboxMessage:
         headers: dict[str, Any] = {

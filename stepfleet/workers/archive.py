@@ -74,6 +74,9 @@ def letter_of(delivery: Delivery) -> NewDeadLetter:
     """What the archive keeps of a dead letter; RabbitMQ's own letters (delivery limit,
     expiry) carry their reason in x-death instead of stepfleet's headers."""
     headers = {str(k): _plain(v) for k, v in delivery.headers.items()}
+    if delivery.user_id and "x-original-user-id" not in headers:
+        # RabbitMQ dead-lettered the message itself: its user_id property is the sender.
+        headers["x-original-user-id"] = delivery.user_id
     reason = _text(headers.get(Headers.DEAD_REASON))
     detail = _text(headers.get(Headers.DEAD_DETAIL))
     if reason is None:

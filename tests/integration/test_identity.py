@@ -16,9 +16,12 @@ import aiormq
 import pytest
 
 from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
+from stepfleet.control import DeadLetters
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
+from stepfleet.store import LetterFilter
 from tests.conftest import ORDER_PARAMS, hostile_wasm
 from tests.integration.conftest import RawClient, wait_for_status
+from tests.integration.test_fleet import dead_letter_of
 
 pytestmark = pytest.mark.services
 
@@ -261,3 +264,31 @@ async def test_tenant_limits_apply_to_its_runs(settings, store, start_worker, te
     record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
     assert record.status is InstanceStatus.ERRORED
     assert "the step used all 1000000 units of fuel" in record.error
+
+
+async def test_a_replay_cannot_publish_for_another_tenant_than_its_producers(
+    settings, topology, broker, store, start_worker, tenant, connect
+):
+    """A letter a tenant's producer sent with another tenant's x-tenant (refused before the
+    producer check ran, e.g. for a bad body) is not replayed as the operator."""
+    mallory, credentials = await tenant()
+    victim, _ = await tenant()
+    await start_worker()
+    channel = await connect(credentials)
+    instance_id = f"x-{uuid.uuid4().hex[:8]}"
+    await channel.basic_publish(
+        b"{not json",
+        exchange=f"{settings.prefix}.ingress",
+        routing_key=f"{mallory}.create",
+        properties=aiormq.spec.Basic.Properties(
+            delivery_mode=2,
+            headers=create_headers(victim, instance_id, "sha256:" + "a" * 64),
+            user_id=credentials.user,
+        ),
+    )
+    letter = await dead_letter_of(store, instance_id)
+    assert letter.reason == "bad-body"
+    letters = DeadLetters(store, broker, topology, user_id="guest", actor="test")
+    outcome = await letters.replay(LetterFilter(ids=(letter.id,)))
+    assert outcome.done == []
+    assert "not tenant" in outcome.skipped[letter.id]
