@@ -15,6 +15,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
@@ -31,6 +32,9 @@ from stepfleet.broker.topology import Topology
 
 log = structlog.get_logger("stepfleet.broker")
 
+# How long a publish waits for the publishing channel to come back after a reconnect.
+_REOPEN_WAIT_SECONDS = 15.0
+
 # A comma starts another address only where a URL begins, so commas inside a password or a
 # query string stay where they are.
 _URL_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
@@ -40,22 +44,22 @@ def broker_urls(url: str) -> list[str]:
     """The addresses in STEPFLEET_AMQP_URL: one URL, or several nodes of one cluster separated
     by commas (`amqp://u:p@n1:5672/,amqp://u:p@n2:5672/`).
 
-    Every address must log in as the same user to the same virtual host: the fleet's own user
-    and a producer's `user_id` are read from the first one.
+    One address is returned exactly as given. Several must all log in as the same user to the
+    same virtual host: the fleet's own user and a producer's `user_id` are read from the first.
 
     Raises:
-        ValueError: no address, or addresses with different users or virtual hosts.
+        ValueError: addresses with different users or virtual hosts.
     """
-    urls = [part for part in _URL_SEPARATOR.split(url.strip().rstrip(",").strip()) if part]
-    if not urls:
-        raise ValueError("no RabbitMQ URL given")
-    if len(urls) > 1:
-        logins = {_login(u) for u in urls}
-        if len(logins) > 1:
-            raise ValueError(
-                "every RabbitMQ URL must name the same user and virtual host, got "
-                + ", ".join(f"{user}@{vhost!r}" for user, vhost in sorted(logins))
-            )
+    parts = (part.strip().rstrip(",").strip() for part in _URL_SEPARATOR.split(url.strip()))
+    urls = [part for part in parts if part]
+    if len(urls) <= 1:
+        return [url]
+    logins = {_login(u) for u in urls}
+    if len(logins) > 1:
+        raise ValueError(
+            "every RabbitMQ URL must name the same user and virtual host, got "
+            + ", ".join(f"{user}@{vhost!r}" for user, vhost in sorted(logins))
+        )
     return urls
 
 
@@ -82,7 +86,7 @@ class RotatingConnection(RobustConnection):
     failed attempt too, with the attempt's error), and the next attempt connects to `self.url`.
     So rotating `self.url` there sends each attempt to the next address: a connection to a node
     that went away moves to another node at once, and while nodes stay down the attempts go
-    round the list every `reconnect_interval` (5 s, `?reconnect_interval=` in the first URL).
+    round the list every `reconnect_interval` (5 s, `?reconnect_interval=` in the URLs).
     The robust channels then restore the topology and the consumers on the node it reached.
     """
 
@@ -107,11 +111,12 @@ class RotatingConnection(RobustConnection):
         if not self.close_called and not self.is_closed and len(self.urls) > 1:
             lost = self.current_url
             self.rotate()
-            log.warning(
-                "broker_connection_lost",
-                address=_censored(lost),
-                next_address=_censored(self.current_url),
-            )
+            if self.connection_attempt:  # connect_any reports the first attempts itself
+                log.warning(
+                    "broker_connection_lost",
+                    address=_censored(lost),
+                    next_address=_censored(self.current_url),
+                )
         await super()._on_connection_close(closing)
 
 
@@ -132,7 +137,8 @@ async def connect_any(urls: Sequence[str], **kwargs: Any) -> RotatingConnection:
             await connection.close()
             continue
         return connection
-    assert failure is not None
+    if failure is None:
+        raise ValueError("no RabbitMQ URL given")
     raise failure
 
 
@@ -297,6 +303,27 @@ class Broker:
             self._exchanges[name] = exchange
         return exchange
 
+    async def _publishing_ready(self) -> None:
+        """Wait, for a while, until a reconnect has restored the publishing channel.
+
+        After a reconnect the robust connection restores its channels one after another, so a
+        consumer channel may already deliver while this one is still closed. Failing such a
+        publish would leave those deliveries unacked on a live channel (nothing redelivers
+        them and the lane's prefetch stays full), so wait for the channel instead.
+        """
+        channel = self._channel()
+        connection = self._connection
+        if not channel.is_closed or not isinstance(channel, AbstractRobustChannel):
+            return
+        if connection is None or connection.is_closed:
+            raise BrokerUnavailable("the broker connection is closed")
+        try:
+            await asyncio.wait_for(channel.ready(), _REOPEN_WAIT_SECONDS)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"the publishing channel did not come back within {_REOPEN_WAIT_SECONDS:.0f}s"
+            ) from exc
+
     async def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """Publish persistent messages and wait for all their confirms at once.
 
@@ -306,6 +333,7 @@ class Broker:
         """
         if not messages:
             return
+        await self._publishing_ready()
         try:
             pending = []
             for outgoing in messages:

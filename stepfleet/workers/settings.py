@@ -11,6 +11,7 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepfleet.broker import Topology
+from stepfleet.broker.connection import broker_urls
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
 
@@ -115,13 +116,13 @@ class Settings(BaseSettings):
     @property
     def vhost(self) -> str:
         """The RabbitMQ virtual host of STEPFLEET_AMQP_URL ("/" when the URL names none)."""
-        path = urlsplit(self.amqp_url).path
+        path = urlsplit(broker_urls(self.amqp_url)[0]).path
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def broker_user(self) -> str:
         """The user the fleet connects to RabbitMQ as (the first URL's)."""
-        return unquote(urlsplit(self.amqp_url.split(",")[0]).username or "guest")
+        return unquote(urlsplit(broker_urls(self.amqp_url)[0]).username or "guest")
 
     @property
     def trusted_users(self) -> frozenset[str]:

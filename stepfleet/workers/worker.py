@@ -207,9 +207,11 @@ class Worker:
                 # Nothing was committed or acked: hold the deliveries and try again.
                 log.warning("store_unavailable", error=str(exc), retry_in=backoff)
             except BrokerUnavailable as exc:
-                # The channel is gone: the broker redelivers what was not acked, and committed
-                # next messages wait in the outbox for the relay.
+                # Committed next messages wait in the outbox for the relay. Hand the
+                # deliveries back in case their channel survived; if it did not, RabbitMQ
+                # redelivers them anyway, and the journal makes the redelivery harmless.
                 log.warning("publish_failed", error=str(exc))
+                await self._release(batch)
                 return
             except PublishRefused as exc:
                 log.warning("publish_refused", error=str(exc))
