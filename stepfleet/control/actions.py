@@ -172,21 +172,7 @@ class Control:
                     )
                 seq = found
             await tx.rewind(key, seq)
-            restarted = InstanceRecord(
-                key=key,
-                module=record.module,
-                status=InstanceStatus.RUNNING,
-                position=seq,
-                generation=record.generation + 1,
-            )
-            await tx.update(
-                restarted,
-                status=InstanceStatus.RUNNING,
-                waiting=None,
-                attempt=1,
-                mode=RunMode.FORWARD,
-            )
-            ids, messages = await self._queue_step(tx, restarted, True)
+            restarted, ids, messages = await self._run_again(tx, record, seq, attempt=1)
         await self._publish(ids, messages)
         log.info(
             "instance_restarted",
@@ -212,21 +198,7 @@ class Control:
             )
             # The attempt count goes on from the failed one, which joins the attempt history.
             attempt = 1 if failed is None else await tx.retire_failed_step(key, seq) + 1
-            retried = InstanceRecord(
-                key=key,
-                module=record.module,
-                status=InstanceStatus.RUNNING,
-                position=seq,
-                generation=record.generation + 1,
-            )
-            await tx.update(
-                retried,
-                status=InstanceStatus.RUNNING,
-                waiting=None,
-                attempt=attempt,
-                mode=RunMode.FORWARD,
-            )
-            ids, messages = await self._queue_step(tx, retried, True)
+            retried, ids, messages = await self._run_again(tx, record, seq, attempt=attempt)
         await self._publish(ids, messages)
         log.info("instance_retried", tenant=key.tenant, instance=key.instance_id, position=seq)
         return retried
@@ -292,6 +264,28 @@ class Control:
         if record is None:
             raise ControlError(_unknown(key))
         return record
+
+    async def _run_again(
+        self, tx: ControlTransaction, record: InstanceRecord, position: int, *, attempt: int
+    ) -> tuple[InstanceRecord, list[int], list[Outgoing]]:
+        """Set the instance running from `position` as a new generation (so messages sent
+        before are ignored) and queue its next step."""
+        again = InstanceRecord(
+            key=record.key,
+            module=record.module,
+            status=InstanceStatus.RUNNING,
+            position=position,
+            generation=record.generation + 1,
+        )
+        await tx.update(
+            again,
+            status=InstanceStatus.RUNNING,
+            waiting=None,
+            attempt=attempt,
+            mode=RunMode.FORWARD,
+        )
+        ids, messages = await self._queue_step(tx, again, True)
+        return again, ids, messages
 
     async def _queue_step(
         self, tx: ControlTransaction, record: InstanceRecord, needed: bool

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -375,18 +374,16 @@ def test_a_slow_server_hits_the_gateway_timeout(playbook_wasm, server, hits):
     gateway = gateway_for(server, call_timeout_s=0.3)
     sandbox = WasmSandbox(LIMITS, egress=gateway)
     try:
-        started = time.monotonic()
         result = http_result(
             run_ops(
                 sandbox, playbook_wasm, {"op": "http", "name": "x", "url": base(server) + "/slow"}
             )
         )
-        elapsed = time.monotonic() - started
     finally:
         sandbox.close()
         gateway.close()
-    assert "timed out" in result["error"]
-    assert elapsed < 2.5
+    # The server answers only after 5 s: the gateway gave up at its own 0.3 s.
+    assert result["error"] == "timed out after 0.3 s"
     assert [path for path, _ in hits] == ["/slow"]
 
 
@@ -394,19 +391,18 @@ def test_the_call_timeout_is_bounded_by_the_time_left_in_the_step(
     sandbox, playbook_wasm, server, hits
 ):
     """A gateway timeout of 3 s, a step timeout of 300 ms: the call gives up with the step."""
-    started = time.monotonic()
     report = run_ops(
         sandbox,
         playbook_wasm,
         {"op": "http", "name": "x", "url": base(server) + "/slow", "timeout_ms": 300},
     )
-    elapsed = time.monotonic() - started
-    assert elapsed < 2.0
     outcome = report.outcome
     if isinstance(outcome, StepFailed):
         assert outcome.message == "step 'x' timed out after 300 ms"
     else:
-        assert "timed out" in http_result(report)["error"]
+        # The call's own timeout was cut to what was left of the step's 300 ms, not 3 s.
+        error = http_result(report)["error"]
+        assert error.startswith("timed out after 0.")
 
 
 def test_redirects_are_not_followed(sandbox, playbook_wasm, server, hits):
