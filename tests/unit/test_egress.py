@@ -382,8 +382,9 @@ def test_a_slow_server_hits_the_gateway_timeout(playbook_wasm, server, hits):
     finally:
         sandbox.close()
         gateway.close()
-    # The server answers only after 5 s: the gateway gave up at its own 0.3 s.
-    assert result["error"] == "timed out after 0.3 s"
+    # The server answers only after 5 s (or when released): an error means the gateway gave
+    # up first, at its own 0.3 s (socket timeout or deadline, whichever noticed).
+    assert result["error"] in ("timed out", "timed out after 0.3 s")
     assert [path for path, _ in hits] == ["/slow"]
 
 
@@ -402,7 +403,7 @@ def test_the_call_timeout_is_bounded_by_the_time_left_in_the_step(
     else:
         # The call's own timeout was cut to what was left of the step's 300 ms, not 3 s.
         error = http_result(report)["error"]
-        assert error.startswith("timed out after 0.")
+        assert error == "timed out" or error.startswith("timed out after 0.")
 
 
 def test_redirects_are_not_followed(sandbox, playbook_wasm, server, hits):
