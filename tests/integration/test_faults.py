@@ -95,6 +95,7 @@ async def wait_complete(store, tenant: str, count: int, timeout: float) -> dict[
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.timeout(240)  # a pass takes ~15 s; the loop below allows up to 120 s
 async def test_workers_killed_at_random_lose_nothing(
     settings, topology, broker, store, order_wasm, tmp_path
 ):
