@@ -15,6 +15,7 @@ from rich.progress import Progress
 from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, settings
 from stepfleet.control import Control, ControlError, DeadLetters
+from stepfleet.control.dead_letters import Outcome
 from stepfleet.schemas import InstanceKey
 from stepfleet.store import AuditEntry, DeadLetter, InstanceRecord, LetterFilter, PgStore
 
@@ -161,15 +162,29 @@ def _confirm(count: int, what: str, yes: bool) -> None:
         raise typer.Exit(1)
 
 
-def _with_progress(
-    total: int, label: str, action: Callable[[Callable[[int], None]], Awaitable[T]]
-) -> Callable[[PgStore, Broker | None], Awaitable[T]]:
-    async def work(store: PgStore, broker: Broker | None) -> T:
-        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-            task = progress.add_task(label, total=total)
-            return await action(lambda n: progress.advance(task, n))
+def _bulk(
+    count: int,
+    label: str,
+    action: Callable[[DeadLetters, Callable[[int], None]], Awaitable[Outcome]],
+    *,
+    publish: bool,
+) -> Outcome:
+    """Run a replay or purge over `count` letters with a progress bar on a terminal."""
+    config = settings()
 
-    return work
+    async def work(store: PgStore, broker: Broker | None) -> Outcome:
+        letters = DeadLetters(
+            store,
+            broker,
+            config.topology(),
+            user_id=config.broker_user,
+            trusted_users=config.trusted_users,
+        )
+        with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task(label, total=count)
+            return await action(letters, lambda n: progress.advance(task, n))
+
+    return _go(work, publish=publish)
 
 
 @dlq_app.command("replay")
@@ -189,7 +204,6 @@ def replay(
     selected = _filter(
         tenant, reason, instance, since, until, bool(letter_ids), ids=tuple(letter_ids or ())
     )
-    config = settings()
     count = _go(lambda store, _: store.dead_letters.count(selected))
     if letter_ids:
         known = _go(lambda store, _: store.dead_letters.find(selected))
@@ -198,20 +212,12 @@ def replay(
             fail(f"no dead letter {', '.join(str(i) for i in sorted(missing))}")
     else:
         _confirm(count, "replay", yes)
-
-    async def action(store: PgStore, broker: Broker | None) -> Any:
-        letters = DeadLetters(
-            store,
-            broker,
-            config.topology(),
-            user_id=config.broker_user,
-            trusted_users=config.trusted_users,
-        )
-        return await _with_progress(
-            count, "replaying", lambda advance: letters.replay(selected, progress=advance)
-        )(store, broker)
-
-    outcome = _go(action, publish=True)
+    outcome = _bulk(
+        count,
+        "replaying",
+        lambda letters, advance: letters.replay(selected, progress=advance),
+        publish=True,
+    )
     for letter_id, why in sorted(outcome.skipped.items()):
         typer.echo(f"{letter_id}: not replayed: {why}", err=True)
     typer.echo(f"{len(outcome.done)} letter(s) replayed")
@@ -229,17 +235,14 @@ def purge(
 ) -> None:
     """Delete archived letters for good (asks first unless --yes)."""
     selected = _filter(tenant, reason, instance, since, until, replayed)
-    config = settings()
     count = _go(lambda store, _: store.dead_letters.count(selected))
     _confirm(count, "purge", yes)
-
-    async def action(store: PgStore, broker: Broker | None) -> Any:
-        letters = DeadLetters(store, None, config.topology(), user_id=config.broker_user)
-        return await _with_progress(
-            count, "purging", lambda advance: letters.purge(selected, progress=advance)
-        )(store, broker)
-
-    outcome = _go(action)
+    outcome = _bulk(
+        count,
+        "purging",
+        lambda letters, advance: letters.purge(selected, progress=advance),
+        publish=False,
+    )
     typer.echo(f"{len(outcome.done)} letter(s) purged")
 
 
