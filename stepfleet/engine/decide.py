@@ -15,6 +15,7 @@ from stepfleet.schemas import (
     EventAwaited,
     FailedAttempt,
     GuestCrashed,
+    GuestOutcome,
     GuestReport,
     InstanceStatus,
     JournalEntry,
@@ -133,7 +134,9 @@ class _Run:
         """The journal length after the recorded values: the position of new work."""
 
     def decide(self) -> Decision:
-        outcome = self.report.outcome
+        outcome = _journal_text(self.report.outcome)
+        if isinstance(outcome, str):
+            return self._errored(outcome)
         if isinstance(outcome, Nondeterministic):
             return self._nondeterministic(outcome)
         if isinstance(outcome, GuestCrashed):
@@ -213,20 +216,19 @@ class _Run:
 
     def _sleep(self, outcome: SleepRequested) -> Decision:
         limit = self.limits.max_sleep_ms
-        if outcome.absolute:
-            due = datetime.fromtimestamp(outcome.ms / 1000, UTC)
-            length_ms = int((due - self.finished_at) / timedelta(milliseconds=1))
-        else:
-            length_ms = max(outcome.ms, 0)
-            due = self.finished_at + timedelta(milliseconds=length_ms)
+        # Integers first: a guest may ask for any i64, far past what a datetime can hold.
+        now_ms = _unix_ms(self.finished_at)
+        length_ms = outcome.ms - now_ms if outcome.absolute else max(outcome.ms, 0)
         if length_ms > limit:
             return self._errored(
                 f"sleep {outcome.name!r} of {length_ms} ms is over the limit of {limit} ms"
             )
-        due_ms = int(due.timestamp() * 1000)
-        entry = self._entry(self.length, EntryKind.SLEPT, outcome.name, str(due_ms))
-        if due <= self.finished_at:
-            return self._go_on(entry)
+        if length_ms <= 0:
+            # Already due: recorded as slept until then (or the epoch, for a time before it).
+            due_ms = max(outcome.ms, 0) if outcome.absolute else now_ms
+            return self._go_on(self._entry(self.length, EntryKind.SLEPT, outcome.name, str(due_ms)))
+        due = self.finished_at + timedelta(milliseconds=length_ms)
+        entry = self._entry(self.length, EntryKind.SLEPT, outcome.name, str(now_ms + length_ms))
         return self._decision(
             InstanceStatus.SLEEPING,
             entry=entry,
@@ -242,6 +244,7 @@ class _Run:
                 f"wait {outcome.name!r} timeout of {timeout} ms is over the limit of "
                 f"{self.limits.max_sleep_ms} ms"
             )
+        timeout = max(timeout, 0)
         wake_at = self.finished_at + timedelta(milliseconds=timeout)
         waiting = Waiting(WaitKind.EVENT, outcome.name, wake_at, outcome.event_type, timeout)
         return self._decision(InstanceStatus.WAITING, waiting=waiting)
@@ -374,6 +377,36 @@ class _Run:
             finished_at=self.finished_at,
             flags=flags,
         )
+
+
+_NUL = "\x00"
+
+
+def _journal_text(outcome: GuestOutcome) -> GuestOutcome | str:
+    """The outcome with text the journal can hold, or why it cannot be recorded.
+
+    Journal text never holds NUL (PostgreSQL text cannot). A name must come back unchanged on
+    replay, so a name with NUL is refused; a message is only read back, so NUL becomes U+FFFD.
+    """
+    match outcome:
+        case StepSucceeded(name=name) | SleepRequested(name=name) if _NUL in name:
+            return f"guest ABI violation: the name at position {outcome.seq} contains NUL"
+        case EventAwaited(name=name, event_type=kind) if _NUL in name + kind:
+            return f"guest ABI violation: the wait at position {outcome.seq} names NUL"
+        case StepFailed(name=name) if _NUL in name:
+            return f"guest ABI violation: the name at position {outcome.seq} contains NUL"
+        case StepFailed(message=text) | WorkflowFailed(message=text) if _NUL in text:
+            return replace(outcome, message=text.replace(_NUL, "\ufffd"))
+        case GuestCrashed(message=text) if _NUL in text:
+            return replace(outcome, message=text.replace(_NUL, "\ufffd"))
+    return outcome
+
+
+def _unix_ms(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _over_limits(position: int, state_bytes: int, limits: EngineLimits) -> str | None:

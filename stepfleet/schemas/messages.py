@@ -13,6 +13,10 @@ from stepfleet.schemas.identifiers import is_digest, is_instance_id, is_tenant
 
 SCHEMA_VERSION: Final = 1
 MAX_NAME_BYTES: Final = 256
+# Event ids and types are stored and shown to operators: printable text only.
+NO_CONTROL_CHARACTERS: Final = r"^[^\x00-\x1f\x7f-\x9f]+$"
+# RabbitMQ routes a message to these headers' routing keys too, unchecked by topic permissions.
+SENDER_SELECTED: Final = ("CC", "BCC")
 
 
 class MessageKind(StrEnum):
@@ -80,8 +84,12 @@ class WakeBody(_Body):
 class EventBody(_Body):
     """Deliver an event to an instance; `event_id` makes sending idempotent."""
 
-    event_id: Annotated[str, Field(min_length=1, max_length=MAX_NAME_BYTES)]
-    type: Annotated[str, Field(min_length=1, max_length=MAX_NAME_BYTES)]
+    event_id: Annotated[
+        str, Field(min_length=1, max_length=MAX_NAME_BYTES, pattern=NO_CONTROL_CHARACTERS)
+    ]
+    type: Annotated[
+        str, Field(min_length=1, max_length=MAX_NAME_BYTES, pattern=NO_CONTROL_CHARACTERS)
+    ]
     payload: JsonValue = None
 
 
@@ -143,6 +151,11 @@ def parse_envelope(headers: Mapping[str, Any], body: bytes, *, max_body_bytes: i
     Raises:
         InvalidMessage: the message can never be processed; it belongs in the dead-letter queue.
     """
+    for name in SENDER_SELECTED:
+        if name in headers:
+            raise InvalidMessage(
+                "bad-header", f"header {name} (sender-selected distribution) is not allowed"
+            )
     kind_text = _required(headers, Headers.KIND)
     try:
         kind = MessageKind(kind_text)

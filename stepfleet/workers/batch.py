@@ -44,6 +44,7 @@ from stepfleet.schemas import (
     InstanceStatus,
     InvalidMessage,
     JournalEntry,
+    MessageKind,
     RunMode,
     Waiting,
     WaitKind,
@@ -169,6 +170,48 @@ class BatchProcessor:
             if id(delivery) not in deferred:
                 await delivery.ack()
         return result
+
+    async def give_up(self, delivery: Delivery, error: BaseException) -> None:
+        """End one delivery that fails on its own, every time, without touching any other.
+
+        A step or wake errors its instance with the cause (visible in `status`, resumable with
+        `stepfleet retry`); anything else is dead-lettered `unprocessable`. Either way the
+        delivery is acked.
+
+        Raises:
+            StoreUnavailable, BrokerUnavailable, PublishRefused: nothing was done; hand the
+                delivery back.
+        """
+        cause = _describe_failure(error)
+        try:
+            envelope = parse_envelope(
+                delivery.headers, delivery.body, max_body_bytes=self._max_message_bytes
+            )
+        except InvalidMessage as exc:
+            await self._publish([self._dead(delivery, exc.reason, exc.detail)])
+            await delivery.ack()
+            return
+        key = InstanceKey(envelope.tenant, envelope.instance_id)
+        if envelope.kind in (MessageKind.STEP, MessageKind.WAKE):
+            async with self._store.control() as tx:
+                record = await tx.lock(key)
+                if record is not None and not record.status.is_final:
+                    message = f"stepfleet could not process its {envelope.kind}: {cause}"
+                    await tx.update(
+                        record, status=InstanceStatus.ERRORED, waiting=None, error=message
+                    )
+                    log.error(
+                        "instance_errored",
+                        tenant=key.tenant,
+                        instance=key.instance_id,
+                        module_digest=record.module,
+                        position=record.position,
+                        error=message,
+                    )
+                    await delivery.ack()
+                    return
+        await self._publish([self._dead(delivery, "unprocessable", cause)])
+        await delivery.ack()
 
     async def _transact(
         self,
@@ -664,6 +707,13 @@ def _write(key: InstanceKey, decision: Decision) -> StepWrite:
         state_bytes=decision.state_bytes,
         failed_attempt=decision.failed_attempt,
     )
+
+
+def _describe_failure(error: BaseException) -> str:
+    """The exception's type and first line, as text any store and terminal can take."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text.replace("\x00", "\ufffd")[:500]
 
 
 def _text(value: object) -> str | None:

@@ -29,6 +29,8 @@ from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 log = structlog.get_logger("stepfleet.worker")
 
 _MAX_BACKOFF_SECONDS = 30.0
+_TRIES_ALONE = 3
+"""Tries of a delivery that failed alone before it is ended (a transient cause gets over it)."""
 _TIMERS_PER_CLAIM = 500
 _TENANTS_REFRESH_SECONDS = 10.0
 _HEALTH_EVERY_SECONDS = 2.0
@@ -200,6 +202,7 @@ class Worker:
 
     async def _process_with_retry(self, batch: list[Delivery]) -> None:
         backoff = 0.1
+        failures = 0
         while True:
             try:
                 result = await self._processor.process(batch)
@@ -217,13 +220,20 @@ class Worker:
                 log.warning("publish_refused", error=str(exc))
                 await self._release(batch)
                 return
-            except Exception:
-                # A bug, not a guest's fault: hand the deliveries back; the queue's delivery
-                # limit dead-letters a message that keeps failing.
-                log.exception("batch_failed", size=len(batch))
-                await asyncio.sleep(backoff)
-                await self._release(batch)
-                return
+            except Exception as exc:
+                # Whatever one delivery did (a value the database refuses, a host bug it
+                # triggers) must not fail the others: each runs alone, and one that still
+                # fails alone is ended with its cause.
+                failures += 1
+                if len(batch) > 1:
+                    log.exception("batch_failed", size=len(batch), then="each delivery alone")
+                    for delivery in batch:
+                        await self._process_with_retry([delivery])
+                    return
+                if failures >= _TRIES_ALONE:
+                    await self._give_up(batch[0], exc)
+                    return
+                log.warning("delivery_failed", error=str(exc)[:500], retry_in=backoff)
             else:
                 self.steps_done += result.steps
                 for delivery in result.deferred:
@@ -231,6 +241,14 @@ class Worker:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+    async def _give_up(self, delivery: Delivery, error: Exception) -> None:
+        try:
+            await self._processor.give_up(delivery, error)
+        except (StoreUnavailable, BrokerUnavailable, PublishRefused) as exc:
+            # Not ended: the queue's delivery limit is the last safety net.
+            log.warning("give_up_failed", error=str(exc))
+            await self._release([delivery])
 
     async def _release(self, batch: list[Delivery]) -> None:
         for delivery in batch:

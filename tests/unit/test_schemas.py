@@ -118,6 +118,20 @@ REFUSALS = [
         id="event-type-too-long",
     ),
     pytest.param(
+        _with(x_kind="event"),
+        b'{"event_id":"e\\u0000","type":"paid"}',
+        "bad-body",
+        id="event-id-with-nul",
+    ),
+    pytest.param(
+        _with(x_kind="event"),
+        b'{"event_id":"e","type":"\\u001b]8;;http://x\\u0007paid"}',
+        "bad-body",
+        id="event-type-with-escape",
+    ),
+    pytest.param(_with(CC=["other.create"]), CREATE_BODY, "bad-header", id="cc-header"),
+    pytest.param(_with(BCC=["other.create"]), CREATE_BODY, "bad-header", id="bcc-header"),
+    pytest.param(
         _with(x_kind="create"),
         b'{"params":{},"retention_seconds":-1}',
         "bad-body",
@@ -286,6 +300,8 @@ def test_reason_table_lists_exactly_the_codes_stepfleet_uses():
     produced = {str(param.values[2]) for param in REFUSALS} | _admission_reasons()
     # The worker's own check that a create's module was pushed (workers/batch.py).
     produced.add("unknown-module")
+    # A delivery that fails alone, every time (workers/batch.py, test_isolation.py).
+    produced.add("unprocessable")
     # The producer identity check (workers/tenants.py, tested in test_identity.py).
     produced |= {"tenant-mismatch", "unverified-producer", "kind-not-allowed"}
     assert _documented_reasons() == produced
