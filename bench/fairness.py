@@ -2,8 +2,9 @@
 
 Tenant A publishes 20,000 steps (three-step order workflows) at once; right after, tenant B
 publishes 50 three-step workflows. Prints B's create-to-complete p50/p99 under the flood and on
-an idle fleet, and their ratio, as JSON. B is placed in another lane than A (as two tenants are
-with probability 7/8 under the default 8 lanes); `--same-lane` measures the unlucky case, and
+an idle fleet, and their ratio, as JSON. B's creates and steps are placed in other lanes than
+A's (lanes follow the routing key `<tenant>.<kind>`); `--same-lane` measures the unlucky case of
+a shared lane, and
 `--flooder-rate N` gives A a steps-per-second limit, the remedy for it.
 
     python bench/fairness.py [--flood-steps 20000] [--workers 2] [--same-lane] [--flooder-rate N]
@@ -30,12 +31,23 @@ from harness import AMQP, bench_deployment
 from throughput import ORDER, percentile, start_workers, stop_workers
 
 
-async def lane_of(broker: Broker, topology: Topology, tenant: str) -> int:
-    probe = uuid.uuid4().hex
-    headers = {"x-tenant": tenant, "x-kind": "create"}
-    await broker.publish_many(
-        [Outgoing(topology.ingress_exchange, f"{tenant}.create", b"{}", headers, probe, "guest")]
-    )
+async def lanes_of(broker: Broker, topology: Topology, tenant: str) -> set[int]:
+    """The lanes a tenant's creates and steps land in (placed by routing key)."""
+    lanes = set()
+    for kind in ("create", "step"):
+        internal = kind == "step"
+        probe = uuid.uuid4().hex
+        exchange = topology.internal_exchange if internal else topology.ingress_exchange
+        headers = {"x-tenant": tenant, "x-kind": kind}
+        user = None if internal else "guest"
+        await broker.publish_many(
+            [Outgoing(exchange, f"{tenant}.{kind}", b"{}", headers, probe, user)]
+        )
+        lanes.add(await _find(broker, topology, probe))
+    return lanes
+
+
+async def _find(broker: Broker, topology: Topology, probe: str) -> int:
     while True:
         for lane, queue in enumerate(topology.work_queues):
             for delivery in await broker.fetch(queue, limit=100):
@@ -89,11 +101,12 @@ async def main() -> None:
     async with bench_deployment(ORDER) as deployment:
         topology, digest, url = deployment.topology, deployment.digest, deployment.url
         flooder = "flood"
-        lane = await lane_of(deployment.broker, topology, flooder)
+        lanes = await lanes_of(deployment.broker, topology, flooder)
         calm = "calm0"
         for attempt in range(100):
             calm = f"calm{attempt}"
-            if (await lane_of(deployment.broker, topology, calm) == lane) == args.same_lane:
+            shared = bool(await lanes_of(deployment.broker, topology, calm) & lanes)
+            if shared == args.same_lane:
                 break
         await deployment.push(flooder, calm)
         if args.flooder_rate:

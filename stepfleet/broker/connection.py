@@ -263,8 +263,12 @@ class Broker:
                 durable=True,
                 arguments=topo.lanes_exchange_arguments(),
             )
-            await lanes.bind(ingress, "#")
-            await lanes.bind(internal, "#")
+            # Placement by a producer-set header is gone for good: drop the old exchange (and
+            # its bindings) before the new one is bound, so no message takes both paths.
+            await channel.exchange_delete(topo.legacy_lanes_exchange)
+            sources = {topo.ingress_exchange: ingress, topo.internal_exchange: internal}
+            for source, key in topo.lane_bindings():
+                await lanes.bind(sources[source], key)
             for name in topo.work_queues:
                 work = await channel.declare_queue(
                     name, durable=True, arguments=topo.work_queue_arguments()

@@ -15,7 +15,7 @@ class Topology:
     prefix: str = "stepfleet"
     delivery_limit: int = 20
     lanes: int = 8
-    """Work queues; each tenant's messages all go to one of them (by a hash of x-tenant)."""
+    """Work queues; each message goes to one of them by a hash of its routing key."""
 
     @property
     def ingress_exchange(self) -> str:
@@ -29,20 +29,35 @@ class Topology:
 
     @property
     def lanes_exchange(self) -> str:
-        """Consistent-hash exchange spreading tenants over the work queues by x-tenant."""
+        """Consistent-hash exchange spreading messages over the work queues by routing key."""
+        return f"{self.prefix}.lanes-by-key"
+
+    @property
+    def legacy_lanes_exchange(self) -> str:
+        """The lanes exchange of releases that hashed the producer-set x-tenant header;
+        `declare` deletes it, so no message is placed by a header a producer chose."""
         return f"{self.prefix}.lanes"
 
     @property
     def work_queues(self) -> list[str]:
-        """The lanes: quorum queues every worker consumes, one consumer each.
-
-        A tenant flooding the fleet fills its own lane; the others keep flowing.
-        """
+        """The lanes: quorum queues every worker consumes, one consumer each."""
         return [f"{self.prefix}.work.{lane}" for lane in range(self.lanes)]
 
     def lanes_exchange_arguments(self) -> dict[str, Any]:
-        """Hash on the tenant header, so a tenant's creates, events and steps share a lane."""
-        return {"hash-header": "x-tenant"}
+        """None: the exchange hashes the routing key, which broker topic permissions confine
+        to the producer's own tenant (RabbitMQ hashes only the first routing key, so CC and
+        BCC headers cannot steer a message into another lane either)."""
+        return {}
+
+    def lane_bindings(self) -> list[tuple[str, str]]:
+        """(exchange, binding key) pairs feeding the lanes: exactly `<tenant>.<kind>` for the
+        kinds each exchange carries, so a producer has only its tenant's two keys to hash."""
+        return [
+            (self.ingress_exchange, f"*.{MessageKind.CREATE.value}"),
+            (self.ingress_exchange, f"*.{MessageKind.EVENT.value}"),
+            (self.internal_exchange, f"*.{MessageKind.STEP.value}"),
+            (self.internal_exchange, f"*.{MessageKind.WAKE.value}"),
+        ]
 
     @property
     def dead_letter_exchange(self) -> str:

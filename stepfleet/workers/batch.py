@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from stepfleet.broker import Delivery, Outgoing, Topology
+from stepfleet.broker.topology import routing_key
 from stepfleet.engine import (
     Admit,
     Decision,
@@ -151,7 +152,7 @@ class BatchProcessor:
         """
         result = BatchResult()
         works, dead = self._validate(deliveries, result)
-        works = await self._verify(works, dead)
+        works = self._check_routing(await self._verify(works, dead), dead)
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
             ran, decisions, outgoing = await self._transact(works, dead, result, confirmed)
@@ -296,6 +297,21 @@ class BatchProcessor:
                     (work.delivery, self._dead(work.delivery, refusal.reason, refusal.detail))
                 )
         return allowed
+
+    def _check_routing(
+        self, works: list[_Work], dead: list[tuple[Delivery, Outgoing]]
+    ) -> list[_Work]:
+        """Drop deliveries whose routing key disagrees with their headers: lanes are chosen
+        by the routing key, so it must name the tenant and kind the headers name."""
+        agreed: list[_Work] = []
+        for work in works:
+            expected = routing_key(work.envelope.tenant, work.envelope.kind)
+            if work.delivery.routing_key == expected:
+                agreed.append(work)
+            else:
+                detail = f"routing key {work.delivery.routing_key[:300]!r} is not {expected!r}"
+                dead.append((work.delivery, self._dead(work.delivery, "bad-header", detail)))
+        return agreed
 
     async def _admit(
         self,

@@ -7,6 +7,7 @@ let through.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from typing import Any
 import aiormq
 import pytest
 
+from stepfleet.broker import Outgoing
 from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
 from stepfleet.control import DeadLetters
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
@@ -158,7 +160,7 @@ async def test_spoofed_or_missing_identity_is_dead_lettered(
     internal_kind = await publish(
         channel,
         settings.prefix,
-        routing_key=f"{mallory}.step",
+        routing_key=f"{mallory}.create",
         headers={**create_headers(mallory, "x", digest), "x-kind": "step"},
         body={"position": 0},
         user_id=mallory_credentials.user,
@@ -166,6 +168,16 @@ async def test_spoofed_or_missing_identity_is_dead_lettered(
     assert await reason_of(raw, spoofed) == "tenant-mismatch"
     assert await reason_of(raw, anonymous) == "unverified-producer"
     assert await reason_of(raw, internal_kind) == "kind-not-allowed"
+    # A step's own routing key is not bound on the ingress exchange: the broker returns it.
+    with pytest.raises(aiormq.exceptions.PublishError, match="NO_ROUTE"):
+        await publish(
+            channel,
+            settings.prefix,
+            routing_key=f"{mallory}.step",
+            headers={**create_headers(mallory, "y", digest), "x-kind": "step"},
+            body={"position": 0},
+            user_id=mallory_credentials.user,
+        )
     assert await store.find_instances(spoofed_id, victim) == []
 
 
@@ -292,3 +304,67 @@ async def test_a_replay_cannot_publish_for_another_tenant_than_its_producers(
     outcome = await letters.replay(LetterFilter(ids=(letter.id,)))
     assert outcome.done == []
     assert "not tenant" in outcome.skipped[letter.id]
+
+
+async def _lanes_holding(broker, topology, message_ids: set[str]) -> dict[str, int]:
+    """Where each message sits (no worker may be running); the messages are taken."""
+    found: dict[str, int] = {}
+    for _ in range(50):
+        for lane, queue in enumerate(topology.work_queues):
+            for delivery in await broker.fetch(queue, limit=500):
+                await delivery.ack()
+                if delivery.message_id in message_ids:
+                    found[delivery.message_id] = lane
+        if len(found) == len(message_ids):
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"found only {found} of {message_ids}")
+
+
+async def test_a_producer_cannot_steer_its_messages_into_another_tenants_lane(
+    settings, topology, broker, tenant, connect, order_wasm
+):
+    """Lanes follow the routing key, which topic permissions confine to the producer's tenant:
+    neither a spoofed x-tenant nor CC/BCC headers move a message into the victim's lane."""
+    mallory, credentials = await tenant()
+    channel = await connect(credentials)
+    digest = digest_of(order_wasm)
+
+    async def send(headers: dict[str, Any]) -> str:
+        return await publish(
+            channel,
+            settings.prefix,
+            routing_key=f"{mallory}.create",
+            headers={**create_headers(mallory, f"lane-{uuid.uuid4().hex[:6]}", digest), **headers},
+            body={"params": ORDER_PARAMS},
+            user_id=credentials.user,
+        )
+
+    own = await send({})
+    own_lane = (await _lanes_holding(broker, topology, {own}))[own]
+    victim = f"v{uuid.uuid4().hex[:10]}"
+    while True:  # a victim whose creates hash to another lane than mallory's
+        probe = uuid.uuid4().hex
+        await broker.publish_many(
+            [
+                Outgoing(
+                    topology.ingress_exchange,
+                    f"{victim}.create",
+                    b"{}",
+                    {"x-tenant": victim},
+                    message_id=probe,
+                    user_id="guest",
+                )
+            ]
+        )
+        if (await _lanes_holding(broker, topology, {probe}))[probe] != own_lane:
+            break
+        victim = f"v{uuid.uuid4().hex[:10]}"
+    attacks = {
+        await send({"x-tenant": victim}),
+        await send({"CC": [f"{victim}.create"]}),
+        await send({"BCC": [f"{victim}.create"]}),
+        await send({"x-tenant": victim, "CC": [f"{victim}.create", f"{victim}.event"]}),
+    }
+    placed = await _lanes_holding(broker, topology, attacks)
+    assert set(placed.values()) == {own_lane}
