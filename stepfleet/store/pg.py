@@ -152,8 +152,10 @@ _WRITE_BATCH = text(
 _GRANT_SLOTS = text(
     """
     SELECT count(*) FROM (
-        SELECT slot FROM generate_series(0, :cap - 1) AS slot
-        WHERE pg_try_advisory_xact_lock(:tenant_key, slot)
+        SELECT slot
+        FROM (SELECT slot_key FROM tenants WHERE name = :tenant) AS t
+        CROSS JOIN generate_series(0, :cap - 1) AS slot
+        WHERE pg_try_advisory_xact_lock(t.slot_key, slot)
         LIMIT :need
     ) AS taken
     """
@@ -286,10 +288,13 @@ class StepTransaction:
                 entries[InstanceKey(row.tenant, row.instance_id)].append(entry_from_row(row))
         return params, entries
 
-    async def grant_slots(self, tenant_key: int, cap: int, need: int) -> int:
-        """Take up to `need` of a tenant's `cap` running-step slots until commit."""
+    async def grant_slots(self, tenant: str, cap: int, need: int) -> int:
+        """Take up to `need` of a tenant's `cap` running-step slots until commit.
+
+        A slot is the advisory lock (the tenant's `slot_key`, slot number); a tenant without a
+        row has no limits, so none."""
         result = await self._conn.execute(
-            _GRANT_SLOTS, {"tenant_key": tenant_key, "cap": cap, "need": need}
+            _GRANT_SLOTS, {"tenant": tenant, "cap": cap, "need": need}
         )
         return int(result.scalar_one())
 

@@ -9,6 +9,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKeyConstraint,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -50,8 +51,11 @@ tenants = Table(
     # TenantLimits as JSON: only the limits that differ from the fleet's settings.
     Column("limits", Text, nullable=False, server_default="{}"),
     _now(),
+    # Keys the tenant's running-step slots (advisory locks): unique, unlike a name hash.
+    Column("slot_key", Integer, Identity(always=False), nullable=False),
     PrimaryKeyConstraint("name"),
     UniqueConstraint("broker_user"),
+    UniqueConstraint("slot_key"),
 )
 
 tenant_rates = Table(

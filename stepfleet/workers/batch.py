@@ -12,7 +12,6 @@ import asyncio
 import json
 import random
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -433,7 +432,7 @@ class BatchProcessor:
             held_before = len(held)
             granted = len(works)
             if own.running_steps:
-                granted = await tx.grant_slots(tenant_lock_key(tenant), own.running_steps, granted)
+                granted = await tx.grant_slots(tenant, own.running_steps, granted)
             for work in works[granted:]:  # no free slot: look again shortly
                 held_ids.add(id(work))
                 held.append(_held(work, now + _SLOT_RETRY + _jitter()))
@@ -650,11 +649,6 @@ def _module(work: _Work) -> str:
         return work.record.module
     assert work.envelope.module is not None
     return work.envelope.module
-
-
-def tenant_lock_key(tenant: str) -> int:
-    """The advisory-lock key of a tenant's running-step slots (a signed 32-bit hash)."""
-    return zlib.crc32(tenant.encode()) - 2**31
 
 
 _SLOT_RETRY = timedelta(milliseconds=100)

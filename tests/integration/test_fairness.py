@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import zlib
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,7 +16,6 @@ from sqlalchemy.engine import make_url
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, WaitKind, digest_of
-from stepfleet.workers.batch import tenant_lock_key
 from tests.integration.conftest import wait_for_status
 
 pytestmark = pytest.mark.services
@@ -118,8 +119,9 @@ async def test_running_steps_cap_holds_across_workers(
     url = make_url(database_url).set(drivername="postgresql")
     holder = await psycopg.AsyncConnection.connect(url.render_as_string(hide_password=False))
     try:
+        key = await slot_key(holder, capped)
         for slot in range(2):  # another worker's transactions running two of its steps
-            await holder.execute("SELECT pg_advisory_lock(%s, %s)", (tenant_lock_key(capped), slot))
+            await holder.execute("SELECT pg_advisory_lock(%s, %s)", (key, slot))
         await start_worker(name="one")
         await start_worker(name="two")
         held = [await playbook(*ONE_STEP, tenant=capped) for _ in range(4)]
@@ -167,3 +169,29 @@ async def test_rate_limit_spreads_a_tenants_steps(store, start_worker, playbook)
             )
         ).scalar_one()
     assert tokens <= 4  # the bucket never holds more than a second's worth
+
+
+async def slot_key(connection: psycopg.AsyncConnection[Any], tenant: str) -> int:
+    cursor = await connection.execute("SELECT slot_key FROM tenants WHERE name = %s", (tenant,))
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+CRC32_TWINS = ("twina17c0a", "twin2100009")
+"""Two tenant names with the same crc32, the hash running-step slots were once keyed by."""
+
+
+async def test_tenants_whose_names_collide_do_not_share_running_step_slots(
+    store, start_worker, playbook
+):
+    """Tenant A holding its only slot leaves tenant B's free, whatever their names hash to."""
+    busy, other = CRC32_TWINS
+    assert zlib.crc32(busy.encode()) == zlib.crc32(other.encode())
+    for tenant in (busy, other):
+        await store.tenants.add(tenant, None, TenantLimits(running_steps=1))
+    async with store.transaction() as running:  # a worker in the middle of busy's step
+        assert await running.grant_slots(busy, 1, 1) == 1
+        await start_worker()
+        key = await playbook(*ONE_STEP, tenant=other)
+        await wait_for_status(store, key, {InstanceStatus.COMPLETE})

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
-from stepfleet.store.migrate import current_revision
+from stepfleet.store.migrate import alembic_config, current_revision
 from stepfleet.store.tables import metadata
 
 pytestmark = pytest.mark.services
@@ -25,5 +26,7 @@ def test_head_matches_the_tables(database_url):
 
 
 def test_database_is_at_head(database_url):
-    """The test database was brought to the newest revision."""
-    assert current_revision(database_url) == "0004"
+    """The test database was brought to the newest revision, and there is only one."""
+    heads = ScriptDirectory.from_config(alembic_config(database_url)).get_heads()
+    assert len(heads) == 1, heads
+    assert current_revision(database_url) == heads[0]
