@@ -368,3 +368,70 @@ async def test_a_producer_cannot_steer_its_messages_into_another_tenants_lane(
     }
     placed = await _lanes_holding(broker, topology, attacks)
     assert set(placed.values()) == {own_lane}
+
+
+PER_TENANT_LIMITS = [
+    pytest.param(
+        TenantLimits(max_steps=2),
+        [{"op": "do", "name": n} for n in ("a", "b", "c")],
+        "the instance reached its limit of 2 journal entries",
+        id="journal-entries",
+    ),
+    pytest.param(
+        TenantLimits(max_state_bytes=1024),
+        [{"op": "random", "name": n, "bytes": 256} for n in ("a", "b", "c")],
+        "the limit is 1024",
+        id="state-bytes",
+    ),
+    pytest.param(
+        TenantLimits(host_calls_per_step=0),
+        [{"op": "http", "name": "get", "url": "http://127.0.0.1:9/"}],
+        "a step may make 0 HTTP call(s)",
+        id="host-calls-per-step",
+    ),
+]
+
+
+@pytest.mark.parametrize(("limits", "ops", "message"), PER_TENANT_LIMITS)
+async def test_each_per_tenant_limit_applies_to_that_tenants_runs(
+    store, start_worker, playbook, limits, ops, message
+):
+    """A limit set for one tenant holds for its runs; the same workflow of another tenant,
+    under the fleet's limits, completes."""
+    limited = f"lim{uuid.uuid4().hex[:8]}"
+    await store.tenants.add(limited, None, limits)
+    await start_worker()
+    held = await playbook(*ops, tenant=limited)
+    free = await playbook(*ops)
+    record, _ = await wait_for_status(store, held, FINAL)
+    detail = await store.detail(held)
+    assert detail is not None
+    shown = [record.error or "", record.output or "", *(e.value for e in detail.journal)]
+    assert any(message in text for text in shown), shown
+    record, _ = await wait_for_status(store, free, FINAL)
+    assert record.status is InstanceStatus.COMPLETE
+    assert message not in (record.output or "")
+
+
+async def test_a_tenants_memory_limit_applies_to_its_runs(
+    settings, store, start_worker, tenant, connect
+):
+    """A tenant's memory cap, below the fleet's, stops its memory bomb at that cap."""
+    name, credentials = await tenant(TenantLimits(memory_bytes=2 * 65536))
+    bomb = hostile_wasm("membomb")
+    digest = digest_of(bomb)
+    await store.put_module(name, digest, bomb)
+    await start_worker()
+    channel = await connect(credentials)
+    instance_id = f"mem-{uuid.uuid4().hex[:8]}"
+    await publish(
+        channel,
+        settings.prefix,
+        routing_key=f"{name}.create",
+        headers=create_headers(name, instance_id, digest),
+        body={"params": {}},
+        user_id=credentials.user,
+    )
+    record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
+    assert record.status is InstanceStatus.ERRORED
+    assert "131072" in (record.error or ""), record.error
