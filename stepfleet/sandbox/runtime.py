@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import threading
@@ -23,6 +22,7 @@ from stepfleet.sandbox.abi import (
     WASI_MODULE,
 )
 from stepfleet.sandbox.errors import InvalidModule
+from stepfleet.sandbox.guest_json import JsonTooDeep, parse_guest_json
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, engine_fingerprint
 from stepfleet.sandbox.port import Egress, GuestRun
@@ -410,9 +410,11 @@ class WasmSandbox:
         def json_at(caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
             text = _text(caller, ptr, length, limits.value_bytes, what)
             try:
-                json.loads(text)
-            except ValueError:
-                raise _Violation(f"{what} is not valid JSON") from None
+                parse_guest_json(text)
+            except JsonTooDeep as exc:
+                raise _Violation(f"{what} is {exc}", "output") from None
+            except ValueError as exc:
+                raise _Violation(f"{what} is {exc}") from None
             return text
 
         def begun(seq: int, name: str) -> _Step:
@@ -534,6 +536,10 @@ class WasmSandbox:
         def http_request(caller: wasmtime.Caller, rp: int, rl: int) -> int:
             step = in_step("http_request")
             text = _text(caller, rp, rl, limits.value_bytes, "http request")
+            try:
+                parse_guest_json(text)  # the host's bounds first: nesting, RFC 8259
+            except ValueError as exc:
+                raise _Violation(f"guest ABI violation: http request is {exc}") from None
             try:
                 request = HttpRequest.from_json(text)
             except ValueError as exc:
