@@ -52,6 +52,9 @@ _VALTYPES = {
     "i64": wasmtime.ValType.i64(),
 }
 _EBADF = 8
+_EINVAL = 28
+_ADDRESS_SPACE = 1 << 32
+"""Guest pointers and lengths are unsigned 32-bit; a range may not run past 4 GiB."""
 _PAGE = 65536
 _TRAP_LIMITS = {
     wasmtime.TrapCode.OUT_OF_FUEL: "cpu",
@@ -61,6 +64,7 @@ _TRAP_LIMITS = {
 _TICK_SECONDS = 0.01
 """Epoch tick: step timeouts are enforced to within about this much."""
 _MAX_RANDOM_BYTES = 256
+_MAX_FD_WRITE_IOVS = 64
 _KNOWN_FLAGS = EntryFlags.HAS_ROLLBACK | EntryFlags.SENSITIVE | EntryFlags.COMPENSATION
 
 
@@ -318,9 +322,9 @@ class WasmSandbox:
                 initialize(store)
             size = len(job.replay_buffer)
             pointer = _call(exports, store, "sf_alloc", size)
-            if not isinstance(pointer, int) or pointer <= 0:
+            if not isinstance(pointer, int) or pointer == 0:
                 return report(GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"))
-            _check_range(memory, store, pointer, size)
+            pointer = _check_range(memory, store, pointer, size, "replay buffer")
             memory.write(store, job.replay_buffer, pointer)
             _call(exports, store, "sf_run", pointer, size)
         except _Stop as stop:
@@ -492,10 +496,11 @@ class WasmSandbox:
             return value
 
         def random(caller: wasmtime.Caller, seq: int, ptr: int, length: int) -> None:
+            length = _u32(length)
             if not 1 <= length <= _MAX_RANDOM_BYTES:
                 raise _Violation(f"random asks for {length} bytes, allowed 1 to 256")
             memory = _memory(caller)
-            _check_range(memory, caller, ptr, length)
+            ptr = _check_range(memory, caller, ptr, length, "random buffer")
             data = secrets.token_bytes(length)
             if self._run.step is None:
                 self._run.record(seq, EntryKind.RANDOM, data.hex())
@@ -513,15 +518,17 @@ class WasmSandbox:
         def nondeterminism(
             caller: wasmtime.Caller, seq: int, op: int, np: int, nl: int
         ) -> NoReturn:
-            name = _text(caller, np, nl, limits.name_bytes, "name")
+            name = _text(caller, np, nl, limits.name_bytes, "nondeterminism name")
             raise _Stop(Nondeterministic(seq, name, op))
 
-        def log(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
+        def log_line(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
+            memory = _memory(caller)
+            mp = _check_range(memory, caller, mp, ml, "log line")
             logs = self._run.logs
             if len(logs) >= limits.log_lines_per_run:
                 return
-            length = min(max(ml, 0), limits.log_line_bytes)
-            raw = bytes(_memory(caller).read(caller, mp, mp + length)) if length else b""
+            length = min(_u32(ml), limits.log_line_bytes)
+            raw = bytes(memory.read(caller, mp, mp + length)) if length else b""
             logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
 
         def in_step(what: str) -> _Step:
@@ -554,13 +561,14 @@ class WasmSandbox:
             answer = step.http_response
             if answer is None:
                 raise _Violation("guest ABI violation: http_response without an http_request")
+            length = _u32(length)
             if length != len(answer):
                 raise _Violation(
                     f"guest ABI violation: http_response asked for {length} bytes, "
                     f"the answer is {len(answer)}"
                 )
             memory = _memory(caller)
-            _check_range(memory, caller, ptr, length)
+            ptr = _check_range(memory, caller, ptr, length, "http response buffer")
             memory.write(caller, answer, ptr)
             step.http_response = None
 
@@ -575,7 +583,7 @@ class WasmSandbox:
             "complete": complete,
             "fail": fail,
             "nondeterminism": nondeterminism,
-            "log": log,
+            "log": log_line,
             "http_request": http_request,
             "http_response": http_response,
         }
@@ -606,39 +614,52 @@ class WasmSandbox:
             if fd not in (1, 2):
                 return _EBADF
             memory = _memory(caller)
+            # At most 64 iovs per call; wasi-libc writes the rest in the next call.
+            count = min(_u32(count), _MAX_FD_WRITE_IOVS)
+            iovs = _check_range(memory, caller, iovs, 8 * count, "fd_write iovs")
+            written = _check_range(memory, caller, written, 4, "fd_write result")
+            table = bytes(memory.read(caller, iovs, iovs + 8 * count))
             total = 0
-            chunks: list[bytes] = []
-            for index in range(min(count, 64)):
-                header = bytes(memory.read(caller, iovs + 8 * index, iovs + 8 * index + 8))
-                base = int.from_bytes(header[:4], "little")
-                length = int.from_bytes(header[4:], "little")
-                take = min(length, limits.log_line_bytes - sum(map(len, chunks)))
+            line = bytearray()
+            for index in range(count):
+                base = int.from_bytes(table[8 * index : 8 * index + 4], "little")
+                length = int.from_bytes(table[8 * index + 4 : 8 * index + 8], "little")
+                _check_range(memory, caller, base, length, f"fd_write iov {index}")
+                take = min(length, limits.log_line_bytes - len(line))
                 if take > 0:
-                    chunks.append(bytes(memory.read(caller, base, base + take)))
+                    line += memory.read(caller, base, base + take)
                 total += length
+            if total >= _ADDRESS_SPACE:
+                return _EINVAL  # as writev: the count written would not fit its u32
             if len(self._run.logs) < limits.log_lines_per_run:
-                text = b"".join(chunks).decode(errors="replace").rstrip("\n")
+                text = bytes(line).decode(errors="replace").rstrip("\n")
                 self._run.logs.append((1 if fd == 1 else 3, text))
             memory.write(caller, total.to_bytes(4, "little"), written)
             return 0
 
-        def empty_sizes(caller: wasmtime.Caller, count_ptr: int, size_ptr: int) -> int:
-            memory = _memory(caller)
-            memory.write(caller, bytes(4), count_ptr)
-            memory.write(caller, bytes(4), size_ptr)
-            return 0
+        def empty_sizes(what: str) -> Callable[[wasmtime.Caller, int, int], int]:
+            def sizes(caller: wasmtime.Caller, count_ptr: int, size_ptr: int) -> int:
+                memory = _memory(caller)
+                count_ptr = _check_range(memory, caller, count_ptr, 4, what)
+                size_ptr = _check_range(memory, caller, size_ptr, 4, what)
+                memory.write(caller, bytes(4), count_ptr)
+                memory.write(caller, bytes(4), size_ptr)
+                return 0
+
+            return sizes
 
         def proc_exit(caller: wasmtime.Caller, code: int) -> NoReturn:
             raise _Violation(f"guest called proc_exit({code})")
 
+        # The other shims touch no memory, so their pointers need no check.
         handlers: dict[str, Callable[..., Any]] = {
             "fd_write": fd_write,
             "fd_close": lambda caller, fd: _EBADF,
             "fd_seek": lambda caller, fd, offset, whence, result: _EBADF,
             "fd_fdstat_get": lambda caller, fd, result: _EBADF,
-            "environ_sizes_get": empty_sizes,
+            "environ_sizes_get": empty_sizes("environ_sizes_get"),
             "environ_get": lambda caller, a, b: 0,
-            "args_sizes_get": empty_sizes,
+            "args_sizes_get": empty_sizes("args_sizes_get"),
             "args_get": lambda caller, a, b: 0,
             "proc_exit": proc_exit,
         }
@@ -659,16 +680,28 @@ def _memory(caller: wasmtime.Caller) -> wasmtime.Memory:
     return memory
 
 
-def _check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int) -> None:
-    if ptr < 0 or length < 0 or ptr + length > memory.data_len(store):
-        raise _Violation(f"pointer range {ptr}+{length} is outside guest memory")
+def _u32(value: int) -> int:
+    """An i32 argument as the unsigned number the guest means (wasmtime hands them signed)."""
+    return value & 0xFFFF_FFFF
+
+
+def _check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int, what: str) -> int:
+    """Check that `length` bytes at `ptr` lie in guest memory; return `ptr` as unsigned."""
+    ptr, length = _u32(ptr), _u32(length)
+    size = min(memory.data_len(store), _ADDRESS_SPACE)
+    if ptr + length > size:
+        raise _Violation(
+            f"{what}: pointer range {ptr}+{length} is outside guest memory ({size} bytes)"
+        )
+    return ptr
 
 
 def _text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str) -> str:
+    length = _u32(length)
     if length > limit:
         raise _Violation(f"{what} is {length} bytes, the limit is {limit}", "output")
     memory = _memory(caller)
-    _check_range(memory, caller, ptr, length)
+    ptr = _check_range(memory, caller, ptr, length, what)
     try:
         return bytes(memory.read(caller, ptr, ptr + length)).decode()
     except UnicodeDecodeError:

@@ -98,6 +98,189 @@ def sandbox():
     sandbox.close()
 
 
+# -- pointers and lengths ------------------------------------------------------------------
+
+STEP = {16: "step"}
+TWO_HUGE_IOVS = {16: "step", 128: (0).to_bytes(4, "little") + (0xFFFFFFFF).to_bytes(4, "little")}
+TWO_HUGE_IOVS[136] = TWO_HUGE_IOVS[128]
+ONE_IOV = {16: "step", 128: (16).to_bytes(4, "little") + (4).to_bytes(4, "little")}
+REQUEST = '{"method":"GET","url":"https://example.org/"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "data", "message"),
+    [
+        pytest.param(
+            "(drop (call $environ_sizes_get (i32.const -2) (i32.const 0)))",
+            {},
+            "environ_sizes_get: pointer range 4294967294+4 is outside guest memory",
+            id="environ_sizes_get-near-4GiB",
+        ),
+        pytest.param(
+            "(drop (call $args_sizes_get (i32.const 0) (i32.const -4)))",
+            {},
+            "args_sizes_get: pointer range 4294967292+4 is outside guest memory",
+            id="args_sizes_get-negative",
+        ),
+        pytest.param(
+            "(drop (call $environ_sizes_get (i32.const 65534) (i32.const 0)))",
+            {},
+            "environ_sizes_get: pointer range 65534+4 is outside guest memory",
+            id="environ_sizes_get-straddles-the-end",
+        ),
+        pytest.param(
+            "(drop (call $fd_write (i32.const 1) (i32.const -8) (i32.const 1) (i32.const 64)))",
+            {},
+            "fd_write iovs: pointer range 4294967288+8 is outside guest memory",
+            id="fd_write-iovs-near-4GiB",
+        ),
+        pytest.param(
+            "(drop (call $fd_write (i32.const 1) (i32.const 128) (i32.const 2) (i32.const 64)))",
+            TWO_HUGE_IOVS,
+            "fd_write iov 0: pointer range 0+4294967295 is outside guest memory",
+            id="fd_write-iov-lengths-past-2**32",
+        ),
+        pytest.param(
+            "(drop (call $fd_write (i32.const 1) (i32.const 128) (i32.const 1) (i32.const -1)))",
+            ONE_IOV,
+            "fd_write result: pointer range 4294967295+4 is outside guest memory",
+            id="fd_write-result-near-4GiB",
+        ),
+        pytest.param(
+            "(call $log (i32.const 1) (i32.const -16) (i32.const 8))",
+            {},
+            "log line: pointer range 4294967280+8 is outside guest memory",
+            id="log-near-4GiB",
+        ),
+        pytest.param(
+            "(call $log (i32.const 1) (i32.const 16) (i32.const -1))",
+            {},
+            "log line: pointer range 16+4294967295 is outside guest memory",
+            id="log-length-near-4GiB",
+        ),
+        pytest.param(
+            "(call $random (i32.const 0) (i32.const -4) (i32.const 8))",
+            {},
+            "random buffer: pointer range 4294967292+8 is outside guest memory",
+            id="random-near-4GiB",
+        ),
+        pytest.param(
+            "(call $random (i32.const 0) (i32.const 16) (i32.const -1))",
+            {},
+            "random asks for 4294967295 bytes, allowed 1 to 256",
+            id="random-length-negative",
+        ),
+        pytest.param(
+            begin(name_at=-1),
+            {},
+            "step name: pointer range 4294967295+4 is outside guest memory",
+            id="step_begin-name-near-4GiB",
+        ),
+        pytest.param(
+            begin(name_len=-1),
+            STEP,
+            "step name is 4294967295 bytes, the limit is 256",
+            id="step_begin-name-length-negative",
+        ),
+        pytest.param(
+            begin(config_at=-100, config_len=200),
+            STEP,
+            "step config: pointer range 4294967196+200 is outside guest memory",
+            id="step_begin-config-wraps-past-2**32",
+        ),
+        pytest.param(
+            begin()
+            + "(call $step_done (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 65530)"
+            " (i32.const 16) (i32.const 0))",
+            STEP,
+            "step result: pointer range 65530+16 is outside guest memory",
+            id="step_done-result-past-the-end",
+        ),
+        pytest.param(
+            "(call $complete (i32.const 0) (i32.const 16) (i32.const -1))",
+            {},
+            "workflow output is 4294967295 bytes, the limit is 1048576",
+            id="complete-length-negative",
+        ),
+        pytest.param(
+            "(call $fail (i32.const 0) (i32.const -2) (i32.const 4))",
+            {},
+            "error message: pointer range 4294967294+4 is outside guest memory",
+            id="fail-message-wraps",
+        ),
+        pytest.param(
+            begin()
+            + "(call $step_failed (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 1000)"
+            " (i32.const 1048576) (i32.const 0))",
+            STEP,
+            "error message: pointer range 1000+1048576 is outside guest memory",
+            id="step_failed-message-past-the-end",
+        ),
+        pytest.param(
+            "(call $sleep (i32.const 0) (i32.const -1) (i32.const 4) (i64.const 5) (i32.const 0))",
+            {},
+            "sleep name: pointer range 4294967295+4 is outside guest memory",
+            id="sleep-name-near-4GiB",
+        ),
+        pytest.param(
+            "(call $wait_event (i32.const 0) (i32.const 16) (i32.const 4) (i32.const -1)"
+            " (i32.const 2) (i64.const -1))",
+            STEP,
+            "event type: pointer range 4294967295+2 is outside guest memory",
+            id="wait_event-type-near-4GiB",
+        ),
+        pytest.param(
+            "(call $nondeterminism (i32.const 0) (i32.const 1) (i32.const -3) (i32.const 4))",
+            {},
+            "nondeterminism name: pointer range 4294967293+4 is outside guest memory",
+            id="nondeterminism-name-wraps",
+        ),
+        pytest.param(
+            begin() + f"(call $http_response (i32.const -16) (call $http_request (i32.const 256)"
+            f" (i32.const {len(REQUEST)})))",
+            {16: "step", 256: REQUEST},
+            "http response buffer: pointer range 4294967280+",
+            id="http_response-near-4GiB",
+        ),
+        pytest.param(
+            begin() + "(call $http_response (i32.const 16) (i32.const -1))",
+            STEP,
+            "guest ABI violation: http_response without an http_request",
+            id="http_response-without-request",
+        ),
+    ],
+)
+def test_hostile_pointers_and_lengths_fail_the_run_naming_the_range(sandbox, body, data, message):
+    """Pointers and lengths are unsigned 32-bit: a range past the memory, or past 4 GiB, is
+    refused with a message that names the argument and the range, as the guest meant it."""
+    report = run_guest(sandbox, guest(body, data=data))
+    assert message in crash_message(report)
+
+
+def test_fd_write_lengths_summing_past_4_gib_get_einval():
+    """Iovs that each lie in (a 2 GiB) memory but sum past what a u32 can report get EINVAL."""
+    half = 32769  # pages: a little over 2 GiB, so that two whole-memory iovs sum past 2**32
+    size = (half * 65536).to_bytes(4, "little")
+    iov = (0).to_bytes(4, "little") + size
+    big = WasmSandbox(SandboxLimits(memory_bytes=3 * 1024**3))
+    try:
+        report = run_guest(
+            big,
+            guest(
+                "(if (i32.eq (call $fd_write (i32.const 1) (i32.const 128) (i32.const 2)"
+                " (i32.const 64)) (i32.const 28))"
+                " (then (call $complete (i32.const 0) (i32.const 16) (i32.const 4))))"
+                " unreachable",
+                data={16: "true", 128: iov + iov},
+                pages=half,
+            ),
+        )
+    finally:
+        big.close()
+    assert report.outcome == Completed(0, "true")
+    assert report.logs == []
+
+
 # -- JSON ----------------------------------------------------------------------------------
 
 DEEP = "[" * 200_000
