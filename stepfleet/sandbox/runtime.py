@@ -64,6 +64,9 @@ _TRAP_LIMITS = {
 _TICK_SECONDS = 0.01
 """Epoch tick: step timeouts are enforced to within about this much."""
 _MAX_RANDOM_BYTES = 256
+_MAX_SLEEP_VALUE_MS = 10**14
+"""Largest sleep duration or Unix time (ms, about 3,000 years): past it the engine's date
+arithmetic would overflow. The sleep limit itself (365 days) is the engine's to apply."""
 _MAX_FD_WRITE_IOVS = 64
 _KNOWN_FLAGS = EntryFlags.HAS_ROLLBACK | EntryFlags.SENSITIVE | EntryFlags.COMPENSATION
 
@@ -405,10 +408,20 @@ class WasmSandbox:
     def _define_host_imports(self) -> None:
         limits = self.limits
 
-        def name_at(caller: wasmtime.Caller, ptr: int, length: int, what: str = "step name") -> str:
+        def name_at(
+            caller: wasmtime.Caller,
+            ptr: int,
+            length: int,
+            what: str = "step name",
+            *,
+            empty: bool = False,
+        ) -> str:
             name = _text(caller, ptr, length, limits.name_bytes, what)
-            if not name:
+            if not name and not empty:
                 raise _Violation(f"{what} is empty")
+            # Names are keys and labels everywhere downstream; a NUL has no place in them.
+            if "\x00" in name:
+                raise _Violation(f"{what} contains a NUL character")
             return name
 
         def json_at(caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
@@ -420,6 +433,9 @@ class WasmSandbox:
             except ValueError as exc:
                 raise _Violation(f"{what} is {exc}") from None
             return text
+
+        def message_at(caller: wasmtime.Caller, ptr: int, length: int) -> str:
+            return _no_nul(_text(caller, ptr, length, limits.value_bytes, "error message"))
 
         def begun(seq: int, name: str) -> _Step:
             step = self._run.step
@@ -460,7 +476,8 @@ class WasmSandbox:
             caller: wasmtime.Caller, seq: int, np: int, nl: int, rp: int, rl: int, flags: int
         ) -> NoReturn:
             step = begun(seq, name_at(caller, np, nl))
-            if flags & ~_KNOWN_FLAGS:
+            flags = _u32(flags)
+            if flags & ~int(_KNOWN_FLAGS):  # an IntFlag's own ~ would drop the unknown bits
                 raise _Violation(f"guest ABI violation: unknown step_done flags {flags:#x}")
             result = json_at(caller, rp, rl, "step result")
             raise _Stop(
@@ -471,7 +488,7 @@ class WasmSandbox:
             caller: wasmtime.Caller, seq: int, np: int, nl: int, mp: int, ml: int, flags: int
         ) -> NoReturn:
             step = begun(seq, name_at(caller, np, nl))
-            message = _text(caller, mp, ml, limits.value_bytes, "error message")
+            message = message_at(caller, mp, ml)
             raise _Stop(StepFailed(seq, step.name, message, bool(flags & 1), config=step.config))
 
         def sleep(
@@ -479,7 +496,17 @@ class WasmSandbox:
         ) -> NoReturn:
             outside_step("sleep")
             name = name_at(caller, np, nl, "sleep name")
-            raise _Stop(SleepRequested(seq, name, ms, absolute=bool(flags & 1)))
+            absolute = bool(flags & 1)
+            if absolute and not 0 <= ms <= _MAX_SLEEP_VALUE_MS:
+                raise _Violation(
+                    f"sleep {name!r} until {ms} is out of range "
+                    f"(Unix milliseconds from 0 to {_MAX_SLEEP_VALUE_MS})"
+                )
+            if not absolute and ms > _MAX_SLEEP_VALUE_MS:
+                raise _Violation(
+                    f"sleep {name!r} of {ms} ms is out of range (at most {_MAX_SLEEP_VALUE_MS} ms)"
+                )
+            raise _Stop(SleepRequested(seq, name, ms, absolute=absolute))
 
         def wait_event(
             caller: wasmtime.Caller, seq: int, np: int, nl: int, tp: int, tl: int, timeout: int
@@ -512,13 +539,13 @@ class WasmSandbox:
 
         def fail(caller: wasmtime.Caller, seq: int, mp: int, ml: int) -> NoReturn:
             outside_step("fail")
-            message = _text(caller, mp, ml, limits.value_bytes, "error message")
-            raise _Stop(WorkflowFailed(seq, message))
+            raise _Stop(WorkflowFailed(seq, message_at(caller, mp, ml)))
 
         def nondeterminism(
             caller: wasmtime.Caller, seq: int, op: int, np: int, nl: int
         ) -> NoReturn:
-            name = _text(caller, np, nl, limits.name_bytes, "nondeterminism name")
+            # Empty for `now` and `random`, which have no name.
+            name = name_at(caller, np, nl, "nondeterminism name", empty=True)
             raise _Stop(Nondeterministic(seq, name, op))
 
         def log_line(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
@@ -529,7 +556,7 @@ class WasmSandbox:
                 return
             length = min(_u32(ml), limits.log_line_bytes)
             raw = bytes(memory.read(caller, mp, mp + length)) if length else b""
-            logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
+            logs.append((min(max(level, 0), 3), _log_text(raw)))
 
         def in_step(what: str) -> _Step:
             step = self._run.step
@@ -632,8 +659,7 @@ class WasmSandbox:
             if total >= _ADDRESS_SPACE:
                 return _EINVAL  # as writev: the count written would not fit its u32
             if len(self._run.logs) < limits.log_lines_per_run:
-                text = bytes(line).decode(errors="replace").rstrip("\n")
-                self._run.logs.append((1 if fd == 1 else 3, text))
+                self._run.logs.append((1 if fd == 1 else 3, _log_text(bytes(line)).rstrip("\n")))
             memory.write(caller, total.to_bytes(4, "little"), written)
             return 0
 
@@ -706,6 +732,17 @@ def _text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str)
         return bytes(memory.read(caller, ptr, ptr + length)).decode()
     except UnicodeDecodeError:
         raise _Violation(f"{what} is not UTF-8") from None
+
+
+def _no_nul(text: str) -> str:
+    """Free text (messages, log lines) keeps its content; a NUL, which text columns and
+    terminals cannot carry, becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _log_text(raw: bytes) -> str:
+    """A log line as text: bytes that are not UTF-8, and NULs, become U+FFFD."""
+    return _no_nul(raw.decode(errors="replace"))
 
 
 def _first_line(exc: BaseException) -> str:

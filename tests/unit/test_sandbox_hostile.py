@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 import wasmtime
 
+from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import (
     GuestRun,
     ReplayJournal,
@@ -20,6 +21,10 @@ from stepfleet.schemas import (
     Completed,
     GuestCrashed,
     GuestReport,
+    InstanceKey,
+    InstanceStatus,
+    StepFailed,
+    WorkflowFailed,
     digest_of,
 )
 
@@ -362,3 +367,134 @@ def test_json_within_the_limits_is_passed_on_as_written(sandbox, output):
 )
 def test_json_the_host_refuses(sandbox, output, message):
     assert crash_message(run_guest(sandbox, complete_with(output))) == message
+
+
+# -- NUL and UTF-8 -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (begin(name_len=3), "step name contains a NUL character"),
+        (
+            "(call $sleep (i32.const 0) (i32.const 16) (i32.const 3) (i64.const 5) (i32.const 0))",
+            "sleep name contains a NUL character",
+        ),
+        (
+            "(call $wait_event (i32.const 0) (i32.const 20) (i32.const 1) (i32.const 16)"
+            " (i32.const 3) (i64.const -1))",
+            "event type contains a NUL character",
+        ),
+        (
+            "(call $nondeterminism (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 3))",
+            "nondeterminism name contains a NUL character",
+        ),
+        (begin(name_at=24, name_len=2), "step name is not UTF-8"),
+    ],
+    ids=["step", "sleep", "event-type", "nondeterminism", "not-utf8"],
+)
+def test_names_with_nul_or_bad_utf8_are_refused(sandbox, body, message):
+    report = run_guest(sandbox, guest(body, data={16: b"a\x00b", 20: "w", 24: b"\xff\xfe"}))
+    assert crash_message(report) == message
+
+
+def test_nul_in_messages_and_log_lines_becomes_the_replacement_character(sandbox):
+    """Free text keeps its content, with each NUL (and, in log lines, each byte that is not
+    UTF-8) replaced by U+FFFD."""
+    failed = run_guest(
+        sandbox,
+        guest(
+            begin()
+            + "(call $log (i32.const 1) (i32.const 32) (i32.const 5))"
+            + "(drop (call $fd_write (i32.const 2) (i32.const 128) (i32.const 1) (i32.const 64)))"
+            + "(call $step_failed (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 48)"
+            " (i32.const 8) (i32.const 0))",
+            data={
+                16: "step",
+                32: b"x\x00y\xffz",
+                48: b"bad\x00news",
+                96: b"out\x00\n",
+                128: (96).to_bytes(4, "little") + (5).to_bytes(4, "little"),
+            },
+        ),
+    )
+    assert isinstance(failed.outcome, StepFailed)
+    assert failed.outcome.message == "bad\ufffdnews"
+    assert failed.logs == [(1, "x\ufffdy\ufffdz"), (3, "out\ufffd")]
+    workflow = run_guest(
+        sandbox,
+        guest("(call $fail (i32.const 0) (i32.const 48) (i32.const 8))", data={48: b"bad\x00news"}),
+    )
+    assert workflow.outcome == WorkflowFailed(0, "bad\ufffdnews")
+
+
+def test_messages_that_are_not_utf8_are_refused(sandbox):
+    report = run_guest(
+        sandbox,
+        guest("(call $fail (i32.const 0) (i32.const 48) (i32.const 2))", data={48: b"\xc3("}),
+    )
+    assert crash_message(report) == "error message is not UTF-8"
+
+
+# -- values --------------------------------------------------------------------------------
+
+
+def decided(report: GuestReport):
+    state = InstanceState(InstanceKey("acme", "i-1"), "d", InstanceStatus.RUNNING, 0)
+    return decide(state, [], report, started_at=T0, finished_at=T0, limits=EngineLimits())
+
+
+def sleep_guest(ms: int, flags: int) -> bytes:
+    return guest(
+        f"(call $sleep (i32.const 0) (i32.const 16) (i32.const 3) (i64.const {ms})"
+        f" (i32.const {flags}))",
+        data={16: "nap"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("ms", "flags", "message"),
+    [
+        (2**63 - 1, 0, "sleep 'nap' of 9223372036854775807 ms is out of range"),
+        (10**14 + 1, 0, "sleep 'nap' of 100000000000001 ms is out of range"),
+        (2**63 - 1, 1, "sleep 'nap' until 9223372036854775807 is out of range"),
+        (-(2**63), 1, "sleep 'nap' until -9223372036854775808 is out of range"),
+        (-1, 1, "sleep 'nap' until -1 is out of range"),
+    ],
+)
+def test_sleep_values_the_host_cannot_represent_fail_the_run(sandbox, ms, flags, message):
+    """Durations and Unix times beyond what the host can hold are refused by the sandbox (before,
+    the engine raised OverflowError deciding them); the instance fails with the message."""
+    report = run_guest(sandbox, sleep_guest(ms, flags))
+    assert crash_message(report).startswith(message)
+    decision = decided(report)
+    assert decision.status is InstanceStatus.ERRORED
+    assert message in (decision.error or "")
+
+
+@pytest.mark.parametrize(
+    ("ms", "flags", "status"),
+    [
+        (10**14, 0, InstanceStatus.ERRORED),  # over the 365-day limit: the engine says so
+        (-(2**63), 0, InstanceStatus.RUNNING),  # a negative duration continues at once
+        (0, 1, InstanceStatus.RUNNING),  # a time in the past continues at once
+        (10**14, 1, InstanceStatus.ERRORED),
+    ],
+)
+def test_sleep_values_in_range_are_decided_by_the_engine(sandbox, ms, flags, status):
+    decision = decided(run_guest(sandbox, sleep_guest(ms, flags)))
+    assert decision.status is status
+    if status is InstanceStatus.ERRORED:
+        assert "is over the limit of 31536000000 ms" in (decision.error or "")
+
+
+def test_unknown_step_done_flags_are_refused_as_unsigned(sandbox):
+    report = run_guest(
+        sandbox,
+        guest(
+            begin() + "(call $step_done (i32.const 0) (i32.const 16) (i32.const 4) (i32.const 32)"
+            " (i32.const 4) (i32.const -1))",
+            data={16: "step", 32: "true"},
+        ),
+    )
+    assert crash_message(report) == "guest ABI violation: unknown step_done flags 0xffffffff"
