@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import structlog
 import wasmtime
 
 from stepfleet.sandbox.abi import (
@@ -46,6 +47,8 @@ from stepfleet.schemas import (
     WorkflowFailed,
     digest_of,
 )
+
+log = structlog.get_logger("stepfleet.sandbox")
 
 _VALTYPES = {
     "i32": wasmtime.ValType.i32(),
@@ -339,6 +342,10 @@ class WasmSandbox:
             return report(self._in_step(run, crash))
         except wasmtime.WasmtimeError as exc:
             return report(GuestCrashed(f"guest error: {exc}"))
+        except Exception as exc:
+            # A host bug must cost this run only, never the worker's batch of other tenants.
+            log.exception("guest_run_failed", digest=job.digest)
+            return report(GuestCrashed(f"host error: {type(exc).__name__}"))
         finally:
             run.store = None
             store.close()
@@ -403,7 +410,20 @@ class WasmSandbox:
         functype = wasmtime.FuncType(
             [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results]
         )
-        self._linker.define_func(module, name, functype, func, access_caller=True)
+        where = f"{module}.{name}"
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return func(*args)
+            except _Violation:
+                raise
+            except Exception as exc:
+                # The checks below should leave nothing to reach here; if something does, it
+                # fails this run, named, instead of escaping into the worker's batch.
+                log.exception("host_import_failed", host_import=where)
+                raise _Violation(f"host error in {where}: {type(exc).__name__}") from None
+
+        self._linker.define_func(module, name, functype, guarded, access_caller=True)
 
     def _define_host_imports(self) -> None:
         limits = self.limits

@@ -3,9 +3,11 @@ a documented outcome (docs/guest-abi.md, *What the host checks*), never a Python
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
+import structlog
 import wasmtime
 
 from stepfleet.engine import EngineLimits, InstanceState, decide
@@ -24,9 +26,11 @@ from stepfleet.schemas import (
     InstanceKey,
     InstanceStatus,
     StepFailed,
+    StepSucceeded,
     WorkflowFailed,
     digest_of,
 )
+from tests.conftest import ORDER_PARAMS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ALLOC = 1024
@@ -498,3 +502,48 @@ def test_unknown_step_done_flags_are_refused_as_unsigned(sandbox):
         ),
     )
     assert crash_message(report) == "guest ABI violation: unknown step_done flags 0xffffffff"
+
+
+# -- the last line of defence ----------------------------------------------------------------
+
+
+def test_an_unexpected_host_error_fails_the_run_and_is_logged(order_wasm):
+    """Should a host import raise anything unforeseen, the run crashes naming the import; the
+    exception never reaches the worker, and the sandbox goes on running guests."""
+
+    def broken_clock() -> float:
+        raise ZeroDivisionError
+
+    sandbox = WasmSandbox(clock=broken_clock)
+    try:
+        now = guest("(drop (call $now (i32.const 0)))")
+        with structlog.testing.capture_logs() as logs:
+            report = run_guest(sandbox, now)
+        assert crash_message(report) == "host error in stepfleet.now: ZeroDivisionError"
+        assert [entry["event"] for entry in logs] == ["host_import_failed"]
+        assert logs[0]["host_import"] == "stepfleet.now"
+        after = run_guest(sandbox, order_wasm, json.dumps(ORDER_PARAMS)).outcome
+        assert isinstance(after, StepSucceeded)
+        assert after.name == "reserve"
+    finally:
+        sandbox.close()
+
+
+def test_an_unexpected_error_outside_the_imports_fails_the_run(monkeypatch):
+    """The same holds for anything else the host does during a run (here: writing the replay
+    buffer into guest memory)."""
+    sandbox = WasmSandbox()
+    try:
+        wasm = guest("")
+        run_guest(sandbox, wasm)  # loaded
+        monkeypatch.setattr(wasmtime.Memory, "write", _raise_runtime_error)
+        with structlog.testing.capture_logs() as logs:
+            report = run_guest(sandbox, wasm)
+        assert crash_message(report) == "host error: RuntimeError"
+        assert [entry["event"] for entry in logs] == ["guest_run_failed"]
+    finally:
+        sandbox.close()
+
+
+def _raise_runtime_error(*args: object, **kwargs: object) -> int:
+    raise RuntimeError("boom")
