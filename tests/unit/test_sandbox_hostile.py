@@ -30,7 +30,7 @@ from stepfleet.schemas import (
     WorkflowFailed,
     digest_of,
 )
-from tests.conftest import ORDER_PARAMS
+from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ALLOC = 1024
@@ -547,3 +547,70 @@ def test_an_unexpected_error_outside_the_imports_fails_the_run(monkeypatch):
 
 def _raise_runtime_error(*args: object, **kwargs: object) -> int:
     raise RuntimeError("boom")
+
+
+# -- step timeouts -------------------------------------------------------------------------
+
+TIMEOUT_CONFIG = '{"timeout_ms":150}'
+SPIN = "(loop $spin (br $spin))"
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    """Fuel for minutes and a run timeout of an hour: only the step's timeout can stop a spin."""
+    roomy = WasmSandbox(SandboxLimits(fuel_per_run=10**11, run_timeout_ms=3_600_000))
+    yield roomy
+    roomy.close()
+
+
+def spinning_step(body: str, funcs: str = "") -> bytes:
+    return guest(body, data={16: "spin", 32: TIMEOUT_CONFIG}, funcs=funcs)
+
+
+BEGIN_SPIN = begin(config_at=32, config_len=len(TIMEOUT_CONFIG))
+
+
+@pytest.mark.parametrize(
+    ("body", "funcs"),
+    [
+        pytest.param(BEGIN_SPIN + SPIN, "", id="loop-in-the-function-that-began-the-step"),
+        pytest.param(
+            BEGIN_SPIN + "(call $spin)", f"(func $spin {SPIN})", id="loop-in-a-called-function"
+        ),
+        pytest.param(
+            "(call $begin) " + SPIN,
+            f"(func $begin {BEGIN_SPIN})",
+            id="loop-in-the-caller-of-the-function-that-began-the-step",
+        ),
+        pytest.param(
+            "(call $outer)",
+            f"(func $outer {BEGIN_SPIN} (call $inner) {SPIN}) (func $inner (nop))",
+            id="loop-after-a-call-in-a-nested-function",
+        ),
+    ],
+)
+def test_a_spinning_step_is_stopped_at_its_timeout_wherever_it_spins(roomy, body, funcs):
+    """A loop in a function entered before step_begin (whose code still holds the run's long
+    epoch deadline) is stopped by the step's own timeout, like a loop entered afterwards: the
+    attempt fails as timed out (retryable), not by running out of fuel minutes later."""
+    report = run_guest(roomy, spinning_step(body, funcs))
+    assert isinstance(report.outcome, StepFailed)
+    assert report.outcome.message == "step 'spin' timed out after 150 ms"
+    assert (report.outcome.limit, report.outcome.non_retryable) == ("timeout", False)
+
+
+def test_a_run_spinning_before_any_step_is_stopped_at_the_run_timeout():
+    short = WasmSandbox(SandboxLimits(fuel_per_run=10**11, run_timeout_ms=150))
+    try:
+        report = run_guest(short, guest(SPIN))
+    finally:
+        short.close()
+    assert report.outcome == GuestCrashed("the run took longer than 150 ms", "timeout")
+
+
+def test_after_stopping_a_spinning_step_the_sandbox_runs_guests_normally(roomy, order_wasm):
+    run_guest(roomy, spinning_step(BEGIN_SPIN + SPIN))
+    for _ in range(3):
+        report = run_guest(roomy, order_wasm, json.dumps(ORDER_PARAMS))
+        assert isinstance(report.outcome, StepSucceeded)
+    assert ORDER_OUTPUT["reservation"] in report.outcome.result
