@@ -71,9 +71,9 @@ _EPOCH_SECONDS = 1.0
 one increment at a time (at most run_timeout / tick of them), and the watch keeps timeouts
 precise."""
 _MAX_RANDOM_BYTES = 256
-_MAX_SLEEP_VALUE_MS = 10**14
-"""Largest sleep duration or Unix time (ms, about 3,000 years): past it the engine's date
-arithmetic would overflow. The sleep limit itself (365 days) is the engine's to apply."""
+_MAX_SLEEP_VALUE_MS = 10**13
+"""Largest sleep duration or Unix time, of either sign (ms, about 317 years): beyond it date
+arithmetic can overflow. The sleep limit itself (365 days) is the engine's to apply."""
 _MAX_FD_WRITE_IOVS = 64
 _KNOWN_FLAGS = EntryFlags.HAS_ROLLBACK | EntryFlags.SENSITIVE | EntryFlags.COMPENSATION
 
@@ -571,14 +571,11 @@ class WasmSandbox:
             outside_step("sleep")
             name = name_at(caller, np, nl, "sleep name")
             absolute = bool(flags & 1)
-            if absolute and not 0 <= ms <= _MAX_SLEEP_VALUE_MS:
+            if not -_MAX_SLEEP_VALUE_MS <= ms <= _MAX_SLEEP_VALUE_MS:
+                what = f"until {ms}" if absolute else f"of {ms} ms"
                 raise _Violation(
-                    f"sleep {name!r} until {ms} is out of range "
-                    f"(Unix milliseconds from 0 to {_MAX_SLEEP_VALUE_MS})"
-                )
-            if not absolute and ms > _MAX_SLEEP_VALUE_MS:
-                raise _Violation(
-                    f"sleep {name!r} of {ms} ms is out of range (at most {_MAX_SLEEP_VALUE_MS} ms)"
+                    f"sleep {name!r} {what} is out of range "
+                    f"(-{_MAX_SLEEP_VALUE_MS} to {_MAX_SLEEP_VALUE_MS} ms)"
                 )
             raise _Stop(SleepRequested(seq, name, ms, absolute=absolute))
 

@@ -460,10 +460,11 @@ def sleep_guest(ms: int, flags: int) -> bytes:
     ("ms", "flags", "message"),
     [
         (2**63 - 1, 0, "sleep 'nap' of 9223372036854775807 ms is out of range"),
-        (10**14 + 1, 0, "sleep 'nap' of 100000000000001 ms is out of range"),
+        (10**13 + 1, 0, "sleep 'nap' of 10000000000001 ms is out of range"),
+        (-(2**63), 0, "sleep 'nap' of -9223372036854775808 ms is out of range"),
         (2**63 - 1, 1, "sleep 'nap' until 9223372036854775807 is out of range"),
         (-(2**63), 1, "sleep 'nap' until -9223372036854775808 is out of range"),
-        (-1, 1, "sleep 'nap' until -1 is out of range"),
+        (-(10**13) - 1, 1, "sleep 'nap' until -10000000000001 is out of range"),
     ],
 )
 def test_sleep_values_the_host_cannot_represent_fail_the_run(sandbox, ms, flags, message):
@@ -479,10 +480,11 @@ def test_sleep_values_the_host_cannot_represent_fail_the_run(sandbox, ms, flags,
 @pytest.mark.parametrize(
     ("ms", "flags", "status"),
     [
-        (10**14, 0, InstanceStatus.ERRORED),  # over the 365-day limit: the engine says so
-        (-(2**63), 0, InstanceStatus.RUNNING),  # a negative duration continues at once
+        (10**13, 0, InstanceStatus.ERRORED),  # over the 365-day limit: the engine says so
+        (-(10**13), 0, InstanceStatus.RUNNING),  # a negative duration continues at once
         (0, 1, InstanceStatus.RUNNING),  # a time in the past continues at once
-        (10**14, 1, InstanceStatus.ERRORED),
+        (-(10**13), 1, InstanceStatus.RUNNING),  # before 1970 too
+        (10**13, 1, InstanceStatus.ERRORED),
     ],
 )
 def test_sleep_values_in_range_are_decided_by_the_engine(sandbox, ms, flags, status):
