@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import threading
@@ -11,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import structlog
 import wasmtime
 
 from stepfleet.sandbox.abi import (
@@ -23,6 +23,7 @@ from stepfleet.sandbox.abi import (
     WASI_MODULE,
 )
 from stepfleet.sandbox.errors import InvalidModule
+from stepfleet.sandbox.guest_json import JsonTooDeep, parse_guest_json
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, engine_fingerprint
 from stepfleet.sandbox.port import Egress, GuestRun
@@ -47,21 +48,39 @@ from stepfleet.schemas import (
     digest_of,
 )
 
+log = structlog.get_logger("stepfleet.sandbox")
+
 _VALTYPES = {
     "i32": wasmtime.ValType.i32(),
     "i64": wasmtime.ValType.i64(),
 }
 _EBADF = 8
+_EINVAL = 28
+_ADDRESS_SPACE = 1 << 32
+"""Guest pointers and lengths are unsigned 32-bit; a range may not run past 4 GiB."""
 _PAGE = 65536
 _TRAP_LIMITS = {
     wasmtime.TrapCode.OUT_OF_FUEL: "cpu",
     wasmtime.TrapCode.STACK_OVERFLOW: "stack",
     wasmtime.TrapCode.INTERRUPT: "timeout",
 }
-_TICK_SECONDS = 0.01
-"""Epoch tick: step timeouts are enforced to within about this much."""
+_WATCH_SECONDS = 0.01
+"""How often the ticker checks the running guest's deadline: timeouts hold to about this."""
+_EPOCH_SECONDS = 1.0
+"""Epoch tick. Coarse on purpose: stopping a guest moves the epoch past the run's deadline
+one increment at a time (at most run_timeout / tick of them), and the watch keeps timeouts
+precise."""
 _MAX_RANDOM_BYTES = 256
+_MAX_SLEEP_VALUE_MS = 10**13
+"""Largest sleep duration or Unix time, of either sign (ms, about 317 years): beyond it date
+arithmetic can overflow. The sleep limit itself (365 days) is the engine's to apply."""
+_MAX_FD_WRITE_IOVS = 64
 _KNOWN_FLAGS = EntryFlags.HAS_ROLLBACK | EntryFlags.SENSITIVE | EntryFlags.COMPENSATION
+
+
+def _ticks(ms: int) -> int:
+    """Epoch ticks for `ms` milliseconds, rounded up, plus one for the tick under way."""
+    return math.ceil(ms / 1000 / _EPOCH_SECONDS) + 1
 
 
 class _Stop(BaseException):
@@ -142,17 +161,61 @@ class _RunState:
 
 
 class _EpochTicker:
-    """Advances the engine's epoch every tick, so a store's deadline measures wall time."""
+    """Advances the engine's epoch with wall time, and stops the running guest at its deadline.
+
+    Compiled code copies its store's epoch deadline when a function is entered and reads it
+    again only once the epoch passes that copy. A deadline shortened by a host import (a step's
+    timeout, set in `step_begin`) therefore does not reach the functions already running: they
+    keep the run's long deadline. So the ticker also watches the deadline in wall time and, once
+    it has passed, moves the epoch past every deadline set during the run, so that whatever
+    function is running traps at its next loop iteration or call.
+    """
 
     def __init__(self, engine: wasmtime.Engine) -> None:
         self._engine = engine
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        # The engine's epoch, which only this ticker advances (under the lock).
+        self._epoch = 0
+        # Epochs added to stop runs, on top of those that wall time accounts for.
+        self._skipped = 0
+        # The furthest epoch deadline set during the current run.
+        self._furthest = 0
+        # The current run's deadline in monotonic seconds; None: no run, or already stopped.
+        self._until: float | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._thread.start()
 
+    def set_deadline(self, store: wasmtime.Store, ms: int) -> None:
+        """Make the guest running in `store` trap `ms` milliseconds from now, wherever it is."""
+        ticks = _ticks(ms)
+        with self._lock:
+            store.set_epoch_deadline(ticks)
+            self._furthest = max(self._furthest, self._epoch + ticks)
+            self._until = time.monotonic() + ms / 1000
+
+    def clear(self) -> None:
+        """End the watch when the run ends, so that a late stop cannot hit the next run."""
+        with self._lock:
+            self._until = None
+            self._furthest = 0
+
     def _tick(self) -> None:
-        while not self._stopped.wait(_TICK_SECONDS):
-            self._engine.increment_epoch()
+        while not self._stopped.wait(_WATCH_SECONDS):
+            with self._lock:
+                now = time.monotonic()
+                # Catch up with wall time, so that epoch deadlines do not drift late.
+                target = int((now - self._started) / _EPOCH_SECONDS) + self._skipped
+                if self._until is not None and now >= self._until:
+                    # A few hundred increments at most (the run timeout's ticks).
+                    stop_at = max(target, self._furthest + 1)
+                    self._skipped += stop_at - target
+                    target = stop_at
+                    self._until = None
+                while self._epoch < target:
+                    self._engine.increment_epoch()
+                    self._epoch += 1
 
     def stop(self) -> None:
         self._stopped.set()
@@ -198,7 +261,7 @@ class WasmSandbox:
         self._ticker.stop()
 
     def _ticks(self, ms: int) -> int:
-        return math.ceil(ms / 1000 / _TICK_SECONDS) + 1
+        return _ticks(ms)
 
     # -- modules -------------------------------------------------------------------------
 
@@ -300,7 +363,6 @@ class WasmSandbox:
         fuel = job.fuel_per_run or self.limits.fuel_per_run
         memory_cap = job.memory_bytes or self.limits.memory_bytes
         store.set_fuel(fuel)
-        store.set_epoch_deadline(self._ticks(self.limits.run_timeout_ms))
         store.set_limits(memory_size=memory_cap, instances=1, tables=4, memories=1)
         memory: wasmtime.Memory | None = None
 
@@ -308,6 +370,7 @@ class WasmSandbox:
             return GuestReport(outcome, tuple(run.recorded), run.logs)
 
         try:
+            self._ticker.set_deadline(store, self.limits.run_timeout_ms)
             instance = pre.instantiate(store)
             exports = instance.exports(store)
             memory_export = exports["memory"]
@@ -318,9 +381,9 @@ class WasmSandbox:
                 initialize(store)
             size = len(job.replay_buffer)
             pointer = _call(exports, store, "sf_alloc", size)
-            if not isinstance(pointer, int) or pointer <= 0:
+            if not isinstance(pointer, int) or pointer == 0:
                 return report(GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"))
-            _check_range(memory, store, pointer, size)
+            pointer = _check_range(memory, store, pointer, size, "replay buffer")
             memory.write(store, job.replay_buffer, pointer)
             _call(exports, store, "sf_run", pointer, size)
         except _Stop as stop:
@@ -332,7 +395,12 @@ class WasmSandbox:
             return report(self._in_step(run, crash))
         except wasmtime.WasmtimeError as exc:
             return report(GuestCrashed(f"guest error: {exc}"))
+        except Exception as exc:
+            # A host bug must cost this run only, never the worker's batch of other tenants.
+            log.exception("guest_run_failed", digest=job.digest)
+            return report(GuestCrashed(f"host error: {type(exc).__name__}"))
         finally:
+            self._ticker.clear()
             run.store = None
             store.close()
         return report(GuestCrashed("guest returned without an outcome"))
@@ -396,24 +464,52 @@ class WasmSandbox:
         functype = wasmtime.FuncType(
             [_VALTYPES[p] for p in params], [_VALTYPES[r] for r in results]
         )
-        self._linker.define_func(module, name, functype, func, access_caller=True)
+        where = f"{module}.{name}"
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return func(*args)
+            except _Violation:
+                raise
+            except Exception as exc:
+                # The checks below should leave nothing to reach here; if something does, it
+                # fails this run, named, instead of escaping into the worker's batch.
+                log.exception("host_import_failed", host_import=where)
+                raise _Violation(f"host error in {where}: {type(exc).__name__}") from None
+
+        self._linker.define_func(module, name, functype, guarded, access_caller=True)
 
     def _define_host_imports(self) -> None:
         limits = self.limits
 
-        def name_at(caller: wasmtime.Caller, ptr: int, length: int, what: str = "step name") -> str:
+        def name_at(
+            caller: wasmtime.Caller,
+            ptr: int,
+            length: int,
+            what: str = "step name",
+            *,
+            empty: bool = False,
+        ) -> str:
             name = _text(caller, ptr, length, limits.name_bytes, what)
-            if not name:
+            if not name and not empty:
                 raise _Violation(f"{what} is empty")
+            # Names are keys and labels everywhere downstream; a NUL has no place in them.
+            if "\x00" in name:
+                raise _Violation(f"{what} contains a NUL character")
             return name
 
         def json_at(caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
             text = _text(caller, ptr, length, limits.value_bytes, what)
             try:
-                json.loads(text)
-            except ValueError:
-                raise _Violation(f"{what} is not valid JSON") from None
+                parse_guest_json(text)
+            except JsonTooDeep as exc:
+                raise _Violation(f"{what} is {exc}", "output") from None
+            except ValueError as exc:
+                raise _Violation(f"{what} is {exc}") from None
             return text
+
+        def message_at(caller: wasmtime.Caller, ptr: int, length: int) -> str:
+            return _no_nul(_text(caller, ptr, length, limits.value_bytes, "error message"))
 
         def begun(seq: int, name: str) -> _Step:
             step = self._run.step
@@ -447,14 +543,15 @@ class WasmSandbox:
                 raise _Violation(f"step {name!r} config: {exc}") from None
             run.step = _Step(seq, name, config)
             assert run.store is not None
-            run.store.set_epoch_deadline(self._ticks(config.timeout_ms))
+            self._ticker.set_deadline(run.store, config.timeout_ms)
             return run.attempt
 
         def step_done(
             caller: wasmtime.Caller, seq: int, np: int, nl: int, rp: int, rl: int, flags: int
         ) -> NoReturn:
             step = begun(seq, name_at(caller, np, nl))
-            if flags & ~_KNOWN_FLAGS:
+            flags = _u32(flags)
+            if flags & ~int(_KNOWN_FLAGS):  # an IntFlag's own ~ would drop the unknown bits
                 raise _Violation(f"guest ABI violation: unknown step_done flags {flags:#x}")
             result = json_at(caller, rp, rl, "step result")
             raise _Stop(
@@ -465,7 +562,7 @@ class WasmSandbox:
             caller: wasmtime.Caller, seq: int, np: int, nl: int, mp: int, ml: int, flags: int
         ) -> NoReturn:
             step = begun(seq, name_at(caller, np, nl))
-            message = _text(caller, mp, ml, limits.value_bytes, "error message")
+            message = message_at(caller, mp, ml)
             raise _Stop(StepFailed(seq, step.name, message, bool(flags & 1), config=step.config))
 
         def sleep(
@@ -473,7 +570,14 @@ class WasmSandbox:
         ) -> NoReturn:
             outside_step("sleep")
             name = name_at(caller, np, nl, "sleep name")
-            raise _Stop(SleepRequested(seq, name, ms, absolute=bool(flags & 1)))
+            absolute = bool(flags & 1)
+            if not -_MAX_SLEEP_VALUE_MS <= ms <= _MAX_SLEEP_VALUE_MS:
+                what = f"until {ms}" if absolute else f"of {ms} ms"
+                raise _Violation(
+                    f"sleep {name!r} {what} is out of range "
+                    f"(-{_MAX_SLEEP_VALUE_MS} to {_MAX_SLEEP_VALUE_MS} ms)"
+                )
+            raise _Stop(SleepRequested(seq, name, ms, absolute=absolute))
 
         def wait_event(
             caller: wasmtime.Caller, seq: int, np: int, nl: int, tp: int, tl: int, timeout: int
@@ -490,10 +594,11 @@ class WasmSandbox:
             return value
 
         def random(caller: wasmtime.Caller, seq: int, ptr: int, length: int) -> None:
+            length = _u32(length)
             if not 1 <= length <= _MAX_RANDOM_BYTES:
                 raise _Violation(f"random asks for {length} bytes, allowed 1 to 256")
             memory = _memory(caller)
-            _check_range(memory, caller, ptr, length)
+            ptr = _check_range(memory, caller, ptr, length, "random buffer")
             data = secrets.token_bytes(length)
             if self._run.step is None:
                 self._run.record(seq, EntryKind.RANDOM, data.hex())
@@ -505,22 +610,24 @@ class WasmSandbox:
 
         def fail(caller: wasmtime.Caller, seq: int, mp: int, ml: int) -> NoReturn:
             outside_step("fail")
-            message = _text(caller, mp, ml, limits.value_bytes, "error message")
-            raise _Stop(WorkflowFailed(seq, message))
+            raise _Stop(WorkflowFailed(seq, message_at(caller, mp, ml)))
 
         def nondeterminism(
             caller: wasmtime.Caller, seq: int, op: int, np: int, nl: int
         ) -> NoReturn:
-            name = _text(caller, np, nl, limits.name_bytes, "name")
+            # Empty for `now` and `random`, which have no name.
+            name = name_at(caller, np, nl, "nondeterminism name", empty=True)
             raise _Stop(Nondeterministic(seq, name, op))
 
-        def log(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
+        def log_line(caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
+            memory = _memory(caller)
+            mp = _check_range(memory, caller, mp, ml, "log line")
             logs = self._run.logs
             if len(logs) >= limits.log_lines_per_run:
                 return
-            length = min(max(ml, 0), limits.log_line_bytes)
-            raw = bytes(_memory(caller).read(caller, mp, mp + length)) if length else b""
-            logs.append((min(max(level, 0), 3), raw.decode(errors="replace")))
+            length = min(_u32(ml), limits.log_line_bytes)
+            raw = bytes(memory.read(caller, mp, mp + length)) if length else b""
+            logs.append((min(max(level, 0), 3), _log_text(raw)))
 
         def in_step(what: str) -> _Step:
             step = self._run.step
@@ -535,6 +642,10 @@ class WasmSandbox:
             step = in_step("http_request")
             text = _text(caller, rp, rl, limits.value_bytes, "http request")
             try:
+                parse_guest_json(text)  # the host's bounds first: nesting, RFC 8259
+            except ValueError as exc:
+                raise _Violation(f"guest ABI violation: http request is {exc}") from None
+            try:
                 request = HttpRequest.from_json(text)
             except ValueError as exc:
                 raise _Violation(f"guest ABI violation: http request {exc}") from None
@@ -548,13 +659,14 @@ class WasmSandbox:
             answer = step.http_response
             if answer is None:
                 raise _Violation("guest ABI violation: http_response without an http_request")
+            length = _u32(length)
             if length != len(answer):
                 raise _Violation(
                     f"guest ABI violation: http_response asked for {length} bytes, "
                     f"the answer is {len(answer)}"
                 )
             memory = _memory(caller)
-            _check_range(memory, caller, ptr, length)
+            ptr = _check_range(memory, caller, ptr, length, "http response buffer")
             memory.write(caller, answer, ptr)
             step.http_response = None
 
@@ -569,7 +681,7 @@ class WasmSandbox:
             "complete": complete,
             "fail": fail,
             "nondeterminism": nondeterminism,
-            "log": log,
+            "log": log_line,
             "http_request": http_request,
             "http_response": http_response,
         }
@@ -600,39 +712,51 @@ class WasmSandbox:
             if fd not in (1, 2):
                 return _EBADF
             memory = _memory(caller)
+            # At most 64 iovs per call; wasi-libc writes the rest in the next call.
+            count = min(_u32(count), _MAX_FD_WRITE_IOVS)
+            iovs = _check_range(memory, caller, iovs, 8 * count, "fd_write iovs")
+            written = _check_range(memory, caller, written, 4, "fd_write result")
+            table = bytes(memory.read(caller, iovs, iovs + 8 * count))
             total = 0
-            chunks: list[bytes] = []
-            for index in range(min(count, 64)):
-                header = bytes(memory.read(caller, iovs + 8 * index, iovs + 8 * index + 8))
-                base = int.from_bytes(header[:4], "little")
-                length = int.from_bytes(header[4:], "little")
-                take = min(length, limits.log_line_bytes - sum(map(len, chunks)))
+            line = bytearray()
+            for index in range(count):
+                base = int.from_bytes(table[8 * index : 8 * index + 4], "little")
+                length = int.from_bytes(table[8 * index + 4 : 8 * index + 8], "little")
+                _check_range(memory, caller, base, length, f"fd_write iov {index}")
+                take = min(length, limits.log_line_bytes - len(line))
                 if take > 0:
-                    chunks.append(bytes(memory.read(caller, base, base + take)))
+                    line += memory.read(caller, base, base + take)
                 total += length
+            if total >= _ADDRESS_SPACE:
+                return _EINVAL  # as writev: the count written would not fit its u32
             if len(self._run.logs) < limits.log_lines_per_run:
-                text = b"".join(chunks).decode(errors="replace").rstrip("\n")
-                self._run.logs.append((1 if fd == 1 else 3, text))
+                self._run.logs.append((1 if fd == 1 else 3, _log_text(bytes(line)).rstrip("\n")))
             memory.write(caller, total.to_bytes(4, "little"), written)
             return 0
 
-        def empty_sizes(caller: wasmtime.Caller, count_ptr: int, size_ptr: int) -> int:
-            memory = _memory(caller)
-            memory.write(caller, bytes(4), count_ptr)
-            memory.write(caller, bytes(4), size_ptr)
-            return 0
+        def empty_sizes(what: str) -> Callable[[wasmtime.Caller, int, int], int]:
+            def sizes(caller: wasmtime.Caller, count_ptr: int, size_ptr: int) -> int:
+                memory = _memory(caller)
+                count_ptr = _check_range(memory, caller, count_ptr, 4, what)
+                size_ptr = _check_range(memory, caller, size_ptr, 4, what)
+                memory.write(caller, bytes(4), count_ptr)
+                memory.write(caller, bytes(4), size_ptr)
+                return 0
+
+            return sizes
 
         def proc_exit(caller: wasmtime.Caller, code: int) -> NoReturn:
             raise _Violation(f"guest called proc_exit({code})")
 
+        # The other shims touch no memory, so their pointers need no check.
         handlers: dict[str, Callable[..., Any]] = {
             "fd_write": fd_write,
             "fd_close": lambda caller, fd: _EBADF,
             "fd_seek": lambda caller, fd, offset, whence, result: _EBADF,
             "fd_fdstat_get": lambda caller, fd, result: _EBADF,
-            "environ_sizes_get": empty_sizes,
+            "environ_sizes_get": empty_sizes("environ_sizes_get"),
             "environ_get": lambda caller, a, b: 0,
-            "args_sizes_get": empty_sizes,
+            "args_sizes_get": empty_sizes("args_sizes_get"),
             "args_get": lambda caller, a, b: 0,
             "proc_exit": proc_exit,
         }
@@ -653,20 +777,43 @@ def _memory(caller: wasmtime.Caller) -> wasmtime.Memory:
     return memory
 
 
-def _check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int) -> None:
-    if ptr < 0 or length < 0 or ptr + length > memory.data_len(store):
-        raise _Violation(f"pointer range {ptr}+{length} is outside guest memory")
+def _u32(value: int) -> int:
+    """An i32 argument as the unsigned number the guest means (wasmtime hands them signed)."""
+    return value & 0xFFFF_FFFF
+
+
+def _check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int, what: str) -> int:
+    """Check that `length` bytes at `ptr` lie in guest memory; return `ptr` as unsigned."""
+    ptr, length = _u32(ptr), _u32(length)
+    size = min(memory.data_len(store), _ADDRESS_SPACE)
+    if ptr + length > size:
+        raise _Violation(
+            f"{what}: pointer range {ptr}+{length} is outside guest memory ({size} bytes)"
+        )
+    return ptr
 
 
 def _text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str) -> str:
+    length = _u32(length)
     if length > limit:
         raise _Violation(f"{what} is {length} bytes, the limit is {limit}", "output")
     memory = _memory(caller)
-    _check_range(memory, caller, ptr, length)
+    ptr = _check_range(memory, caller, ptr, length, what)
     try:
         return bytes(memory.read(caller, ptr, ptr + length)).decode()
     except UnicodeDecodeError:
         raise _Violation(f"{what} is not UTF-8") from None
+
+
+def _no_nul(text: str) -> str:
+    """Free text (messages, log lines) keeps its content; a NUL, which text columns and
+    terminals cannot carry, becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
+def _log_text(raw: bytes) -> str:
+    """A log line as text: bytes that are not UTF-8, and NULs, become U+FFFD."""
+    return _no_nul(raw.decode(errors="replace"))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from stepfleet.sandbox.guest_json import parse_guest_json
 from stepfleet.schemas import DEFAULT_STEP_CONFIG, Backoff, StepConfig
 from stepfleet.schemas.instance import MAX_RETRY_LIMIT
 
@@ -13,14 +13,12 @@ def parse_step_config(text: str, *, max_ms: int) -> StepConfig:
     """Parse a step's config; "" means every default.
 
     Raises:
-        ValueError: the text is not JSON, has unknown fields, or a value out of range.
+        ValueError: the text is not JSON (or nests too deeply), has unknown fields, or a
+            value out of range.
     """
     if not text:
         return DEFAULT_STEP_CONFIG
-    try:
-        raw = json.loads(text)
-    except ValueError:
-        raise ValueError("not valid JSON") from None
+    raw = parse_guest_json(text)
     if not isinstance(raw, dict):
         raise ValueError("must be a JSON object")
     _only(raw, {"retries", "timeout_ms"}, "")
