@@ -8,6 +8,7 @@ import asyncio
 import json
 import uuid
 
+import aiormq
 import pytest
 from typer.testing import CliRunner
 
@@ -97,13 +98,18 @@ async def test_a_fixed_cause_lets_an_operator_replay_a_letter_once(
 
 
 async def test_authorization_refusals_are_not_replayed_as_the_operator(
-    topology, broker, store, start_worker, settings, order_wasm
+    topology, broker, raw, store, start_worker, settings, order_wasm
 ):
     await start_worker()
     instance_id = f"anon-{uuid.uuid4().hex[:8]}"
     message = create_message(topology, "acme", instance_id, digest_of(order_wasm))
-    anonymous = Outgoing(message.exchange, message.routing_key, message.body, message.headers)
-    await broker.publish_many([anonymous])
+    # A bare client: the fleet's own Broker names its user on every message.
+    await raw.channel.basic_publish(
+        message.body,
+        exchange=message.exchange,
+        routing_key=message.routing_key,
+        properties=aiormq.spec.Basic.Properties(delivery_mode=2, headers=dict(message.headers)),
+    )
     letter = await dead_letter_of(store, instance_id)
     assert letter.reason == "unverified-producer"
     letters = DeadLetters(store, broker, topology, user_id="guest", actor="test")
