@@ -67,7 +67,9 @@ class Worker:
         self.broker = broker or Broker(settings.amqp_url, self.topology)
         self.tenants = TenantDirectory(settings.engine_limits())
         producers = (
-            ProducerCheck(self.topology, self.tenants, settings.trusted_users)
+            ProducerCheck(
+                self.topology, self.tenants, settings.trusted_users, fleet_user=self._user
+            )
             if settings.verify_producers
             else None
         )
