@@ -101,14 +101,22 @@ def _full(letter: DeadLetter) -> dict[str, Any]:
     try:
         body: Any = json.loads(letter.body)
     except ValueError:
-        body = letter.body.decode(errors="replace")
+        body = letter.body.decode("utf-8", "backslashreplace")
     return {
         **_summary(letter),
         "routing_key": letter.routing_key,
         "message_id": letter.message_id,
         "replayed_by": letter.replayed_by,
+        "source": letter.source,
+        "sender": letter.sender,
+        "first_exchange": letter.first_exchange,
+        "unreplayable": letter.unreplayable,
         "headers": letter.headers,
         "body": body,
+        "body_size": letter.body_size,
+        "body_sha256": letter.body_sha256,
+        "body_kept": len(letter.body),
+        "body_truncated": letter.body_truncated,
         "context": letter.context,
         "deliveries": letter.headers.get("x-death", []),
     }

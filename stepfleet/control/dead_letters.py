@@ -134,6 +134,8 @@ class DeadLetters:
                 f"refused by the producer check ({letter.reason}): the producer must publish "
                 "it again itself"
             )
+        if letter.unreplayable:
+            return letter.unreplayable  # its body was cut or dropped: the archiver said why
         sender = letter.headers.get("x-original-user-id")
         if letter.kind in (MessageKind.STEP.value, MessageKind.WAKE.value):
             return None  # the fleet's own messages

@@ -5,6 +5,7 @@ operator action lands in the audit log."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 
@@ -12,11 +13,12 @@ import aiormq
 import pytest
 from typer.testing import CliRunner
 
-from stepfleet.broker import Outgoing
+from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.cli.main import app
 from stepfleet.control import DeadLetters
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter
+from stepfleet.workers.archive import ArchivePolicy, letter_of
 from tests.conftest import ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 from tests.integration.test_fleet import archived, dead_letter_of
@@ -187,3 +189,159 @@ async def test_failed_instances_are_retried_from_the_failed_step(
     ]
     [entry] = await store.dead_letters.audit_entries(action="retry", limit=1)
     assert entry.target == f"{key.tenant}/{key.instance_id}"
+
+
+# -- letters the database finds hard to store --------------------------------------------
+
+
+async def test_a_letter_with_a_nul_byte_does_not_hold_up_the_archive(
+    topology, broker, raw, store, start_worker
+):
+    """A create whose x-instance-id holds a NUL byte is dead-lettered bad-header; the archive
+    stores it (NUL escaped) and goes on: the next letter, another tenant's, is archived too."""
+    await start_worker()
+    first, second = f"nul{uuid.uuid4().hex[:8]}", f"next{uuid.uuid4().hex[:8]}"
+    headers = {
+        "x-kind": "create",
+        "x-schema-version": "1",
+        "x-module": "sha256:" + "a" * 64,
+    }
+    nul_id = f"{uuid.uuid4().hex[:8]}"
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{first}.create",
+                b'{"params":{}}',
+                {**headers, "x-tenant": first, "x-instance-id": f"bad\x00{nul_id}"},
+                message_id=nul_id,
+            )
+        ]
+    )
+    await raw.dead_letter(nul_id)  # dead-lettered: from now on it is the archive's
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{second}.create",
+                b"{not json",
+                {**headers, "x-tenant": second, "x-instance-id": "fine"},
+            )
+        ]
+    )
+    [nul_letter] = await archived_for(store, first, 1)
+    assert nul_letter.reason == "bad-header"
+    assert nul_letter.instance_id == f"bad\\x00{nul_id}"
+    assert nul_letter.headers["x-instance-id"] == f"bad\x00{nul_id}"  # exact in the JSON
+    [next_letter] = await archived_for(store, second, 1)
+    assert next_letter.reason == "bad-body"
+
+
+async def test_the_archive_stores_whatever_a_letter_holds(store):
+    """Text PostgreSQL cannot hold (NUL, unpaired surrogates, values too long for an index)
+    and any header value are stored, escaped, and read back."""
+    tenant = f"odd{uuid.uuid4().hex[:8]}"
+    nasty = {
+        "x-tenant": tenant,
+        "x-instance-id": "i\x00d",
+        "x-module": "\ud800" * 3,
+        "x-kind": "x" * 20_000,
+        "x-dead-reason": "bad-header",
+        "x-dead-detail": "\x00" * 5000,
+        "x-dead-letter-id": f"nasty-{uuid.uuid4()}",
+        "bytes": b"\xff\x00",
+        "table": {"a": [1, 2.5, None, True, b"x"]},
+    }
+    letter = letter_of(
+        Delivery(
+            body=b"\x00" * 10,
+            headers=nasty,
+            routing_key="r\x00k",
+            exchange="",
+            message_id="m\x00",
+            user_id=None,
+            redelivered=False,
+            delivery_count=0,
+            _ack=None,  # type: ignore[arg-type]
+            _release=None,  # type: ignore[arg-type]
+        ),
+        ArchivePolicy(Topology(), "nobody", frozenset(), 1 << 20, None),
+    )
+    assert (await store.dead_letters.archive([letter])).new == 1
+    [stored] = await store.dead_letters.find(LetterFilter(tenant=tenant))
+    assert stored.instance_id == "i\\x00d"
+    assert stored.module == "\\ud800" * 3
+    assert stored.kind is not None
+    assert len(stored.kind) <= 512
+    assert stored.routing_key == "r\\x00k"
+    assert stored.headers["x-instance-id"] == "i\x00d"
+    assert stored.headers["bytes"] == "\\xff\x00"
+    assert stored.body == b"\x00" * 10
+
+
+# -- how much the archive keeps ------------------------------------------------------------
+
+
+async def test_the_archive_keeps_bounded_bodies_and_a_bounded_share_per_tenant(
+    cli, topology, broker, store, start_worker
+):
+    """A body refused as too large keeps a prefix, its size and its hash, and is never
+    replayed; once a tenant's letters keep more than the tenant's bound, later letters keep
+    their metadata and reason but no body. Purging gives the room back."""
+    await start_worker(max_message_bytes=2048, dead_letter_tenant_bytes=12_000)
+    tenant = f"big{uuid.uuid4().hex[:8]}"
+
+    def create(instance_id: str, body: bytes) -> Outgoing:
+        headers = {
+            "x-tenant": tenant,
+            "x-instance-id": instance_id,
+            "x-kind": "create",
+            "x-schema-version": "1",
+            "x-module": "sha256:" + "a" * 64,
+        }
+        return Outgoing(topology.ingress_exchange, f"{tenant}.create", body, headers)
+
+    huge = bytes(range(256)) * 32  # 8 KiB
+    await broker.publish_many([create("huge", huge)])
+    [letter] = await archived_for(store, tenant, 1)
+    assert letter.reason == "too-large"
+    assert len(letter.body) == 4096
+    shown = json.loads((await cli("dlq", "show", str(letter.id))).stdout)
+    assert shown["body_truncated"] is True
+    assert shown["body_size"] == len(huge)
+    assert shown["body_sha256"] == hashlib.sha256(huge).hexdigest()
+    refused = await cli("dlq", "replay", str(letter.id))
+    assert "0 letter(s) replayed" in refused.stdout
+    assert "over the fleet's limit of 2048" in refused.output
+
+    await broker.publish_many([create(f"junk-{i}", b"{" + b" " * 1900) for i in range(6)])
+    letters = await archived_for(store, tenant, 7)
+    junk = [found for found in letters if found.instance_id != "huge"]
+    kept = [found for found in junk if found.body]
+    stripped = [found for found in junk if not found.body]
+    assert kept
+    assert stripped
+    for found in stripped:
+        assert found.reason == "bad-body"
+        assert found.body_size == 1901
+        assert found.unreplayable is not None
+        assert "over its bound of 12000 bytes" in found.unreplayable
+        assert found.headers["x-instance-id"] == found.instance_id
+    listed = await cli("dlq", "list", "--tenant", tenant, "--json")
+    assert len(listed.stdout.splitlines()) == 7  # nothing vanished
+
+    purged = await cli("dlq", "purge", "--tenant", tenant, "--yes")
+    assert "7 letter(s) purged" in purged.stdout
+    await broker.publish_many([create("after-purge", b"{" + b" " * 1900)])
+    [after] = await archived_for(store, tenant, 1)
+    assert len(after.body) == 1901
+
+
+async def archived_for(store, tenant: str, count: int, timeout: float = 15.0):
+    """Wait until a tenant has `count` archived letters; return them."""
+    async with asyncio.timeout(timeout):
+        while True:
+            found = await store.dead_letters.find(LetterFilter(tenant=tenant))
+            if len(found) >= count:
+                return found
+            await asyncio.sleep(0.1)

@@ -3,7 +3,12 @@ check lets through, and what the archive keeps of a letter (docs/protocol.md, *D
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +16,15 @@ import pytest
 from stepfleet.broker import Delivery, Topology
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import TenantLimits, parse_envelope
-from stepfleet.store import TenantRecord
+from stepfleet.store import Archived, NewDeadLetter, StoreUnavailable, TenantRecord
+from stepfleet.store.dead_letters import storable_text
+from stepfleet.workers import archive as archive_module
+from stepfleet.workers.archive import (
+    TRUNCATED_BODY_BYTES,
+    ArchivePolicy,
+    DeadLetterArchiver,
+    letter_of,
+)
 from stepfleet.workers.outgoing import REPLAYED_FOR, dead_letter
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 
@@ -148,3 +161,212 @@ def test_a_replayed_fleet_kind_through_ingress_is_refused():
     refusal = producer_check().check(message, envelope)
     assert refusal is not None
     assert refusal.reason == "kind-not-allowed"
+
+
+# -- what the archive keeps ---------------------------------------------------------------
+
+
+POLICY = ArchivePolicy(
+    topology=TOPOLOGY,
+    fleet_user=FLEET,
+    trusted_users=frozenset({FLEET, "platform"}),
+    max_body_bytes=2048,
+    account_bytes=None,
+)
+
+
+def rabbitmq_death(queue: str, exchange: str, reason: str = "expired") -> dict[str, Any]:
+    return {"queue": queue, "reason": reason, "exchange": exchange, "count": 1}
+
+
+def test_the_archive_believes_only_what_the_broker_vouches_for():
+    """The sender of a letter RabbitMQ dead-lettered is its user_id, whatever x-original-*,
+    x-death or x-first-death-* headers its producer sent along (RabbitMQ builds on a forged
+    x-death instead of replacing it); only the fleet's own letters are read for more."""
+    lane = TOPOLOGY.work_queues[3]
+    forged = event_headers(
+        "bob",
+        **{
+            "x-original-user-id": "stepfleet.tenant.bob",
+            "x-original-exchange": TOPOLOGY.internal_exchange,
+            "x-original-replayed-for": "stepfleet.tenant.bob",
+            "x-dead-reason": "unknown-instance",
+            "x-dead-letter-id": "chosen-key",
+            "x-death": [rabbitmq_death(lane, TOPOLOGY.internal_exchange)],
+            "x-first-death-exchange": TOPOLOGY.internal_exchange,
+            "x-kind": "wake",
+        },
+    )
+    expired = letter_of(
+        delivery(forged, user_id=MALLORY, exchange=TOPOLOGY.dead_letter_exchange), POLICY
+    )
+    assert (expired.source, expired.reason) == ("rabbitmq", "expired")
+    assert expired.sender == MALLORY
+    assert expired.first_exchange is None
+    assert expired.letter_key != "chosen-key"
+    assert expired.account_user == MALLORY  # counts against mallory's archive, not bob's
+    assert expired.account is None
+
+    anonymous = letter_of(delivery(forged, exchange=TOPOLOGY.dead_letter_exchange), POLICY)
+    assert anonymous.sender is None
+
+    # The same headers published straight to the dead-letter exchange by someone else.
+    direct = letter_of(delivery({**forged, "x-death": None}, user_id="platform"), POLICY)
+    assert (direct.source, direct.sender, direct.first_exchange) == ("other", None, None)
+
+
+def test_the_fleets_own_letters_say_who_sent_the_original():
+    worker = dead_letter(
+        TOPOLOGY, delivery(event_headers(), user_id=ALICE), "unknown-instance", "no instance"
+    )
+    letter = letter_of(
+        delivery(worker.headers, user_id=FLEET, exchange=TOPOLOGY.dead_letter_exchange), POLICY
+    )
+    assert (letter.source, letter.reason) == ("worker", "unknown-instance")
+    assert (letter.sender, letter.first_exchange) == (ALICE, TOPOLOGY.ingress_exchange)
+    assert letter.letter_key == worker.headers["x-dead-letter-id"]
+
+    replay = dead_letter(
+        TOPOLOGY,
+        delivery(event_headers(**{REPLAYED_FOR: ALICE}), user_id=FLEET),
+        "unknown-instance",
+        "still no instance",
+    )
+    replayed = letter_of(delivery(replay.headers, user_id=FLEET), POLICY)
+    assert replayed.sender == ALICE
+
+    # A step of the fleet's that RabbitMQ gave up on: its x-death is RabbitMQ's alone.
+    step = {
+        **event_headers(),
+        "x-kind": "step",
+        "x-death": [rabbitmq_death(TOPOLOGY.work_queues[0], TOPOLOGY.internal_exchange,
+                                   "delivery_limit")],
+        "x-first-death-exchange": TOPOLOGY.internal_exchange,
+    }  # fmt: skip
+    crashed = letter_of(delivery(step, user_id=FLEET), POLICY)
+    assert (crashed.source, crashed.reason) == ("rabbitmq", "delivery-limit")
+    assert crashed.first_exchange == TOPOLOGY.internal_exchange
+    assert crashed.account == "alice"
+
+
+def test_any_header_value_becomes_json_and_any_text_becomes_storable():
+    """Headers may hold any AMQP field value; the letter's headers are JSON values and every
+    text column is text PostgreSQL takes (NUL and unpaired surrogates escaped, clipped)."""
+    nested: dict[str, Any] = {"leaf": 1}
+    for _ in range(100):
+        nested = {"n": nested}
+    headers = {
+        "x-tenant": "t\x00" + "x" * 10_000,
+        "x-instance-id": b"\xff\xfe\x00",
+        "x-module": "\ud800",
+        "x-kind": Decimal("1.5"),
+        "when": datetime(2026, 1, 1, tzinfo=UTC),
+        "blob": bytearray(b"\x00\x01"),
+        "nan": float("nan"),
+        "deep": nested,
+        "list": [b"a", {"b": b"\x80"}],
+    }
+    letter = letter_of(delivery(headers, b"\x00\xff", user_id=None), POLICY)
+    text = json.dumps(letter.headers, allow_nan=False)
+    assert json.loads(text)["x-instance-id"] == "\\xff\\xfe\x00"
+    assert letter.headers["when"] == "2026-01-01T00:00:00+00:00"
+    assert "nested deeper than" in json.dumps(letter.headers["deep"])
+    for value in (letter.tenant, letter.instance_id, letter.module, letter.kind):
+        assert value is not None
+        stored = storable_text(value, 512)
+        assert "\x00" not in stored
+        assert len(stored) <= 512
+        stored.encode("utf-8")  # no unpaired surrogate left
+    assert letter.body == b"\x00\xff"
+
+
+def test_a_body_over_the_size_limit_keeps_a_prefix_its_size_and_its_hash():
+    body = bytes(range(256)) * 40
+    letter = letter_of(delivery(event_headers(), body, user_id=ALICE), POLICY)
+    assert letter.body == body[:TRUNCATED_BODY_BYTES]
+    assert letter.body_size == len(body)
+    assert letter.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert letter.unreplayable is not None
+    assert "over the fleet's limit of 2048" in letter.unreplayable
+    whole = letter_of(delivery(event_headers(), body[:2048], user_id=ALICE), POLICY)
+    assert (whole.body, whole.unreplayable) == (body[:2048], None)
+
+
+# -- the archiver, over a store that refuses some letters ------------------------------------
+
+
+class Refusing:
+    """A dead-letter store that refuses letters naming a poisoned tenant (and, with
+    `minimal_too`, their minimal records), as PostgreSQL refuses text it cannot hold."""
+
+    def __init__(self, *, minimal_too: bool = False, down: bool = False) -> None:
+        self.minimal_too = minimal_too
+        self.down = down
+        self.stored: list[NewDeadLetter] = []
+
+    async def archive(self, letters, *, account_bytes=None):
+        if self.down:
+            raise StoreUnavailable("PostgreSQL is down")
+        for letter in letters:
+            poisoned = "poison" in (letter.tenant or "")
+            if poisoned and (self.minimal_too or "x-stepfleet-raw-headers" not in letter.headers):
+                raise ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+        self.stored.extend(letters)
+        return Archived(new=len(letters))
+
+
+class Tracked:
+    def __init__(self, delivery_: Delivery) -> None:
+        self.delivery = delivery_
+        self.acked = self.released = False
+
+        async def ack() -> None:
+            self.acked = True
+
+        async def release() -> None:
+            self.released = True
+
+        delivery_._ack = ack
+        delivery_._release = release
+
+
+def archiver_over(dead_letters: Refusing) -> DeadLetterArchiver:
+    store = SimpleNamespace(dead_letters=dead_letters)
+    return DeadLetterArchiver(store, POLICY)  # type: ignore[arg-type]
+
+
+def batch_of(*tenants: str) -> list[Tracked]:
+    return [Tracked(delivery(event_headers(t), user_id=ALICE)) for t in tenants]
+
+
+async def test_one_letter_the_database_refuses_holds_up_no_other(monkeypatch):
+    """The batch fails, the letters are archived one by one, and the refused one is kept as a
+    minimal record (its headers as ASCII, its body as bytes): every letter is acked."""
+    monkeypatch.setattr(archive_module, "_RETRY_SECONDS", 0)
+    store = Refusing()
+    archiver = archiver_over(store)
+    batch = batch_of("alice", "poison", "bob")
+    await archiver._archive([t.delivery for t in batch])
+    assert [t.acked for t in batch] == [True, True, True]
+    assert [letter.tenant for letter in store.stored] == ["alice", "poison", "bob"]
+    minimal = store.stored[1]
+    assert minimal.unreplayable is not None
+    assert "minimal record" in minimal.detail
+    assert archiver.minimal == 1
+
+
+async def test_a_letter_that_cannot_be_stored_at_all_is_held_not_lost(monkeypatch):
+    monkeypatch.setattr(archive_module, "_RETRY_SECONDS", 0)
+    store = Refusing(minimal_too=True)
+    archiver = archiver_over(store)
+    batch = batch_of("alice", "poison", "bob")
+    await archiver._archive([t.delivery for t in batch])
+    assert [(t.acked, t.released) for t in batch] == [(True, False), (False, False), (True, False)]
+    assert [letter.tenant for letter in store.stored] == ["alice", "bob"]
+
+
+async def test_a_database_that_is_down_gets_the_whole_batch_back_later(monkeypatch):
+    monkeypatch.setattr(archive_module, "_RETRY_SECONDS", 0)
+    batch = batch_of("alice", "bob")
+    await archiver_over(Refusing(down=True))._archive([t.delivery for t in batch])
+    assert [(t.acked, t.released) for t in batch] == [(False, True), (False, True)]
