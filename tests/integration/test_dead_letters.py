@@ -15,14 +15,16 @@ from typer.testing import CliRunner
 
 from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.cli.main import app
+from stepfleet.client import CreateRequest, Producer
 from stepfleet.control import DeadLetters
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter
 from stepfleet.workers.archive import ArchivePolicy, letter_of
+from stepfleet.workers.outgoing import REPLAYED_FOR
 from tests.conftest import ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 from tests.integration.test_fleet import archived, dead_letter_of
-from tests.integration.test_primitives import finished
+from tests.integration.test_primitives import finished, output, send_event
 
 pytestmark = pytest.mark.services
 
@@ -189,6 +191,168 @@ async def test_failed_instances_are_retried_from_the_failed_step(
     ]
     [entry] = await store.dead_letters.audit_entries(action="retry", limit=1)
     assert entry.target == f"{key.tenant}/{key.instance_id}"
+
+
+# -- who sent a letter -------------------------------------------------------------------
+
+
+async def stopped(worker) -> None:
+    """Stop a worker and wait until it consumes nothing any more."""
+    worker.stop()
+    deadline = asyncio.get_running_loop().time() + 30
+    while worker.health.state != "stopped":
+        assert asyncio.get_running_loop().time() < deadline, "the worker did not stop"
+        await asyncio.sleep(0.05)
+
+
+async def lanes_drained(channel, topology) -> None:
+    """Wait until every lane is empty (RabbitMQ expired what was in them)."""
+    while True:
+        counts = [
+            (await channel.queue_declare(queue, passive=True)).message_count
+            for queue in topology.work_queues
+        ]
+        if not any(counts):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def test_a_producer_cannot_forge_who_sent_an_expired_letter(
+    cli, settings, topology, store, raw, start_worker, tenant, connect, playbook_wasm
+):
+    """Mallory publishes for the victim's tenant with its own user_id, a forged
+    x-original-user-id naming the victim's producer and expiration 1: an event for the
+    victim's waiting instance and a wake for its sleeping one (under its own routing key, the
+    only one it may use). RabbitMQ expires them in a lane no worker consumes and the archive
+    keeps them, but a replay of the victim's expired letters publishes neither: the event was
+    sent by mallory, and a wake never came from the internal exchange. The victim's instances
+    are untouched: the waiting one takes the victim's own event next, the sleeping one still
+    sleeps."""
+    mallory, mallory_credentials = await tenant()
+    victim, victim_credentials = await tenant()
+    digest = digest_of(playbook_wasm)
+    await store.put_module(victim, digest, playbook_wasm)
+    first = await start_worker()
+    waiter = InstanceKey(victim, f"waiter-{uuid.uuid4().hex[:8]}")
+    sleeper = InstanceKey(victim, f"sleeper-{uuid.uuid4().hex[:8]}")
+    async with Producer(settings.amqp_url, topology) as producer:
+        for key, op in (
+            (waiter, {"op": "wait", "name": "w", "type": "go"}),
+            (sleeper, {"op": "sleep", "name": "nap", "ms": 3_600_000}),
+        ):
+            await producer.create(CreateRequest(victim, digest, {"ops": [op]}, key.instance_id))
+    await wait_for_status(store, waiter, {InstanceStatus.WAITING})
+    asleep, _ = await wait_for_status(store, sleeper, {InstanceStatus.SLEEPING})
+    await stopped(first)
+
+    channel = await connect(mallory_credentials)
+    forged = {
+        "x-tenant": victim,
+        "x-schema-version": "1",
+        "x-original-user-id": victim_credentials.user,
+        "x-original-exchange": topology.internal_exchange,
+    }
+    for kind, key, body in (
+        ("event", waiter, {"event_id": "evil", "type": "go", "payload": {"from": "mallory"}}),
+        ("wake", sleeper, {"position": asleep.position, "attempt": asleep.attempt}),
+    ):
+        confirmation = await channel.basic_publish(
+            json.dumps(body).encode(),
+            exchange=topology.ingress_exchange,
+            routing_key=f"{mallory}.event",
+            mandatory=True,
+            properties=aiormq.spec.Basic.Properties(
+                delivery_mode=2,
+                expiration="1",
+                user_id=mallory_credentials.user,
+                headers={**forged, "x-kind": kind, "x-instance-id": key.instance_id},
+            ),
+        )
+        assert isinstance(confirmation, aiormq.spec.Basic.Ack), confirmation
+    await lanes_drained(raw.channel, topology)
+    await start_worker()
+    letters = await archived(store, [waiter.instance_id, sleeper.instance_id])
+    assert {letter.reason for letter in letters} == {"expired"}
+
+    replay = await cli("dlq", "replay", "--tenant", victim, "--reason", "expired", "--yes")
+    assert replay.exit_code == 0, replay.output
+    assert "0 letter(s) replayed" in replay.stdout
+    assert f"{letters[0].id}: not replayed: sent by broker user" in replay.output
+    assert f"{letters[1].id}: not replayed: producers may publish create and event" in (
+        replay.output
+    )
+    shown = json.loads((await cli("dlq", "show", str(letters[0].id))).stdout)
+    assert shown["sender"] == mallory_credentials.user
+
+    await send_event(settings, topology, waiter, "go", {"from": "victim"}, "real")
+    done = await finished(store, waiter)
+    assert output(done) == {"w": {"from": "victim"}}
+    still = await store.detail(sleeper)
+    assert still is not None
+    assert still.record.status is InstanceStatus.SLEEPING
+    assert still.record.waiting == asleep.waiting
+
+
+async def test_a_tenants_own_letter_is_replayed_and_checked_again_as_its_producer(
+    settings, topology, broker, store, raw, start_worker, tenant, connect, playbook_wasm
+):
+    """An event the victim's own producer sent too early (unknown-instance) is replayed once
+    the instance exists, as the victim's producer's message (x-replayed-for), and the worker
+    checks it as such. A message the fleet publishes for another tenant's producer is refused
+    by the worker, whatever the archive said."""
+    owner, owner_credentials = await tenant()
+    _, other_credentials = await tenant()
+    digest = digest_of(playbook_wasm)
+    await store.put_module(owner, digest, playbook_wasm)
+    await start_worker()
+    key = InstanceKey(owner, f"late-{uuid.uuid4().hex[:8]}")
+    event_headers = {
+        "x-tenant": owner,
+        "x-instance-id": key.instance_id,
+        "x-kind": "event",
+        "x-schema-version": "1",
+    }
+    channel = await connect(owner_credentials)
+    await channel.basic_publish(
+        json.dumps({"event_id": "e1", "type": "go", "payload": 7}).encode(),
+        exchange=topology.ingress_exchange,
+        routing_key=f"{owner}.event",
+        properties=aiormq.spec.Basic.Properties(
+            delivery_mode=2, user_id=owner_credentials.user, headers=event_headers
+        ),
+    )
+    early = await dead_letter_of(store, key.instance_id)
+    assert early.reason == "unknown-instance"
+    assert early.sender == owner_credentials.user
+    assert early.first_exchange == topology.ingress_exchange
+
+    async with Producer(settings.amqp_url, topology) as producer:
+        await producer.create(
+            CreateRequest(owner, digest, {"ops": [{"op": "wait", "name": "w", "type": "go"}]},
+                          key.instance_id)
+        )  # fmt: skip
+    await wait_for_status(store, key, {InstanceStatus.WAITING})
+    letters = DeadLetters(store, broker, topology, user_id=settings.broker_user, actor="test")
+    outcome = await letters.replay(LetterFilter(ids=(early.id,)))
+    assert outcome.done == [early.id], outcome.skipped
+    assert output(await finished(store, key)) == {"w": 7}
+
+    # The fleet replaying for the other tenant's producer a message naming the owner.
+    smuggled = f"smuggled-{uuid.uuid4().hex[:8]}"
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{owner}.event",
+                b'{"event_id":"e2","type":"go"}',
+                {**event_headers, "x-instance-id": smuggled,
+                 REPLAYED_FOR: other_credentials.user},
+            )
+        ]
+    )  # fmt: skip
+    refused = await dead_letter_of(store, smuggled)
+    assert refused.reason == "tenant-mismatch"
+    assert refused.sender == other_credentials.user
 
 
 # -- letters the database finds hard to store --------------------------------------------
