@@ -14,6 +14,7 @@ records, never a header.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -36,8 +37,9 @@ log = structlog.get_logger("stepfleet.archive")
 _BATCH = 100
 _WAIT_SECONDS = 0.2
 _RETRY_SECONDS = 1.0
-# Letters the database refuses even as a minimal record are held unacked (not lost: they go
-# back to the queue when this worker's channel closes) rather than spun through the queue.
+# A letter the database refuses even as a minimal record is held unacked for a while, then
+# handed back: never lost, tried again a minute later rather than in a tight loop.
+_HOLD_SECONDS = 60.0
 _HOLD_MAX = 50
 _MAX_DEPTH = 32
 
@@ -77,7 +79,7 @@ class DeadLetterArchiver:
         self._store = store
         self._policy = policy
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._held: list[Delivery] = []
+        self._held: set[asyncio.Task[None]] = set()
         self.archived = 0
         self.truncated = 0
         """Letters archived with only a prefix of their body (over the size limit)."""
@@ -91,15 +93,19 @@ class DeadLetterArchiver:
 
     async def run(self) -> None:
         """Archive until cancelled; a batch that cannot be stored is handed back to the queue."""
-        while True:
-            batch = [await self._inbox.get()]
-            try:
-                async with asyncio.timeout(_WAIT_SECONDS):
-                    while len(batch) < _BATCH:
-                        batch.append(await self._inbox.get())
-            except TimeoutError:
-                pass
-            await self._archive(batch)
+        try:
+            while True:
+                batch = [await self._inbox.get()]
+                try:
+                    async with asyncio.timeout(_WAIT_SECONDS):
+                        while len(batch) < _BATCH:
+                            batch.append(await self._inbox.get())
+                except TimeoutError:
+                    pass
+                await self._archive(batch)
+        finally:
+            for task in self._held:  # what they hold goes back to the queue with the channel
+                task.cancel()
 
     async def _archive(self, batch: list[Delivery]) -> None:
         letters = [self._letter(d) for d in batch]
@@ -179,10 +185,17 @@ class DeadLetterArchiver:
         return archived
 
     async def _hold(self, delivery: Delivery) -> None:
-        if len(self._held) < _HOLD_MAX:
-            self._held.append(delivery)
-        else:
+        if len(self._held) >= _HOLD_MAX:
             await self._hand_back([delivery])
+            return
+        task = asyncio.create_task(self._release_later(delivery))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def _release_later(self, delivery: Delivery) -> None:
+        await asyncio.sleep(_HOLD_SECONDS)
+        with contextlib.suppress(BrokerUnavailable):
+            await delivery.release()
 
     async def _hand_back(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:

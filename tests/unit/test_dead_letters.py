@@ -3,6 +3,7 @@ check lets through, and what the archive keeps of a letter (docs/protocol.md, *D
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Mapping
@@ -356,13 +357,18 @@ async def test_one_letter_the_database_refuses_holds_up_no_other(monkeypatch):
 
 
 async def test_a_letter_that_cannot_be_stored_at_all_is_held_not_lost(monkeypatch):
+    """Neither acked nor handed straight back (it would come round again at once): held for
+    a while, then handed back to the queue; the others are archived meanwhile."""
     monkeypatch.setattr(archive_module, "_RETRY_SECONDS", 0)
+    monkeypatch.setattr(archive_module, "_HOLD_SECONDS", 0)
     store = Refusing(minimal_too=True)
     archiver = archiver_over(store)
     batch = batch_of("alice", "poison", "bob")
     await archiver._archive([t.delivery for t in batch])
     assert [(t.acked, t.released) for t in batch] == [(True, False), (False, False), (True, False)]
     assert [letter.tenant for letter in store.stored] == ["alice", "bob"]
+    await asyncio.gather(*archiver._held)
+    assert (batch[1].acked, batch[1].released) == (False, True)
 
 
 async def test_a_database_that_is_down_gets_the_whole_batch_back_later(monkeypatch):
