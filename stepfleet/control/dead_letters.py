@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from stepfleet.broker import Broker, Topology
+from stepfleet.broker.topology import routing_key
 from stepfleet.control.audit import operator_name
 from stepfleet.schemas import Headers, MessageKind
 from stepfleet.store import AuditEntry, DeadLetter, LetterFilter, OutboxMessage, PgStore
@@ -166,7 +167,7 @@ class DeadLetters:
         if letter.first_exchange == self._topology.internal_exchange:
             if kind not in _FLEET_KINDS:
                 return f"a {kind!r} message from the internal exchange (kind-not-allowed)"
-            return _Route(self._topology.internal_exchange)
+            return self._keyed(letter, kind) or _Route(self._topology.internal_exchange)
         if letter.first_exchange not in (None, self._topology.ingress_exchange):
             return f"first published to {letter.first_exchange!r}, not this fleet's ingress"
         sender = letter.sender
@@ -179,7 +180,16 @@ class DeadLetters:
                 f"sent by broker user {sender!r}, which is not tenant {letter.tenant!r}'s "
                 f"producer: {_AGAIN}"
             )
-        return _Route(self._topology.ingress_exchange, sender)
+        return self._keyed(letter, kind) or _Route(self._topology.ingress_exchange, sender)
+
+    def _keyed(self, letter: DeadLetter, kind: str) -> str | None:
+        """Why the letter's routing key rules it out: workers refuse a message whose key is
+        not `<tenant>.<kind>` of its headers, and the lanes route no other key (RabbitMQ
+        would refuse the publish, and the outbox row would be stuck)."""
+        expected = routing_key(letter.tenant or "", MessageKind(kind))
+        if letter.routing_key == expected:
+            return None
+        return f"its routing key {letter.routing_key!r} is not {expected!r} (bad-header)"
 
     def _outbox_row(self, letter: DeadLetter, route: _Route) -> OutboxMessage:
         headers: dict[str, Any] = {

@@ -122,6 +122,38 @@ async def test_authorization_refusals_are_not_replayed_as_the_operator(
     assert "producer check" in outcome.skipped[letter.id]
 
 
+async def test_a_letter_is_replayed_only_under_its_own_routing_key(
+    cli, topology, broker, store, start_worker
+):
+    """Workers refuse a message whose routing key is not `<tenant>.<kind>` of its headers,
+    and the lanes route no other key: such a letter is not replayed (nothing is published that
+    RabbitMQ would refuse and leave stuck in the outbox)."""
+    await start_worker()
+    tenant, elsewhere = f"key{uuid.uuid4().hex[:8]}", f"other{uuid.uuid4().hex[:8]}"
+    instance_id = f"keyed-{uuid.uuid4().hex[:8]}"
+    headers = {
+        "x-tenant": tenant,
+        "x-instance-id": instance_id,
+        "x-kind": "event",
+        "x-schema-version": "1",
+    }
+    await broker.publish_many(
+        [
+            Outgoing(
+                topology.ingress_exchange,
+                f"{elsewhere}.event",
+                b'{"event_id":"e1","type":"go"}',
+                headers,
+            )
+        ]
+    )
+    letter = await dead_letter_of(store, instance_id)
+    replay = await cli("dlq", "replay", str(letter.id))
+    assert replay.exit_code == 0, replay.output
+    assert "0 letter(s) replayed" in replay.stdout
+    assert f"its routing key '{elsewhere}.event' is not '{tenant}.event'" in replay.output
+
+
 async def test_purge_asks_first_and_is_audited(
     cli, settings, topology, broker, store, start_worker
 ):
