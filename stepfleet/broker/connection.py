@@ -182,6 +182,8 @@ class Broker:
         self.url = url
         self.urls = broker_urls(url)
         """Several addresses (comma-separated): nodes of one cluster, tried in turn."""
+        self.user = _login(self.urls[0])[0]
+        """The user every address logs in as; the user_id of every message that names none."""
         self.topology = topology
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -331,6 +333,10 @@ class Broker:
     async def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """Publish persistent messages and wait for all their confirms at once.
 
+        A message that names no user_id carries the connection's own user: RabbitMQ checks
+        it, so whoever reads the message later knows the fleet published it (the dead-letter
+        archive tells a worker's dead letters from producers' messages that way).
+
         Raises:
             BrokerUnavailable: the connection failed before every confirm arrived.
             PublishRefused: the broker refused at least one message.
@@ -348,7 +354,7 @@ class Broker:
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     message_id=outgoing.message_id,
-                    user_id=outgoing.user_id,
+                    user_id=outgoing.user_id or self.user,
                 )
                 pending.append(exchange.publish(message, outgoing.routing_key, mandatory=True))
             await asyncio.gather(*pending)

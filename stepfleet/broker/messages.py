@@ -17,7 +17,8 @@ class Outgoing:
     headers: Mapping[str, Any] = field(default_factory=dict)
     message_id: str | None = None
     user_id: str | None = None
-    """The publishing connection's user; RabbitMQ refuses the message if it is another."""
+    """The publishing connection's user; RabbitMQ refuses the message if it is another.
+    None: the broker's own user (what the fleet's messages carry)."""
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from stepfleet.broker import Broker, Topology
-from stepfleet.cli.common import fail, run
+from stepfleet.cli.common import fail, run, say, shown
 from stepfleet.client import CreateRequest, EventRequest, Producer
 from stepfleet.sandbox import WasmSandbox
 from stepfleet.schemas import digest_of
@@ -55,33 +55,34 @@ def run_demo(
 ) -> None:
     """Migrate, declare, push, start a fleet, run the examples and print what they returned."""
     started = time.monotonic()
-    typer.echo(f"1. migrating {settings.database_url.rsplit('@', 1)[-1]}")
+    say(f"1. migrating {settings.database_url.rsplit('@', 1)[-1]}")
     try:
         ensure_database(settings.database_url)
         upgrade(settings.database_url)
     except StoreUnavailable as exc:
         fail(f"PostgreSQL: {exc}")
     topology = settings.topology()
-    typer.echo(f"2. declaring the RabbitMQ topology {settings.prefix}.*")
+    say(f"2. declaring the RabbitMQ topology {settings.prefix}.*")
     run(_declare(settings, topology))
-    typer.echo("3. pushing the example tenant modules")
+    say("3. pushing the example tenant modules")
     digests = run(_push(settings, examples))
-    typer.echo(f"4. starting {workers} worker process(es)")
+    say(f"4. starting {workers} worker process(es)")
     fleet = _start_fleet(settings, workers)
     try:
-        typer.echo(f"5. creating {per_tenant} workflows for each of {len(_WORKLOADS)} tenants")
+        say(f"5. creating {per_tenant} workflows for each of {len(_WORKLOADS)} tenants")
         records = run(_run_workflows(settings, topology, digests, per_tenant))
     finally:
-        typer.echo("6. stopping the fleet (SIGTERM: in-flight steps finish first)")
+        say("6. stopping the fleet (SIGTERM: in-flight steps finish first)")
         codes = _stop_fleet(fleet)
-    typer.echo("")
+    say("")
     for record in records:
         result = record.output if record.output is not None else record.error
-        typer.echo(
-            f"  {record.key.tenant:<8} {record.key.instance_id:<28} {record.status.value:<9} {result}"
+        say(
+            f"  {record.key.tenant:<8} {record.key.instance_id:<28} {record.status.value:<9} "
+            f"{shown(result)}"
         )
     complete = sum(1 for r in records if r.status.value == "complete")
-    typer.echo(
+    say(
         f"\n{complete}/{len(records)} workflows complete in {time.monotonic() - started:.1f}s; "
         f"workers exited with {codes}; try: stepfleet status {records[0].key.instance_id}"
     )
@@ -109,7 +110,7 @@ async def _push(settings: Settings, examples: Path) -> dict[str, str]:
             sandbox.validate(wasm)
             digests[tenant] = digest_of(wasm)
             await store.put_module(tenant, digests[tenant], wasm)
-            typer.echo(f"   {tenant:<8} {file:<23} {digests[tenant]}")
+            say(f"   {tenant:<8} {file:<23} {digests[tenant]}")
     finally:
         await store.close()
     return digests

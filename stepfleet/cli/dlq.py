@@ -13,7 +13,7 @@ import typer
 from rich.progress import Progress
 
 from stepfleet.broker import Broker
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, json_text, run, say, settings, shown
 from stepfleet.control import Control, ControlError, DeadLetters
 from stepfleet.control.dead_letters import Outcome
 from stepfleet.schemas import InstanceKey
@@ -101,14 +101,22 @@ def _full(letter: DeadLetter) -> dict[str, Any]:
     try:
         body: Any = json.loads(letter.body)
     except ValueError:
-        body = letter.body.decode(errors="replace")
+        body = letter.body.decode("utf-8", "backslashreplace")
     return {
         **_summary(letter),
         "routing_key": letter.routing_key,
         "message_id": letter.message_id,
         "replayed_by": letter.replayed_by,
+        "source": letter.source,
+        "sender": letter.sender,
+        "first_exchange": letter.first_exchange,
+        "unreplayable": letter.unreplayable,
         "headers": letter.headers,
         "body": body,
+        "body_size": letter.body_size,
+        "body_sha256": letter.body_sha256,
+        "body_kept": len(letter.body),
+        "body_truncated": letter.body_truncated,
         "context": letter.context,
         "deliveries": letter.headers.get("x-death", []),
     }
@@ -130,15 +138,16 @@ def list_letters(
     letters = _go(lambda store, _: store.dead_letters.find(selected))
     for letter in letters:
         if as_json:
-            typer.echo(json.dumps(_summary(letter)))
+            typer.echo(json_text(_summary(letter)))
         else:
-            typer.echo(
-                f"{letter.id:>7}  {letter.received_at:%Y-%m-%d %H:%M:%S}  {letter.reason:<20} "
-                f"{letter.tenant or '-':<16} {letter.instance_id or '-':<28} "
+            say(
+                f"{letter.id:>7}  {letter.received_at:%Y-%m-%d %H:%M:%S}  "
+                f"{shown(letter.reason):<20} {shown(letter.tenant or '-'):<16} "
+                f"{shown(letter.instance_id or '-'):<28} "
                 f"{'replayed' if letter.replayed_at else ''}"
             )
     if not as_json:
-        typer.echo(f"{len(letters)} letter(s)", err=True)
+        say(f"{len(letters)} letter(s)", err=True)
 
 
 @dlq_app.command("show")
@@ -151,12 +160,12 @@ def show(letter_id: Annotated[int, typer.Argument(help="Letter id (from dlq list
     )
     if not found:
         fail(f"no dead letter {letter_id}")
-    typer.echo(json.dumps(_full(found[0]), indent=2, default=str))
+    typer.echo(json_text(_full(found[0]), indent=2, default=str))
 
 
 def _confirm(count: int, what: str, yes: bool) -> None:
     if count == 0:
-        typer.echo(f"nothing to {what}")
+        say(f"nothing to {what}")
         raise typer.Exit(0)
     if not yes and not typer.confirm(f"{what} {count} dead letter(s)?"):
         raise typer.Exit(1)
@@ -219,8 +228,8 @@ def replay(
         publish=True,
     )
     for letter_id, why in sorted(outcome.skipped.items()):
-        typer.echo(f"{letter_id}: not replayed: {why}", err=True)
-    typer.echo(f"{len(outcome.done)} letter(s) replayed")
+        say(f"{letter_id}: not replayed: {shown(why)}", err=True)
+    say(f"{len(outcome.done)} letter(s) replayed")
 
 
 @dlq_app.command("purge")
@@ -243,7 +252,7 @@ def purge(
         lambda letters, advance: letters.purge(selected, progress=advance),
         publish=False,
     )
-    typer.echo(f"{len(outcome.done)} letter(s) purged")
+    say(f"{len(outcome.done)} letter(s) purged")
 
 
 @dlq_app.command("export")
@@ -258,7 +267,7 @@ def export(
     """Print the selected letters as JSON lines (headers, body, context)."""
     selected = _filter(tenant, reason, instance, since, until, replayed)
     for letter in _go(lambda store, _: store.dead_letters.find(selected)):
-        typer.echo(json.dumps(_full(letter), default=str))
+        typer.echo(json_text(_full(letter), default=str))
 
 
 def retry(
@@ -292,7 +301,7 @@ def retry(
     keys = _go(targets)
     if instance_id is None:
         if not keys:
-            typer.echo("no failed instance matches")
+            say("no failed instance matches")
             raise typer.Exit(0)
         if not yes and not typer.confirm(f"retry {len(keys)} failed instance(s)?"):
             raise typer.Exit(1)
@@ -307,12 +316,12 @@ def retry(
                     await control.retry(key)
                     done.append(key)
                 except ControlError as exc:
-                    typer.echo(f"{key.instance_id}: {exc}", err=True)
+                    say(f"{shown(key.instance_id)}: {shown(exc)}", err=True)
                 progress.advance(task)
         return done
 
     done = _go(action, publish=True)
-    typer.echo(f"{len(done)} instance(s) retried")
+    say(f"{len(done)} instance(s) retried")
     if instance_id is not None and not done:
         raise typer.Exit(1)
 
@@ -329,7 +338,7 @@ def audit(
     for entry in entries:
         if as_json:
             typer.echo(
-                json.dumps(
+                json_text(
                     {
                         "at": entry.at.isoformat() if entry.at else None,
                         "actor": entry.actor,
@@ -342,9 +351,10 @@ def audit(
                 )
             )
         else:
-            typer.echo(
-                f"{entry.at:%Y-%m-%d %H:%M:%S}  {entry.actor:<24} {entry.action:<12} "
-                f"{entry.count:>5}  {entry.target[:60]}  {json.dumps(entry.filter) if entry.filter else ''}"
+            say(
+                f"{entry.at:%Y-%m-%d %H:%M:%S}  {shown(entry.actor):<24} "
+                f"{shown(entry.action):<12} {entry.count:>5}  {shown(entry.target[:60])}  "
+                f"{json_text(entry.filter, default=str) if entry.filter else ''}"
             )
 
 

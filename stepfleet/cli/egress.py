@@ -16,7 +16,7 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import SecretStr
 
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.tenants import tenant_app
 from stepfleet.egress import (
     HostError,
@@ -127,7 +127,7 @@ def allow_host(tenant: TenantArg, host: HostArg) -> None:
         await tenants.allow_host(tenant, entry)
 
     run(_with_tenants(go))
-    typer.echo(f"{tenant} may call {entry}")
+    say(f"{tenant} may call {shown(entry)}")
 
 
 @tenant_app.command("deny-host")
@@ -141,7 +141,7 @@ def deny_host(tenant: TenantArg, host: HostArg) -> None:
         return entry in before
 
     removed = run(_with_tenants(go))
-    typer.echo(f"{tenant} may not call {entry}" + ("" if removed else " (it was not allowed)"))
+    say(f"{tenant} may not call {shown(entry)}" + ("" if removed else " (it was not allowed)"))
 
 
 @tenant_app.command("hosts")
@@ -156,7 +156,7 @@ def hosts(
     for name, entries in sorted(run(_with_tenants(go)).items()):
         if tenant is None or name == tenant:
             for entry in sorted(entries):
-                typer.echo(f"{name}  {entry}")
+                say(f"{shown(name)}  {shown(entry)}")
 
 
 @secret_app.command("set")
@@ -188,9 +188,9 @@ def secret_set(
         return entry in (await tenants.allowed_hosts()).get(tenant, set())
 
     allowed = run(_with_tenants(go))
-    typer.echo(f"secret {name} of {tenant} stored: sent to {entry} in the {header} header")
+    say(f"secret {name} of {tenant} stored: sent to {shown(entry)} in the {shown(header)} header")
     if not allowed:
-        typer.echo(
+        say(
             f"note: {entry} is not on {tenant}'s allow list yet "
             f"(`stepfleet tenant allow-host {tenant} {entry}`)",
             err=True,
@@ -207,7 +207,7 @@ def secret_delete(tenant: TenantArg, name: NameArg) -> None:
 
     if not run(_with_tenants(go)):
         fail(f"no secret {name!r} for tenant {tenant}")
-    typer.echo(f"secret {name} of {tenant} deleted")
+    say(f"secret {name} of {tenant} deleted")
 
 
 @secret_app.command("list")
@@ -222,13 +222,16 @@ def secret_list(
     found = sorted(run(_with_tenants(go)), key=lambda s: (s.tenant, s.name))
     for secret in found:
         if tenant is None or secret.tenant == tenant:
-            typer.echo(f"{secret.tenant}  {secret.name}  {secret.host}  {secret.header}")
+            say(
+                f"{shown(secret.tenant)}  {shown(secret.name)}  {shown(secret.host)}  "
+                f"{shown(secret.header)}"
+            )
 
 
 @secret_app.command("key")
 def secret_key() -> None:
     """Print a new random key for STEPFLEET_SECRET_KEY (a Fernet key)."""
-    typer.echo(new_key())
+    say(new_key())
 
 
 def register_egress_commands(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from stepfleet.broker import Broker
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, json_text, run, say, settings, shown
 from stepfleet.client import EventRequest, Producer
 from stepfleet.control import Control, ControlError
 from stepfleet.sandbox import InvalidModule
@@ -139,31 +139,31 @@ def _status_json(detail: InstanceDetail) -> dict[str, Any]:
 
 def _print_status(detail: InstanceDetail) -> None:
     record = detail.record
-    echo = typer.echo
-    echo(f"instance  {record.key.tenant}/{record.key.instance_id}")
+    echo = say
+    echo(f"instance  {shown(record.key.tenant)}/{shown(record.key.instance_id)}")
     compensating = record.mode and not record.status.is_final
     echo(f"status    {record.status.value}" + ("  (running compensations)" if compensating else ""))
     echo(f"module    {record.module}")
     if record.waiting is not None:
         w = record.waiting
         what = f"event {w.event_type!r}" if w.event_type else w.kind.value
-        echo(f"waiting   {what} ({w.name}) until {_iso(w.wake_at)}")
+        echo(f"waiting   {shown(what)} ({shown(w.name)}) until {_iso(w.wake_at)}")
     if record.output is not None:
-        echo(f"output    {record.output}")
+        echo(f"output    {shown(record.output)}")
     if record.error is not None:
-        echo(f"error     {record.error}")
+        echo(f"error     {shown(record.error)}")
     if detail.pending_events:
         echo(f"events    {detail.pending_events} stored, not yet waited for")
     echo(f"journal   {len(detail.journal)} entries")
     failures: dict[int, list[str]] = {}
     for a in detail.attempts:
-        failures.setdefault(a.seq, []).append(f"attempt {a.attempt} failed: {a.error}")
+        failures.setdefault(a.seq, []).append(f"attempt {a.attempt} failed: {shown(a.error)}")
     for entry in detail.journal:
         value = entry.shown_value
-        shown = value if len(value) <= 60 else value[:57] + "..."
+        short = value if len(value) <= 60 else value[:57] + "..."
         echo(
-            f"  {entry.seq:>4}  {entry.name or '-':<20} {entry.kind.name.lower():<15} "
-            f"attempt {entry.attempt}  {_ms(entry)} ms  {shown}"
+            f"  {entry.seq:>4}  {shown(entry.name or '-'):<20} {entry.kind.name.lower():<15} "
+            f"attempt {entry.attempt}  {_ms(entry)} ms  {shown(short)}"
         )
         for line in failures.pop(entry.seq, []):
             echo(f"        {line}")
@@ -180,7 +180,7 @@ def status(
     """Show an instance: status, output or error, its journal and failed attempts."""
     detail = _act(instance_id, tenant, lambda c, k: c.status(k), publish=False)
     if as_json:
-        typer.echo(json.dumps(_status_json(detail), indent=2))
+        typer.echo(json_text(_status_json(detail), indent=2))
     else:
         _print_status(detail)
 
@@ -204,7 +204,7 @@ def list_instances(
     for record in run(go()):
         if as_json:
             typer.echo(
-                json.dumps(
+                json_text(
                     {
                         "id": record.key.instance_id,
                         "status": record.status.value,
@@ -216,8 +216,8 @@ def list_instances(
                 )
             )
         else:
-            typer.echo(
-                f"{record.key.instance_id:<40} {record.status.value:<10} "
+            say(
+                f"{shown(record.key.instance_id):<40} {record.status.value:<10} "
                 f"{record.position:>6} entries  {_iso(record.created_at)}"
             )
 
@@ -225,13 +225,13 @@ def list_instances(
 def pause(instance_id: InstanceId, tenant: Tenant = None) -> None:
     """Pause an instance between steps (it stays paused until resumed, whatever restarts)."""
     _act(instance_id, tenant, lambda c, k: c.pause(k))
-    typer.echo(f"{instance_id} paused")
+    say(f"{shown(instance_id)} paused")
 
 
 def resume(instance_id: InstanceId, tenant: Tenant = None) -> None:
     """Resume a paused instance where it stopped."""
     _act(instance_id, tenant, lambda c, k: c.resume(k))
-    typer.echo(f"{instance_id} resumed")
+    say(f"{shown(instance_id)} resumed")
 
 
 def terminate(
@@ -243,10 +243,10 @@ def terminate(
 ) -> None:
     """Stop an instance for good and cancel its timers."""
     _act(instance_id, tenant, lambda c, k: c.terminate(k, rollback=rollback))
-    typer.echo(
-        f"{instance_id} terminating: compensations run first (see status)"
+    say(
+        f"{shown(instance_id)} terminating: compensations run first (see status)"
         if rollback
-        else f"{instance_id} terminated"
+        else f"{shown(instance_id)} terminated"
     )
 
 
@@ -259,13 +259,13 @@ def restart(
 ) -> None:
     """Run an instance again on its pinned module, from the start or from a named step."""
     record = _act(instance_id, tenant, lambda c, k: c.restart(k, from_step=from_step))
-    typer.echo(f"{instance_id} restarted at journal position {record.position}")
+    say(f"{shown(instance_id)} restarted at journal position {record.position}")
 
 
 def delete(instance_id: InstanceId, tenant: Tenant = None) -> None:
     """Delete a finished instance with its journal and events."""
     _act(instance_id, tenant, lambda c, k: c.delete(k), publish=False)
-    typer.echo(f"{instance_id} deleted")
+    say(f"{shown(instance_id)} deleted")
 
 
 def event(
@@ -291,7 +291,7 @@ def event(
             )
 
     try:
-        typer.echo(run(go()))
+        say(shown(run(go())))
     except ValueError as exc:
         fail(str(exc))
 
@@ -319,7 +319,7 @@ def run_local(
             module.read_bytes(),
             parsed,
             events=sent,
-            say=typer.echo,
+            say=lambda line: say(shown(line)),
             limits=config.engine_limits(),
             sandbox_limits=config.sandbox_limits(),
         )

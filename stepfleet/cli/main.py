@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from stepfleet.broker import Broker
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
@@ -47,7 +47,7 @@ def migrate() -> None:
         upgrade(url)
     except StoreUnavailable as exc:
         fail(f"PostgreSQL: {exc}")
-    typer.echo(("created the database; " if created else "") + "schema is at head")
+    say(("created the database; " if created else "") + "schema is at head")
 
 
 @app.command()
@@ -60,7 +60,7 @@ def declare() -> None:
             await b.declare()
 
     run(go())
-    typer.echo(f"topology {config.prefix}.* declared")
+    say(f"topology {config.prefix}.* declared")
 
 
 @module_app.command("push")
@@ -102,9 +102,9 @@ def module_push(
             await store.close()
 
     new = run(go())
-    typer.echo(digest)
+    say(digest)
     if not new:
-        typer.echo(f"(already pushed for {tenant})", err=True)
+        say(f"(already pushed for {tenant})", err=True)
 
 
 @module_app.command("list")
@@ -120,7 +120,7 @@ def module_list(tenant: Annotated[str, typer.Option(help="Tenant whose modules t
             await store.close()
 
     for digest, size, pushed_at in run(go()):
-        typer.echo(f"{digest}  {size:>9} bytes  {pushed_at}")
+        say(f"{shown(digest)}  {size:>9} bytes  {pushed_at}")
 
 
 @app.command()
@@ -152,7 +152,7 @@ def create(
             )
 
     try:
-        typer.echo(run(go()))
+        say(shown(run(go())))
     except ValueError as exc:
         fail(str(exc))
 
@@ -213,7 +213,7 @@ def health(
     if path is None:
         fail("no health file: set STEPFLEET_HEALTH_FILE or pass --file")
     healthy, why = judge(path, max_age=max_age)
-    typer.echo(why)
+    say(shown(why))
     if not healthy:
         raise typer.Exit(1)
 

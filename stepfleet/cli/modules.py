@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from stepfleet.broker import Broker
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.control import Control, ControlError, ModuleMoves, MoveCheck, Verdict
 from stepfleet.sandbox import WasmSandbox
 from stepfleet.schemas import InstanceKey, is_digest
@@ -63,13 +63,14 @@ def move(
         fail(str(exc))
     for check in checks:
         action = "" if dry_run else ("moved" if check.moved else "kept")
-        typer.echo(
-            f"{check.key.instance_id:<40} {check.verdict.value:<17} {action:<6} {check.detail}"
+        say(
+            f"{shown(check.key.instance_id):<40} {check.verdict.value:<17} {action:<6} "
+            f"{shown(check.detail)}"
         )
     bad = sum(1 for c in checks if c.verdict is not Verdict.COMPATIBLE)
     moved = sum(1 for c in checks if c.moved)
     summary = f"{len(checks)} instance(s) checked, {bad} would not replay cleanly"
-    typer.echo(summary + ("" if dry_run else f", {moved} moved"))
+    say(summary + ("" if dry_run else f", {moved} moved"))
     if bad:
         raise typer.Exit(1)
 
@@ -97,13 +98,13 @@ def _bulk(tenant: str, digest: str, *, resume: bool) -> list[InstanceKey]:
 def pause(digest: Annotated[str, typer.Argument(help="Module digest.")], tenant: Tenant) -> None:
     """Pause every running instance of a module (they stop between steps)."""
     paused = _bulk(tenant, _digest(digest, "DIGEST"), resume=False)
-    typer.echo(f"{len(paused)} instance(s) of {digest} paused")
+    say(f"{len(paused)} instance(s) of {digest} paused")
 
 
 def resume(digest: Annotated[str, typer.Argument(help="Module digest.")], tenant: Tenant) -> None:
     """Resume every paused instance of a module."""
     resumed = _bulk(tenant, _digest(digest, "DIGEST"), resume=True)
-    typer.echo(f"{len(resumed)} instance(s) of {digest} resumed")
+    say(f"{len(resumed)} instance(s) of {digest} resumed")
 
 
 def register_module_commands(module_app: typer.Typer) -> None:

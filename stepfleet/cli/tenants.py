@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
 from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials, producer_user
-from stepfleet.cli.common import fail, run, settings
+from stepfleet.cli.common import fail, json_text, run, say, settings, shown
 from stepfleet.schemas import TenantLimits, is_tenant
 from stepfleet.store import PgStore, TenantRecord
 
@@ -60,10 +59,10 @@ def add(
             await store.close()
 
     created, credentials = run(go())
-    typer.echo(f"tenant {name} " + ("created" if created else "exists (producer password reset)"))
+    say(f"tenant {name} " + ("created" if created else "exists (producer password reset)"))
     if credentials is None:
         return
-    typer.echo(
+    say(
         "\nProducers connect and publish like this (the password is shown once):\n"
         f"  user       {credentials.user}\n"
         f"  password   {credentials.password}\n"
@@ -89,7 +88,7 @@ def list_tenants() -> None:
 
     for tenant in run(go()):
         own = tenant.limits.model_dump(exclude_none=True)
-        typer.echo(f"{tenant.name:<24} {tenant.broker_user or '-':<40} {json.dumps(own)}")
+        say(f"{shown(tenant.name):<24} {shown(tenant.broker_user or '-'):<40} {json_text(own)}")
 
 
 @tenant_app.command("limits")
@@ -110,4 +109,4 @@ def set_limits(
 
     if not run(go()):
         fail(f"no tenant {name!r}: stepfleet tenant add {name}")
-    typer.echo(f"limits of {name}: {json.dumps(parsed.model_dump(exclude_none=True))}")
+    say(f"limits of {name}: {json_text(parsed.model_dump(exclude_none=True))}")

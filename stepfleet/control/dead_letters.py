@@ -16,19 +16,29 @@ from typing import Any
 import structlog
 
 from stepfleet.broker import Broker, Topology
+from stepfleet.broker.topology import routing_key
 from stepfleet.control.audit import operator_name
 from stepfleet.schemas import Headers, MessageKind
 from stepfleet.store import AuditEntry, DeadLetter, LetterFilter, OutboxMessage, PgStore
-from stepfleet.workers.outgoing import DEAD_LETTER_ID, REPLAY_ID_HEADER, from_outbox
+from stepfleet.workers.outgoing import REPLAY_ID_HEADER, REPLAYED_FOR, from_outbox, is_reserved
 
 log = structlog.get_logger("stepfleet.control")
 
-# Refused by the producer check: replaying them as the operator would bypass it; the
-# producer must publish them again itself.
+# Refused by the producer check: its verdict stands; the producer must publish them again.
 UNREPLAYABLE = frozenset({"tenant-mismatch", "unverified-producer", "kind-not-allowed"})
 _CHUNK = 100
-_DROPPED_HEADER_PREFIXES = ("x-dead-", "x-original-", "x-first-death-", "x-last-death-")
-_DROPPED_HEADERS = frozenset({"x-death", "x-delivery-count", DEAD_LETTER_ID})
+_FLEET_KINDS = frozenset({MessageKind.STEP.value, MessageKind.WAKE.value})
+_PRODUCER_KINDS = frozenset({MessageKind.CREATE.value, MessageKind.EVENT.value})
+_AGAIN = "the producer must publish it again itself"
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where a replay goes: the internal exchange for a fleet message, else ingress as a
+    message of `producer`, which the workers' producer check then checks again."""
+
+    exchange: str
+    producer: str | None = None
 
 
 @dataclass(slots=True)
@@ -68,16 +78,26 @@ class DeadLetters:
         producers = {
             t.broker_user: t.name for t in await self._store.tenants.all() if t.broker_user
         }
+        routes: dict[int, _Route] = {}
         for letter in selected:
-            why = self._unreplayable(letter, producers)
-            if why is not None:
-                outcome.skipped[letter.id] = why
+            route = self._route(letter, producers)
+            if isinstance(route, str):
+                outcome.skipped[letter.id] = route
+                log.info(
+                    "dead_letter_not_replayed",
+                    letter=letter.id,
+                    tenant=letter.tenant,
+                    instance=letter.instance_id,
+                    why=route,
+                )
+            else:
+                routes[letter.id] = route
         replayable = [letter.id for letter in selected if letter.id not in outcome.skipped]
         for start in range(0, len(replayable), _CHUNK):
             chunk = replayable[start : start + _CHUNK]
             async with self._store.control() as tx:
                 claimed = await tx.claim_letters(chunk, self.actor)
-                rows = [self._outbox_row(letter) for letter in claimed]
+                rows = [self._outbox_row(letter, routes[letter.id]) for letter in claimed]
                 ids = await tx.add_outbox(rows)
                 if claimed:
                     await tx.audit(
@@ -123,45 +143,68 @@ class DeadLetters:
         log.info("dead_letters_purged", count=len(outcome.done), actor=self.actor)
         return outcome
 
-    def _unreplayable(self, letter: DeadLetter, producers: dict[str, str]) -> str | None:
-        """Why replaying a letter as the operator would bypass the producer check, if it would.
+    def _route(self, letter: DeadLetter, producers: dict[str, str]) -> _Route | str:
+        """Where the letter may be replayed, or why it may not: the producer check again.
 
-        A replay is published as the fleet's user, which may act for any tenant; so a letter a
-        tenant's producer sent is replayed only for that producer's own tenant.
+        Only what the archive recorded from the broker counts (the exchange the message was
+        first published to, the user that published it), never a header: a letter is replayed
+        to the internal exchange only if it came from there, and any other is replayed to
+        ingress as its producer's message, for that producer's own tenant, and is checked
+        again as such by the worker that takes it (`x-replayed-for`).
         """
         if letter.reason in UNREPLAYABLE:
+            return f"refused by the producer check ({letter.reason}): {_AGAIN}"
+        if letter.unreplayable:
+            return letter.unreplayable
+        if letter.body_truncated:
+            return "the archive did not keep its whole body"
+        if letter.source == "legacy":
             return (
-                f"refused by the producer check ({letter.reason}): the producer must publish "
-                "it again itself"
+                "archived before stepfleet recorded who sent a letter, so its sender cannot be "
+                f"established: {_AGAIN}"
             )
-        sender = letter.headers.get("x-original-user-id")
-        if letter.kind in (MessageKind.STEP.value, MessageKind.WAKE.value):
-            return None  # the fleet's own messages
+        kind = letter.kind
+        if letter.first_exchange == self._topology.internal_exchange:
+            if kind not in _FLEET_KINDS:
+                return f"a {kind!r} message from the internal exchange (kind-not-allowed)"
+            return self._keyed(letter, kind) or _Route(self._topology.internal_exchange)
+        if letter.first_exchange not in (None, self._topology.ingress_exchange):
+            return f"first published to {letter.first_exchange!r}, not this fleet's ingress"
+        sender = letter.sender
         if not sender:
-            return "the letter does not say who sent it: the producer must publish it again"
-        if sender not in self._trusted and producers.get(str(sender)) != letter.tenant:
+            return f"the broker does not vouch for who sent it: {_AGAIN}"
+        if kind not in _PRODUCER_KINDS:
+            return f"producers may publish create and event, not {kind!r} (kind-not-allowed)"
+        if sender not in self._trusted and producers.get(sender) != letter.tenant:
             return (
                 f"sent by broker user {sender!r}, which is not tenant {letter.tenant!r}'s "
-                "producer: the producer must publish it again itself"
+                f"producer: {_AGAIN}"
             )
-        return None
+        return self._keyed(letter, kind) or _Route(self._topology.ingress_exchange, sender)
 
-    def _outbox_row(self, letter: DeadLetter) -> OutboxMessage:
+    def _keyed(self, letter: DeadLetter, kind: str) -> str | None:
+        """Why the letter's routing key rules it out: workers refuse a message whose key is
+        not `<tenant>.<kind>` of its headers, and the lanes route no other key (RabbitMQ
+        would refuse the publish, and the outbox row would be stuck)."""
+        expected = routing_key(letter.tenant or "", MessageKind(kind))
+        if letter.routing_key == expected:
+            return None
+        return f"its routing key {letter.routing_key!r} is not {expected!r} (bad-header)"
+
+    def _outbox_row(self, letter: DeadLetter, route: _Route) -> OutboxMessage:
         headers: dict[str, Any] = {
-            key: value
-            for key, value in letter.headers.items()
-            if key not in _DROPPED_HEADERS and not key.startswith(_DROPPED_HEADER_PREFIXES)
+            key: value for key, value in letter.headers.items() if not is_reserved(key)
         }
         if letter.message_id:
             headers[REPLAY_ID_HEADER] = letter.message_id
-        internal = letter.kind in (MessageKind.STEP.value, MessageKind.WAKE.value)
-        exchange = self._topology.internal_exchange if internal else self._topology.ingress_exchange
+        if route.producer is not None:
+            headers[REPLAYED_FOR] = route.producer
         headers.setdefault(Headers.TENANT, letter.tenant or "")
         return OutboxMessage(
             routing_key=letter.routing_key,
             headers=json.dumps(headers),
             body=letter.body,
-            exchange=exchange,
+            exchange=route.exchange,
         )
 
     async def _publish(self, ids: Sequence[int], rows: Sequence[OutboxMessage]) -> None:

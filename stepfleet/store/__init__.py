@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from stepfleet.store.control import ControlTransaction
-from stepfleet.store.dead_letters import DeadLetter, DeadLetterStore, LetterFilter, NewDeadLetter
+from stepfleet.store.dead_letters import (
+    Archived,
+    DeadLetter,
+    DeadLetterStore,
+    LetterFilter,
+    NewDeadLetter,
+)
 from stepfleet.store.errors import StoreError, StoreUnavailable
 from stepfleet.store.pg import PgStore, StepTransaction
 from stepfleet.store.records import (
@@ -19,6 +25,7 @@ from stepfleet.store.records import (
 from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
 __all__ = [
+    "Archived",
     "AuditEntry",
     "ControlTransaction",
     "DeadLetter",

@@ -256,9 +256,37 @@ dead_letters = Table(
     Column("context", Text, nullable=False, server_default="{}"),
     Column("replayed_at", DateTime(timezone=True)),
     Column("replayed_by", Text),
+    # How the letter reached the archive: worker, rabbitmq, other, or legacy (archived before
+    # 0006, when nothing said who sent a letter).
+    Column("source", Text, nullable=False, server_default="legacy"),
+    # The broker user that published the original message and the exchange it was first
+    # published to, as far as RabbitMQ vouches for them; NULL when it does not. A replay
+    # trusts these, never a header.
+    Column("sender", Text),
+    Column("first_exchange", Text),
+    # The tenant whose archive bound the letter counts against ('' when none can be told).
+    Column("account", Text, nullable=False, server_default=""),
+    # The whole body as received (`body` may be a prefix of it, or empty past the bound).
+    Column("body_size", BigInteger, nullable=False),
+    Column("body_sha256", Text, nullable=False),
+    # Bytes of body and headers this row keeps, counted against its account.
+    Column("stored_bytes", BigInteger, nullable=False),
+    # Why the archive itself will never replay the letter (its body was cut, say).
+    Column("unreplayable", Text),
     UniqueConstraint("letter_key"),
     Index(None, "tenant", "received_at"),
     Index(None, "reason"),
+)
+
+# What each account's archived letters keep, maintained with every insert and purge so the
+# per-tenant bound is checked without summing the archive.
+dead_letter_usage = Table(
+    "dead_letter_usage",
+    metadata,
+    Column("account", Text, nullable=False),
+    Column("letters", BigInteger, nullable=False, server_default="0"),
+    Column("bytes", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("account"),
 )
 
 audit_log = Table(

@@ -115,20 +115,48 @@ def _message_id(headers: Mapping[str, Any], position: object) -> str:
 DEAD_LETTER_ID = "x-dead-letter-id"
 """Names one dead-lettering, so the archive stores a redelivered dead letter once."""
 
+REPLAYED_FOR = "x-replayed-for"
+"""On a dead letter the fleet replays to the ingress exchange: the broker user that published
+the original. ProducerCheck checks that user, and trusts the header only on a message whose
+verified user_id is the fleet's own."""
+
+_RESERVED_PREFIXES = ("x-dead-", "x-original-", "x-first-death-", "x-last-death-")
+_RESERVED = frozenset(
+    {"x-death", "x-delivery-count", DEAD_LETTER_ID, REPLAYED_FOR, REPLAY_ID_HEADER}
+)
+
+
+def is_reserved(header: str) -> bool:
+    """Whether a header is one stepfleet or RabbitMQ writes when dead-lettering or replaying.
+
+    A producer may send any of them; copied along, they would pass for the fleet's own.
+    """
+    return header in _RESERVED or header.startswith(_RESERVED_PREFIXES)
+
 
 def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str) -> Outgoing:
     """Wrap a delivery that can never be processed for the dead-letter exchange.
 
-    The body and headers travel unchanged; stepfleet adds the reason and keeps the producer's
-    verified user id as a header (the property itself must match the publishing connection).
+    The body travels unchanged, and so do the headers, less the reserved ones a producer may
+    have sent (`is_reserved`). stepfleet then adds the reason and what the broker vouched for
+    about the delivery: its user_id property, the exchange it came through and, on a replay,
+    the producer it was replayed for. The letter is published as the fleet's own user
+    (Broker.publish_many names it), which is how the archive knows these headers are the
+    fleet's and not a producer's.
     """
-    headers: dict[str, Any] = {str(k): _plain(v) for k, v in delivery.headers.items()}
+    headers: dict[str, Any] = {
+        str(k): _plain(v) for k, v in delivery.headers.items() if not is_reserved(str(k))
+    }
     headers[DEAD_LETTER_ID] = str(uuid.uuid4())
     headers[Headers.DEAD_REASON] = reason
     headers[Headers.DEAD_DETAIL] = detail[:1000]
     headers["x-original-routing-key"] = delivery.routing_key
+    headers["x-original-exchange"] = delivery.exchange
     if delivery.user_id:
         headers["x-original-user-id"] = delivery.user_id
+    replayed_for = delivery.headers.get(REPLAYED_FOR)
+    if replayed_for is not None:
+        headers["x-original-replayed-for"] = _plain(replayed_for)
     return Outgoing(
         exchange=topology.dead_letter_exchange,
         routing_key=delivery.routing_key,

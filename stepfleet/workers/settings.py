@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     """Work queues tenants are spread over; fixed for a deployment (see docs/protocol.md)."""
 
     max_message_bytes: int = Field(default=1024 * 1024 + 4096, ge=1024)
+    dead_letter_tenant_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """What the dead-letter archive keeps of one tenant's letters (bodies and headers); past
+    it a letter keeps only its metadata. Purging gives the room back."""
     fuel_per_run: int = Field(default=2_000_000_000, ge=1_000)
     memory_bytes: int = Field(default=64 * 1024 * 1024, ge=65536)
     value_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -13,6 +13,7 @@ from stepfleet.broker import Delivery, Topology
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import Envelope, MessageKind, TenantLimits
 from stepfleet.store import PgStore, TenantRecord
+from stepfleet.workers.outgoing import REPLAYED_FOR
 
 _PRODUCER_KINDS = frozenset({MessageKind.CREATE, MessageKind.EVENT})
 _FLEET_KINDS = frozenset({MessageKind.STEP, MessageKind.WAKE})
@@ -84,14 +85,25 @@ class ProducerCheck:
     RabbitMQ rejects a message whose `user_id` property differs from the publishing
     connection's user, but accepts one without it, so ingress messages must carry it. Only
     the fleet's own users can publish to the internal exchange (broker permissions).
+
+    A dead letter the fleet replays comes through the ingress exchange as the fleet's user,
+    naming the producer that first published it in `x-replayed-for`; that producer is checked
+    as if it had published the message again. The header counts only on a message whose
+    verified user_id is the fleet's own: from anyone else it is ignored.
     """
 
     def __init__(
-        self, topology: Topology, directory: TenantDirectory, platform_users: frozenset[str]
+        self,
+        topology: Topology,
+        directory: TenantDirectory,
+        platform_users: frozenset[str],
+        *,
+        fleet_user: str,
     ) -> None:
         self._topology = topology
         self._directory = directory
         self._platform_users = platform_users
+        self._fleet_user = fleet_user
 
     def check(self, delivery: Delivery, envelope: Envelope) -> Refusal | None:
         """Return why the delivery may not act for its tenant, or None when it may."""
@@ -110,14 +122,29 @@ class ProducerCheck:
                 "unverified-producer",
                 "the message has no user_id property: set it to the broker user you connect as",
             )
+        replayed = ""
+        if user == self._fleet_user and REPLAYED_FOR in delivery.headers:
+            user = _text(delivery.headers[REPLAYED_FOR])
+            if not user:
+                return Refusal("unverified-producer", "a replayed message names no producer")
+            replayed = " (replayed by the fleet)"
         if user in self._platform_users:
             return None
         tenant = self._directory.tenant_of(user)
         if tenant is None:
-            return Refusal("unverified-producer", f"broker user {user!r} is no tenant's producer")
+            return Refusal(
+                "unverified-producer", f"broker user {user!r} is no tenant's producer{replayed}"
+            )
         if tenant != envelope.tenant:
             return Refusal(
                 "tenant-mismatch",
-                f"broker user {user!r} publishes for tenant {tenant!r}, not {envelope.tenant!r}",
+                f"broker user {user!r} publishes for tenant {tenant!r}, "
+                f"not {envelope.tenant!r}{replayed}",
             )
         return None
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="backslashreplace")
+    return value if isinstance(value, str) else ""

@@ -18,7 +18,7 @@ from stepfleet.sandbox import CompiledModuleCache, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers import faults
 from stepfleet.workers import health as health_file
-from stepfleet.workers.archive import DeadLetterArchiver
+from stepfleet.workers.archive import ArchivePolicy, DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
@@ -67,7 +67,9 @@ class Worker:
         self.broker = broker or Broker(settings.amqp_url, self.topology)
         self.tenants = TenantDirectory(settings.engine_limits())
         producers = (
-            ProducerCheck(self.topology, self.tenants, settings.trusted_users)
+            ProducerCheck(
+                self.topology, self.tenants, settings.trusted_users, fleet_user=self._user
+            )
             if settings.verify_producers
             else None
         )
@@ -104,7 +106,7 @@ class Worker:
         self.ready = asyncio.Event()
         self.steps_done = 0
         self.wakes_sent = 0
-        self.archiver = DeadLetterArchiver(self.store)
+        self.archiver = DeadLetterArchiver(self.store, ArchivePolicy.of(settings))
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 

@@ -21,9 +21,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stepfleet.broker import Broker, Topology
+from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.control import Control
-from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
+from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from stepfleet.store import PgStore
 from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.settings import Settings
@@ -246,3 +247,41 @@ async def raw(settings, broker) -> AsyncIterator[RawClient]:
     await channel.basic_consume(declared.queue, letters.put, no_ack=True)
     yield RawClient(settings.prefix, channel, letters)
     await connection.close()
+
+
+@pytest.fixture
+async def tenant(
+    settings, topology, store
+) -> AsyncIterator[Callable[..., Awaitable[tuple[str, ProducerCredentials]]]]:
+    """Create tenants with producer users; the users are deleted afterwards."""
+    admin = BrokerAdmin(settings.rabbitmq_admin_url, topology)
+    users: list[str] = []
+
+    async def add(limits: TenantLimits | None = None) -> tuple[str, ProducerCredentials]:
+        name = f"t{uuid.uuid4().hex[:10]}"
+        credentials = await admin.add_producer(name)
+        users.append(credentials.user)
+        await store.tenants.add(name, credentials.user, limits or TenantLimits())
+        return name, credentials
+
+    yield add
+    for user in users:
+        await admin.delete_producer(user)
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[ProducerCredentials], Awaitable[Any]]]:
+    """Open AMQP channels as a producer user; everything is closed afterwards."""
+    connections: list[Any] = []
+
+    async def open_channel(credentials: ProducerCredentials) -> Any:
+        connection = await aiormq.connect(
+            f"amqp://{credentials.user}:{credentials.password}@127.0.0.1:5672/"
+        )
+        connections.append(connection)
+        return await connection.channel()
+
+    yield open_channel
+    for connection in connections:
+        if not connection.is_closed:
+            await connection.close()

@@ -9,10 +9,12 @@ import uuid
 import pytest
 from typer.testing import CliRunner
 
+from stepfleet.broker import Outgoing
 from stepfleet.cli.main import app
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from tests.conftest import EXAMPLES, ORDER_OUTPUT, ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
+from tests.integration.test_dead_letters import archived_for
 
 pytestmark = pytest.mark.services
 
@@ -177,3 +179,58 @@ async def test_a_tenant_module_size_limit_applies_at_push(cli, store):
     refused = await asyncio.to_thread(cli, "module", "push", str(ORDER), "--tenant", tenant)
     assert refused.exit_code == 1
     assert "the limit is 1024" in refused.output
+
+
+HOSTILE = "\x1b]52;c;c3RlcGZsZWV0\x07\x1b[2J\x9b31m\u202eboom\r\x7f"
+"""Text a tenant chooses that a terminal would act on: an OSC clipboard write, a screen
+clear, a C1 CSI, a bidi override, a carriage return and DEL."""
+
+
+def assert_inert(text: str) -> None:
+    for char in "\x1b\x07\x9b\u202e\r\x7f":
+        assert char not in text, repr(char)
+
+
+async def test_tenant_text_reaches_the_terminal_escaped(
+    cli, topology, broker, store, start_worker, playbook
+):
+    """An instance's error and a dead letter's headers hold escape sequences: the
+    human-readable outputs show them escaped, on their own lines, and --json keeps them
+    exactly."""
+    await start_worker()
+    key = await playbook({"op": "fail", "message": HOSTILE + "\nstatus    complete"})
+    await wait_for_status(store, key, {InstanceStatus.ERRORED})
+    status = await asyncio.to_thread(cli, "status", key.instance_id, "--tenant", key.tenant)
+    assert status.exit_code == 0, status.output
+    assert_inert(status.stdout)
+    assert "\\x1b]52;c;c3RlcGZsZWV0\\x07" in status.stdout
+    assert "\\u202eboom\\r\\x7f\\nstatus    complete" in status.stdout
+    assert not any(line.startswith("status    complete") for line in status.stdout.splitlines())
+    as_json = await asyncio.to_thread(
+        cli, "status", key.instance_id, "--tenant", key.tenant, "--json"
+    )
+    assert_inert(as_json.stdout)
+    assert HOSTILE in json.loads(as_json.stdout)["error"]
+
+    tenant = f"esc{uuid.uuid4().hex[:8]}"
+    headers = {
+        "x-tenant": tenant,
+        "x-instance-id": HOSTILE,
+        "x-kind": "create",
+        "x-schema-version": "1",
+        "x-module": "sha256:" + "a" * 64,
+    }
+    await broker.publish_many(
+        [Outgoing(topology.ingress_exchange, f"{tenant}.create", b"{}", headers)]
+    )
+    [letter] = await archived_for(store, tenant, 1)
+    assert letter.reason == "bad-header"
+    listed = await asyncio.to_thread(cli, "dlq", "list", "--tenant", tenant)
+    assert_inert(listed.stdout)
+    assert "\\x1b]52;c;" in listed.stdout
+    listed_json = await asyncio.to_thread(cli, "dlq", "list", "--tenant", tenant, "--json")
+    assert_inert(listed_json.stdout)
+    assert json.loads(listed_json.stdout)["instance"] == HOSTILE
+    shown = await asyncio.to_thread(cli, "dlq", "show", str(letter.id))
+    assert_inert(shown.stdout)
+    assert json.loads(shown.stdout)["headers"]["x-instance-id"] == HOSTILE

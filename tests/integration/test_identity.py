@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiormq
 import pytest
 
 from stepfleet.broker import Outgoing
-from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials
 from stepfleet.control import DeadLetters
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from stepfleet.store import LetterFilter
@@ -28,44 +26,6 @@ from tests.integration.test_fleet import dead_letter_of
 pytestmark = pytest.mark.services
 
 FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED}
-
-
-@pytest.fixture
-async def tenant(
-    settings, topology, store
-) -> AsyncIterator[Callable[..., Awaitable[tuple[str, ProducerCredentials]]]]:
-    """Create tenants with producer users; the users are deleted afterwards."""
-    admin = BrokerAdmin(settings.rabbitmq_admin_url, topology)
-    users: list[str] = []
-
-    async def add(limits: TenantLimits | None = None) -> tuple[str, ProducerCredentials]:
-        name = f"t{uuid.uuid4().hex[:10]}"
-        credentials = await admin.add_producer(name)
-        users.append(credentials.user)
-        await store.tenants.add(name, credentials.user, limits or TenantLimits())
-        return name, credentials
-
-    yield add
-    for user in users:
-        await admin.delete_producer(user)
-
-
-@pytest.fixture
-async def connect() -> AsyncIterator[Callable[[ProducerCredentials], Awaitable[Any]]]:
-    """Open AMQP channels as a producer user; everything is closed afterwards."""
-    connections: list[Any] = []
-
-    async def open_channel(credentials: ProducerCredentials) -> Any:
-        connection = await aiormq.connect(
-            f"amqp://{credentials.user}:{credentials.password}@127.0.0.1:5672/"
-        )
-        connections.append(connection)
-        return await connection.channel()
-
-    yield open_channel
-    for connection in connections:
-        if not connection.is_closed:
-            await connection.close()
 
 
 async def publish(

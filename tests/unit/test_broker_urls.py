@@ -201,3 +201,15 @@ async def test_an_open_channel_publishes_without_waiting() -> None:
     await _broker_with(channel).publish_many([OUT])
     channel.ready.assert_not_awaited()
     channel.get_exchange.return_value.publish.assert_awaited_once()
+
+
+async def test_a_message_without_user_id_carries_the_brokers_own_user() -> None:
+    """RabbitMQ vouches for user_id, so every message the fleet publishes names the fleet's
+    user (the dead-letter archive trusts a worker's dead letters for that); a message that
+    names its user keeps it."""
+    channel = _reopening_channel()
+    channel.is_closed = False
+    producer = Outgoing("stepfleet.ingress", "acme.create", b"{}", user_id="someone")
+    await _broker_with(channel).publish_many([OUT, producer])
+    published = channel.get_exchange.return_value.publish.call_args_list
+    assert [call.args[0].user_id for call in published] == ["fleet", "someone"]

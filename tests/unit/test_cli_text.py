@@ -1,0 +1,55 @@
+"""What the CLI prints is inert on a terminal: control characters a tenant chose are shown
+escaped, never acted on, and JSON output stays exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stepfleet.cli.common import json_text, say, shown
+
+C0 = "".join(map(chr, range(0x20)))
+C1 = "".join(map(chr, range(0x80, 0xA0)))
+BIDI = "\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+EVERY_CONTROL = C0 + "\x7f" + C1 + BIDI
+
+
+def inert(text: str, *, layout: bool = False) -> bool:
+    allowed = "\n\t" if layout else ""
+    return not any(c in EVERY_CONTROL and c not in allowed for c in text)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("\x1b[2J", "\\x1b[2J"),
+        ("\x1b]52;c;Zm9v\x07", "\\x1b]52;c;Zm9v\\x07"),
+        ("\x9b31m", "\\x9b31m"),
+        ("a\u202eb", "a\\u202eb"),
+        ("line\nnext\ttab\rback", "line\\nnext\\ttab\\rback"),
+        ("del\x7f nul\x00", "del\\x7f nul\\x00"),
+        ("plain text, ünïcode ✓", "plain text, ünïcode ✓"),
+        (42, "42"),
+    ],
+)
+def test_shown_escapes_what_a_terminal_would_act_on(value, expected):
+    assert shown(value) == expected
+
+
+def test_shown_leaves_nothing_a_terminal_acts_on():
+    assert inert(shown(EVERY_CONTROL))
+
+
+def test_say_keeps_the_layout_and_escapes_the_rest(capsys):
+    say("a\tb\nc\x1b[31m\r\u202e")
+    out = capsys.readouterr().out
+    assert out == "a\tb\nc\\x1b[31m\\r\\u202e\n"
+    assert inert(out, layout=True)
+
+
+def test_json_text_is_inert_and_exact():
+    value = {"error": EVERY_CONTROL + "ünïcode", "n": [1, None, True]}
+    text = json_text(value, indent=2)
+    assert inert(text, layout=True)
+    assert json.loads(text) == value
