@@ -29,6 +29,9 @@ from aio_pika.robust_connection import RobustConnection
 from stepfleet.broker.errors import BrokerUnavailable, PublishRefused
 from stepfleet.broker.messages import Delivery, Outgoing
 from stepfleet.broker.topology import Topology
+from stepfleet.broker.wire import tolerate_invalid_utf8
+
+tolerate_invalid_utf8()  # before any connection reads a frame
 
 log = structlog.get_logger("stepfleet.broker")
 

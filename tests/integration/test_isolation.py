@@ -8,6 +8,7 @@ every message in it, other tenants' creates included.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -19,6 +20,15 @@ from tests.integration.conftest import wait_for_status
 
 FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
 I64_MAX = 2**63 - 1
+
+
+class _RawKey(str):
+    """A header name whose lone surrogates go on the wire as the raw bytes they stand for."""
+
+    __slots__ = ()
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return super().encode(encoding, "surrogateescape")
 
 
 class HostBugFor:
@@ -141,3 +151,56 @@ async def test_a_create_that_fails_alone_is_dead_lettered_unprocessable(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_message_with_invalid_utf8_in_its_properties_does_not_cut_the_worker_off(
+    settings, topology, store, start_worker, playbook_wasm, monkeypatch
+):
+    """RabbitMQ passes on short strings that are not UTF-8; the worker used to lose its whole
+    connection on such a message, again at every redelivery. Now it is judged like any other:
+    this one is a valid create, so it runs, and so do the others."""
+    import aiormq
+    from pamqp import encode
+
+    tenant = "iso-bytes"
+    digest = digest_of(playbook_wasm)
+    await store.put_module(tenant, digest, playbook_wasm)
+    await start_worker()
+    connection = await aiormq.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        original = encode._string
+
+        def raw_bytes(encoder: Any, value: str) -> bytes:  # lone surrogates become raw bytes
+            raw = value.encode("utf-8", "surrogateescape")
+            return encoder.pack(len(raw)) + raw
+
+        keys = [InstanceKey(tenant, f"bytes-{uuid.uuid4().hex[:8]}") for _ in range(3)]
+        for index, key in enumerate(keys):
+            headers = {
+                "x-tenant": tenant,
+                "x-instance-id": key.instance_id,
+                "x-module": digest,
+                "x-kind": "create",
+                "x-schema-version": "1",
+            }
+            if index == 0:
+                headers[_RawKey("x-\udcfe-name")] = "a header name that is not UTF-8"
+            monkeypatch.setattr(encode, "_string", raw_bytes if index == 0 else original)
+            await channel.basic_publish(
+                json.dumps({"params": {"ops": STEPS}}).encode(),
+                exchange=topology.ingress_exchange,
+                routing_key=f"{tenant}.create",
+                properties=aiormq.spec.Basic.Properties(
+                    delivery_mode=2,
+                    message_id="\udcff\udcfe" if index == 0 else key.instance_id,
+                    headers=headers,
+                    user_id="guest",
+                ),
+            )
+        monkeypatch.setattr(encode, "_string", original)
+    finally:
+        await connection.close()
+    for key in keys:
+        record, _ = await wait_for_status(store, key, FINAL)
+        assert record.status is InstanceStatus.COMPLETE
