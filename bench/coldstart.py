@@ -2,7 +2,8 @@
 
 For each guest/examples/*/*.wasm, the median over --repeat runs, in milliseconds, of:
 
-- cold_ms: `WasmSandbox.load` with no cache (compile, import/export checks, ABI check);
+- cold_ms: `WasmSandbox.load` with no cache (compile, in the capped compiler process, then
+  deserialize, import/export checks, ABI check);
 - warm_disk_ms: `load` in a new sandbox over a cache directory that holds the artifact
   (read, HMAC check, deserialize, the same checks);
 - warm_memory_ms: what a run pays for a module already loaded: `is_loaded`, then a new store,

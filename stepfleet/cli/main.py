@@ -16,11 +16,11 @@ from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
-from stepfleet.cli.modules import register_module_commands
+from stepfleet.cli.modules import check_push, register_module_commands
 from stepfleet.cli.tenants import tenant_app
 from stepfleet.client import CreateRequest, Producer
-from stepfleet.sandbox import InvalidModule, WasmSandbox
-from stepfleet.schemas import digest_of, is_digest, is_tenant
+from stepfleet.sandbox import CompileFailed, InvalidModule
+from stepfleet.schemas import is_digest, is_tenant
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.health import judge
@@ -85,14 +85,10 @@ def module_push(
     limits = config.sandbox_limits()
     if (module_bytes := run(own_limit())) is not None:
         limits = dataclasses.replace(limits, module_bytes=module_bytes)
-    sandbox = WasmSandbox(limits)
     try:
-        sandbox.validate(wasm)
-    except InvalidModule as exc:
+        digest = check_push(config, limits, wasm)
+    except (InvalidModule, CompileFailed) as exc:
         fail(f"{file} refused: {exc}")
-    finally:
-        sandbox.close()
-    digest = digest_of(wasm)
 
     async def go() -> bool:
         store = PgStore(config.database_url, pool_size=1)

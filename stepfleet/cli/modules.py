@@ -1,4 +1,5 @@
-"""`stepfleet module move|pause|resume`: running instances and the code they run."""
+"""`stepfleet module move|pause|resume`: running instances and the code they run; the checks
+of `module push`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,38 @@ import typer
 from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.control import Control, ControlError, ModuleMoves, MoveCheck, Verdict
-from stepfleet.sandbox import WasmSandbox
-from stepfleet.schemas import InstanceKey, is_digest
+from stepfleet.sandbox import CompiledModuleCache, SandboxLimits, WasmSandbox
+from stepfleet.schemas import InstanceKey, digest_of, is_digest
 from stepfleet.store import PgStore
+from stepfleet.workers.settings import Settings
 
 Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
+
+
+def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
+    """Check a module as a push does; return its digest.
+
+    It is compiled fresh, in a child process under the compile limits, and must pass the ABI
+    checks. When the module cache directory exists (a worker of this user runs on this host),
+    the compiled artifact is left there, so that worker does not compile the module again.
+
+    Raises:
+        InvalidModule: refused; CompileLimitExceeded names the compile limit it breached.
+        CompileFailed: the compiler process failed for a reason that is not the module's.
+    """
+    directory = config.module_cache_dir
+    cache = (
+        CompiledModuleCache.open(directory, config.module_cache_bytes, config.module_cache_key)
+        if directory is not None and directory.is_dir()
+        else None
+    )
+    digest = digest_of(wasm)
+    sandbox = WasmSandbox(limits, module_cache=cache)
+    try:
+        sandbox.load(digest, wasm, sandbox.compiler.artifact(digest, wasm, fresh=True))
+    finally:
+        sandbox.close()
+    return digest
 
 
 def _digest(value: str, option: str) -> str:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from stepfleet.sandbox.abi import ABI_VERSION, ReplayJournal, encode_replay_buffer
-from stepfleet.sandbox.errors import InvalidModule, SandboxError
+from stepfleet.sandbox.compiler import ModuleCompiler
+from stepfleet.sandbox.errors import (
+    CompileFailed,
+    CompileLimitExceeded,
+    InvalidModule,
+    SandboxError,
+)
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, UnsafeCacheDirectory
 from stepfleet.sandbox.port import Egress, GuestRun, Sandbox
@@ -11,10 +17,13 @@ from stepfleet.sandbox.runtime import WasmSandbox
 
 __all__ = [
     "ABI_VERSION",
+    "CompileFailed",
+    "CompileLimitExceeded",
     "CompiledModuleCache",
     "Egress",
     "GuestRun",
     "InvalidModule",
+    "ModuleCompiler",
     "ReplayJournal",
     "Sandbox",
     "SandboxError",

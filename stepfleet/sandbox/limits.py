@@ -17,6 +17,16 @@ class SandboxLimits:
     log_lines_per_run: int = 100
     log_line_bytes: int = 4096
     module_bytes: int = 8 * 1024 * 1024
+    module_functions: int = 20_000
+    """Functions a module may define (checked before compiling, like the next two)."""
+    function_body_bytes: int = 256 * 1024
+    """Size of one function's code: compile time and memory grow faster than linearly in it."""
+    function_locals: int = 2_000
+    """Locals one function may declare: they multiply the compiler's work on its body."""
+    compile_timeout_seconds: int = 30
+    """CPU seconds compiling one module may take, in its own process (sandbox/compiler.py)."""
+    compile_memory_bytes: int = 1024**3
+    """Address space of that process."""
     compiled_cache_entries: int = 256
     max_sleep_ms: int = 365 * 86_400_000
     """Longest sleep, retry delay, step timeout or event timeout."""

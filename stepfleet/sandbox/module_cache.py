@@ -163,27 +163,25 @@ class CompiledModuleCache:
     ) -> wasmtime.Module | None:
         """The module from disk, or None (a miss, or a bad entry, which is deleted)."""
         path = self.path(fingerprint, digest)
-        try:
-            data = self._read(path)
-        except FileNotFoundError:
-            self.stats.misses += 1
-            return None
-        except OSError as exc:
-            self._reject(path, digest, f"unreadable: {exc}")
-            return None
-        problem, artifact = self._unseal(data, fingerprint, digest)
-        if problem:
-            self._reject(path, digest, problem)
+        artifact = self._unsealed(path, fingerprint, digest)
+        if artifact is None:
             return None
         try:
             module = wasmtime.Module.deserialize(engine, artifact)
         except Exception as exc:  # never let a bad artifact stop the worker
             self._reject(path, digest, f"deserialize failed: {_first_line(exc)}")
             return None
-        self.stats.hits += 1
-        with contextlib.suppress(OSError):
-            os.utime(path)
+        self._hit(path)
         return module
+
+    def read_artifact(self, fingerprint: str, digest: str) -> bytes | None:
+        """The sealed artifact's bytes, HMAC checked but not deserialized, or None (a miss, or
+        a bad entry, which is deleted). For a thread that may not touch the engine."""
+        path = self.path(fingerprint, digest)
+        artifact = self._unsealed(path, fingerprint, digest)
+        if artifact is not None:
+            self._hit(path)
+        return artifact
 
     def store(self, fingerprint: str, digest: str, module: wasmtime.Module) -> bool:
         """Write `module`'s artifact atomically, then evict down to the bound; never raises."""
@@ -192,6 +190,14 @@ class CompiledModuleCache:
         except wasmtime.WasmtimeError as exc:
             log.warning("module_cache_store_failed", module_digest=digest, reason=str(exc))
             return False
+        return self.store_artifact(fingerprint, digest, artifact)
+
+    def store_artifact(self, fingerprint: str, digest: str, artifact: bytes) -> bool:
+        """Seal and write what `Module.serialize()` returned, as `store` does; never raises.
+
+        Only for artifacts this fleet compiled itself (a `ModuleCompiler`'s child process):
+        sealing vouches for them to every worker sharing the key.
+        """
         entry = self._seal(artifact, fingerprint, digest)
         if len(entry) > self.max_bytes:
             return False
@@ -221,6 +227,27 @@ class CompiledModuleCache:
         return sum(size for _, _, size in self._entries())
 
     # -- internals -----------------------------------------------------------------------
+
+    def _unsealed(self, path: Path, fingerprint: str, digest: str) -> bytes | None:
+        """The artifact in the entry at `path`, or None (counted a miss, or rejected)."""
+        try:
+            data = self._read(path)
+        except FileNotFoundError:
+            self.stats.misses += 1
+            return None
+        except OSError as exc:
+            self._reject(path, digest, f"unreadable: {exc}")
+            return None
+        problem, artifact = self._unseal(data, fingerprint, digest)
+        if problem:
+            self._reject(path, digest, problem)
+            return None
+        return artifact
+
+    def _hit(self, path: Path) -> None:
+        self.stats.hits += 1
+        with contextlib.suppress(OSError):
+            os.utime(path)
 
     def _seal(self, artifact: bytes, fingerprint: str, digest: str) -> bytes:
         header = json.dumps(

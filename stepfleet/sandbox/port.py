@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from stepfleet.sandbox.compiler import ModuleCompiler
 from stepfleet.schemas import GuestReport, HttpRequest, HttpResponse
 
 
@@ -44,7 +45,11 @@ class Egress(Protocol):
 
 
 class Sandbox(Protocol):
-    """Runs guests; not thread-safe, so one thread per process drives it."""
+    """Runs guests; not thread-safe, so one thread per process drives it (but `compiler`)."""
+
+    compiler: ModuleCompiler
+    """Compiles modules in a child process under the compile limits; thread-safe, and
+    `compiler.submit` compiles on threads of its own, not the one that runs guests."""
 
     def validate(self, wasm: bytes) -> None:
         """Check that `wasm` is a module the ABI can run; raise InvalidModule if not."""
@@ -52,8 +57,9 @@ class Sandbox(Protocol):
     def is_loaded(self, digest: str) -> bool:
         """Tell whether the module is compiled and cached."""
 
-    def load(self, digest: str, wasm: bytes) -> None:
-        """Compile and cache a module whose bytes hash to `digest`."""
+    def load(self, digest: str, wasm: bytes, artifact: bytes | None = None) -> None:
+        """Compile and cache a module whose bytes hash to `digest`; given the `artifact`
+        `compiler.submit` made for it, only deserialize that."""
 
     def run(self, job: GuestRun) -> GuestReport:
         """Run one guest to its outcome, with the values it recorded and its log lines."""

@@ -22,7 +22,8 @@ from stepfleet.sandbox.abi import (
     WASI_IMPORTS,
     WASI_MODULE,
 )
-from stepfleet.sandbox.errors import InvalidModule
+from stepfleet.sandbox.compiler import ModuleCompiler
+from stepfleet.sandbox.errors import CompileFailed, InvalidModule, SandboxError
 from stepfleet.sandbox.guest_json import JsonTooDeep, parse_guest_json
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, engine_fingerprint
@@ -249,6 +250,9 @@ class WasmSandbox:
         self._engine = wasmtime.Engine(config)
         self.module_cache = module_cache
         self._engine_fingerprint = engine_fingerprint(engine_options, ABI_VERSION)
+        self.compiler = ModuleCompiler(
+            engine_options, self.limits, fingerprint=self._engine_fingerprint, cache=module_cache
+        )
         self._linker = wasmtime.Linker(self._engine)
         self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
         self._run = _RunState()
@@ -276,21 +280,34 @@ class WasmSandbox:
             return True
         return False
 
-    def load(self, digest: str, wasm: bytes) -> None:
+    def load(self, digest: str, wasm: bytes, artifact: bytes | None = None) -> None:
         """Compile and cache a module, refusing bytes that do not match their digest.
 
-        With a `module_cache`, a precompiled artifact on disk replaces the compile (and a
-        fresh compile is written there); either way the module is validated the same.
+        `artifact` is what `self.compiler.submit(digest, wasm)` made, off this thread (it
+        compiles or reads the disk cache): here it is only deserialized. Without it,
+        a precompiled artifact in the `module_cache` replaces the compile (and a fresh compile
+        is written there); either way the module is validated the same.
         """
         if digest_of(wasm) != digest:
             raise InvalidModule(f"module bytes do not hash to {digest}")
-        module = self._module_from_disk(digest, wasm)
-        from_disk = module is not None
+        module: wasmtime.Module | None
+        if artifact is not None:
+            try:
+                module = self._deserialize(artifact)
+            except SandboxError:
+                # It may have come from the disk cache: do not hand it out again.
+                if self.module_cache is not None:
+                    self.module_cache.discard(self._engine_fingerprint, digest)
+                raise
+            fresh = False
+        else:
+            module = self._module_from_disk(digest, wasm)
+            fresh = module is None
         if module is None:
             module = self._compile(wasm)
         pre = self._linker.instantiate_pre(module)
         self._check_abi_version(pre)
-        if self.module_cache is not None and not from_disk:
+        if self.module_cache is not None and fresh:
             self.module_cache.store(self._engine_fingerprint, digest, module)
         self._compiled[digest] = pre
         self._compiled.move_to_end(digest)
@@ -298,15 +315,18 @@ class WasmSandbox:
             self._compiled.popitem(last=False)
 
     def _compile(self, wasm: bytes) -> wasmtime.Module:
-        if len(wasm) > self.limits.module_bytes:
-            raise InvalidModule(
-                f"module is {len(wasm)} bytes, the limit is {self.limits.module_bytes}"
-            )
+        # A child process compiles, under the compile limits (sandbox/compiler.py).
+        return self._deserialize(self.compiler.compile(wasm))
+
+    def _deserialize(self, artifact: bytes) -> wasmtime.Module:
+        """Load what this fleet's compiler made, checked like a fresh compile.
+
+        Deserializing runs no validation: only the fleet's own artifacts may come here.
+        """
         try:
-            module = wasmtime.Module(self._engine, wasm)
+            module = wasmtime.Module.deserialize(self._engine, artifact)
         except wasmtime.WasmtimeError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
-            raise InvalidModule(f"not a valid WebAssembly module: {first_line}") from None
+            raise CompileFailed(f"the compiled module does not load: {_first_line(exc)}") from None
         _check_imports(module)
         _check_exports(module)
         return module

@@ -34,11 +34,19 @@ from stepfleet.engine import (
     decide,
     resolve_wait,
 )
-from stepfleet.sandbox import GuestRun, ReplayJournal, Sandbox, encode_replay_buffer
+from stepfleet.sandbox import (
+    CompileLimitExceeded,
+    GuestRun,
+    InvalidModule,
+    ReplayJournal,
+    Sandbox,
+    encode_replay_buffer,
+)
 from stepfleet.schemas import (
     CreateBody,
     Envelope,
     EventBody,
+    GuestCrashed,
     GuestReport,
     InstanceKey,
     InstanceStatus,
@@ -225,8 +233,8 @@ class BatchProcessor:
             admitted = await self._admit(tx, works, dead, result)
             admitted, throttled = await self._apply_quotas(tx, admitted)
             await self._load_replays(tx, admitted)
-            await self._load_modules(tx, admitted)
-            ran = await asyncio.get_running_loop().run_in_executor(
+            admitted, refused = await self._load_modules(tx, admitted)
+            ran = refused + await asyncio.get_running_loop().run_in_executor(
                 self._wasm, self._run_guests, admitted
             )
             decisions = await self._take_waiting_events(tx, ran, [self._decide(i) for i in ran])
@@ -488,20 +496,61 @@ class BatchProcessor:
                     f"the instance says {work.record.position}"
                 )
 
-    async def _load_modules(self, tx: StepTransaction, admitted: list[_Work]) -> None:
+    async def _load_modules(
+        self, tx: StepTransaction, admitted: list[_Work]
+    ) -> tuple[list[_Work], list[_Ran]]:
+        """Load the modules the batch needs; return the works to run and the refused ones.
+
+        Compiling (or reading the disk cache) runs on the compiler's threads, in a child process
+        under the compile limits, so other batches' guests run meanwhile; the wasm thread only
+        deserializes. A refused module's works come back as crashed runs that name the reason,
+        so their instances end with it and the rest of the batch goes on.
+        """
         missing = {_module(w) for w in admitted if not self._sandbox.is_loaded(_module(w))}
         if not missing:
-            return
+            return admitted, []
         stored = await tx.module_bytes(missing)
+        tenants: dict[str, set[str]] = {}
+        for work in admitted:
+            tenants.setdefault(_module(work), set()).add(work.key.tenant)
+        outcomes = await asyncio.gather(
+            *(self._load_module(d, w, sorted(tenants[d])) for d, w in stored.items())
+        )
+        refused = {d: crash for d, crash in zip(stored, outcomes, strict=True) if crash}
+        if not refused:
+            return admitted, []
+        now = self._clock()
+        crashed = [
+            _Ran(w, GuestReport(refused[_module(w)], (), []), now, now)
+            for w in admitted
+            if _module(w) in refused
+        ]
+        return [w for w in admitted if _module(w) not in refused], crashed
+
+    async def _load_module(
+        self, digest: str, wasm: bytes, tenants: list[str]
+    ) -> GuestCrashed | None:
+        """Load one module; None when loaded, else the crash its refusal means for its runs."""
         loop = asyncio.get_running_loop()
-        for digest, wasm in stored.items():
-            started = time.perf_counter()
-            await loop.run_in_executor(self._wasm, self._sandbox.load, digest, wasm)
-            log.info(
-                "module_compiled",
-                module_digest=digest,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+        started = time.perf_counter()
+        try:
+            artifact = await asyncio.wrap_future(self._sandbox.compiler.submit(digest, wasm))
+            await loop.run_in_executor(self._wasm, self._sandbox.load, digest, wasm, artifact)
+        except InvalidModule as exc:
+            limit = exc.limit if isinstance(exc, CompileLimitExceeded) else None
+            for tenant in tenants:
+                log.warning(
+                    "module_refused",
+                    tenant=tenant,
+                    module_digest=digest,
+                    limit=limit,
+                    error=str(exc),
+                )
+            return GuestCrashed(f"module {digest} refused: {exc}", limit)
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        for tenant in tenants:
+            log.info("module_loaded", tenant=tenant, module_digest=digest, ms=ms)
+        return None
 
     def _run_guests(self, admitted: list[_Work]) -> list[_Ran]:
         """Run every admitted guest; called on the wasm thread."""

@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     memory_bytes: int = Field(default=64 * 1024 * 1024, ge=65536)
     value_bytes: int = Field(default=1024 * 1024, ge=1024)
     module_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    module_functions: int = Field(default=20_000, ge=1)
+    """Functions one module may define; checked at push and before a worker compiles."""
+    function_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    """Code size of one function of a module."""
+    function_locals: int = Field(default=2_000, ge=1)
+    """Locals one function of a module may declare."""
+    compile_timeout_seconds: int = Field(default=30, ge=1)
+    """CPU seconds compiling one module may take (push or worker), in a process of its own;
+    that process is also killed after twice this plus 5 s of wall-clock time."""
+    compile_memory_bytes: int = Field(default=1024**3, ge=64 * 1024 * 1024)
+    """Address space of that process."""
     module_cache_dir: Annotated[Path | None, BeforeValidator(_empty_is_none)] = Field(
         default_factory=_default_module_cache_dir
     )
@@ -146,6 +157,11 @@ class Settings(BaseSettings):
             memory_bytes=self.memory_bytes,
             value_bytes=self.value_bytes,
             module_bytes=self.module_bytes,
+            module_functions=self.module_functions,
+            function_body_bytes=self.function_body_bytes,
+            function_locals=self.function_locals,
+            compile_timeout_seconds=self.compile_timeout_seconds,
+            compile_memory_bytes=self.compile_memory_bytes,
             max_sleep_ms=self.max_sleep_seconds * 1000,
             host_calls_per_step=self.host_calls_per_step,
         )

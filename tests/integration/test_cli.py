@@ -11,10 +11,12 @@ from typer.testing import CliRunner
 
 from stepfleet.broker import Outgoing
 from stepfleet.cli.main import app
+from stepfleet.sandbox import CompiledModuleCache, WasmSandbox
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from tests.conftest import EXAMPLES, ORDER_OUTPUT, ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 from tests.integration.test_dead_letters import archived_for
+from tests.wasm_bombs import CALLS_BODY, guest
 
 pytestmark = pytest.mark.services
 
@@ -31,8 +33,8 @@ def cli(settings):
     }
     runner = CliRunner()
 
-    def invoke(*args: str):
-        return runner.invoke(app, list(args), env=env)
+    def invoke(*args: str, extra_env: dict[str, str] | None = None):
+        return runner.invoke(app, list(args), env={**env, **(extra_env or {})})
 
     return invoke
 
@@ -62,6 +64,65 @@ def test_module_push_refuses_what_is_not_a_guest_module(cli, tmp_path):
     result = cli("module", "push", str(empty), "--tenant", "acme")
     assert result.exit_code == 1
     assert "does not export its memory" in result.output
+
+
+# Limits far below the defaults, so that a bomb of 40,000 small functions (800 KB) trips them
+# within a second or two; the example modules pass them all.
+SMALL_LIMITS = {
+    "STEPFLEET_MODULE_FUNCTIONS": "1000",
+    "STEPFLEET_COMPILE_TIMEOUT_SECONDS": "1",
+    "STEPFLEET_COMPILE_MEMORY_BYTES": str(128 * 1024 * 1024),
+}
+
+
+@pytest.mark.parametrize(
+    ("raised", "setting"),
+    [
+        ({}, "STEPFLEET_MODULE_FUNCTIONS"),
+        ({"STEPFLEET_MODULE_FUNCTIONS": "100000"}, "STEPFLEET_COMPILE_TIMEOUT_SECONDS"),
+        (
+            {"STEPFLEET_MODULE_FUNCTIONS": "100000", "STEPFLEET_COMPILE_TIMEOUT_SECONDS": "60"},
+            "STEPFLEET_COMPILE_MEMORY_BYTES",
+        ),
+    ],
+    ids=["functions", "compile-time", "compile-memory"],
+)
+def test_module_push_refuses_a_compile_bomb_naming_the_limit(cli, tmp_path, raised, setting):
+    """A small module that is costly to compile is refused at push with the limit it breached,
+    and nothing is stored; a real module still pushes under the same limits."""
+    tenant = f"bomb-{uuid.uuid4().hex[:8]}"
+    bomb = tmp_path / "bomb.wasm"
+    bomb.write_bytes(guest(40_000, CALLS_BODY, tag=tenant))
+    limits = {**SMALL_LIMITS, **raised}
+    refused = cli("module", "push", str(bomb), "--tenant", tenant, extra_env=limits)
+    assert refused.exit_code == 1, refused.output
+    assert f"{bomb} refused" in refused.output
+    assert setting in refused.output
+    assert cli("module", "list", "--tenant", tenant).stdout.count("sha256:") == 0
+    pushed = cli("module", "push", str(ORDER), "--tenant", tenant, extra_env=limits)
+    assert pushed.exit_code == 0, pushed.output
+    assert pushed.stdout.strip() == digest_of(ORDER.read_bytes())
+
+
+def test_module_push_leaves_the_artifact_for_a_worker_on_the_host(cli, tmp_path):
+    """With the module cache directory present (a worker runs here), push seals the artifact it
+    compiled there: a worker sandbox over that directory then loads it without compiling."""
+    directory = tmp_path / "modules"
+    CompiledModuleCache(directory)
+    wasm = guest(tag=uuid.uuid4().hex)
+    module = tmp_path / "tiny.wasm"
+    module.write_bytes(wasm)
+    env = {"STEPFLEET_MODULE_CACHE_DIR": str(directory)}
+    pushed = cli("module", "push", str(module), "--tenant", "acme", extra_env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert len(list(directory.glob("*.cwasm"))) == 1
+    digest = digest_of(wasm)
+    worker = WasmSandbox(module_cache=CompiledModuleCache(directory))
+    try:
+        worker.load(digest, wasm, worker.compiler.artifact(digest, wasm))
+        assert (worker.compiler.stats.from_disk, worker.compiler.stats.compiled) == (1, 0)
+    finally:
+        worker.close()
 
 
 async def test_create_then_status_shows_output_and_journal(cli, store, start_worker):
