@@ -14,7 +14,7 @@ import structlog
 
 from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused
 from stepfleet.egress import EgressGateway, SealError, open_secrets
-from stepfleet.sandbox import CompiledModuleCache, Sandbox, WasmSandbox
+from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers import faults
 from stepfleet.workers import health as health_file
@@ -211,6 +211,10 @@ class Worker:
             except StoreUnavailable as exc:
                 # Nothing was committed or acked: hold the deliveries and try again.
                 log.warning("store_unavailable", error=str(exc), retry_in=backoff)
+            except CompileFailed as exc:
+                # The compiler could not run (not the module's fault: starved, killed from
+                # outside); nothing was committed: hold the deliveries and try again.
+                log.warning("compile_failed", error=str(exc), retry_in=backoff)
             except BrokerUnavailable as exc:
                 # Committed next messages wait in the outbox for the relay. Hand the
                 # deliveries back in case their channel survived; if it did not, RabbitMQ
