@@ -216,15 +216,25 @@ async def test_the_broker_refuses_what_a_producer_user_may_not_do(
     assert any(code in str(refused.value) for code in ("ACCESS_REFUSED", "PRECONDITION_FAILED"))
 
 
-async def test_tenant_limits_apply_to_its_runs(settings, store, start_worker, tenant, connect):
-    """A tenant's own CPU budget replaces the fleet's for its runs."""
-    name, credentials = await tenant(TenantLimits(fuel_per_run=1_000_000))
-    loop_wasm = hostile_wasm("loop")
-    digest = digest_of(loop_wasm)
-    await store.put_module(name, digest, loop_wasm)
+@pytest.mark.parametrize(
+    ("limits", "module", "expected"),
+    [
+        (TenantLimits(fuel_per_run=1_000_000), "loop", "the step used all 1000000 units of fuel"),
+        (TenantLimits(memory_bytes=2 * 65536), "membomb", "131072"),
+    ],
+    ids=["cpu", "memory"],
+)
+async def test_tenant_limits_apply_to_its_runs(
+    settings, store, start_worker, tenant, connect, limits, module, expected
+):
+    """A tenant's own CPU budget and memory cap replace the fleet's for its runs."""
+    name, credentials = await tenant(limits)
+    wasm = hostile_wasm(module)
+    digest = digest_of(wasm)
+    await store.put_module(name, digest, wasm)
     await start_worker()
     channel = await connect(credentials)
-    instance_id = f"loop-{uuid.uuid4().hex[:8]}"
+    instance_id = f"{module}-{uuid.uuid4().hex[:8]}"
     await publish(
         channel,
         settings.prefix,
@@ -235,7 +245,7 @@ async def test_tenant_limits_apply_to_its_runs(settings, store, start_worker, te
     )
     record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
     assert record.status is InstanceStatus.ERRORED
-    assert "the step used all 1000000 units of fuel" in record.error
+    assert expected in (record.error or ""), record.error
 
 
 async def test_a_replay_cannot_publish_for_another_tenant_than_its_producers(
@@ -371,27 +381,3 @@ async def test_each_per_tenant_limit_applies_to_that_tenants_runs(
     record, _ = await wait_for_status(store, free, FINAL)
     assert record.status is InstanceStatus.COMPLETE
     assert message not in (record.output or "")
-
-
-async def test_a_tenants_memory_limit_applies_to_its_runs(
-    settings, store, start_worker, tenant, connect
-):
-    """A tenant's memory cap, below the fleet's, stops its memory bomb at that cap."""
-    name, credentials = await tenant(TenantLimits(memory_bytes=2 * 65536))
-    bomb = hostile_wasm("membomb")
-    digest = digest_of(bomb)
-    await store.put_module(name, digest, bomb)
-    await start_worker()
-    channel = await connect(credentials)
-    instance_id = f"mem-{uuid.uuid4().hex[:8]}"
-    await publish(
-        channel,
-        settings.prefix,
-        routing_key=f"{name}.create",
-        headers=create_headers(name, instance_id, digest),
-        body={"params": {}},
-        user_id=credentials.user,
-    )
-    record, _ = await wait_for_status(store, InstanceKey(name, instance_id), FINAL)
-    assert record.status is InstanceStatus.ERRORED
-    assert "131072" in (record.error or ""), record.error

@@ -8,8 +8,10 @@ every message in it, other tenants' creates included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from stepfleet.client import CreateRequest, Producer
@@ -66,6 +68,25 @@ async def _create_many(settings, topology, store, wasm: bytes, plan: dict[str, l
 STEPS = [{"op": "do", "name": "one"}, {"op": "do", "name": "two"}]
 
 
+@contextlib.asynccontextmanager
+async def host_bug_worker(settings, tenant: str, from_position: int) -> AsyncIterator[None]:
+    """A worker whose runs for `tenant` hit a host bug from `from_position` on."""
+    sandbox = HostBugFor(WasmSandbox(settings.sandbox_limits()), tenant, from_position)
+    worker = Worker(settings, sandbox=sandbox, name="isolating")  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def all_complete(store, keys: list[InstanceKey]) -> None:
+    for key in keys:
+        record, _ = await wait_for_status(store, key, FINAL)
+        assert record.status is InstanceStatus.COMPLETE
+
+
 async def test_a_sleep_past_any_date_errors_its_instance_and_spares_the_batch(
     settings, topology, store, start_worker, playbook_wasm
 ) -> None:
@@ -90,9 +111,7 @@ async def test_a_sleep_past_any_date_errors_its_instance_and_spares_the_batch(
         assert f"{I64_MAX} ms is" in (record.error or "") or f"until {I64_MAX} is" in (
             record.error or ""
         ), record.error
-    for key in keys["iso-bystander"]:
-        record, _ = await wait_for_status(store, key, FINAL)
-        assert record.status is InstanceStatus.COMPLETE
+    await all_complete(store, keys["iso-bystander"])
 
 
 async def test_a_host_failure_in_one_step_errors_that_instance_only(
@@ -105,10 +124,7 @@ async def test_a_host_failure_in_one_step_errors_that_instance_only(
         playbook_wasm,
         {"iso-buggy": [STEPS] * 3, "iso-neighbour": [STEPS] * 12},
     )
-    sandbox = HostBugFor(WasmSandbox(settings.sandbox_limits()), "iso-buggy", from_position=1)
-    worker = Worker(settings, sandbox=sandbox, name="isolating")  # type: ignore[arg-type]
-    task = asyncio.create_task(worker.run())
-    try:
+    async with host_bug_worker(settings, "iso-buggy", from_position=1):
         for key in keys["iso-buggy"]:
             record, _ = await wait_for_status(store, key, FINAL)
             assert record.status is InstanceStatus.ERRORED
@@ -117,12 +133,7 @@ async def test_a_host_failure_in_one_step_errors_that_instance_only(
                 "stepfleet could not process its step: RuntimeError: host bug\ufffd triggered "
                 "by this guest"
             )
-        for key in keys["iso-neighbour"]:
-            record, _ = await wait_for_status(store, key, FINAL)
-            assert record.status is InstanceStatus.COMPLETE
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
+        await all_complete(store, keys["iso-neighbour"])
 
 
 async def test_a_create_that_fails_alone_is_dead_lettered_unprocessable(
@@ -135,22 +146,14 @@ async def test_a_create_that_fails_alone_is_dead_lettered_unprocessable(
         playbook_wasm,
         {"iso-doomed": [STEPS], "iso-healthy": [STEPS] * 6},
     )
-    sandbox = HostBugFor(WasmSandbox(settings.sandbox_limits()), "iso-doomed", from_position=0)
-    worker = Worker(settings, sandbox=sandbox, name="isolating")  # type: ignore[arg-type]
-    task = asyncio.create_task(worker.run())
-    try:
+    async with host_bug_worker(settings, "iso-doomed", from_position=0):
         doomed = keys["iso-doomed"][0]
         letter = await raw.dead_letter(f"{doomed.tenant}/{doomed.instance_id}/create", 30)
         headers = letter.header.properties.headers or {}
         assert headers["x-dead-reason"] == "unprocessable"
         assert "RuntimeError: host bug" in str(headers["x-dead-detail"])
-        for key in keys["iso-healthy"]:
-            record, _ = await wait_for_status(store, key, FINAL)
-            assert record.status is InstanceStatus.COMPLETE
+        await all_complete(store, keys["iso-healthy"])
         assert not await store.find_instances(doomed.instance_id, doomed.tenant)
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_a_message_with_invalid_utf8_in_its_properties_does_not_cut_the_worker_off(
@@ -201,6 +204,4 @@ async def test_a_message_with_invalid_utf8_in_its_properties_does_not_cut_the_wo
         monkeypatch.setattr(encode, "_string", original)
     finally:
         await connection.close()
-    for key in keys:
-        record, _ = await wait_for_status(store, key, FINAL)
-        assert record.status is InstanceStatus.COMPLETE
+    await all_complete(store, keys)
