@@ -37,6 +37,7 @@ log = structlog.get_logger("stepfleet.broker")
 
 # How long a publish waits for the publishing channel to come back after a reconnect.
 _REOPEN_WAIT_SECONDS = 15.0
+_CONFIRM_WAIT_SECONDS = 30.0
 
 # A comma starts another address only where a URL begins, so commas inside a password or a
 # query string stay where they are.
@@ -359,10 +360,23 @@ class Broker:
                     message_id=outgoing.message_id,
                     user_id=outgoing.user_id or self.user,
                 )
-                pending.append(exchange.publish(message, outgoing.routing_key, mandatory=True))
+                pending.append(
+                    exchange.publish(
+                        message,
+                        outgoing.routing_key,
+                        mandatory=True,
+                        timeout=_CONFIRM_WAIT_SECONDS,
+                    )
+                )
             await asyncio.gather(*pending)
         except (DeliveryError, PublishError) as exc:
             raise PublishRefused(f"RabbitMQ refused a message: {exc!r}") from exc
+        except TimeoutError as exc:
+            # A confirm lost in a node's failover would hold the caller, and the deliveries it
+            # has not acked, for good; the outbox keeps what was not confirmed.
+            raise BrokerUnavailable(
+                f"no publisher confirm within {_CONFIRM_WAIT_SECONDS:.0f}s"
+            ) from exc
         except CONNECTION_EXCEPTIONS as exc:
             raise BrokerUnavailable(f"publishing failed: {exc!r}") from exc
 
