@@ -25,7 +25,6 @@ import contextlib
 import http.client
 import ipaddress
 import json
-import logging
 import re
 import socket
 import ssl
@@ -35,10 +34,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, quote_plus
 
+import structlog
+
 from stepfleet.egress.hosts import HostError, Target, entry_matches, normalize_host_entry, parse_url
 from stepfleet.schemas import REDACTED, HttpRequest, HttpResponse
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("stepfleet.egress")
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 """Methods a guest may use (no CONNECT, no TRACE)."""
@@ -359,7 +360,7 @@ class EgressGateway:
             scrubbers,
         )
         for problem in problems:
-            log.warning("egress configuration: %s", problem)
+            log.warning("egress_misconfigured", problem=problem)
         return problems
 
     # -- calls ---------------------------------------------------------------------------
@@ -472,10 +473,10 @@ class EgressGateway:
         where = f"{target.scheme}://{target.authority}" if target is not None else "(refused)"
         outcome = str(answer.status) if answer.error is None else "error"
         log.info(
-            "egress tenant=%s method=%r to=%s outcome=%s ms=%.1f",
-            tenant,
-            method[:16],
-            where,
-            outcome,
-            (time.monotonic() - started) * 1000,
+            "egress_call",
+            tenant=tenant,
+            method=method[:16],
+            to=where,
+            outcome=outcome,
+            ms=round((time.monotonic() - started) * 1000, 1),
         )
