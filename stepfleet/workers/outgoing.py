@@ -11,6 +11,7 @@ from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.engine import due_us
 from stepfleet.schemas import SCHEMA_VERSION, Headers, InstanceKey, MessageKind
+from stepfleet.schemas.messages import SENDER_SELECTED
 from stepfleet.store import DueTimer, OutboxMessage
 
 
@@ -123,11 +124,13 @@ verified user_id is the fleet's own."""
 _RESERVED_PREFIXES = ("x-dead-", "x-original-", "x-first-death-", "x-last-death-")
 _RESERVED = frozenset(
     {"x-death", "x-delivery-count", DEAD_LETTER_ID, REPLAYED_FOR, REPLAY_ID_HEADER}
+    | set(SENDER_SELECTED)
 )
 
 
 def is_reserved(header: str) -> bool:
-    """Whether a header is one stepfleet or RabbitMQ writes when dead-lettering or replaying.
+    """Whether a header is one stepfleet or RabbitMQ writes when dead-lettering or replaying,
+    or one that would add routing keys to the fleet's own publish (CC, BCC).
 
     A producer may send any of them; copied along, they would pass for the fleet's own.
     """

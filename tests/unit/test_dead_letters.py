@@ -86,6 +86,8 @@ def test_a_worker_dead_letter_drops_what_a_producer_forged_and_keeps_what_the_br
             "x-death": [{"queue": "q", "reason": "expired", "exchange": "x"}],
             "x-first-death-exchange": TOPOLOGY.internal_exchange,
             REPLAYED_FOR: "stepfleet.tenant.bob",
+            "CC": ["bob.create"],
+            "BCC": ["bob.event"],
             "x-custom": "kept",
         },
     )
@@ -97,7 +99,8 @@ def test_a_worker_dead_letter_drops_what_a_producer_forged_and_keeps_what_the_br
     assert headers["x-original-exchange"] == TOPOLOGY.ingress_exchange
     assert headers["x-dead-letter-id"] != "forged"
     assert headers["x-custom"] == "kept"
-    for name in ("x-death", "x-first-death-exchange", REPLAYED_FOR):
+    # CC and BCC would add routing keys to the fleet's own publish (of the letter, of a replay).
+    for name in ("x-death", "x-first-death-exchange", REPLAYED_FOR, "CC", "BCC"):
         assert name not in headers, name
     # Recorded as the delivery carried it; the archive believes it only when the delivery's
     # verified user was the fleet's (test_the_archive_believes_only_what_the_broker_vouches_for).
