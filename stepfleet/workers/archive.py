@@ -125,10 +125,10 @@ class DeadLetterArchiver:
             return
         self._note(letters, archived)
         for delivery in batch:
-            try:
+            # A delivery of a lost channel is redelivered (its letter key makes that a no-op);
+            # the others may have come on a channel opened since, and are still acked.
+            with contextlib.suppress(BrokerUnavailable):
                 await delivery.ack()
-            except BrokerUnavailable:
-                return  # redelivered later: the letter key makes that a no-op
         log.info("dead_letters_archived", count=archived.new, repeats=len(batch) - archived.new)
 
     async def _one_by_one(self, batch: list[Delivery], letters: list[NewDeadLetter]) -> None:
@@ -143,10 +143,8 @@ class DeadLetterArchiver:
                 await self._hold(delivery)
                 continue
             self._note([letter], archived)
-            try:
+            with contextlib.suppress(BrokerUnavailable):
                 await delivery.ack()
-            except BrokerUnavailable:
-                return
 
     async def _store_alone(self, delivery: Delivery, letter: NewDeadLetter) -> Archived | None:
         """Archive one letter, else a minimal record of it; None: not even that."""
@@ -199,10 +197,8 @@ class DeadLetterArchiver:
 
     async def _hand_back(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            try:
+            with contextlib.suppress(BrokerUnavailable):  # a lost channel's are requeued
                 await delivery.release()
-            except BrokerUnavailable:
-                break  # the channel is gone: the broker requeues everything unacked
         await asyncio.sleep(_RETRY_SECONDS)
 
     def _letter(self, delivery: Delivery) -> NewDeadLetter:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from stepfleet.broker import Delivery, Outgoing, Topology
+from stepfleet.broker import BrokerUnavailable, Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.engine import (
     Admit,
@@ -174,9 +174,18 @@ class BatchProcessor:
         self._crash.reach("after-publish")
         self.confirmed_outbox.extend(result.outbox_ids)
         deferred = {id(d) for d in result.deferred}
+        lost: BrokerUnavailable | None = None
         for delivery in deliveries:
-            if id(delivery) not in deferred:
+            if id(delivery) in deferred:
+                continue
+            try:
                 await delivery.ack()
+            except BrokerUnavailable as exc:
+                # Its channel is gone and the broker redelivers it; after a reconnect a batch
+                # also holds deliveries of the new channels, which must still be acked.
+                lost = exc
+        if lost is not None:
+            raise lost
         return result
 
     async def give_up(self, delivery: Delivery, error: BaseException) -> None:

@@ -261,7 +261,10 @@ class Worker:
             try:
                 await delivery.release()
             except BrokerUnavailable:
-                return  # the channel is gone: the broker requeues everything unacked
+                # Its channel is gone and the broker requeues what it held; the next delivery
+                # may have come on a channel opened since, which would otherwise keep it (and
+                # its lane's prefetch) for good.
+                continue
 
     async def _flush_confirmed(self) -> None:
         ids, self._processor.confirmed_outbox = self._processor.confirmed_outbox, []
