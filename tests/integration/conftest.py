@@ -148,6 +148,48 @@ async def wait_for_status(
     raise AssertionError(f"{key} did not reach {statuses} in {timeout}s; last seen: {last}")
 
 
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 20.0
+) -> None:
+    """Poll `check` (plain or async) until it holds; fail the test after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        held = check()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} did not happen in {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+def logged(logs: list[dict[str, Any]], event: str, **fields: object) -> list[dict[str, Any]]:
+    """The captured log entries of `event` whose fields include `fields`."""
+    return [
+        entry
+        for entry in logs
+        if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items())
+    ]
+
+
+async def wait_for_log(
+    logs: list[dict[str, Any]],
+    event: str,
+    count: int = 1,
+    timeout: float = 20.0,
+    **fields: object,
+) -> list[dict[str, Any]]:
+    """Wait until `logs` (from structlog.testing.capture_logs) holds `count` matching entries."""
+    await wait_until(
+        lambda: len(logged(logs, event, **fields)) >= count,
+        f"{count} x {event} {fields}",
+        timeout,
+    )
+    return logged(logs, event, **fields)
+
+
 @pytest.fixture
 async def playbook(
     settings: Settings, topology: Topology, store: PgStore, playbook_wasm: bytes

@@ -14,7 +14,7 @@ from stepfleet.cli.main import app
 from stepfleet.sandbox import CompiledModuleCache, WasmSandbox
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from tests.conftest import EXAMPLES, ORDER_OUTPUT, ORDER_PARAMS
-from tests.integration.conftest import wait_for_status
+from tests.integration.conftest import wait_for_status, wait_until
 from tests.integration.test_dead_letters import archived_for
 from tests.wasm_bombs import CALLS_BODY, guest
 
@@ -210,7 +210,12 @@ async def test_operator_commands_drive_an_instance(cli, store, start_worker, pla
 
     assert "paused" in await run("pause", instance_id)
     await run("event", instance_id, "--tenant", tenant, "--type", "go", "--payload", '{"n":1}')
-    await asyncio.sleep(0.5)
+
+    async def event_stored() -> bool:
+        detail = await store.detail(key)
+        return detail is not None and detail.pending_events == 1
+
+    await wait_until(event_stored, "the event for the paused instance being stored")
     assert json.loads(await run("status", instance_id, "--json"))["status"] == "paused"
     await run("resume", instance_id)
     await wait_for_status(store, key, {InstanceStatus.COMPLETE})

@@ -7,13 +7,14 @@ import json
 import uuid
 
 import pytest
+import structlog
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter, PgStore
 from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, hostile_wasm
-from tests.integration.conftest import wait_for_status
+from tests.integration.conftest import wait_for_log, wait_for_status
 
 pytestmark = pytest.mark.services
 
@@ -123,11 +124,16 @@ async def test_same_create_twice_yields_one_instance(
     instance_id = new_id("twice")
     request = CreateRequest("acme", digest, ORDER_PARAMS, instance_id)
     await create(settings, topology, request, request)
-    await start_worker()
-    await create(settings, topology, request)
-    record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
-    assert record.status is InstanceStatus.COMPLETE
-    await asyncio.sleep(0.5)  # let the late duplicate arrive and be ignored
+    with structlog.testing.capture_logs() as logs:
+        await start_worker()
+        await create(settings, topology, request)
+        record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
+        assert record.status is InstanceStatus.COMPLETE
+        # Of the three creates, one made the instance; both others (the late one too) are
+        # handled only once they are logged as ignored.
+        await wait_for_log(
+            logs, "duplicate_ignored", count=2, tenant="acme", instance=instance_id, kind="create"
+        )
     entries = await store.journal(InstanceKey("acme", instance_id))
     assert [e.seq for e in entries] == [0, 1, 2]
     assert len(await store.find_instances(instance_id, "acme")) == 1
@@ -157,8 +163,12 @@ async def test_redelivered_step_message_does_no_harm(
         )
         for p in (1, 2, 3)
     ]
-    await broker.publish_many(stale)
-    await asyncio.sleep(1.0)
+    with structlog.testing.capture_logs() as logs:
+        await broker.publish_many(stale)
+        # Each stale message is handled once it is logged as ignored.
+        await wait_for_log(
+            logs, "duplicate_ignored", count=len(stale), instance=instance_id, kind="step"
+        )
     record, _ = await wait_for_status(store, key, FINAL)
     assert record.status is InstanceStatus.COMPLETE
     assert [e.seq for e in await store.journal(key)] == [0, 1, 2]

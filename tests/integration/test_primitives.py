@@ -18,7 +18,7 @@ from stepfleet.client import CreateRequest, EventRequest, Producer
 from stepfleet.control import ControlError
 from stepfleet.schemas import REDACTED, EntryKind, InstanceKey, InstanceStatus
 from stepfleet.store import InstanceDetail, PgStore
-from tests.integration.conftest import wait_for_status
+from tests.integration.conftest import wait_for_status, wait_until
 from tests.integration.test_fleet import create, dead_letter_of, new_id, push
 
 pytestmark = pytest.mark.services
@@ -251,8 +251,19 @@ async def test_pause_and_resume_while_sleeping(store, control, start_worker, pla
 
 
 async def _timer_checks(worker, count: int) -> None:
-    """Let the worker's timer loop run `count` more polls."""
-    await asyncio.sleep(worker.settings.timer_poll_seconds * count + 0.2)
+    """Wait until the worker's timer loop has run `count` whole polls begun after this call.
+
+    Each poll that reached the store stamps `health.store_ok_at` once its due timers are sent;
+    the first stamp seen may end a poll begun earlier, so `count + 1` stamps are awaited.
+    """
+    stamps = [worker.health.store_ok_at]
+
+    def polled() -> bool:
+        if worker.health.store_ok_at != stamps[-1]:
+            stamps.append(worker.health.store_ok_at)
+        return len(stamps) > count + 1
+
+    await wait_until(polled, f"{count} timer polls")
 
 
 async def test_pause_and_resume_while_waiting_keeps_the_event(

@@ -7,7 +7,6 @@ stepfleet's Producer or Broker.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Any
@@ -74,7 +73,12 @@ async def test_repeated_create_is_acknowledged_and_ignored(raw, store, start_wor
     assert again.output == first.output
     assert again.updated_at == first.updated_at
     assert json.loads(params) == ORDER_PARAMS
-    await asyncio.sleep(0.3)
+    # A create the worker must refuse, handled after the repeat (same lane, one pipeline):
+    # once its dead letter is here, one for the repeat would have arrived before it.
+    probe = await raw.publish(
+        tenant, str(uuid.uuid4()), "create", {"params": ORDER_PARAMS}, module="sha256:" + "0" * 64
+    )
+    await raw.dead_letter(probe)
     assert repeat not in raw.dead_letter_ids()
 
 
