@@ -57,6 +57,7 @@ from stepfleet.schemas.outcomes import (
     StepSucceeded,
     WorkflowFailed,
 )
+from stepfleet.schemas.reasons import DeadReason
 from stepfleet.schemas.status import InstanceStatus
 from stepfleet.schemas.tenancy import TenantLimits
 
@@ -74,6 +75,7 @@ __all__ = [
     "Backoff",
     "Completed",
     "CreateBody",
+    "DeadReason",
     "EntryFlags",
     "EntryKind",
     "Envelope",
