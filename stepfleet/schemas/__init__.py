@@ -57,7 +57,7 @@ from stepfleet.schemas.outcomes import (
     StepSucceeded,
     WorkflowFailed,
 )
-from stepfleet.schemas.reasons import DeadReason
+from stepfleet.schemas.reasons import DeadReason, ErrorKind
 from stepfleet.schemas.status import InstanceStatus
 from stepfleet.schemas.tenancy import TenantLimits
 
@@ -79,6 +79,7 @@ __all__ = [
     "EntryFlags",
     "EntryKind",
     "Envelope",
+    "ErrorKind",
     "EventAwaited",
     "EventBody",
     "FailedAttempt",

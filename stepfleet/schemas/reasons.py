@@ -1,4 +1,5 @@
-"""Stable codes for why a message was dead-lettered (see docs/protocol.md)."""
+"""Stable codes for why a message was dead-lettered (see docs/protocol.md) and why the engine
+errored an instance."""
 
 from __future__ import annotations
 
@@ -27,3 +28,21 @@ class DeadReason(StrEnum):
     INSTANCE_FINISHED = "instance-finished"
     OVER_LIMIT = "over-limit"
     UNPROCESSABLE = "unprocessable"
+
+
+class ErrorKind(StrEnum):
+    """Why the engine errored an instance (or began its compensations); its error text says
+    the rest, for people."""
+
+    NONDETERMINISM = "nondeterminism"
+    """The workflow asked for something other than its journal holds."""
+    ABI_VIOLATION = "abi-violation"
+    """The guest reported something the ABI does not allow."""
+    LIMIT = "limit"
+    """The instance went past an engine limit: journal entries, state bytes, sleep length."""
+    CRASHED = "crashed"
+    """The guest run ended without an outcome (a trap or a breached sandbox limit)."""
+    WORKFLOW_FAILED = "workflow-failed"
+    """The workflow gave up."""
+    COMPENSATION_FAILED = "compensation-failed"
+    """A compensation step failed past its retries."""
