@@ -18,14 +18,16 @@ import structlog
 from stepfleet.broker import Broker, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.control.audit import operator_name
-from stepfleet.schemas import Headers, MessageKind
+from stepfleet.schemas import DeadReason, Headers, MessageKind
 from stepfleet.store import AuditEntry, DeadLetter, LetterFilter, OutboxMessage, PgStore
 from stepfleet.workers.outgoing import REPLAY_ID_HEADER, REPLAYED_FOR, from_outbox, is_reserved
 
 log = structlog.get_logger("stepfleet.control")
 
 # Refused by the producer check: its verdict stands; the producer must publish them again.
-UNREPLAYABLE = frozenset({"tenant-mismatch", "unverified-producer", "kind-not-allowed"})
+UNREPLAYABLE = frozenset(
+    {DeadReason.TENANT_MISMATCH, DeadReason.UNVERIFIED_PRODUCER, DeadReason.KIND_NOT_ALLOWED}
+)
 _CHUNK = 100
 _FLEET_KINDS = frozenset({MessageKind.STEP.value, MessageKind.WAKE.value})
 _PRODUCER_KINDS = frozenset({MessageKind.CREATE.value, MessageKind.EVENT.value})

@@ -14,7 +14,13 @@ from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
 from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import GuestRun, InvalidModule, ReplayJournal, Sandbox, encode_replay_buffer
-from stepfleet.schemas import GuestCrashed, InstanceKey, InstanceStatus, Nondeterministic
+from stepfleet.schemas import (
+    ErrorKind,
+    GuestCrashed,
+    InstanceKey,
+    InstanceStatus,
+    Nondeterministic,
+)
 from stepfleet.store import AuditEntry, InstanceRecord, PgStore
 
 log = structlog.get_logger("stepfleet.control")
@@ -144,8 +150,9 @@ class ModuleMoves:
         decision = decide(
             state, journal.entries, report, started_at=now, finished_at=now, limits=EngineLimits()
         )
-        if isinstance(report.outcome, Nondeterministic) or (decision.error or "").startswith(
-            "nondeterminism"
+        if (
+            isinstance(report.outcome, Nondeterministic)
+            or decision.error_kind is ErrorKind.NONDETERMINISM
         ):
             return MoveCheck(
                 record.key, record.module, Verdict.NONDETERMINISTIC, decision.error or ""

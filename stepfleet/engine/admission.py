@@ -14,6 +14,7 @@ from datetime import datetime
 from stepfleet.engine.state import InstanceState
 from stepfleet.schemas import (
     CreateBody,
+    DeadReason,
     EntryKind,
     Envelope,
     EventBody,
@@ -45,7 +46,7 @@ class Duplicate:
 class Reject:
     """Never processable: dead-letter it with `reason` and `detail`."""
 
-    reason: str
+    reason: DeadReason
     detail: str
 
 
@@ -69,13 +70,15 @@ def admit(
         now: the worker's clock, for the entry an expired wait records.
     """
     if state is None:
-        return Reject("unknown-instance", f"no instance {envelope.instance_id!r} for this tenant")
+        return Reject(
+            DeadReason.UNKNOWN_INSTANCE, f"no instance {envelope.instance_id!r} for this tenant"
+        )
     body = envelope.body
     if isinstance(body, CreateBody):
         if envelope.module != state.module:
             # A create repeated with other code is a mistake the producer must hear about.
             return Reject(
-                "module-mismatch",
+                DeadReason.MODULE_MISMATCH,
                 f"message names module {envelope.module} but the instance runs {state.module}",
             )
         return Admit() if created_now else Duplicate("instance already exists")
@@ -89,7 +92,7 @@ def admit(
         return Duplicate(f"position {body.position} is behind the journal ({state.position})")
     if body.position > state.position:
         return Reject(
-            "position-ahead",
+            DeadReason.POSITION_AHEAD,
             f"message expects journal position {body.position}, the instance is at {state.position}",
         )
     if state.status.is_final or state.status is InstanceStatus.PAUSED:
@@ -121,7 +124,7 @@ def _wake(body: WakeBody, state: InstanceState, now: datetime) -> Admission:
 def _event(body: EventBody, state: InstanceState, now: datetime) -> Admission:
     if state.status.is_final:
         return Reject(
-            "instance-finished",
+            DeadReason.INSTANCE_FINISHED,
             f"instance is {state.status}; it takes no more events (event {body.event_id!r})",
         )
     if matches_wait(state, body.type):
@@ -162,7 +165,7 @@ def check_size(what: str, text: str, limit: int) -> Reject | None:
     """Refuse params or an event payload over the value limit, saying by how much."""
     size = len(text.encode())
     if size > limit:
-        return Reject("over-limit", f"{what} are {size} bytes, the limit is {limit}")
+        return Reject(DeadReason.OVER_LIMIT, f"{what} are {size} bytes, the limit is {limit}")
     return None
 
 

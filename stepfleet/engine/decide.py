@@ -12,6 +12,7 @@ from stepfleet.schemas import (
     Completed,
     EntryFlags,
     EntryKind,
+    ErrorKind,
     EventAwaited,
     FailedAttempt,
     GuestCrashed,
@@ -45,6 +46,9 @@ class Decision:
     end_status: InstanceStatus | None = None
     output: str | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
+    """Why this run errored the instance or began its compensations (None when it did
+    neither, even while an earlier run's `error` is carried along)."""
     publish_step: bool = False
     """Publish a step message for `position` now (the instance goes on at once)."""
     failed_attempt: FailedAttempt | None = None
@@ -95,7 +99,13 @@ def resolve_wait(
     )
     over = _over_limits(decision.position + 1, decision.state_bytes + len(payload.encode()), limits)
     if over:
-        return replace(decision, status=InstanceStatus.ERRORED, waiting=None, error=over)
+        return replace(
+            decision,
+            status=InstanceStatus.ERRORED,
+            waiting=None,
+            error=over,
+            error_kind=ErrorKind.LIMIT,
+        )
     return replace(
         decision,
         status=InstanceStatus.RUNNING,
@@ -136,31 +146,40 @@ class _Run:
     def decide(self) -> Decision:
         outcome = _journal_text(self.report.outcome)
         if isinstance(outcome, str):
-            return self._errored(outcome)
+            return self._errored(ErrorKind.ABI_VIOLATION, outcome)
         if isinstance(outcome, Nondeterministic):
             return self._nondeterministic(outcome)
         if isinstance(outcome, GuestCrashed):
             if self.state.mode is RunMode.COMPENSATE:
                 return self._errored(
-                    f"{self.state.error}; compensations could not run: {outcome.message}"
+                    ErrorKind.CRASHED,
+                    f"{self.state.error}; compensations could not run: {outcome.message}",
                 )
-            return self._failed(f"step at journal position {self.length} failed: {outcome.message}")
+            return self._failed(
+                ErrorKind.CRASHED,
+                f"step at journal position {self.length} failed: {outcome.message}",
+            )
         if isinstance(outcome, Completed | WorkflowFailed) and outcome.seq < self.length:
             return self._errored(
+                ErrorKind.NONDETERMINISM,
                 f"nondeterminism: the workflow finished after {outcome.seq} journal entries "
-                f"but the journal holds {self.length}"
+                f"but the journal holds {self.length}",
             )
         if outcome.seq != self.length:
             return self._errored(
+                ErrorKind.ABI_VIOLATION,
                 f"guest ABI violation: {type(outcome).__name__} reported at position "
-                f"{outcome.seq}, the journal length is {self.length}"
+                f"{outcome.seq}, the journal length is {self.length}",
             )
         if self.state.mode is RunMode.COMPENSATE:
             return self._compensating(outcome)
         match outcome:
             case StepSucceeded():
                 if outcome.flags & EntryFlags.COMPENSATION:
-                    return self._errored("guest ABI violation: a compensation in forward mode")
+                    return self._errored(
+                        ErrorKind.ABI_VIOLATION,
+                        "guest ABI violation: a compensation in forward mode",
+                    )
                 return self._step_done(
                     EntryKind.STEP_SUCCEEDED, outcome.name, outcome.result, outcome.flags
                 )
@@ -173,7 +192,9 @@ class _Run:
             case Completed():
                 return self._done(InstanceStatus.COMPLETE, output=outcome.output)
             case WorkflowFailed():
-                return self._failed(f"workflow failed: {outcome.message}")
+                return self._failed(
+                    ErrorKind.WORKFLOW_FAILED, f"workflow failed: {outcome.message}"
+                )
 
     # -- outcomes ------------------------------------------------------------------------
 
@@ -209,8 +230,9 @@ class _Run:
             )
         if self.state.mode is RunMode.COMPENSATE:
             return self._errored(
+                ErrorKind.COMPENSATION_FAILED,
                 f"{self.state.error}; compensation of step {outcome.name!r} failed after "
-                f"{attempt} attempt(s): {outcome.message}"
+                f"{attempt} attempt(s): {outcome.message}",
             )
         return self._step_done(EntryKind.STEP_FAILED, outcome.name, outcome.message)
 
@@ -221,7 +243,8 @@ class _Run:
         length_ms = outcome.ms - now_ms if outcome.absolute else max(outcome.ms, 0)
         if length_ms > limit:
             return self._errored(
-                f"sleep {outcome.name!r} of {length_ms} ms is over the limit of {limit} ms"
+                ErrorKind.LIMIT,
+                f"sleep {outcome.name!r} of {length_ms} ms is over the limit of {limit} ms",
             )
         if length_ms <= 0:
             # Already due: recorded as slept until then (or the epoch, for a time before it).
@@ -241,8 +264,9 @@ class _Run:
             timeout = self.limits.default_event_timeout_ms
         if timeout > self.limits.max_sleep_ms:
             return self._errored(
+                ErrorKind.LIMIT,
                 f"wait {outcome.name!r} timeout of {timeout} ms is over the limit of "
-                f"{self.limits.max_sleep_ms} ms"
+                f"{self.limits.max_sleep_ms} ms",
             )
         timeout = max(timeout, 0)
         wake_at = self.finished_at + timedelta(milliseconds=timeout)
@@ -260,8 +284,9 @@ class _Run:
                     self.state.end_status or InstanceStatus.ERRORED, error=self.state.error
                 )
         return self._errored(
+            ErrorKind.ABI_VIOLATION,
             f"{self.state.error}; guest ABI violation while compensating: "
-            f"{type(outcome).__name__} is not allowed in compensate mode"
+            f"{type(outcome).__name__} is not allowed in compensate mode",
         )
 
     def _nondeterministic(self, outcome: Nondeterministic) -> Decision:
@@ -269,28 +294,31 @@ class _Run:
         asked = f"{OPERATIONS.get(outcome.op, 'operation')} {outcome.name!r}"
         if not 0 <= outcome.seq < len(everything):
             return self._errored(
+                ErrorKind.ABI_VIOLATION,
                 f"guest ABI violation: nondeterminism reported at position {outcome.seq}, "
-                f"the journal length is {len(everything)}"
+                f"the journal length is {len(everything)}",
             )
         recorded = everything[outcome.seq]
         return self._errored(
+            ErrorKind.NONDETERMINISM,
             f"nondeterminism at journal position {outcome.seq}: the journal has "
-            f"{_describe(recorded)} but the workflow asked for {asked}"
+            f"{_describe(recorded)} but the workflow asked for {asked}",
         )
 
-    def _failed(self, error: str) -> Decision:
+    def _failed(self, kind: ErrorKind, error: str) -> Decision:
         """The instance fails: run compensations first if a completed step has one."""
         rollbacks = any(
             e.kind is EntryKind.STEP_SUCCEEDED and e.flags & EntryFlags.HAS_ROLLBACK
             for e in (*self.journal, *self.entries)
         )
         if not rollbacks:
-            return self._errored(error)
+            return self._errored(kind, error)
         return self._decision(
             InstanceStatus.RUNNING,
             mode=RunMode.COMPENSATE,
             end_status=InstanceStatus.ERRORED,
             error=error,
+            error_kind=kind,
             publish_step=True,
         )
 
@@ -304,9 +332,11 @@ class _Run:
     ) -> Decision:
         return self._decision(status, output=output, error=error)
 
-    def _errored(self, error: str) -> Decision:
+    def _errored(self, kind: ErrorKind, error: str) -> Decision:
         # Values recorded before the failure stay: compensations replay over them.
-        return self._decision(InstanceStatus.ERRORED, error=error, check_limits=False)
+        return self._decision(
+            InstanceStatus.ERRORED, error=error, error_kind=kind, check_limits=False
+        )
 
     def _decision(
         self,
@@ -319,6 +349,7 @@ class _Run:
         end_status: InstanceStatus | None = None,
         output: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
         publish_step: bool = False,
         failed_attempt: FailedAttempt | None = None,
         check_limits: bool = True,
@@ -330,12 +361,13 @@ class _Run:
         if over:
             # Nothing of this run is recorded: the instance stops where it stood.
             entries, position, state_bytes = (), len(self.journal), self.state.state_bytes
-            status, waiting, publish_step, output, error = (
+            status, waiting, publish_step, output, error, error_kind = (
                 InstanceStatus.ERRORED,
                 None,
                 False,
                 None,
                 over,
+                ErrorKind.LIMIT,
             )
         if mode is None:
             mode = self.state.mode
@@ -353,6 +385,7 @@ class _Run:
             end_status=end_status,
             output=output,
             error=error,
+            error_kind=error_kind,
             publish_step=publish_step,
             failed_attempt=failed_attempt,
             state_bytes=state_bytes,

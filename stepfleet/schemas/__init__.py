@@ -57,6 +57,7 @@ from stepfleet.schemas.outcomes import (
     StepSucceeded,
     WorkflowFailed,
 )
+from stepfleet.schemas.reasons import DeadReason, ErrorKind
 from stepfleet.schemas.status import InstanceStatus
 from stepfleet.schemas.tenancy import TenantLimits
 
@@ -74,9 +75,11 @@ __all__ = [
     "Backoff",
     "Completed",
     "CreateBody",
+    "DeadReason",
     "EntryFlags",
     "EntryKind",
     "Envelope",
+    "ErrorKind",
     "EventAwaited",
     "EventBody",
     "FailedAttempt",

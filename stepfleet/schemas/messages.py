@@ -10,6 +10,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from stepfleet.schemas.identifiers import is_digest, is_instance_id, is_tenant
+from stepfleet.schemas.reasons import DeadReason
 
 SCHEMA_VERSION: Final = 1
 MAX_NAME_BYTES: Final = 256
@@ -106,7 +107,7 @@ BODY_MODELS: Final[dict[MessageKind, type[_Body]]] = {
 class InvalidMessage(Exception):
     """A message that can never be processed; `reason` is a stable code, `detail` says why."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: DeadReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -132,16 +133,16 @@ def _header(headers: Mapping[str, Any], name: str) -> str | None:
         try:
             return value.decode()
         except UnicodeDecodeError:
-            raise InvalidMessage("bad-header", f"header {name} is not UTF-8") from None
+            raise InvalidMessage(DeadReason.BAD_HEADER, f"header {name} is not UTF-8") from None
     if isinstance(value, str | int) and not isinstance(value, bool):
         return str(value)
-    raise InvalidMessage("bad-header", f"header {name} must be a string")
+    raise InvalidMessage(DeadReason.BAD_HEADER, f"header {name} must be a string")
 
 
 def _required(headers: Mapping[str, Any], name: str) -> str:
     value = _header(headers, name)
     if not value:
-        raise InvalidMessage("missing-header", f"header {name} is required")
+        raise InvalidMessage(DeadReason.MISSING_HEADER, f"header {name} is required")
     return value
 
 
@@ -154,39 +155,46 @@ def parse_envelope(headers: Mapping[str, Any], body: bytes, *, max_body_bytes: i
     for name in SENDER_SELECTED:
         if name in headers:
             raise InvalidMessage(
-                "bad-header", f"header {name} (sender-selected distribution) is not allowed"
+                DeadReason.BAD_HEADER,
+                f"header {name} (sender-selected distribution) is not allowed",
             )
     kind_text = _required(headers, Headers.KIND)
     try:
         kind = MessageKind(kind_text)
     except ValueError:
-        raise InvalidMessage("bad-header", f"unknown message kind {kind_text!r}") from None
+        raise InvalidMessage(DeadReason.BAD_HEADER, f"unknown message kind {kind_text!r}") from None
     version = _required(headers, Headers.SCHEMA_VERSION)
     if version != str(SCHEMA_VERSION):
-        raise InvalidMessage("unsupported-version", f"schema version {version!r} is not 1")
+        raise InvalidMessage(DeadReason.UNSUPPORTED_VERSION, f"schema version {version!r} is not 1")
     tenant = _required(headers, Headers.TENANT)
     if not is_tenant(tenant):
-        raise InvalidMessage("bad-header", f"{Headers.TENANT} {tenant[:80]!r} is not a tenant name")
+        raise InvalidMessage(
+            DeadReason.BAD_HEADER, f"{Headers.TENANT} {tenant[:80]!r} is not a tenant name"
+        )
     instance_id = _required(headers, Headers.INSTANCE)
     if not is_instance_id(instance_id):
         raise InvalidMessage(
-            "bad-header", f"{Headers.INSTANCE} {instance_id[:140]!r} is not an instance id"
+            DeadReason.BAD_HEADER, f"{Headers.INSTANCE} {instance_id[:140]!r} is not an instance id"
         )
     module = _header(headers, Headers.MODULE)
     if kind is MessageKind.CREATE and module is None:
-        raise InvalidMessage("missing-header", f"header {Headers.MODULE} is required on create")
+        raise InvalidMessage(
+            DeadReason.MISSING_HEADER, f"header {Headers.MODULE} is required on create"
+        )
     if module is not None and not is_digest(module):
-        raise InvalidMessage("bad-header", f"{Headers.MODULE} {module[:80]!r} is not a digest")
+        raise InvalidMessage(
+            DeadReason.BAD_HEADER, f"{Headers.MODULE} {module[:80]!r} is not a digest"
+        )
     if len(body) > max_body_bytes:
         raise InvalidMessage(
-            "too-large", f"body is {len(body)} bytes, the limit is {max_body_bytes}"
+            DeadReason.TOO_LARGE, f"body is {len(body)} bytes, the limit is {max_body_bytes}"
         )
     try:
         parsed = BODY_MODELS[kind].model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidMessage("bad-body", f"{kind} body: {where}: {first['msg']}") from None
+        raise InvalidMessage(DeadReason.BAD_BODY, f"{kind} body: {where}: {first['msg']}") from None
     assert isinstance(parsed, CreateBody | StepBody | WakeBody | EventBody)
     return Envelope(
         kind=kind,

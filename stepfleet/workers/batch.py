@@ -44,6 +44,7 @@ from stepfleet.sandbox import (
 )
 from stepfleet.schemas import (
     CreateBody,
+    DeadReason,
     Envelope,
     EventBody,
     GuestCrashed,
@@ -227,7 +228,7 @@ class BatchProcessor:
                     )
                     await delivery.ack()
                     return
-        await self._publish([self._dead(delivery, "unprocessable", cause)])
+        await self._publish([self._dead(delivery, DeadReason.UNPROCESSABLE, cause)])
         await delivery.ack()
 
     async def _transact(
@@ -326,7 +327,9 @@ class BatchProcessor:
                 agreed.append(work)
             else:
                 detail = f"routing key {work.delivery.routing_key[:300]!r} is not {expected!r}"
-                dead.append((work.delivery, self._dead(work.delivery, "bad-header", detail)))
+                dead.append(
+                    (work.delivery, self._dead(work.delivery, DeadReason.BAD_HEADER, detail))
+                )
         return agreed
 
     async def _admit(
@@ -336,7 +339,7 @@ class BatchProcessor:
         dead: list[tuple[Delivery, Outgoing]],
         result: BatchResult,
     ) -> list[_Work]:
-        def reject(work: _Work, reason: str, detail: str) -> None:
+        def reject(work: _Work, reason: DeadReason, detail: str) -> None:
             dead.append((work.delivery, self._dead(work.delivery, reason, detail)))
 
         creates = [w for w in works if isinstance(w.envelope.body, CreateBody)]
@@ -348,7 +351,7 @@ class BatchProcessor:
             if isinstance(body, CreateBody):
                 if (work.key.tenant, _module(work)) not in owned:
                     detail = f"module {_module(work)} was never pushed for tenant {work.key.tenant}"
-                    reject(work, "unknown-module", detail)
+                    reject(work, DeadReason.UNKNOWN_MODULE, detail)
                     continue
                 params = json.dumps(body.params, separators=(",", ":"))
                 if (over := check_size("params", params, self._value_bytes)) is not None:
@@ -388,7 +391,7 @@ class BatchProcessor:
                 result.duplicates += 1
                 self._log_duplicate(work, verdict.why)
             elif isinstance(verdict, Reject):
-                if isinstance(body, EventBody) and verdict.reason == "instance-finished":
+                if isinstance(body, EventBody) and verdict.reason is DeadReason.INSTANCE_FINISHED:
                     finished_events.append((work, verdict, body.event_id))  # or a repeat
                 else:
                     reject(work, verdict.reason, verdict.detail)
@@ -690,7 +693,7 @@ class BatchProcessor:
                     journal.append(entry)
             self._replays.put(work.key, work.replay)
 
-    def _dead(self, delivery: Delivery, reason: str, detail: str) -> Outgoing:
+    def _dead(self, delivery: Delivery, reason: DeadReason, detail: str) -> Outgoing:
         log.warning(
             "dead_lettered",
             reason=reason,

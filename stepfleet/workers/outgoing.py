@@ -10,7 +10,7 @@ from typing import Any
 from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.engine import due_us
-from stepfleet.schemas import SCHEMA_VERSION, Headers, InstanceKey, MessageKind
+from stepfleet.schemas import SCHEMA_VERSION, DeadReason, Headers, InstanceKey, MessageKind
 from stepfleet.schemas.messages import SENDER_SELECTED
 from stepfleet.store import DueTimer, OutboxMessage
 
@@ -137,7 +137,9 @@ def is_reserved(header: str) -> bool:
     return header in _RESERVED or header.startswith(_RESERVED_PREFIXES)
 
 
-def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str) -> Outgoing:
+def dead_letter(
+    topology: Topology, delivery: Delivery, reason: DeadReason, detail: str
+) -> Outgoing:
     """Wrap a delivery that can never be processed for the dead-letter exchange.
 
     The body travels unchanged, and so do the headers, less the reserved ones a producer may
@@ -151,7 +153,7 @@ def dead_letter(topology: Topology, delivery: Delivery, reason: str, detail: str
         str(k): _plain(v) for k, v in delivery.headers.items() if not is_reserved(str(k))
     }
     headers[DEAD_LETTER_ID] = str(uuid.uuid4())
-    headers[Headers.DEAD_REASON] = reason
+    headers[Headers.DEAD_REASON] = reason.value
     headers[Headers.DEAD_DETAIL] = detail[:1000]
     headers["x-original-routing-key"] = delivery.routing_key
     headers["x-original-exchange"] = delivery.exchange

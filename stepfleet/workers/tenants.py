@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from stepfleet.broker import Delivery, Topology
 from stepfleet.engine import EngineLimits
-from stepfleet.schemas import Envelope, MessageKind, TenantLimits
+from stepfleet.schemas import DeadReason, Envelope, MessageKind, TenantLimits
 from stepfleet.store import PgStore, TenantRecord
 from stepfleet.workers.outgoing import REPLAYED_FOR
 
@@ -24,7 +24,7 @@ _MISS_REFRESH_SECONDS = 1.0
 class Refusal:
     """Why a delivery may not act for the tenant it names (a dead-letter reason)."""
 
-    reason: str
+    reason: DeadReason
     detail: str
 
 
@@ -110,34 +110,37 @@ class ProducerCheck:
         kind = envelope.kind
         if delivery.exchange == self._topology.internal_exchange:
             if kind not in _FLEET_KINDS:
-                return Refusal("kind-not-allowed", f"{kind} messages come from producers")
+                return Refusal(DeadReason.KIND_NOT_ALLOWED, f"{kind} messages come from producers")
             return None
         if kind not in _PRODUCER_KINDS:
             return Refusal(
-                "kind-not-allowed", f"producers may publish create and event, not {kind}"
+                DeadReason.KIND_NOT_ALLOWED, f"producers may publish create and event, not {kind}"
             )
         user = delivery.user_id
         if not user:
             return Refusal(
-                "unverified-producer",
+                DeadReason.UNVERIFIED_PRODUCER,
                 "the message has no user_id property: set it to the broker user you connect as",
             )
         replayed = ""
         if user == self._fleet_user and REPLAYED_FOR in delivery.headers:
             user = _text(delivery.headers[REPLAYED_FOR])
             if not user:
-                return Refusal("unverified-producer", "a replayed message names no producer")
+                return Refusal(
+                    DeadReason.UNVERIFIED_PRODUCER, "a replayed message names no producer"
+                )
             replayed = " (replayed by the fleet)"
         if user in self._platform_users:
             return None
         tenant = self._directory.tenant_of(user)
         if tenant is None:
             return Refusal(
-                "unverified-producer", f"broker user {user!r} is no tenant's producer{replayed}"
+                DeadReason.UNVERIFIED_PRODUCER,
+                f"broker user {user!r} is no tenant's producer{replayed}",
             )
         if tenant != envelope.tenant:
             return Refusal(
-                "tenant-mismatch",
+                DeadReason.TENANT_MISMATCH,
                 f"broker user {user!r} publishes for tenant {tenant!r}, "
                 f"not {envelope.tenant!r}{replayed}",
             )

@@ -16,7 +16,7 @@ import pytest
 
 from stepfleet.broker import Delivery, Topology
 from stepfleet.engine import EngineLimits
-from stepfleet.schemas import TenantLimits, parse_envelope
+from stepfleet.schemas import DeadReason, TenantLimits, parse_envelope
 from stepfleet.store import Archived, NewDeadLetter, StoreUnavailable, TenantRecord
 from stepfleet.store.dead_letters import storable_text
 from stepfleet.workers import archive as archive_module
@@ -92,9 +92,12 @@ def test_a_worker_dead_letter_drops_what_a_producer_forged_and_keeps_what_the_br
         },
     )
     letter = dead_letter(
-        TOPOLOGY, delivery(forged, user_id=MALLORY), "tenant-mismatch", "publishes for bob"
+        TOPOLOGY, delivery(forged, user_id=MALLORY), DeadReason.TENANT_MISMATCH, "publishes for bob"
     )
     headers = dict(letter.headers)
+    # The wire carries the reason as plain text.
+    assert type(headers["x-dead-reason"]) is str
+    assert headers["x-dead-reason"] == "tenant-mismatch"
     assert headers["x-original-user-id"] == MALLORY
     assert headers["x-original-exchange"] == TOPOLOGY.ingress_exchange
     assert headers["x-dead-letter-id"] != "forged"
@@ -111,7 +114,9 @@ def test_a_worker_dead_letter_drops_what_a_producer_forged_and_keeps_what_the_br
 
 def test_a_dead_letter_of_a_replay_names_the_producer_it_was_replayed_for():
     replayed = delivery(event_headers(**{REPLAYED_FOR: ALICE}), user_id=FLEET)
-    headers = dict(dead_letter(TOPOLOGY, replayed, "unknown-instance", "no such instance").headers)
+    headers = dict(
+        dead_letter(TOPOLOGY, replayed, DeadReason.UNKNOWN_INSTANCE, "no such instance").headers
+    )
     assert headers["x-original-user-id"] == FLEET
     assert headers["x-original-replayed-for"] == ALICE
     assert REPLAYED_FOR not in headers
@@ -164,7 +169,7 @@ def test_a_replayed_fleet_kind_through_ingress_is_refused():
     envelope = parse_envelope(message.headers, message.body, max_body_bytes=1 << 20)
     refusal = producer_check().check(message, envelope)
     assert refusal is not None
-    assert refusal.reason == "kind-not-allowed"
+    assert refusal.reason is DeadReason.KIND_NOT_ALLOWED
 
 
 # -- what the archive keeps ---------------------------------------------------------------
@@ -221,7 +226,10 @@ def test_the_archive_believes_only_what_the_broker_vouches_for():
 
 def test_the_fleets_own_letters_say_who_sent_the_original():
     worker = dead_letter(
-        TOPOLOGY, delivery(event_headers(), user_id=ALICE), "unknown-instance", "no instance"
+        TOPOLOGY,
+        delivery(event_headers(), user_id=ALICE),
+        DeadReason.UNKNOWN_INSTANCE,
+        "no instance",
     )
     letter = letter_of(
         delivery(worker.headers, user_id=FLEET, exchange=TOPOLOGY.dead_letter_exchange), POLICY
@@ -233,7 +241,7 @@ def test_the_fleets_own_letters_say_who_sent_the_original():
     replay = dead_letter(
         TOPOLOGY,
         delivery(event_headers(**{REPLAYED_FOR: ALICE}), user_id=FLEET),
-        "unknown-instance",
+        DeadReason.UNKNOWN_INSTANCE,
         "still no instance",
     )
     replayed = letter_of(delivery(replay.headers, user_id=FLEET), POLICY)

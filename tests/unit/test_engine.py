@@ -25,6 +25,7 @@ from stepfleet.schemas import (
     EntryFlags,
     EntryKind,
     Envelope,
+    ErrorKind,
     EventAwaited,
     EventBody,
     GuestCrashed,
@@ -261,6 +262,7 @@ def test_nondeterminism_names_both_operations():
         "nondeterminism at journal position 1: the journal has step 'charge' "
         "but the workflow asked for sleep 'refund'"
     )
+    assert decision.error_kind is ErrorKind.NONDETERMINISM
 
 
 def test_finishing_before_the_journal_ends_is_nondeterminism():
@@ -268,12 +270,21 @@ def test_finishing_before_the_journal_ends_is_nondeterminism():
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error is not None
     assert decision.error.startswith("nondeterminism")
+    assert decision.error_kind is ErrorKind.NONDETERMINISM
+
+
+def test_nondeterminism_reported_past_the_journal_is_an_abi_violation():
+    decision = run(journal("a"), Nondeterministic(7, "b"))
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error_kind is ErrorKind.ABI_VIOLATION
+    assert (decision.error or "").startswith("guest ABI violation: nondeterminism reported")
 
 
 def test_outcome_at_the_wrong_position_is_an_abi_violation():
     decision = run(journal("a"), StepSucceeded(5, "b", "1"))
     assert decision.status is InstanceStatus.ERRORED
     assert "guest ABI violation" in (decision.error or "")
+    assert decision.error_kind is ErrorKind.ABI_VIOLATION
     assert decision.entries == ()
 
 
@@ -281,6 +292,7 @@ def test_crash_outside_a_step_errors_the_instance():
     decision = run(journal("a"), GuestCrashed("guest trapped: unreachable"))
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error == "step at journal position 1 failed: guest trapped: unreachable"
+    assert decision.error_kind is ErrorKind.CRASHED
 
 
 # -- retries -----------------------------------------------------------------------------
@@ -379,6 +391,7 @@ def test_sleep_over_the_limit_is_refused_with_its_numbers():
     decision = run(journal(), SleepRequested(0, "long", 1001), limits=limits)
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error == "sleep 'long' of 1001 ms is over the limit of 1000 ms"
+    assert decision.error_kind is ErrorKind.LIMIT
 
 
 def test_wait_parks_with_the_default_timeout():
@@ -400,6 +413,7 @@ def test_wait_over_the_limit_is_refused():
     )
     assert decision.status is InstanceStatus.ERRORED
     assert "over the limit of 1000 ms" in (decision.error or "")
+    assert decision.error_kind is ErrorKind.LIMIT
 
 
 def test_an_event_already_stored_ends_a_new_wait():
@@ -411,6 +425,15 @@ def test_an_event_already_stored_ends_a_new_wait():
         1, EntryKind.EVENT_RECEIVED, "approve", '{"ok":1}', 1, T1, T1
     )
     assert (resolved.position, resolved.publish_step) == (2, True)
+    assert resolved.error_kind is None
+
+
+def test_an_event_past_the_state_limit_errors_the_wait():
+    decision = run(journal("a"), EventAwaited(1, "approve", "approval"))
+    limits = EngineLimits(max_state_bytes=decision.state_bytes + 4)
+    resolved = resolve_wait(decision, '"too long"', T1, limits)
+    assert resolved.status is InstanceStatus.ERRORED
+    assert resolved.error_kind is ErrorKind.LIMIT
 
 
 # -- compensations -----------------------------------------------------------------------
@@ -422,6 +445,7 @@ def test_failing_with_a_rollback_starts_compensating():
     assert decision.mode is RunMode.COMPENSATE
     assert decision.end_status is InstanceStatus.ERRORED
     assert decision.error == "workflow failed: no"
+    assert decision.error_kind is ErrorKind.WORKFLOW_FAILED
     assert decision.publish_step
 
 
@@ -429,6 +453,7 @@ def test_failing_without_rollbacks_errors_at_once():
     decision = run(journal("reserve"), WorkflowFailed(1, "no"))
     assert decision.status is InstanceStatus.ERRORED
     assert decision.mode is RunMode.FORWARD
+    assert decision.error_kind is ErrorKind.WORKFLOW_FAILED
 
 
 def compensating(entries: list[JournalEntry], outcome: GuestOutcome, **changes: object):
@@ -451,6 +476,8 @@ def test_a_compensation_is_recorded_and_the_next_one_follows():
         True,
     )
     assert decision.error == "workflow failed: no"
+    # The error is an earlier run's: this run errored nothing.
+    assert decision.error_kind is None
 
 
 def test_compensations_done_end_in_the_status_they_were_started_for():
@@ -470,11 +497,14 @@ def test_a_compensation_failing_for_good_says_which():
         "workflow failed: no; compensation of step 'reserve' failed after 1 attempt(s): "
         "warehouse down"
     )
+    assert decision.error_kind is ErrorKind.COMPENSATION_FAILED
 
 
 def test_a_compensation_in_forward_mode_is_an_abi_violation():
     outcome = StepSucceeded(1, "x", "1", EntryFlags.COMPENSATION)
-    assert run(journal("a"), outcome).status is InstanceStatus.ERRORED
+    decision = run(journal("a"), outcome)
+    assert decision.status is InstanceStatus.ERRORED
+    assert decision.error_kind is ErrorKind.ABI_VIOLATION
 
 
 # -- limits ------------------------------------------------------------------------------
@@ -484,6 +514,7 @@ def test_step_limit_stops_the_instance_without_recording():
     decision = run(journal("a", "b"), StepSucceeded(2, "c", "1"), limits=EngineLimits(max_steps=2))
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error == "the instance reached its limit of 2 journal entries"
+    assert decision.error_kind is ErrorKind.LIMIT
     assert (decision.entries, decision.position) == ((), 2)
 
 
@@ -493,4 +524,5 @@ def test_state_limit_stops_the_instance_without_recording():
     assert decision.status is InstanceStatus.ERRORED
     assert decision.error is not None
     assert "the limit is 100" in decision.error
+    assert decision.error_kind is ErrorKind.LIMIT
     assert decision.entries == ()

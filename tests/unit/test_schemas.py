@@ -15,6 +15,7 @@ from stepfleet.engine import InstanceState, Reject, admit, check_size
 from stepfleet.schemas import (
     BODY_MODELS,
     CreateBody,
+    DeadReason,
     Envelope,
     EventBody,
     Headers,
@@ -80,61 +81,86 @@ def _with(**changes: Any) -> dict[str, Any]:
 
 
 REFUSALS = [
-    pytest.param(_without(Headers.KIND), CREATE_BODY, "missing-header", id="no-kind"),
-    pytest.param(_without(Headers.SCHEMA_VERSION), CREATE_BODY, "missing-header", id="no-version"),
-    pytest.param(_without(Headers.TENANT), CREATE_BODY, "missing-header", id="no-tenant"),
-    pytest.param(_without(Headers.INSTANCE), CREATE_BODY, "missing-header", id="no-instance"),
-    pytest.param(_without(Headers.MODULE), CREATE_BODY, "missing-header", id="create-no-module"),
-    pytest.param(_with(x_tenant=""), CREATE_BODY, "missing-header", id="empty-tenant"),
-    pytest.param(_with(x_kind="start"), CREATE_BODY, "bad-header", id="unknown-kind"),
-    pytest.param(_with(x_tenant="Acme"), CREATE_BODY, "bad-header", id="upper-case-tenant"),
-    pytest.param(_with(x_tenant="acme.eu"), CREATE_BODY, "bad-header", id="dotted-tenant"),
-    pytest.param(_with(x_instance_id="-1"), CREATE_BODY, "bad-header", id="bad-instance-id"),
-    pytest.param(_with(x_instance_id="a" * 129), CREATE_BODY, "bad-header", id="long-instance"),
-    pytest.param(_with(x_module="sha256:ABC"), CREATE_BODY, "bad-header", id="bad-digest"),
-    pytest.param(_with(x_module=MODULE.upper()), CREATE_BODY, "bad-header", id="upper-digest"),
-    pytest.param(_with(x_tenant=["acme"]), CREATE_BODY, "bad-header", id="array-value"),
-    pytest.param(_with(x_tenant=True), CREATE_BODY, "bad-header", id="boolean-value"),
-    pytest.param(_with(x_tenant=b"\xff"), CREATE_BODY, "bad-header", id="not-utf8"),
-    pytest.param(_with(x_schema_version="2"), CREATE_BODY, "unsupported-version", id="version-2"),
+    pytest.param(_without(Headers.KIND), CREATE_BODY, DeadReason.MISSING_HEADER, id="no-kind"),
     pytest.param(
-        _with(x_schema_version="1.0"), CREATE_BODY, "unsupported-version", id="version-1.0"
+        _without(Headers.SCHEMA_VERSION), CREATE_BODY, DeadReason.MISSING_HEADER, id="no-version"
     ),
-    pytest.param(CREATE_HEADERS, b" " * (LIMIT + 1), "too-large", id="too-large"),
-    pytest.param(CREATE_HEADERS, b"{not json", "bad-body", id="not-json"),
-    pytest.param(CREATE_HEADERS, b"[1]", "bad-body", id="not-an-object"),
-    pytest.param(CREATE_HEADERS, b'{"version":1,"parms":{}}', "bad-body", id="unknown-field"),
-    pytest.param(CREATE_HEADERS, b'{"version":2}', "bad-body", id="body-version-2"),
-    pytest.param(_with(x_kind="step"), b'{"version":1}', "bad-body", id="step-no-position"),
-    pytest.param(_with(x_kind="step"), b'{"position":-1}', "bad-body", id="negative-position"),
-    pytest.param(_with(x_kind="event"), b'{"type":"paid"}', "bad-body", id="event-no-id"),
+    pytest.param(_without(Headers.TENANT), CREATE_BODY, DeadReason.MISSING_HEADER, id="no-tenant"),
     pytest.param(
-        _with(x_kind="event"), b'{"event_id":"","type":"x"}', "bad-body", id="event-empty-id"
+        _without(Headers.INSTANCE), CREATE_BODY, DeadReason.MISSING_HEADER, id="no-instance"
+    ),
+    pytest.param(
+        _without(Headers.MODULE), CREATE_BODY, DeadReason.MISSING_HEADER, id="create-no-module"
+    ),
+    pytest.param(_with(x_tenant=""), CREATE_BODY, DeadReason.MISSING_HEADER, id="empty-tenant"),
+    pytest.param(_with(x_kind="start"), CREATE_BODY, DeadReason.BAD_HEADER, id="unknown-kind"),
+    pytest.param(
+        _with(x_tenant="Acme"), CREATE_BODY, DeadReason.BAD_HEADER, id="upper-case-tenant"
+    ),
+    pytest.param(_with(x_tenant="acme.eu"), CREATE_BODY, DeadReason.BAD_HEADER, id="dotted-tenant"),
+    pytest.param(
+        _with(x_instance_id="-1"), CREATE_BODY, DeadReason.BAD_HEADER, id="bad-instance-id"
+    ),
+    pytest.param(
+        _with(x_instance_id="a" * 129), CREATE_BODY, DeadReason.BAD_HEADER, id="long-instance"
+    ),
+    pytest.param(_with(x_module="sha256:ABC"), CREATE_BODY, DeadReason.BAD_HEADER, id="bad-digest"),
+    pytest.param(
+        _with(x_module=MODULE.upper()), CREATE_BODY, DeadReason.BAD_HEADER, id="upper-digest"
+    ),
+    pytest.param(_with(x_tenant=["acme"]), CREATE_BODY, DeadReason.BAD_HEADER, id="array-value"),
+    pytest.param(_with(x_tenant=True), CREATE_BODY, DeadReason.BAD_HEADER, id="boolean-value"),
+    pytest.param(_with(x_tenant=b"\xff"), CREATE_BODY, DeadReason.BAD_HEADER, id="not-utf8"),
+    pytest.param(
+        _with(x_schema_version="2"), CREATE_BODY, DeadReason.UNSUPPORTED_VERSION, id="version-2"
+    ),
+    pytest.param(
+        _with(x_schema_version="1.0"), CREATE_BODY, DeadReason.UNSUPPORTED_VERSION, id="version-1.0"
+    ),
+    pytest.param(CREATE_HEADERS, b" " * (LIMIT + 1), DeadReason.TOO_LARGE, id=DeadReason.TOO_LARGE),
+    pytest.param(CREATE_HEADERS, b"{not json", DeadReason.BAD_BODY, id="not-json"),
+    pytest.param(CREATE_HEADERS, b"[1]", DeadReason.BAD_BODY, id="not-an-object"),
+    pytest.param(
+        CREATE_HEADERS, b'{"version":1,"parms":{}}', DeadReason.BAD_BODY, id="unknown-field"
+    ),
+    pytest.param(CREATE_HEADERS, b'{"version":2}', DeadReason.BAD_BODY, id="body-version-2"),
+    pytest.param(
+        _with(x_kind="step"), b'{"version":1}', DeadReason.BAD_BODY, id="step-no-position"
+    ),
+    pytest.param(
+        _with(x_kind="step"), b'{"position":-1}', DeadReason.BAD_BODY, id="negative-position"
+    ),
+    pytest.param(_with(x_kind="event"), b'{"type":"paid"}', DeadReason.BAD_BODY, id="event-no-id"),
+    pytest.param(
+        _with(x_kind="event"),
+        b'{"event_id":"","type":"x"}',
+        DeadReason.BAD_BODY,
+        id="event-empty-id",
     ),
     pytest.param(
         _with(x_kind="event"),
         b'{"event_id":"e","type":"' + b"t" * 257 + b'"}',
-        "bad-body",
+        DeadReason.BAD_BODY,
         id="event-type-too-long",
     ),
     pytest.param(
         _with(x_kind="event"),
         b'{"event_id":"e\\u0000","type":"paid"}',
-        "bad-body",
+        DeadReason.BAD_BODY,
         id="event-id-with-nul",
     ),
     pytest.param(
         _with(x_kind="event"),
         b'{"event_id":"e","type":"\\u001b]8;;http://x\\u0007paid"}',
-        "bad-body",
+        DeadReason.BAD_BODY,
         id="event-type-with-escape",
     ),
-    pytest.param(_with(CC=["other.create"]), CREATE_BODY, "bad-header", id="cc-header"),
-    pytest.param(_with(BCC=["other.create"]), CREATE_BODY, "bad-header", id="bcc-header"),
+    pytest.param(_with(CC=["other.create"]), CREATE_BODY, DeadReason.BAD_HEADER, id="cc-header"),
+    pytest.param(_with(BCC=["other.create"]), CREATE_BODY, DeadReason.BAD_HEADER, id="bcc-header"),
     pytest.param(
         _with(x_kind="create"),
         b'{"params":{},"retention_seconds":-1}',
-        "bad-body",
+        DeadReason.BAD_BODY,
         id="negative-retention",
     ),
 ]
@@ -286,25 +312,32 @@ def test_doc_names_the_topology_headers_and_limits():
 
 @pytest.mark.parametrize(("headers", "body", "reason"), REFUSALS)
 def test_parse_envelope_refusals_carry_documented_reasons(
-    headers: dict[str, Any], body: bytes, reason: str
+    headers: dict[str, Any], body: bytes, reason: DeadReason
 ):
     """parse_envelope refuses a broken message with the reason code protocol.md documents."""
     with pytest.raises(InvalidMessage) as refused:
         parse_envelope(headers, body, max_body_bytes=LIMIT)
-    assert refused.value.reason == reason
+    assert refused.value.reason is reason
     assert reason in _documented_reasons()
 
 
-def test_reason_table_lists_exactly_the_codes_stepfleet_uses():
-    """The doc's reason table holds every code the code can produce, and no other."""
-    produced = {str(param.values[2]) for param in REFUSALS} | _admission_reasons()
-    # The worker's own check that a create's module was pushed (workers/batch.py).
-    produced.add("unknown-module")
-    # A delivery that fails alone, every time (workers/batch.py, test_isolation.py).
-    produced.add("unprocessable")
-    # The producer identity check (workers/tenants.py, tested in test_identity.py).
-    produced |= {"tenant-mismatch", "unverified-producer", "kind-not-allowed"}
-    assert _documented_reasons() == produced
+def test_reason_table_lists_exactly_the_dead_reasons():
+    """The doc's reason table documents every DeadReason, and no other code."""
+    assert _documented_reasons() == {reason.value for reason in DeadReason}
+
+
+def test_every_dead_reason_is_given_somewhere():
+    """The refusals above give DeadReason members, and every member is used by the package,
+    so the enum (and with it the doc's table) lists no code stepfleet never gives."""
+    produced = {param.values[2] for param in REFUSALS} | _admission_reasons()
+    assert all(isinstance(reason, DeadReason) for reason in produced)
+    sources = [
+        path.read_text(encoding="utf-8")
+        for path in (ROOT / "stepfleet").rglob("*.py")
+        if path != ROOT / "stepfleet" / "schemas" / "reasons.py"
+    ]
+    unused = {r for r in DeadReason if not any(f"DeadReason.{r.name}" in s for s in sources)}
+    assert not unused, f"members no code gives: {sorted(unused)}"
 
 
 def test_parse_envelope_accepts_bytes_and_integer_header_values():
