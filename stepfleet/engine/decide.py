@@ -418,12 +418,16 @@ _NUL = "\x00"
 def _journal_text(outcome: GuestOutcome) -> GuestOutcome | str:
     """The outcome with text the journal can hold, or why it cannot be recorded.
 
-    Journal text never holds NUL (PostgreSQL text cannot). A name must come back unchanged on
-    replay, so a name with NUL is refused; a message is only read back, so NUL becomes U+FFFD.
+    Journal text never holds NUL (PostgreSQL text cannot). A name or a value must come back
+    unchanged on replay, so one with NUL is refused (values are JSON, which escapes NUL as
+    \\u0000: a raw one means the guest broke the ABI); a message is only read back, so NUL
+    becomes U+FFFD.
     """
     match outcome:
         case StepSucceeded(name=name) | SleepRequested(name=name) if _NUL in name:
             return f"guest ABI violation: the name at position {outcome.seq} contains NUL"
+        case StepSucceeded(result=text) | Completed(output=text) if _NUL in text:
+            return f"guest ABI violation: the value at position {outcome.seq} contains NUL"
         case EventAwaited(name=name, event_type=kind) if _NUL in name + kind:
             return f"guest ABI violation: the wait at position {outcome.seq} names NUL"
         case StepFailed(name=name) if _NUL in name:

@@ -77,6 +77,10 @@ def test_nul_in_a_name_errors_the_instance_and_nul_in_a_message_is_replaced() ->
     assert named.status is InstanceStatus.ERRORED
     assert named.error is not None
     assert "NUL" in named.error
+    valued = _decide(StepSucceeded(0, "charge", '"\x00"'))
+    assert valued.status is InstanceStatus.ERRORED
+    assert valued.error is not None
+    assert "contains NUL" in valued.error
     failed = _decide(WorkflowFailed(0, "bad\x00input"))
     assert failed.error == "workflow failed: bad\ufffdinput"
     step = _decide(StepFailed(0, "charge", "card\x00declined", non_retryable=True))
@@ -94,7 +98,7 @@ OUTCOMES = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(OUTCOMES)
 def test_decide_never_raises_and_never_records_nul(outcome: GuestOutcome) -> None:
     decision = _decide(outcome)
