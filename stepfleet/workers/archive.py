@@ -29,6 +29,7 @@ import structlog
 from stepfleet.broker import BrokerUnavailable, Delivery, Topology
 from stepfleet.schemas import Headers
 from stepfleet.store import Archived, NewDeadLetter, PgStore, StoreUnavailable
+from stepfleet.workers.logs import first_line
 from stepfleet.workers.outgoing import DEAD_LETTER_ID, REPLAYED_FOR
 from stepfleet.workers.settings import Settings
 
@@ -120,7 +121,7 @@ class DeadLetterArchiver:
         except Exception as exc:
             # The database refused something in the batch: store the letters one by one, so
             # one letter it cannot take holds up no other.
-            log.warning("dead_letter_batch_refused", count=len(batch), error=_first_line(exc))
+            log.warning("dead_letter_batch_refused", count=len(batch), error=first_line(exc))
             await self._one_by_one(batch, letters)
             return
         self._note(letters, archived)
@@ -161,7 +162,7 @@ class DeadLetterArchiver:
                 instance=letter.instance_id,
                 reason=letter.reason,
                 letter_key=minimal.letter_key,
-                error=_first_line(exc),
+                error=first_line(exc),
             )
         try:
             archived = await self._store.dead_letters.archive([minimal], account_bytes=bound)
@@ -176,7 +177,7 @@ class DeadLetterArchiver:
                 letter_key=minimal.letter_key,
                 body_bytes=minimal.body_size,
                 body_sha256=minimal.body_sha256,
-                error=_first_line(exc),
+                error=first_line(exc),
             )
             return None
         self.minimal += archived.new
@@ -362,7 +363,7 @@ def minimal_letter(
     return NewDeadLetter(
         letter_key=_ascii(key, 200),
         reason=_ascii(letter.reason if letter else "unknown", 100),
-        detail=f"kept as a minimal record: the database refused it ({_ascii(_first_line(error), 300)})",
+        detail=f"kept as a minimal record: the database refused it ({_ascii(first_line(error), 300)})",
         routing_key=_ascii(delivery.routing_key, 300),
         headers={"x-stepfleet-raw-headers": raw_headers},
         body=body,
@@ -450,8 +451,3 @@ def _plain(value: object, depth: int = 0) -> object:
 
 def _ascii(value: str, limit: int) -> str:
     return value.encode("unicode_escape").decode("ascii")[:limit]
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

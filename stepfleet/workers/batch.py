@@ -68,6 +68,7 @@ from stepfleet.store import (
     StepWrite,
 )
 from stepfleet.workers.faults import CrashPoints
+from stepfleet.workers.logs import first_line
 from stepfleet.workers.outgoing import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
@@ -782,8 +783,8 @@ def _write(key: InstanceKey, decision: Decision) -> StepWrite:
 
 def _describe_failure(error: BaseException) -> str:
     """The exception's type and first line, as text any store and terminal can take."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    kind = type(error).__name__
+    text = f"{kind}: {first_line(error)}" if str(error).strip() else kind
     return text.replace("\x00", "\ufffd")[:500]
 
 
