@@ -23,7 +23,7 @@ from stepfleet.store import (
     InstanceRecord,
     PgStore,
 )
-from stepfleet.workers.outgoing import step_message
+from stepfleet.cycle.messages import step_message
 
 log = structlog.get_logger("stepfleet.control")
 

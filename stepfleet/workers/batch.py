@@ -69,7 +69,7 @@ from stepfleet.store import (
 )
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.logs import first_line
-from stepfleet.workers.outgoing import dead_letter, step_message
+from stepfleet.cycle.messages import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 

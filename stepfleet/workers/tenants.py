@@ -13,7 +13,7 @@ from stepfleet.broker import Delivery, Topology
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import DeadReason, Envelope, MessageKind, TenantLimits
 from stepfleet.store import PgStore, TenantRecord
-from stepfleet.workers.outgoing import REPLAYED_FOR
+from stepfleet.cycle.messages import REPLAYED_FOR
 
 _PRODUCER_KINDS = frozenset({MessageKind.CREATE, MessageKind.EVENT})
 _FLEET_KINDS = frozenset({MessageKind.STEP, MessageKind.WAKE})

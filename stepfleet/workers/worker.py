@@ -22,7 +22,7 @@ from stepfleet.workers.archive import ArchivePolicy, DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
-from stepfleet.workers.outgoing import from_outbox, wake_message
+from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 

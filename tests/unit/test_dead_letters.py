@@ -26,7 +26,7 @@ from stepfleet.workers.archive import (
     DeadLetterArchiver,
     letter_of,
 )
-from stepfleet.workers.outgoing import REPLAYED_FOR, dead_letter
+from stepfleet.cycle.messages import REPLAYED_FOR, dead_letter
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 
 TOPOLOGY = Topology()

@@ -28,9 +28,10 @@ MAY_IMPORT = {
     # The egress gateway: stdlib, `cryptography` and the shared types, nothing else of ours.
     "egress": {"schemas"},
     "client": {"schemas", "broker"},
-    "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress"},
-    # Operator actions queue the same step messages the workers build (workers/outgoing.py).
-    "control": {"schemas", "engine", "sandbox", "store", "broker", "workers"},
+    # The step cycle and the messages it and operator actions queue.
+    "cycle": {"schemas", "engine", "sandbox", "store", "broker"},
+    "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress", "cycle"},
+    "control": {"schemas", "engine", "sandbox", "store", "broker", "cycle"},
     "cli": {
         "schemas",
         "engine",
@@ -38,6 +39,7 @@ MAY_IMPORT = {
         "store",
         "broker",
         "workers",
+        "cycle",
         "client",
         "control",
         "egress",
