@@ -15,6 +15,7 @@ import structlog
 
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.control.audit import operator_name
+from stepfleet.cycle.messages import step_message
 from stepfleet.schemas import InstanceKey, InstanceStatus, RunMode, Waiting, WaitKind
 from stepfleet.store import (
     AuditEntry,
@@ -23,7 +24,6 @@ from stepfleet.store import (
     InstanceRecord,
     PgStore,
 )
-from stepfleet.cycle.messages import step_message
 
 log = structlog.get_logger("stepfleet.control")
 

@@ -18,9 +18,9 @@ import structlog
 from stepfleet.broker import Broker, Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.control.audit import operator_name
+from stepfleet.cycle.messages import REPLAY_ID_HEADER, REPLAYED_FOR, from_outbox, is_reserved
 from stepfleet.schemas import DeadReason, Headers, MessageKind
 from stepfleet.store import AuditEntry, DeadLetter, LetterFilter, OutboxMessage, PgStore
-from stepfleet.cycle.messages import REPLAY_ID_HEADER, REPLAYED_FOR, from_outbox, is_reserved
 
 log = structlog.get_logger("stepfleet.control")
 

@@ -27,10 +27,10 @@ from typing import Any
 import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery, Topology
+from stepfleet.cycle.messages import DEAD_LETTER_ID, REPLAYED_FOR
 from stepfleet.schemas import Headers
 from stepfleet.store import Archived, NewDeadLetter, PgStore, StoreUnavailable
 from stepfleet.workers.logs import first_line
-from stepfleet.cycle.messages import DEAD_LETTER_ID, REPLAYED_FOR
 from stepfleet.workers.settings import Settings
 
 log = structlog.get_logger("stepfleet.archive")

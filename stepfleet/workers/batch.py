@@ -21,6 +21,7 @@ import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
+from stepfleet.cycle.messages import dead_letter, step_message
 from stepfleet.engine import (
     Admit,
     Decision,
@@ -69,7 +70,6 @@ from stepfleet.store import (
 )
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.logs import first_line
-from stepfleet.cycle.messages import dead_letter, step_message
 from stepfleet.workers.replay_cache import CachedReplay, ReplayCache
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 
 from stepfleet.broker import Delivery, Topology
+from stepfleet.cycle.messages import REPLAYED_FOR
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import DeadReason, Envelope, MessageKind, TenantLimits
 from stepfleet.store import PgStore, TenantRecord
-from stepfleet.cycle.messages import REPLAYED_FOR
 
 _PRODUCER_KINDS = frozenset({MessageKind.CREATE, MessageKind.EVENT})
 _FLEET_KINDS = frozenset({MessageKind.STEP, MessageKind.WAKE})

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import structlog
 
 from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused
+from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.egress import EgressGateway, SealError, open_secrets
 from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
@@ -22,7 +23,6 @@ from stepfleet.workers.archive import ArchivePolicy, DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
-from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 

@@ -17,10 +17,10 @@ from stepfleet.broker import Delivery, Outgoing, Topology
 from stepfleet.cli.main import app
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.control import DeadLetters
+from stepfleet.cycle.messages import REPLAYED_FOR
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter
 from stepfleet.workers.archive import ArchivePolicy, letter_of
-from stepfleet.cycle.messages import REPLAYED_FOR
 from tests.conftest import ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 from tests.integration.test_fleet import archived, dead_letter_of

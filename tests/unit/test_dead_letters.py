@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from stepfleet.broker import Delivery, Topology
+from stepfleet.cycle.messages import REPLAYED_FOR, dead_letter
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import DeadReason, TenantLimits, parse_envelope
 from stepfleet.store import Archived, NewDeadLetter, StoreUnavailable, TenantRecord
@@ -26,7 +27,6 @@ from stepfleet.workers.archive import (
     DeadLetterArchiver,
     letter_of,
 )
-from stepfleet.cycle.messages import REPLAYED_FOR, dead_letter
 from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
 
 TOPOLOGY = Topology()
