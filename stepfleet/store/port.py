@@ -1,0 +1,126 @@
+"""The store port: what the step cycle needs of a store, as protocols.
+
+Two stores implement it: `PgStore` (PostgreSQL, the fleet's) and `MemoryStore` (one process,
+for `stepfleet run` and the unit tier). tests/unit/test_store_contract.py holds both to the
+same guarantees: rows locked in key order, one journal entry per position, outbox rows
+written with the state that asked for them and kept until deleted, events taken once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from stepfleet.schemas import InstanceKey, JournalEntry
+from stepfleet.store.records import (
+    DueTimer,
+    InstanceDetail,
+    InstanceRecord,
+    NewEvent,
+    NewInstance,
+    OutboxMessage,
+    StepWrite,
+)
+
+
+class StepTx(Protocol):
+    """One transaction of the step cycle, covering a whole batch of messages.
+
+    Nothing it writes is visible to others before the transaction commits, and nothing is
+    written at all when the block raises.
+    """
+
+    async def create_instances(self, new: Sequence[NewInstance]) -> set[InstanceKey]:
+        """Insert instances that do not exist yet; return the keys actually inserted."""
+        ...
+
+    async def lock_instances(
+        self, keys: Iterable[InstanceKey]
+    ) -> dict[InstanceKey, InstanceRecord]:
+        """Lock the rows in key order until commit and return those that exist."""
+        ...
+
+    async def owned_modules(self, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Return which (tenant, digest) pairs the tenant has pushed."""
+        ...
+
+    async def module_bytes(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """Return the bytes of the stored modules among `digests`."""
+        ...
+
+    async def replay_data(
+        self, since: dict[InstanceKey, int], *, with_params: Iterable[InstanceKey]
+    ) -> tuple[dict[InstanceKey, str], dict[InstanceKey, list[JournalEntry]]]:
+        """Return params for `with_params` and the journal of each key from its position on."""
+        ...
+
+    async def grant_slots(self, tenant: str, cap: int, need: int) -> int:
+        """Take up to `need` of a tenant's `cap` running-step slots until commit."""
+        ...
+
+    async def take_tokens(self, tenant: str, per_second: float, need: int) -> float:
+        """Take `need` tokens of the tenant's rate bucket; return the tokens there were."""
+        ...
+
+    async def known_events(self, events: Sequence[tuple[InstanceKey, str]]) -> set[InstanceKey]:
+        """Of (instance, event id) pairs, the instances that already received that event."""
+        ...
+
+    async def insert_events(self, events: Sequence[NewEvent]) -> set[InstanceKey]:
+        """Store events; return the keys whose event was new (the rest are repeats)."""
+        ...
+
+    async def take_events(
+        self, waits: Sequence[tuple[InstanceKey, str, int]]
+    ) -> dict[InstanceKey, tuple[str, datetime]]:
+        """For each (instance, event type, position) wait, take the oldest stored event."""
+        ...
+
+    async def write_batch(
+        self,
+        writes: Sequence[StepWrite],
+        outbox: Sequence[OutboxMessage],
+        *,
+        confirmed_outbox: Sequence[int] = (),
+    ) -> list[int]:
+        """Write journal entries, failed attempts, instance states and outbox rows at once;
+        delete `confirmed_outbox`. Returns the new outbox ids in the order of `outbox`."""
+        ...
+
+
+class StepStore(Protocol):
+    """The store the step cycle, the timer loop and the outbox relay run against."""
+
+    def transaction(self) -> AbstractAsyncContextManager[StepTx]:
+        """Open one step transaction; it commits when the block ends without raising."""
+        ...
+
+    async def put_module(self, tenant: str, digest: str, wasm: bytes) -> bool:
+        """Store a module for a tenant; return False when the tenant already had it."""
+        ...
+
+    async def module_bytes(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """Return the bytes of the stored modules among `digests`."""
+        ...
+
+    async def due_timers(self, *, limit: int, resend_after_seconds: float) -> list[DueTimer]:
+        """Claim parked instances whose timer is due and not sent in the last
+        `resend_after_seconds`, earliest first."""
+        ...
+
+    async def detail(self, key: InstanceKey) -> InstanceDetail | None:
+        """Return an instance with its params, journal, failed attempts and stored events."""
+        ...
+
+    async def delete_outbox(self, ids: Sequence[int]) -> None:
+        """Forget messages whose publish the broker confirmed."""
+        ...
+
+    def claim_outbox(
+        self, *, older_than_seconds: float, limit: int
+    ) -> AbstractAsyncContextManager[list[tuple[int, OutboxMessage]]]:
+        """Lock outbox rows older than `older_than_seconds`; delete them if the block ends
+        without raising."""
+        ...
