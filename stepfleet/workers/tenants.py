@@ -1,23 +1,16 @@
-"""Who may publish for which tenant, and each tenant's limits, as a worker sees them.
-
-The directory is a copy of the tenants table, refreshed in the background and on a miss, so
-the per-delivery check is a dictionary lookup.
-"""
+"""Who may publish for which tenant: producers are known by their broker user."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from stepfleet.broker import Delivery, Topology
+from stepfleet.cycle.directory import TenantDirectory, TenantRows
 from stepfleet.cycle.messages import REPLAYED_FOR
-from stepfleet.engine import EngineLimits
-from stepfleet.schemas import DeadReason, Envelope, MessageKind, TenantLimits
-from stepfleet.store import PgStore, TenantRecord
+from stepfleet.schemas import DeadReason, Envelope, MessageKind
 
 _PRODUCER_KINDS = frozenset({MessageKind.CREATE, MessageKind.EVENT})
 _FLEET_KINDS = frozenset({MessageKind.STEP, MessageKind.WAKE})
-_MISS_REFRESH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,57 +19,6 @@ class Refusal:
 
     reason: DeadReason
     detail: str
-
-
-class TenantDirectory:
-    """Broker users to tenants, and tenants to their limits."""
-
-    def __init__(self, defaults: EngineLimits) -> None:
-        self._defaults = defaults
-        self._tenant_of_user: dict[str, str] = {}
-        self._limits: dict[str, TenantLimits] = {}
-        self._engine_limits: dict[str, EngineLimits] = {}
-        self._loaded_at = 0.0
-
-    def load(self, tenants: list[TenantRecord]) -> None:
-        """Replace the directory with the tenants table's current rows."""
-        self._tenant_of_user = {t.broker_user: t.name for t in tenants if t.broker_user}
-        self._limits = {t.name: t.limits for t in tenants if t.limits != TenantLimits()}
-        self._engine_limits = {}
-        self._loaded_at = time.monotonic()
-
-    async def refresh(self, store: PgStore) -> None:
-        self.load(await store.tenants.all())
-
-    async def refresh_on_miss(self, store: PgStore, users: set[str]) -> None:
-        """Reload when a user is unknown (a tenant added a moment ago), at most once a second."""
-        unknown = {u for u in users if u not in self._tenant_of_user}
-        if unknown and time.monotonic() - self._loaded_at >= _MISS_REFRESH_SECONDS:
-            await self.refresh(store)
-
-    def tenant_of(self, user: str) -> str | None:
-        return self._tenant_of_user.get(user)
-
-    def limits(self, tenant: str) -> TenantLimits:
-        """The tenant's own limits (fields left None take the fleet's settings)."""
-        return self._limits.get(tenant, _NO_LIMITS)
-
-    def engine_limits(self, tenant: str) -> EngineLimits:
-        """The engine's limits for the tenant: the fleet's, with the tenant's overrides."""
-        cached = self._engine_limits.get(tenant)
-        if cached is None:
-            own = self.limits(tenant)
-            cached = EngineLimits(
-                max_steps=own.max_steps or self._defaults.max_steps,
-                max_state_bytes=own.max_state_bytes or self._defaults.max_state_bytes,
-                max_sleep_ms=self._defaults.max_sleep_ms,
-                default_event_timeout_ms=self._defaults.default_event_timeout_ms,
-            )
-            self._engine_limits[tenant] = cached
-        return cached
-
-
-_NO_LIMITS = TenantLimits()
 
 
 class ProducerCheck:
@@ -99,11 +41,19 @@ class ProducerCheck:
         platform_users: frozenset[str],
         *,
         fleet_user: str,
+        rows: TenantRows | None = None,
     ) -> None:
+        """`rows` is where the directory is reloaded from when a user is unknown."""
         self._topology = topology
+        self._rows = rows
         self._directory = directory
         self._platform_users = platform_users
         self._fleet_user = fleet_user
+
+    async def refresh_on_miss(self, users: set[str]) -> None:
+        """Reload the directory when one of `users` is unknown (a tenant added just now)."""
+        if self._rows is not None:
+            await self._directory.refresh_on_miss(self._rows, users)
 
     def check(self, delivery: Delivery, envelope: Envelope) -> Refusal | None:
         """Return why the delivery may not act for its tenant, or None when it may."""

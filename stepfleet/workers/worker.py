@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import structlog
 
 from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, PublishRefused
+from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.egress import EgressGateway, SealError, open_secrets
 from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmSandbox
@@ -24,7 +25,7 @@ from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.settings import Settings
-from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
+from stepfleet.workers.tenants import ProducerCheck
 
 log = structlog.get_logger("stepfleet.worker")
 
@@ -68,7 +69,11 @@ class Worker:
         self.tenants = TenantDirectory(settings.engine_limits())
         producers = (
             ProducerCheck(
-                self.topology, self.tenants, settings.trusted_users, fleet_user=self._user
+                self.topology,
+                self.tenants,
+                settings.trusted_users,
+                fleet_user=self._user,
+                rows=self.store.tenants,
             )
             if settings.verify_producers
             else None
@@ -286,7 +291,7 @@ class Worker:
 
     async def _load_tenants(self) -> None:
         """Reload producer users, limits, egress allow lists and (opened) secrets."""
-        await self.tenants.refresh(self.store)
+        await self.tenants.refresh(self.store.tenants)
         secrets: list[tuple[str, str, str, str]] = []
         stored = await self.store.tenants.secrets()
         key = self.settings.secret_key

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from stepfleet.broker import Delivery, Topology
+from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import REPLAYED_FOR, dead_letter
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import DeadReason, TenantLimits, parse_envelope
@@ -27,7 +28,7 @@ from stepfleet.workers.archive import (
     DeadLetterArchiver,
     letter_of,
 )
-from stepfleet.workers.tenants import ProducerCheck, TenantDirectory
+from stepfleet.workers.tenants import ProducerCheck
 
 TOPOLOGY = Topology()
 FLEET = "stepfleet-fleet"

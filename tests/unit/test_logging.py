@@ -6,6 +6,11 @@ from datetime import UTC, datetime
 
 import structlog
 
+from structlog.contextvars import merge_contextvars
+
+from stepfleet.cycle.guest import decide_step, log_run
+from stepfleet.cycle.replays import CachedReplay
+from stepfleet.cycle.work import Ran, Work
 from stepfleet.engine import EngineLimits, InstanceState
 from stepfleet.sandbox import ReplayJournal
 from stepfleet.schemas import (
@@ -20,31 +25,28 @@ from stepfleet.schemas import (
     StepSucceeded,
 )
 from stepfleet.store import InstanceRecord
-from stepfleet.workers.batch import BatchProcessor, _Ran, _Work
-from stepfleet.workers.replay_cache import CachedReplay
-from stepfleet.workers.tenants import TenantDirectory
 
 MODULE = "sha256:" + "c" * 64
 
 
 def decide_logged(outcome: GuestOutcome, attempt: int = 1) -> list[dict[str, object]]:
-    """Run the batch's decide-and-log stage for one delivery; return the captured events."""
+    """Run the cycle's decide-and-log stage for one message; return the captured events."""
     key = InstanceKey("acme", "i-1")
-    work = _Work(
-        delivery=None,  # type: ignore[arg-type]
+    work = Work(
+        handle=None,
         envelope=Envelope(MessageKind.STEP, "acme", "i-1", MODULE, StepBody(position=0)),
-        key=key,
         record=InstanceRecord(key, MODULE, InstanceStatus.RUNNING, 0, 0, attempt=attempt),
         state=InstanceState(key, MODULE, InstanceStatus.RUNNING, 0, attempt=attempt),
         replay=CachedReplay(0, "{}", ReplayJournal()),
     )
     now = datetime.now(UTC)
-    item = _Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
-    processor = BatchProcessor.__new__(BatchProcessor)
-    processor._limits = EngineLimits()
-    processor._directory = TenantDirectory(processor._limits)
-    with structlog.testing.capture_logs() as logs:
-        processor._decide(item)
+    item = Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
+    assert work.state is not None and work.replay is not None
+    item.decision = decide_step(
+        work.state, work.replay, item.report, started_at=now, finished_at=now, limits=EngineLimits()
+    )
+    with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+        log_run(item)
     return logs
 
 

@@ -1,0 +1,145 @@
+"""Running a guest for one step and deciding what its outcome means.
+
+`run_step` is the one place a replay buffer is built and a guest run; `decide_step` the one
+place its report is turned into a decision. The cycle calls both for every admitted message;
+module-move dry runs call them on an instance's committed journal with another module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from stepfleet.cycle.context import message_context
+from stepfleet.cycle.replays import CachedReplay
+from stepfleet.cycle.work import Ran, Work
+from stepfleet.engine import Decision, EngineLimits, InstanceState, decide
+from stepfleet.sandbox import GuestRun, Sandbox, encode_replay_buffer
+from stepfleet.schemas import GuestReport, JournalEntry, TenantLimits
+
+log = structlog.get_logger("stepfleet.worker")
+
+_GUEST_LEVELS = ("debug", "info", "warning", "error")
+
+
+def run_step(
+    sandbox: Sandbox,
+    state: InstanceState,
+    replay: CachedReplay,
+    *,
+    pending: Sequence[JournalEntry] = (),
+    limits: TenantLimits | None = None,
+) -> GuestReport:
+    """Run `state.module` over the instance's journal (and `pending`) to its next outcome.
+
+    Called on the thread that drives the sandbox.
+    """
+    journal = replay.journal
+    buffer = encode_replay_buffer(
+        state.key.instance_id,
+        replay.params,
+        journal,
+        pending=pending,
+        mode=state.mode,
+        attempt=state.attempt,
+    )
+    own = limits or TenantLimits()
+    job = GuestRun(
+        state.module,
+        buffer,
+        len(journal) + len(pending),
+        state.attempt,
+        fuel_per_run=own.fuel_per_run,
+        memory_bytes=own.memory_bytes,
+        tenant=state.key.tenant,
+        host_calls_per_step=own.host_calls_per_step,
+    )
+    return sandbox.run(job)
+
+
+def decide_step(
+    state: InstanceState,
+    replay: CachedReplay,
+    report: GuestReport,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    limits: EngineLimits,
+    pending: Sequence[JournalEntry] = (),
+) -> Decision:
+    """What the run's outcome means for the instance (the engine's `decide`)."""
+    return decide(
+        state,
+        replay.journal.entries,
+        report,
+        started_at=started_at,
+        finished_at=finished_at,
+        limits=limits,
+        pending=pending,
+    )
+
+
+def run_works(
+    sandbox: Sandbox,
+    works: list[Work[Any]],
+    limits: Callable[[str], TenantLimits],
+    clock: Callable[[], datetime],
+) -> list[Ran[Any]]:
+    """Run every admitted work's guest, one after another, on the sandbox's thread."""
+    ran: list[Ran[Any]] = []
+    for work in works:
+        assert work.replay is not None
+        assert work.state is not None
+        with message_context(work, position=work.state.position, attempt=work.state.attempt):
+            started_at = clock()
+            report = run_step(
+                sandbox,
+                work.state,
+                work.replay,
+                pending=work.pending,
+                limits=limits(work.key.tenant),
+            )
+            ran.append(Ran(work, report, started_at, clock()))
+    return ran
+
+
+def log_run(item: Ran[Any]) -> None:
+    """Log what one run did: its guest's lines, then the decision, under its context."""
+    work, decision = item.work, item.decision
+    assert work.state is not None
+    assert decision is not None
+    entry = decision.step_entry
+    failed = decision.failed_attempt
+    with message_context(
+        work,
+        step=failed.name if failed else entry.name if entry else None,
+        attempt=failed.attempt if failed else entry.attempt if entry else None,
+        position=work.state.position,
+    ):
+        for level, line in item.report.logs:
+            getattr(log, _GUEST_LEVELS[level])("guest_log", message=line)
+        ms = round((item.finished_at - item.started_at) / timedelta(milliseconds=1), 3)
+        status = decision.status.value
+        if decision.error is not None and decision.status.is_final:
+            log.warning("instance_errored", status=status, error=decision.error, ms=ms)
+        elif failed is not None:
+            retry_at = decision.waiting.wake_at.isoformat() if decision.waiting else "now"
+            log.info("step_attempt_failed", error=failed.error, retry_at=retry_at, ms=ms)
+        elif decision.waiting is not None:
+            log.info(
+                "instance_parked",
+                status=status,
+                waits_for=decision.waiting.kind.value,
+                name=decision.waiting.name,
+                wake_at=decision.waiting.wake_at.isoformat(),
+                ms=ms,
+            )
+        elif entry is not None:
+            log.info("step_recorded", status=status, kind=entry.kind.name.lower(), ms=ms)
+        elif decision.mode is not work.state.mode:
+            log.warning("compensations_started", error=decision.error, ms=ms)
+        else:
+            log.info("instance_finished", status=status, ms=ms)

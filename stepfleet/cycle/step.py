@@ -1,0 +1,203 @@
+"""The step cycle: one transaction takes a batch of messages from admission to written state.
+
+For each batch: create and lock the instances (in key order), admit each message against
+its instance's state, hold back what is over a tenant's quota, load the journals and
+modules, run each admitted guest for exactly one new step, decide, let a run that begins a
+wait take an event that is already stored, and write journal rows, instance states and
+outbox rows in the same transaction. The caller publishes `CycleResult.messages` after the
+commit and acknowledges its messages only then; a crash anywhere leads to redelivery, and the
+journal position check turns the redelivery into a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import structlog
+
+from stepfleet.broker import Topology
+from stepfleet.cycle.admission import Admission
+from stepfleet.cycle.directory import TenantDirectory
+from stepfleet.cycle.guest import decide_step, log_run, run_works
+from stepfleet.cycle.messages import step_message
+from stepfleet.cycle.modules import ModuleLoader
+from stepfleet.cycle.quotas import apply_quotas
+from stepfleet.cycle.replays import ReplayCache, load_replays
+from stepfleet.cycle.work import CycleResult, H, Ran, Work, errored, write_of
+from stepfleet.engine import EngineLimits, resolve_wait
+from stepfleet.sandbox import Sandbox
+from stepfleet.schemas import InstanceKey, WaitKind
+from stepfleet.store.port import StepStore, StepTx
+
+log = structlog.get_logger("stepfleet.worker")
+
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    """The fleet's clock."""
+    return datetime.now(UTC)
+
+
+class StepCycle:
+    """Runs cycles for one process: its sandbox, replay cache and module loader are shared
+    by every batch the process handles."""
+
+    def __init__(
+        self,
+        *,
+        store: StepStore,
+        sandbox: Sandbox,
+        topology: Topology,
+        guest_thread: Executor | None = None,
+        value_bytes: int = 1024 * 1024,
+        limits: EngineLimits | None = None,
+        directory: TenantDirectory | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        on_wake_due: Callable[[datetime], None] | None = None,
+    ) -> None:
+        """`guest_thread` runs the guests (the sandbox is not thread-safe); None runs them
+        inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
+        self._store = store
+        self._sandbox = sandbox
+        self._topology = topology
+        self._guest_thread = guest_thread
+        self._value_bytes = value_bytes
+        self._limits = limits or EngineLimits()
+        self.directory = directory or TenantDirectory(self._limits)
+        self._clock = clock
+        self._on_wake_due = on_wake_due
+        self._replays = ReplayCache()
+        self._modules = ModuleLoader(sandbox, self._on_guest_thread)
+
+    async def run(
+        self, works: list[Work[H]], *, confirmed_outbox: Sequence[int] = ()
+    ) -> CycleResult[H]:
+        """Take `works` (at most one per instance) through one transaction.
+
+        `confirmed_outbox` are outbox rows whose publish the broker confirmed since: the same
+        transaction deletes them.
+
+        Raises:
+            StoreUnavailable: nothing was committed; the caller retries the batch.
+        """
+        result: CycleResult[H] = CycleResult()
+        async with self._store.transaction() as tx:
+            now = self._clock()
+            admitted = await Admission(tx, result, value_bytes=self._value_bytes).admit(works, now)
+            admitted, held = await apply_quotas(tx, self.directory, admitted, now)
+            await load_replays(tx, self._replays, admitted)
+            admitted, refused = await self._modules.load(tx, admitted, now)
+            ran = refused + await self._on_guest_thread(
+                lambda: run_works(self._sandbox, admitted, self.directory.limits, self._clock)
+            )
+            for item in ran:
+                self._decide(item)
+            await self._take_waiting_events(tx, ran)
+            steps = [
+                (
+                    item,
+                    step_message(
+                        self._topology,
+                        item.work.key,
+                        item.work.module,
+                        item.decision.position,
+                        item.work.generation,
+                        item.work.envelope.traceparent,
+                    ),
+                )
+                for item in ran
+                if item.decision is not None and item.decision.publish_step
+            ]
+            result.outbox_ids = await tx.write_batch(
+                [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
+                [row for _, (row, _) in steps],
+                confirmed_outbox=confirmed_outbox,
+            )
+        result.ran = ran
+        result.held = len(held)
+        result.messages = [message for _, (_, message) in steps]
+        self._remember(ran)
+        self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
+        self._note_timers([w.waiting.wake_at for w in held if w.waiting])
+        return result
+
+    async def error_instance(self, key: InstanceKey, message: str) -> bool:
+        """End a live instance as errored with `message` (its step can never be processed);
+        return False when it is gone or final already."""
+        async with self._store.transaction() as tx:
+            record = (await tx.lock_instances([key])).get(key)
+            if record is None or record.status.is_final:
+                return False
+            await tx.write_batch([errored(record, message)], [])
+        self._replays.drop(key)
+        log.error(
+            "instance_errored",
+            tenant=key.tenant,
+            instance=key.instance_id,
+            module_digest=record.module,
+            position=record.position,
+            error=message,
+        )
+        return True
+
+    async def _on_guest_thread(self, call: Callable[[], T]) -> T:
+        if self._guest_thread is None:
+            return call()
+        return await asyncio.get_running_loop().run_in_executor(self._guest_thread, call)
+
+    def _decide(self, item: Ran[H]) -> None:
+        work = item.work
+        assert work.replay is not None
+        assert work.state is not None
+        item.decision = decide_step(
+            work.state,
+            work.replay,
+            item.report,
+            started_at=item.started_at,
+            finished_at=item.finished_at,
+            limits=self.directory.engine_limits(work.key.tenant),
+            pending=work.pending,
+        )
+        log_run(item)
+
+    async def _take_waiting_events(self, tx: StepTx, ran: list[Ran[H]]) -> None:
+        """A run that has just begun a wait takes an event that arrived before it."""
+        waits = [
+            (item.work.key, d.waiting.event_type, d.position)
+            for item in ran
+            if (d := item.decision) is not None
+            and d.waiting is not None
+            and d.waiting.kind is WaitKind.EVENT
+            and d.waiting.event_type is not None
+        ]
+        if not waits:
+            return
+        taken = await tx.take_events(waits)
+        for item in ran:
+            if item.work.key in taken and item.decision is not None:
+                key = item.work.key
+                log.info("stored_event_delivered", tenant=key.tenant, instance=key.instance_id)
+                item.decision = resolve_wait(item.decision, *taken[key], self._limits)
+
+    def _note_timers(self, due: list[datetime]) -> None:
+        """Tell the timer loop about the earliest wake this cycle scheduled."""
+        if due and self._on_wake_due is not None:
+            self._on_wake_due(min(due))
+
+    def _remember(self, ran: list[Ran[H]]) -> None:
+        """After commit: keep the journals of instances that go on, forget finished ones."""
+        for item in ran:
+            work, decision = item.work, item.decision
+            if decision is None or decision.status.is_final or work.replay is None:
+                self._replays.drop(work.key)
+                continue
+            journal = work.replay.journal
+            for entry in decision.entries:
+                if entry.seq == len(journal):
+                    journal.append(entry)
+            self._replays.put(work.key, work.replay)
