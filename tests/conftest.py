@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import structlog
+from structlog.contextvars import merge_contextvars
+from structlog.typing import EventDict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "guest" / "examples"
@@ -50,3 +55,11 @@ def playbook_wasm() -> bytes:
 def reminder_wasm() -> bytes:
     """The AssemblyScript example with now, random, sleep, an event wait and a rollback."""
     return (EXAMPLES / "reminder" / "reminder.wasm").read_bytes()
+
+
+@contextmanager
+def capture_logs() -> Iterator[list[EventDict]]:
+    """Capture structlog events as the worker logs them: with the context bound by
+    contextvars (tenant, instance, module digest, step, attempt) merged in."""
+    with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+        yield logs

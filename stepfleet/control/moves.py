@@ -12,18 +12,23 @@ import structlog
 
 from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
-from stepfleet.engine import EngineLimits, InstanceState, decide
-from stepfleet.sandbox import GuestRun, InvalidModule, ReplayJournal, Sandbox, encode_replay_buffer
+from stepfleet.cycle.guest import decide_step, run_step
+from stepfleet.cycle.replays import CachedReplay
+from stepfleet.engine import EngineLimits, InstanceState
+from stepfleet.sandbox import InvalidModule, ReplayJournal, Sandbox
 from stepfleet.schemas import (
     ErrorKind,
     GuestCrashed,
     InstanceKey,
     InstanceStatus,
     Nondeterministic,
+    TenantLimits,
 )
 from stepfleet.store import AuditEntry, InstanceRecord, PgStore
 
 log = structlog.get_logger("stepfleet.control")
+
+_NO_CALLS = TenantLimits(host_calls_per_step=0)
 
 _LIVE = (
     InstanceStatus.RUNNING,
@@ -127,28 +132,23 @@ class ModuleMoves:
         detail = await self._store.detail(record.key)
         if detail is None:  # deleted meanwhile
             return MoveCheck(record.key, record.module, Verdict.FAILS, "instance is gone")
-        journal = ReplayJournal(detail.journal)
-        buffer = encode_replay_buffer(
-            record.key.instance_id,
-            detail.params,
-            journal,
-            mode=record.mode,
-            attempt=record.attempt,
-        )
-        report = self._sandbox.run(GuestRun(to, buffer, len(journal), record.attempt))
-        now = datetime.now(UTC)
+        # The replay the cycle would make, with the new module, on the committed journal.
+        replay = CachedReplay(record.generation, detail.params, ReplayJournal(detail.journal))
         state = InstanceState(
             record.key,
             to,
             record.status,
-            len(journal),
+            len(replay.journal),
             attempt=record.attempt,
             mode=record.mode,
             end_status=record.end_status,
             error=record.error,
         )
-        decision = decide(
-            state, journal.entries, report, started_at=now, finished_at=now, limits=EngineLimits()
+        # A dry run calls out to nobody: the step it reaches runs with no HTTP calls allowed.
+        report = run_step(self._sandbox, state, replay, limits=_NO_CALLS)
+        now = datetime.now(UTC)
+        decision = decide_step(
+            state, replay, report, started_at=now, finished_at=now, limits=EngineLimits()
         )
         if (
             isinstance(report.outcome, Nondeterministic)

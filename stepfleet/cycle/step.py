@@ -64,7 +64,7 @@ class StepCycle:
         inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
         self._store = store
         self._sandbox = sandbox
-        self._topology = topology
+        self.topology = topology
         self._guest_thread = guest_thread
         self._value_bytes = value_bytes
         self._limits = limits or EngineLimits()
@@ -102,7 +102,7 @@ class StepCycle:
                 (
                     item,
                     step_message(
-                        self._topology,
+                        self.topology,
                         item.work.key,
                         item.work.module,
                         item.decision.position,

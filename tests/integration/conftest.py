@@ -181,7 +181,7 @@ async def wait_for_log(
     timeout: float = 20.0,
     **fields: object,
 ) -> list[dict[str, Any]]:
-    """Wait until `logs` (from structlog.testing.capture_logs) holds `count` matching entries."""
+    """Wait until `logs` (from tests.conftest.capture_logs) holds `count` matching entries."""
     await wait_until(
         lambda: len(logged(logs, event, **fields)) >= count,
         f"{count} x {event} {fields}",

@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
-import structlog
 from pydantic import SecretStr
 from sqlalchemy import text
 
 from stepfleet.egress import new_key, seal_secret
 from stepfleet.schemas import InstanceStatus, TenantLimits
 from stepfleet.store import StoredSecret
+from tests.conftest import capture_logs
 from tests.integration.test_primitives import finished, output
 
 pytestmark = pytest.mark.services
@@ -57,7 +57,7 @@ async def test_a_guest_call_carries_the_tenant_secret_it_never_sees(
     await store.tenants.allow_host(tenant, echo)
     sealed = seal_secret(key, tenant, "api", echo, "Authorization", SECRET)
     await store.tenants.put_secret(StoredSecret(tenant, "api", echo, "Authorization", sealed))
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         await start_worker(secret_key=SecretStr(key))
         instance = await playbook(
             {"op": "http", "name": "call", "method": "GET", "url": f"http://{echo}/me"},

@@ -7,13 +7,12 @@ import json
 import uuid
 
 import pytest
-import structlog
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter, PgStore
-from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, hostile_wasm
+from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, capture_logs, hostile_wasm
 from tests.integration.conftest import wait_for_log, wait_for_status
 
 pytestmark = pytest.mark.services
@@ -124,7 +123,7 @@ async def test_same_create_twice_yields_one_instance(
     instance_id = new_id("twice")
     request = CreateRequest("acme", digest, ORDER_PARAMS, instance_id)
     await create(settings, topology, request, request)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         await start_worker()
         await create(settings, topology, request)
         record, _ = await wait_for_status(store, InstanceKey("acme", instance_id), FINAL)
@@ -163,7 +162,7 @@ async def test_redelivered_step_message_does_no_harm(
         )
         for p in (1, 2, 3)
     ]
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         await broker.publish_many(stale)
         # Each stale message is handled once it is logged as ignored.
         await wait_for_log(

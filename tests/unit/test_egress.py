@@ -16,8 +16,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-import structlog
-import structlog.testing
 import wasmtime
 
 from stepfleet.egress import (
@@ -53,6 +51,7 @@ from stepfleet.schemas import (
     digest_of,
 )
 from stepfleet.store import StoredSecret
+from tests.conftest import capture_logs
 
 TENANT = "acme"
 TOKEN = "s3cr3t-T0ken-9f8e7d6c"
@@ -259,7 +258,7 @@ def test_the_recorded_journal_and_output_never_hold_the_secret(
     journal = ReplayJournal()
     key = InstanceKey(TENANT, "i-1")
     logs: list[str] = []
-    with structlog.testing.capture_logs() as events:
+    with capture_logs() as events:
         for _ in range(10):
             buffer = encode_replay_buffer(key.instance_id, params, journal)
             report = sandbox.run(GuestRun(digest, buffer, len(journal), tenant=TENANT))

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import structlog
-
-from structlog.contextvars import merge_contextvars
-
 from stepfleet.cycle.guest import decide_step, log_run
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.work import Ran, Work
@@ -25,6 +21,7 @@ from stepfleet.schemas import (
     StepSucceeded,
 )
 from stepfleet.store import InstanceRecord
+from tests.conftest import capture_logs
 
 MODULE = "sha256:" + "c" * 64
 
@@ -41,11 +38,12 @@ def decide_logged(outcome: GuestOutcome, attempt: int = 1) -> list[dict[str, obj
     )
     now = datetime.now(UTC)
     item = Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
-    assert work.state is not None and work.replay is not None
+    assert work.state is not None
+    assert work.replay is not None
     item.decision = decide_step(
         work.state, work.replay, item.report, started_at=now, finished_at=now, limits=EngineLimits()
     )
-    with structlog.testing.capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs() as logs:
         log_run(item)
     return logs
 

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 import wasmtime
 
 from stepfleet.sandbox import (
@@ -24,6 +23,7 @@ from stepfleet.sandbox import (
 from stepfleet.sandbox.module_cache import KEY_FILE, SUFFIX
 from stepfleet.schemas import StepSucceeded, digest_of
 from stepfleet.workers.settings import Settings
+from tests.conftest import capture_logs
 
 ORDER_PARAMS = '{"order_id":"A-1","amount":4200,"items":3}'
 KEY_A = b"a" * 32
@@ -136,7 +136,7 @@ def test_damaged_artifact_is_rejected_and_recompiled(
     damage(warm_up(directory, order_wasm, sandboxes))
     cache = CompiledModuleCache(directory)
     sandbox = sandboxes(cache)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sandbox.load(digest, order_wasm)
     assert (cache.stats.rejected, cache.stats.hits, cache.stats.stored) == (1, 0, 1)
     assert len(compiles) == 2
@@ -178,7 +178,7 @@ def test_artifact_of_another_engine_fingerprint_is_rejected(
     (mine,) = set(entries(directory)) - {entry}
     mine.write_bytes(entry.read_bytes())  # valid HMAC, another engine's header and code
     cache = CompiledModuleCache(directory)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sandboxes(cache, other_limits).load(digest, order_wasm)
     assert (cache.stats.rejected, cache.stats.hits, len(compiles)) == (1, 0, 3)
     assert logs[0]["reason"] == "compiled by another engine"
@@ -196,7 +196,7 @@ def test_artifact_for_another_digest_is_rejected(
     (greeter_entry,) = set(entries(directory)) - {order_entry}
     greeter_entry.write_bytes(order_entry.read_bytes())
     again = CompiledModuleCache(directory)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sandboxes(again).load(digest_of(greeter_wasm), greeter_wasm)
     assert again.stats.rejected == 1
     assert logs[0]["reason"] == "holds another module"
@@ -214,7 +214,7 @@ def test_sealed_garbage_fails_deserialize_and_is_recompiled(
     fingerprint = sandbox._engine_fingerprint
     assert cache.path(fingerprint, digest) == entry
     entry.write_bytes(cache._seal(b"\0asm not an artifact", fingerprint, digest))
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sandbox.load(digest, order_wasm)
     assert (cache.stats.rejected, len(compiles)) == (1, 2)
     assert logs[0]["reason"].startswith("deserialize failed")
@@ -261,7 +261,7 @@ def test_group_or_world_writable_directory_is_refused(tmp_path, mode):
     directory.chmod(mode)
     with pytest.raises(UnsafeCacheDirectory, match="writable"):
         CompiledModuleCache(directory)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         assert CompiledModuleCache.open(directory, 1024**3) is None
     assert [e["event"] for e in logs] == ["module_cache_disabled"]
     assert not (directory / KEY_FILE).exists()
@@ -307,7 +307,7 @@ def test_lax_directory_mode_is_tightened(tmp_path):
 def test_short_configured_key_disables_the_cache(tmp_path):
     with pytest.raises(ValueError, match="at least 16 bytes"):
         CompiledModuleCache(tmp_path / "modules", key=b"short")
-    with structlog.testing.capture_logs():
+    with capture_logs():
         assert CompiledModuleCache.open(tmp_path / "modules", 1024, "short") is None
 
 

@@ -7,7 +7,6 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-import structlog
 import wasmtime
 
 from stepfleet.engine import EngineLimits, InstanceState, decide
@@ -30,7 +29,7 @@ from stepfleet.schemas import (
     WorkflowFailed,
     digest_of,
 )
-from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS
+from tests.conftest import ORDER_OUTPUT, ORDER_PARAMS, capture_logs
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ALLOC = 1024
@@ -519,7 +518,7 @@ def test_an_unexpected_host_error_fails_the_run_and_is_logged(order_wasm):
     sandbox = WasmSandbox(clock=broken_clock)
     try:
         now = guest("(drop (call $now (i32.const 0)))")
-        with structlog.testing.capture_logs() as logs:
+        with capture_logs() as logs:
             report = run_guest(sandbox, now)
         assert crash_message(report) == "host error in stepfleet.now: ZeroDivisionError"
         assert [entry["event"] for entry in logs] == ["host_import_failed"]
@@ -539,7 +538,7 @@ def test_an_unexpected_error_outside_the_imports_fails_the_run(monkeypatch):
         wasm = guest("")
         run_guest(sandbox, wasm)  # loaded
         monkeypatch.setattr(wasmtime.Memory, "write", _raise_runtime_error)
-        with structlog.testing.capture_logs() as logs:
+        with capture_logs() as logs:
             report = run_guest(sandbox, wasm)
         assert crash_message(report) == "host error: RuntimeError"
         assert [entry["event"] for entry in logs] == ["guest_run_failed"]
