@@ -232,7 +232,7 @@ def test_cached_module_is_still_validated(tmp_path, order_wasm, sandboxes, monke
         checked.append("imports")
         raise InvalidModule("module imports env.evil")
 
-    monkeypatch.setattr("stepfleet.sandbox.runtime._check_imports", refuse)
+    monkeypatch.setattr("stepfleet.sandbox.wasm_engine._check_imports", refuse)
     cache = CompiledModuleCache(directory)
     with pytest.raises(InvalidModule, match=r"env\.evil"):
         sandboxes(cache).load(digest, order_wasm)
