@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from stepfleet.store.control import ControlTransaction
 from stepfleet.store.dead_letters import (
     Archived,
@@ -11,7 +13,9 @@ from stepfleet.store.dead_letters import (
     NewDeadLetter,
 )
 from stepfleet.store.errors import StoreError, StoreUnavailable
+from stepfleet.store.memory import MemoryStore
 from stepfleet.store.pg import PgStore, StepTransaction
+from stepfleet.store.port import StepStore, StepTx
 from stepfleet.store.records import (
     AuditEntry,
     DueTimer,
@@ -34,12 +38,15 @@ __all__ = [
     "InstanceDetail",
     "InstanceRecord",
     "LetterFilter",
+    "MemoryStore",
     "NewDeadLetter",
     "NewEvent",
     "NewInstance",
     "OutboxMessage",
     "PgStore",
+    "StepStore",
     "StepTransaction",
+    "StepTx",
     "StepWrite",
     "StoreError",
     "StoreUnavailable",
@@ -47,3 +54,9 @@ __all__ = [
     "TenantRecord",
     "TenantStore",
 ]
+
+
+if TYPE_CHECKING:
+
+    def _both_implement_the_port(memory: MemoryStore, pg: PgStore) -> list[StepStore]:
+        return [memory, pg]

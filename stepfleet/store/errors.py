@@ -20,6 +20,14 @@ class StoreUnavailable(StoreError):
     retryable = True
 
 
+class IntegrityViolation(StoreError):
+    """A write broke a rule the schema enforces: a second journal entry or failed attempt at
+    one position, an instance of a module never stored, rows of a missing instance.
+
+    MemoryStore raises it; PgStore lets PostgreSQL's IntegrityError through unchanged.
+    """
+
+
 @asynccontextmanager
 async def translated() -> AsyncIterator[None]:
     """Turn connection-level driver errors into StoreUnavailable."""

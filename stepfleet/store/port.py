@@ -1,8 +1,8 @@
 """The store port: what the step cycle needs of a store, as protocols.
 
 Two stores implement it: `PgStore` (PostgreSQL, the fleet's) and `MemoryStore` (one process,
-for `stepfleet run` and the unit tier). tests/unit/test_store_contract.py holds both to the
-same guarantees: rows locked in key order, one journal entry per position, outbox rows
+for `stepfleet run` and the unit tier). tests/integration/test_store_contract.py holds both to
+the same guarantees: rows locked in key order, one journal entry per position, outbox rows
 written with the state that asked for them and kept until deleted, events taken once.
 """
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stepfleet.schemas import (
@@ -20,6 +20,7 @@ from stepfleet.schemas import (
     WaitKind,
 )
 from stepfleet.store.records import InstanceRecord
+from stepfleet.store.tables import journal, modules
 
 STATE_COLUMNS = """tenant, id, module, status, position, generation, attempt, wait_kind, wait_name,
     wait_event, wait_timeout_ms, wake_at, mode, end_status, state_bytes, error"""
@@ -41,6 +42,9 @@ _TAKE_EVENTS = text(
     RETURNING e.tenant, e.instance_id, e.payload, e.received_at
     """
 )
+
+
+_DELETE_OUTBOX = text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))")
 
 
 def split_keys(keys: Iterable[InstanceKey]) -> dict[str, list[str]]:
@@ -109,3 +113,30 @@ async def take_events(
     return {
         InstanceKey(row.tenant, row.instance_id): (row.payload, row.received_at) for row in result
     }
+
+
+async def module_bytes(conn: AsyncConnection, digests: Iterable[str]) -> dict[str, bytes]:
+    """Return the bytes of the stored modules among `digests`."""
+    wanted = list(digests)
+    if not wanted:
+        return {}
+    result = await conn.execute(
+        select(modules.c.digest, modules.c.wasm).where(modules.c.digest.in_(wanted))
+    )
+    return {row.digest: bytes(row.wasm) for row in result}
+
+
+async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Forget outbox rows (their publish was confirmed)."""
+    if ids:
+        await conn.execute(_DELETE_OUTBOX, {"ids": list(ids)})
+
+
+async def journal_of(conn: AsyncConnection, key: InstanceKey) -> list[JournalEntry]:
+    """Return an instance's whole journal in order."""
+    result = await conn.execute(
+        select(journal)
+        .where(journal.c.tenant == key.tenant, journal.c.instance_id == key.instance_id)
+        .order_by(journal.c.seq)
+    )
+    return [entry_from_row(row) for row in result]

@@ -1,0 +1,199 @@
+"""The SQL of the per-step path and PgStore, as text statements over arrays (`unnest`)."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from stepfleet.store.rows import STATE_COLUMNS
+
+INSERT_INSTANCES = text(
+    """
+    INSERT INTO instances (tenant, id, module, status, params, retention_seconds, state_bytes)
+    SELECT t, i, m, 'running', p, r, octet_length(p)
+    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]),
+                CAST(:modules AS text[]), CAST(:params AS text[]), CAST(:retentions AS int[]))
+         AS n(t, i, m, p, r)
+    ON CONFLICT ON CONSTRAINT pk_instances DO NOTHING
+    RETURNING tenant, id
+    """
+)
+
+# STATE_COLUMNS is a constant column list, not input.
+LOCK_INSTANCES = text(
+    f"SELECT {STATE_COLUMNS} FROM instances "  # noqa: S608
+    "WHERE (tenant, id) IN ("
+    " SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))"
+    " ORDER BY tenant, id FOR UPDATE"
+)
+
+OWNED_MODULES = text(
+    """
+    SELECT tenant, digest FROM tenant_modules
+    WHERE (tenant, digest) IN (
+        SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:digests AS text[])))
+    """
+)
+
+PARAMS = text(
+    """
+    SELECT tenant, id, params FROM instances
+    WHERE (tenant, id) IN (
+        SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))
+    """
+)
+
+JOURNAL_SINCE = text(
+    """
+    SELECT j.tenant, j.instance_id, j.seq, j.kind, j.name, j.value, j.attempt,
+           j.started_at, j.finished_at, j.flags
+    FROM journal AS j
+    JOIN unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:froms AS int[]))
+         AS r(tenant, instance_id, from_seq)
+      ON j.tenant = r.tenant AND j.instance_id = r.instance_id AND j.seq >= r.from_seq
+    ORDER BY j.tenant, j.instance_id, j.seq
+    """
+)
+
+# Everything a batch writes, in one statement: forget confirmed outbox rows, append journal
+# entries and failed attempts, move instance states, queue the next messages. Empty arrays make
+# empty parts.
+WRITE_BATCH = text(
+    """
+    WITH confirmed AS (
+        DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))
+    ),
+    entries AS (
+        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
+                             started_at, finished_at, flags)
+        SELECT * FROM unnest(CAST(:j_tenants AS text[]), CAST(:j_ids AS text[]),
+                             CAST(:seqs AS int[]), CAST(:kinds AS smallint[]),
+                             CAST(:names AS text[]), CAST(:vals AS text[]),
+                             CAST(:attempts AS int[]), CAST(:starts AS timestamptz[]),
+                             CAST(:ends AS timestamptz[]), CAST(:flags AS smallint[]))
+    ),
+    failures AS (
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT * FROM unnest(CAST(:a_tenants AS text[]), CAST(:a_ids AS text[]),
+                             CAST(:a_seqs AS int[]), CAST(:a_attempts AS int[]),
+                             CAST(:a_names AS text[]), CAST(:a_errors AS text[]),
+                             CAST(:a_starts AS timestamptz[]), CAST(:a_ends AS timestamptz[]))
+    ),
+    states AS (
+        UPDATE instances AS i
+        SET status = u.status, position = u.position, attempt = u.attempt,
+            wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
+            wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
+            mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
+            state_bytes = u.state_bytes, updated_at = now(),
+            finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                               THEN now() END,
+            retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention))
+                END
+        FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
+                    CAST(:positions AS int[]), CAST(:u_attempts AS int[]),
+                    CAST(:wait_kinds AS text[]), CAST(:wait_names AS text[]),
+                    CAST(:wait_events AS text[]), CAST(:wait_timeouts AS bigint[]),
+                    CAST(:wake_ats AS timestamptz[]), CAST(:modes AS smallint[]),
+                    CAST(:end_statuses AS text[]), CAST(:outputs AS text[]),
+                    CAST(:errors AS text[]), CAST(:state_bytes AS bigint[]))
+             AS u(tenant, id, status, position, attempt, wait_kind, wait_name, wait_event,
+                  wait_timeout_ms, wake_at, mode, end_status, output, error, state_bytes)
+        WHERE i.tenant = u.tenant AND i.id = u.id
+    )
+    INSERT INTO outbox (routing_key, headers, body)
+    SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:headers AS text[]),
+                         CAST(:bodies AS bytea[]))
+    RETURNING id
+    """
+)
+
+# Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
+# the slots, held by whichever workers' transactions run the tenant's steps right now.
+GRANT_SLOTS = text(
+    """
+    SELECT count(*) FROM (
+        SELECT slot
+        FROM (SELECT slot_key FROM tenants WHERE name = :tenant) AS t
+        CROSS JOIN generate_series(0, :cap - 1) AS slot
+        WHERE pg_try_advisory_xact_lock(t.slot_key, slot)
+        LIMIT :need
+    ) AS taken
+    """
+)
+
+# A token bucket shared by every worker, holding up to a second's worth (at least one token).
+# Every step asked for takes a token, now or from the future: the bucket goes negative by the
+# steps held back, which is their place in the line.
+TAKE_TOKENS = text(
+    """
+    INSERT INTO tenant_rates AS r (tenant, tokens, updated_at)
+    VALUES (:tenant, GREATEST(:rate, 1) - :need, now())
+    ON CONFLICT (tenant) DO UPDATE SET
+        tokens = LEAST(GREATEST(:rate, 1),
+                       r.tokens + :rate * EXTRACT(EPOCH FROM now() - r.updated_at)) - :need,
+        updated_at = now()
+    RETURNING tokens + :need AS before
+    """
+)
+
+KNOWN_EVENTS = text(
+    """
+    SELECT e.tenant, e.instance_id FROM events AS e
+    JOIN unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:event_ids AS text[]))
+         AS k(tenant, instance_id, event_id)
+      ON e.tenant = k.tenant AND e.instance_id = k.instance_id AND e.event_id = k.event_id
+    """
+)
+
+INSERT_EVENTS = text(
+    """
+    INSERT INTO events (tenant, instance_id, event_id, type, payload, consumed_seq)
+    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]),
+                         CAST(:event_ids AS text[]), CAST(:types AS text[]),
+                         CAST(:payloads AS text[]), CAST(:consumed AS int[]))
+    ON CONFLICT ON CONSTRAINT pk_events DO NOTHING
+    RETURNING tenant, instance_id
+    """
+)
+
+CLAIM_OUTBOX = text(
+    """
+    SELECT id, exchange, routing_key, headers, body FROM outbox
+    WHERE created_at < now() - make_interval(secs => :age)
+    ORDER BY id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+DUE_TIMERS = text(
+    """
+    WITH due AS (
+        SELECT tenant, id FROM instances
+        WHERE wake_at <= now() AND status IN ('queued', 'running', 'sleeping', 'waiting')
+          AND (wake_sent_at IS NULL OR wake_sent_at < now() - make_interval(secs => :resend))
+        ORDER BY wake_at
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE instances AS i SET wake_sent_at = now()
+    FROM due WHERE i.tenant = due.tenant AND i.id = due.id
+    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation, i.wake_at
+    """
+)
+
+DELETE_EXPIRED = text(
+    """
+    DELETE FROM instances WHERE (tenant, id) IN (
+        SELECT tenant, id FROM instances WHERE retain_until < now()
+        ORDER BY retain_until LIMIT :limit FOR UPDATE SKIP LOCKED)
+    """
+)
+
+WAITING_EVENTS = text(
+    """
+    SELECT count(*) FROM events
+    WHERE tenant = :tenant AND instance_id = :id AND consumed_seq IS NULL
+    """
+)
