@@ -1,40 +1,48 @@
-"""The local runner: one workflow in one process with the fleet's engine and sandbox, and no
-RabbitMQ or PostgreSQL. Time is virtual, so sleeps, retry delays and event timeouts pass at
-once; events given up front count as sent before the workflow started.
+"""The local runner: one workflow in one process with the fleet's step cycle, over the
+in-memory store and with no RabbitMQ. Time is virtual, so sleeps, retry delays and event
+timeouts pass at once; events given up front are sent right after the create.
+
+The runner is a one-queue broker around `StepCycle`: it runs the create, then every step
+message the cycle publishes, then the events; when nothing is queued it moves the clock to
+the instance's timer and sends the wake the timer loop would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from stepfleet.engine import (
-    Admit,
-    Decision,
-    EngineLimits,
-    InstanceState,
-    admit,
-    decide,
-    due_us,
-    resolve_wait,
-)
-from stepfleet.sandbox import GuestRun, ReplayJournal, WasmSandbox, encode_replay_buffer
+import structlog
+
+from stepfleet.broker import Outgoing, Topology
+from stepfleet.cycle.messages import wake_message
+from stepfleet.cycle.step import StepCycle
+from stepfleet.cycle.work import Ran, Work
+from stepfleet.engine import EngineLimits
+from stepfleet.sandbox import WasmSandbox
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.schemas import (
     SCHEMA_VERSION,
+    CreateBody,
     EntryKind,
     Envelope,
+    EventBody,
     FailedAttempt,
     InstanceKey,
     InstanceStatus,
     JournalEntry,
     MessageKind,
     WaitKind,
-    WakeBody,
     digest_of,
+    parse_envelope,
 )
+from stepfleet.store import MemoryStore
+
+TENANT = "local"
 
 _KIND_WORDS = {
     EntryKind.STEP_SUCCEEDED: "step",
@@ -46,6 +54,7 @@ _KIND_WORDS = {
     EntryKind.RANDOM: "random",
     EntryKind.COMPENSATED: "compensated",
 }
+_LEVELS = ("debug", "info", "warn", "error")
 
 
 @dataclass(slots=True)
@@ -63,13 +72,16 @@ class _VirtualClock:
     """Real time at the start, then moved forward to every timer the workflow waits for."""
 
     def __init__(self) -> None:
-        self.now = datetime.now(UTC)
+        self.at = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.at
 
     def seconds(self) -> float:
-        return self.now.timestamp()
+        return self.at.timestamp()
 
     def advance_to(self, when: datetime) -> None:
-        self.now = max(self.now, when)
+        self.at = max(self.at, when)
 
 
 def run_locally(
@@ -92,13 +104,19 @@ def run_locally(
     Raises:
         InvalidModule: the module would be refused by a push.
     """
-    limits = limits or EngineLimits()
     clock = _VirtualClock()
     sandbox = WasmSandbox(sandbox_limits, clock=clock.seconds)
     try:
         digest = digest_of(wasm)
         sandbox.load(digest, wasm)
-        return _Local(sandbox, digest, instance_id, params, list(events), clock, limits, say).run()
+        store = MemoryStore(clock=clock.now)
+        cycle = StepCycle(
+            store=store, sandbox=sandbox, topology=Topology(TENANT), limits=limits, clock=clock.now
+        )
+        local = _Local(cycle, store, clock, say, InstanceKey(TENANT, instance_id), digest)
+        # The runner says what happens in its own words; the cycle's log lines stay quiet.
+        with structlog.testing.capture_logs():
+            return asyncio.run(local.run(wasm, params, events))
     finally:
         sandbox.close()
 
@@ -106,130 +124,91 @@ def run_locally(
 class _Local:
     def __init__(
         self,
-        sandbox: WasmSandbox,
-        digest: str,
-        instance_id: str,
-        params: str,
-        events: list[tuple[str, str]],
+        cycle: StepCycle,
+        store: MemoryStore,
         clock: _VirtualClock,
-        limits: EngineLimits,
         say: Callable[[str], None],
+        key: InstanceKey,
+        digest: str,
     ) -> None:
-        self.sandbox = sandbox
-        self.digest = digest
-        self.params = params
-        self.events = events
+        self.cycle = cycle
+        self.store = store
         self.clock = clock
-        self.limits = limits
         self.say = say
-        self.journal = ReplayJournal()
-        self.attempts: list[FailedAttempt] = []
-        self.state = InstanceState(
-            key=InstanceKey("local", instance_id),
-            module=digest,
-            status=InstanceStatus.RUNNING,
-            position=0,
-            state_bytes=len(params.encode()),
-        )
+        self.key = key
+        self.digest = digest
+        self.queue: deque[Envelope] = deque()
 
-    def run(self) -> LocalResult:
-        decision: Decision | None = None
-        while decision is None or not decision.status.is_final:
-            pending = self._end_wait()
-            state = self.state
-            buffer = encode_replay_buffer(
-                state.key.instance_id,
-                self.params,
-                self.journal,
-                pending=pending,
-                mode=state.mode,
-                attempt=state.attempt,
-            )
-            started = self.clock.now
-            report = self.sandbox.run(
-                GuestRun(self.digest, buffer, len(self.journal) + len(pending), state.attempt)
-            )
-            for level, line in report.logs:
-                self.say(f"      log[{('debug', 'info', 'warn', 'error')[level]}] {line}")
-            decision = decide(
-                state,
-                self.journal.entries,
-                report,
-                started_at=started,
-                finished_at=self.clock.now,
-                limits=self.limits,
-                pending=pending,
-            )
-            decision = self._take_event(decision)
-            self._record(decision)
-        self.say(
-            f"{decision.status}: {decision.output if decision.output is not None else decision.error}"
-        )
-        return LocalResult(
-            decision.status, decision.output, decision.error, self.journal.entries, self.attempts
-        )
-
-    def _end_wait(self) -> tuple[JournalEntry, ...]:
-        """Let the instance's timer fire (virtually), or hand its wait the next event."""
-        waiting = self.state.waiting
-        if waiting is None:
-            return ()
-        if waiting.kind is WaitKind.EVENT and (payload := self._next_event(waiting.event_type)):
-            entry = JournalEntry(
-                self.state.position,
-                EntryKind.EVENT_RECEIVED,
-                waiting.name,
-                payload,
-                started_at=self.clock.now,
-                finished_at=self.clock.now,
-            )
-            self.state = replace(self.state, waiting=None)
-            return (entry,)
-        self.clock.advance_to(waiting.wake_at)
-        wake = Envelope(
-            kind=MessageKind.WAKE,
-            tenant=self.state.key.tenant,
-            instance_id=self.state.key.instance_id,
-            module=self.digest,
-            body=WakeBody(
+    async def run(self, wasm: bytes, params: str, events: Sequence[tuple[str, str]]) -> LocalResult:
+        await self.store.put_module(TENANT, self.digest, wasm)
+        create = CreateBody(version=SCHEMA_VERSION, params=json.loads(params))
+        await self._send(self._envelope(MessageKind.CREATE, create, self.digest))
+        for index, (event_type, payload) in enumerate(events):
+            body = EventBody(
                 version=SCHEMA_VERSION,
-                position=self.state.position,
-                attempt=self.state.attempt,
-                generation=self.state.generation,
-                due_us=due_us(waiting.wake_at),
-            ),
+                event_id=f"local-event-{index}",
+                type=event_type,
+                payload=json.loads(payload),
+            )
+            self.queue.append(self._envelope(MessageKind.EVENT, body, None))
+        while await self._next():
+            await self._send(self.queue.popleft())
+        detail = await self.store.detail(self.key)
+        assert detail is not None
+        record = detail.record
+        self.say(f"{record.status}: {record.output if record.output is not None else record.error}")
+        return LocalResult(
+            record.status, record.output, record.error, detail.journal, detail.attempts
         )
-        verdict = admit(wake, self.state, created_now=False, now=self.clock.now)
-        assert isinstance(verdict, Admit)
-        self.state = replace(self.state, waiting=None)
-        return () if verdict.resolution is None else (verdict.resolution,)
 
-    def _next_event(self, event_type: str | None) -> str | None:
-        for index, (kind, payload) in enumerate(self.events):
-            if kind == event_type:
-                del self.events[index]
-                return payload
-        return None
+    async def _next(self) -> bool:
+        """Whether there is a message to send; when none is queued, fire the next timer."""
+        if self.queue:
+            return True
+        detail = await self.store.detail(self.key)
+        assert detail is not None
+        waiting = detail.record.waiting
+        if detail.record.status.is_final or waiting is None:
+            return False
+        self.clock.advance_to(waiting.wake_at)
+        for timer in await self.store.due_timers(limit=1, resend_after_seconds=0):
+            self._queue(wake_message(self.cycle.topology, timer))
+        return bool(self.queue)
 
-    def _take_event(self, decision: Decision) -> Decision:
-        waiting = decision.waiting
-        if waiting is None or waiting.kind is not WaitKind.EVENT:
-            return decision
-        payload = self._next_event(waiting.event_type)
-        if payload is None:
-            return decision
-        return resolve_wait(decision, payload, self.clock.now, self.limits)
+    async def _send(self, envelope: Envelope) -> None:
+        result = await self.cycle.run([Work(None, envelope)])
+        for item in result.ran:
+            self._show(item)
+        for refused in result.rejected:
+            self.say(f"  {refused.work.envelope.kind} refused: {refused.detail}")
+        for message in result.messages:
+            self._queue(message)
+        await self.store.delete_outbox(result.outbox_ids)
 
-    def _record(self, decision: Decision) -> None:
+    def _queue(self, message: Outgoing) -> None:
+        self.queue.append(parse_envelope(message.headers, message.body, max_body_bytes=1 << 30))
+
+    def _envelope(
+        self, kind: MessageKind, body: CreateBody | EventBody, module: str | None
+    ) -> Envelope:
+        return Envelope(
+            kind=kind,
+            tenant=self.key.tenant,
+            instance_id=self.key.instance_id,
+            module=module,
+            body=body,
+        )
+
+    def _show(self, item: Ran[None]) -> None:
+        for level, line in item.report.logs:
+            self.say(f"      log[{_LEVELS[level]}] {line}")
+        decision = item.decision
+        assert decision is not None
         for entry in decision.entries:
-            if entry.seq >= len(self.journal):
-                self.journal.append(entry)
-                self._show(entry)
-        if decision.failed_attempt is not None:
-            failed = decision.failed_attempt
-            self.attempts.append(failed)
+            self._show_entry(entry)
+        if (failed := decision.failed_attempt) is not None:
             delay = (
-                f"in {(decision.waiting.wake_at - self.clock.now) / timedelta(milliseconds=1):.0f}"
+                f"in {(decision.waiting.wake_at - self.clock.at) / timedelta(milliseconds=1):.0f}"
                 " ms (skipped)"
                 if decision.waiting
                 else "now"
@@ -241,21 +220,8 @@ class _Local:
         waiting = decision.waiting
         if waiting is not None and waiting.kind is WaitKind.EVENT:
             self.say(f"  [{decision.position}] waiting for event {waiting.event_type!r}")
-        self.state = InstanceState(
-            key=self.state.key,
-            module=self.digest,
-            status=decision.status,
-            position=decision.position,
-            generation=self.state.generation,
-            attempt=decision.attempt,
-            waiting=waiting,
-            mode=decision.mode,
-            end_status=decision.end_status,
-            error=decision.error,
-            state_bytes=decision.state_bytes,
-        )
 
-    def _show(self, entry: JournalEntry) -> None:
+    def _show_entry(self, entry: JournalEntry) -> None:
         if entry.kind is EntryKind.SLEPT:
             until = datetime.fromtimestamp(int(entry.value) / 1000, UTC).isoformat()
             detail = f"until {until} (skipped)"

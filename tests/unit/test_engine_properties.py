@@ -1,38 +1,30 @@
-"""Property-based tests of the engine in an in-memory fleet: no RabbitMQ, PostgreSQL or wasm.
+"""Property-based tests of the step cycle in an in-memory fleet: no RabbitMQ, PostgreSQL or wasm.
 
-`Fleet` keeps what the services keep (the instance row, its journal and failed attempts, the
-events table, the broker's pending messages, the timer) and handles each delivery the way
-workers/batch.py does, with the real `admit`, `decide` and `resolve_wait`; a `Program` stands
-in for the guest. Hypothesis draws a program and an interleaving of deliveries, redeliveries
+`Fleet` drives the fleet's own step cycle (cycle/step.py) over the in-memory store, with a
+`Program` standing in for the guest, and keeps what the broker and the timer loop keep: the
+pending messages and the timer. Hypothesis draws a program and an interleaving of deliveries, redeliveries
 (a crash after commit, before the ack), rolled-back transactions, timer firings and event
 sends; then the broker is drained and the properties are checked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stepfleet.engine import (
-    Admit,
-    Decision,
-    Duplicate,
-    EngineLimits,
-    InstanceState,
-    Keep,
-    Reject,
-    admit,
-    decide,
-    due_us,
-    resolve_wait,
-)
+from stepfleet.broker import Topology
+from stepfleet.cycle.step import StepCycle
+from stepfleet.cycle.work import Ran, Work, state_of
+from stepfleet.engine import EngineLimits, InstanceState, due_us
 from stepfleet.schemas import (
     Backoff,
     Completed,
@@ -57,13 +49,19 @@ from stepfleet.schemas import (
     WaitKind,
     WakeBody,
     WorkflowFailed,
+    parse_envelope,
 )
+from stepfleet.store import MemoryStore, StepTx, StoreUnavailable
+from stepfleet.store.errors import IntegrityViolation
+from stepfleet.store.memory_tx import Event
+from tests.fakes import FunctionSandbox
 
 KEY = InstanceKey("acme", "order-1")
 MODULE = "sha256:" + "ab" * 32
 PARAMS = {"order": 1}
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = EngineLimits()
+TOPOLOGY = Topology("props")
 EVENT_TIMEOUT_MS = 3_600_000
 TIMED = frozenset(
     {InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.SLEEPING, InstanceStatus.WAITING}
@@ -208,35 +206,56 @@ class DeadLetter:
     repeat: bool
 
 
-@dataclass
-class StoredEvent:
-    """A row of the events table; `consumed_seq` is None while it waits for a wait."""
-
-    event_id: str
-    type: str
-    payload: str
-    received_at: datetime
-    consumed_seq: int | None
-
-
 Fate = Literal["ack", "redeliver", "crash"]
+
+_LOOP = asyncio.Runner()
+
+
+def teardown_module() -> None:
+    _LOOP.close()
+
+
+class CrashingStore:
+    """The in-memory store, but a transaction can be made to fail at its write, as a crash
+    before commit would: everything it did is rolled back."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.crash_next = False
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StepTx]:
+        crash, self.crash_next = self.crash_next, False
+        async with self.store.transaction() as tx:
+            yield _CrashAtWrite(tx) if crash else tx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+class _CrashAtWrite:
+    def __init__(self, tx: StepTx) -> None:
+        self._tx = tx
+
+    async def write_batch(self, *args: Any, **kwargs: Any) -> list[int]:
+        raise StoreUnavailable("crashed before commit")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tx, name)
 
 
 @dataclass
 class Fleet:
-    """One instance's row, journal, attempts and events, the broker's pending messages and
-    the timer loop. `timeouts` lets the timer end event waits (otherwise only events do)."""
+    """The real step cycle over the in-memory store, with `Program` as the guest, plus the
+    broker's pending messages and the timer loop. `timeouts` lets the timer end event waits
+    (otherwise only events do)."""
 
     program: Program
     timeouts: bool = False
-    state: InstanceState | None = None
-    journal: list[JournalEntry] = field(default_factory=list)
-    attempts: list[FailedAttempt] = field(default_factory=list)
-    events: dict[str, StoredEvent] = field(default_factory=dict)
     broker: list[Envelope] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
-    """Writes PostgreSQL would refuse (a second entry for a position, a gap)."""
+    """Writes the store refused (a second entry for a position) and gaps in the journal."""
     early: list[str] = field(default_factory=list)
     """Runs of a parked instance before its timer was due or its event came."""
     runs: list[tuple[int, int]] = field(default_factory=list)
@@ -247,7 +266,36 @@ class Fleet:
     clock: datetime = T0
 
     def __post_init__(self) -> None:
+        self.store = MemoryStore(clock=lambda: self.clock)
+        self.crashing = CrashingStore(self.store)
+        self.cycle = StepCycle(
+            store=self.crashing,
+            sandbox=FunctionSandbox({MODULE: self.program.run}),
+            topology=TOPOLOGY,
+            limits=LIMITS,
+            clock=lambda: self.clock,
+        )
+        _LOOP.run(self.store.put_module(KEY.tenant, MODULE, b"\0asm"))
         self.broker.append(envelope(MessageKind.CREATE, CreateBody(params=PARAMS)))
+
+    # -- what the store holds --------------------------------------------------------------
+
+    @property
+    def state(self) -> InstanceState | None:
+        row = self.store.tables.instances.get(KEY)
+        return None if row is None else state_of(row.record)
+
+    @property
+    def journal(self) -> list[JournalEntry]:
+        return [e for _, e in sorted(self.store.tables.journal.get(KEY, {}).items())]
+
+    @property
+    def attempts(self) -> list[FailedAttempt]:
+        return list(self.store.tables.attempts.get(KEY, {}).values())
+
+    @property
+    def events(self) -> dict[str, Event]:
+        return self.store.tables.events.get(KEY, {})
 
     # -- what happens to the fleet ---------------------------------------------------------
 
@@ -257,9 +305,12 @@ class Fleet:
         message = self.broker.pop(index)
         if fate != "ack":
             self.broker.append(message)
-        if fate != "crash":
-            self.clock += timedelta(milliseconds=1)
-            self._handle(message)
+        self.clock += timedelta(milliseconds=1)
+        self.crashing.crash_next = fate == "crash"
+        try:
+            _LOOP.run(self._handle(message))
+        except StoreUnavailable:
+            assert fate == "crash"
 
     def timer_due(self) -> bool:
         state = self.state
@@ -306,110 +357,39 @@ class Fleet:
                 return
         raise AssertionError(f"the fleet did not settle in {limit} moves")
 
-    # -- the worker (workers/batch.py) ---------------------------------------------------
+    # -- the worker: the real cycle ---------------------------------------------------------
 
-    def _handle(self, message: Envelope) -> None:
+    async def _handle(self, message: Envelope) -> None:
         body = message.body
-        created_now = isinstance(body, CreateBody) and self.state is None
-        if created_now:
-            params = json.dumps(PARAMS, separators=(",", ":"))
-            self.state = InstanceState(
-                KEY, MODULE, InstanceStatus.RUNNING, 0, state_bytes=len(params.encode())
-            )
-        state = self.state
-        verdict = admit(message, state, created_now=created_now, now=self.clock)
-        if isinstance(verdict, Reject):
-            repeat = isinstance(body, EventBody) and body.event_id in self.events
-            if repeat and verdict.reason == "instance-finished":
-                return  # the worker looks the event id up first: a redelivery, acked
-            self.dead.append(DeadLetter(message, verdict.reason, repeat))
+        repeat = isinstance(body, EventBody) and body.event_id in self.events
+        try:
+            result = await self.cycle.run([Work(None, message)])
+        except IntegrityViolation as exc:
+            self.violations.append(str(exc))
             return
-        if isinstance(body, EventBody) and isinstance(verdict, Admit | Keep):
-            assert state is not None
-            if body.event_id in self.events:  # INSERT ... ON CONFLICT DO NOTHING: a repeat
-                return
-            consumed = state.position if isinstance(verdict, Admit) else None
-            payload = json.dumps(body.payload, separators=(",", ":"))
-            self.events[body.event_id] = StoredEvent(
-                body.event_id, body.type, payload, self.clock, consumed
-            )
-        if isinstance(verdict, Admit):
-            assert state is not None
-            self._check_on_time(message, verdict, state)
-            self._run(replace(state, waiting=None) if verdict.woken else state, verdict)
-        else:
-            assert isinstance(verdict, Duplicate | Keep)
+        for rejected in result.rejected:
+            self.dead.append(DeadLetter(message, rejected.reason, repeat))
+        for item in result.ran:
+            self._check_on_time(message, item)
+            outcome = item.report.outcome
+            if isinstance(outcome, StepSucceeded | StepFailed):
+                assert item.work.state is not None
+                self.runs.append((outcome.seq, item.work.state.attempt))
+        for sent in result.messages:
+            self.broker.append(parse_envelope(sent.headers, sent.body, max_body_bytes=1 << 20))
+        await self.store.delete_outbox(result.outbox_ids)
+        state = self.state
+        if state is not None and [e.seq for e in self.journal] != list(range(state.position)):
+            self.violations.append(f"position {state.position}, journal {len(self.journal)}")
 
-    def _check_on_time(self, message: Envelope, verdict: Admit, state: InstanceState) -> None:
+    def _check_on_time(self, message: Envelope, item: Ran[None]) -> None:
         """A parked instance runs only for its event, or for a wake once its timer is due."""
-        parked = state.waiting
+        record = item.work.record
+        parked = None if record is None else record.waiting
         if parked is None:
             return
-        on_time = isinstance(message.body, EventBody) or self.clock >= parked.wake_at
-        if not (verdict.woken and on_time):
+        if not (isinstance(message.body, EventBody) or self.clock >= parked.wake_at):
             self.early.append(f"{message.kind} {message.body} ran the instance parked as {parked}")
-
-    def _run(self, state: InstanceState, verdict: Admit) -> None:
-        pending = () if verdict.resolution is None else (verdict.resolution,)
-        report = self.program.run([*self.journal, *pending], state.attempt)
-        decision = decide(
-            state,
-            list(self.journal),
-            report,
-            started_at=self.clock,
-            finished_at=self.clock,
-            limits=LIMITS,
-            pending=pending,
-        )
-        decision = self._take_event(decision)
-        self._record(state, decision)
-        if isinstance(report.outcome, StepSucceeded | StepFailed):
-            self.runs.append((report.outcome.seq, state.attempt))
-        if decision.publish_step:
-            body = StepBody(position=decision.position, generation=state.generation)
-            self.broker.append(envelope(MessageKind.STEP, body))
-
-    def _take_event(self, decision: Decision) -> Decision:
-        """A wait the run has just begun takes the oldest stored event of its type."""
-        waiting = decision.waiting
-        if waiting is None or waiting.kind is not WaitKind.EVENT:
-            return decision
-        stored = sorted(
-            (e for e in self.events.values() if e.type == waiting.event_type),
-            key=lambda e: (e.received_at, e.event_id),
-        )
-        for event in stored:
-            if event.consumed_seq is None:
-                event.consumed_seq = decision.position
-                return resolve_wait(decision, event.payload, event.received_at, LIMITS)
-        return decision
-
-    def _record(self, state: InstanceState, decision: Decision) -> None:
-        """Write the decision as workers/local.py `_record` builds the state."""
-        for entry in decision.entries:
-            if entry.seq != len(self.journal):
-                self.violations.append(
-                    f"entry {entry.seq} ({entry.name}) written at journal length {len(self.journal)}"
-                )
-                continue
-            self.journal.append(entry)
-        if decision.position != len(self.journal):
-            self.violations.append(f"position {decision.position}, journal {len(self.journal)}")
-        if decision.failed_attempt is not None:
-            self.attempts.append(decision.failed_attempt)
-        self.state = InstanceState(
-            key=state.key,
-            module=state.module,
-            status=decision.status,
-            position=decision.position,
-            generation=state.generation,
-            attempt=decision.attempt,
-            waiting=decision.waiting,
-            mode=decision.mode,
-            end_status=decision.end_status,
-            error=decision.error,
-            state_bytes=decision.state_bytes,
-        )
 
 
 # -- what hypothesis draws -----------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""The fleet's batch logic on the in-memory store: admission, quotas, the group write,
+dead-lettering and giving up, with fake deliveries and a function for a guest. No services."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from stepfleet.broker import Outgoing, Topology
+from stepfleet.cycle.directory import TenantDirectory
+from stepfleet.engine import EngineLimits
+from stepfleet.schemas import (
+    Completed,
+    EntryKind,
+    EventAwaited,
+    GuestReport,
+    InstanceKey,
+    InstanceStatus,
+    JournalEntry,
+    StepSucceeded,
+    TenantLimits,
+    WaitKind,
+)
+from stepfleet.store import MemoryStore, StoreUnavailable, TenantRecord
+from stepfleet.workers.batch import BatchProcessor
+from tests.conftest import capture_logs
+from tests.fakes import Acks, FunctionSandbox, delivery
+
+TENANT = "acme"
+MODULE = "sha256:" + "ab" * 32
+TOPOLOGY = Topology("test")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def two_steps(entries: Sequence[JournalEntry], attempt: int) -> GuestReport:
+    """Steps "reserve" and "charge", then complete with the number of steps."""
+    names = ("reserve", "charge")
+    seq = len(entries)
+    if seq < len(names):
+        return GuestReport(StepSucceeded(seq, names[seq], json.dumps(names[seq])), (), [(1, "hi")])
+    return GuestReport(Completed(seq, "2"))
+
+
+def waits_for_go(entries: Sequence[JournalEntry], attempt: int) -> GuestReport:
+    """Waits for a "go" event, then completes with its payload."""
+    if not entries:
+        return GuestReport(EventAwaited(0, "approval", "go", 60_000))
+    return GuestReport(Completed(1, entries[0].value))
+
+
+class FailingWrites:
+    """The store, but the write at the end of each transaction fails as a lost database
+    connection would."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+
+    @asynccontextmanager
+    async def transaction(self):
+        async with self._store.transaction() as tx:
+
+            async def write_batch(*args, **kwargs):
+                raise StoreUnavailable("the store went away")
+
+            yield _Patched(tx, write_batch=write_batch)
+
+
+class _Patched:
+    def __init__(self, inner, **overrides) -> None:
+        self._inner, self._overrides = inner, overrides
+
+    def __getattr__(self, name):
+        return self._overrides.get(name) or getattr(self._inner, name)
+
+
+class Fleet:
+    """One BatchProcessor over a MemoryStore, and what it published."""
+
+    def __init__(self, guest=two_steps, limits: TenantLimits | None = None) -> None:
+        self.now = T0
+        self.store = MemoryStore(clock=lambda: self.now)
+        self.published: list[Outgoing] = []
+        self.acks = Acks()
+        directory = TenantDirectory(EngineLimits())
+        if limits is not None:
+            directory.load([TenantRecord(TENANT, None, limits)])
+
+        async def publish(messages: Sequence[Outgoing]) -> None:
+            self.published.extend(messages)
+
+        self.processor = BatchProcessor(
+            store=self.store,
+            sandbox=FunctionSandbox({MODULE: guest}),
+            wasm_thread=None,
+            topology=TOPOLOGY,
+            publish=publish,
+            max_message_bytes=64 * 1024,
+            clock=lambda: self.now,
+            directory=directory,
+        )
+
+    async def push(self) -> None:
+        await self.store.put_module(TENANT, MODULE, b"\0asm")
+
+    def message(self, kind: str, instance: str, body: object, **headers: str):
+        base = {
+            "x-tenant": TENANT,
+            "x-instance-id": instance,
+            "x-kind": kind,
+            "x-schema-version": "1",
+        }
+        if kind != "event":
+            base["x-module"] = MODULE
+        return delivery(self.acks, {**base, **headers}, json.dumps(body).encode())
+
+    def create(self, instance: str, params: object = None):
+        return self.message("create", instance, {"version": 1, "params": params or {}})
+
+    def event(self, instance: str, event_id: str, payload: object, type_: str = "go"):
+        body = {"version": 1, "event_id": event_id, "type": type_, "payload": payload}
+        return self.message("event", instance, body)
+
+    def steps(self) -> list[Outgoing]:
+        return [m for m in self.published if m.exchange == TOPOLOGY.internal_exchange]
+
+    def dead(self) -> list[Outgoing]:
+        return [m for m in self.published if m.exchange == TOPOLOGY.dead_letter_exchange]
+
+    async def forward(self) -> None:
+        """Deliver the step messages published so far, as the broker would."""
+        pending, self.published = self.steps(), [m for m in self.published if m not in self.steps()]
+        for message in pending:
+            sent = delivery(
+                self.acks,
+                dict(message.headers),
+                message.body,
+                routing_key=message.routing_key,
+                exchange=message.exchange,
+            )
+            await self.processor.process([sent])
+
+    async def status(self, instance: str):
+        detail = await self.store.detail(InstanceKey(TENANT, instance))
+        assert detail is not None
+        return detail
+
+
+async def test_a_create_runs_its_first_step_and_queues_the_next():
+    fleet = Fleet()
+    await fleet.push()
+    create = fleet.create("o-1")
+    result = await fleet.processor.process([create])
+    assert (result.steps, result.dead_letters, result.duplicates) == (1, 0, 0)
+    detail = await fleet.status("o-1")
+    assert [e.name for e in detail.journal] == ["reserve"]
+    assert detail.record.status is InstanceStatus.RUNNING
+    [step] = fleet.steps()
+    assert step.headers["x-kind"] == "step"
+    assert json.loads(step.body)["position"] == 1
+    assert fleet.acks.acked == [create]
+    assert result.outbox_ids  # kept until the publish is confirmed
+
+
+async def test_a_workflow_finishes_through_its_step_messages():
+    fleet = Fleet()
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1", {"n": 1})])
+    await fleet.forward()
+    await fleet.forward()
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (InstanceStatus.COMPLETE, "2")
+    assert [e.name for e in detail.journal] == ["reserve", "charge"]
+    assert fleet.steps() == []
+
+
+async def test_one_batch_writes_every_instance_and_defers_a_second_message_for_one():
+    fleet = Fleet()
+    await fleet.push()
+    creates = [fleet.create(f"o-{i}") for i in range(5)]
+    again = fleet.create("o-0")
+    result = await fleet.processor.process([*creates, again])
+    assert result.steps == 5
+    assert result.deferred == [again]
+    assert again not in fleet.acks.acked
+    for i in range(5):
+        assert [e.seq for e in (await fleet.status(f"o-{i}")).journal] == [0]
+    assert len(fleet.steps()) == 5
+
+
+async def test_a_repeated_create_is_a_duplicate():
+    fleet = Fleet()
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    result = await fleet.processor.process([fleet.create("o-1")])
+    assert (result.steps, result.duplicates, result.dead_letters) == (0, 1, 0)
+    assert len((await fleet.status("o-1")).journal) == 1
+
+
+async def test_bad_messages_are_dead_lettered_and_the_rest_of_the_batch_commits():
+    fleet = Fleet()
+    await fleet.push()
+    good = fleet.create("o-1")
+    nul = fleet.message("create", "o-2", {"version": 1}, **{"x-tenant": "ac\x00me"})
+    unknown = fleet.message("create", "o-3", {"version": 1}, **{"x-module": "sha256:" + "0" * 64})
+    not_json = delivery(fleet.acks, dict(good.headers), b"{nope")
+    result = await fleet.processor.process([good, nul, unknown, not_json])
+    assert result.steps == 1
+    reasons = sorted(m.headers["x-dead-reason"] for m in fleet.dead())
+    assert reasons == ["bad-body", "bad-header", "unknown-module"]
+    assert len(fleet.acks.acked) == 4
+
+
+async def test_an_event_for_no_instance_is_dead_lettered():
+    fleet = Fleet()
+    result = await fleet.processor.process([fleet.event("ghost", "e-1", {})])
+    assert result.dead_letters == 1
+    assert fleet.dead()[0].headers["x-dead-reason"] == "unknown-instance"
+
+
+async def test_an_early_event_is_stored_and_taken_by_the_wait():
+    fleet = Fleet(guest=waits_for_go)
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    assert (await fleet.status("o-1")).record.waiting.kind is WaitKind.EVENT
+    await fleet.processor.process([fleet.event("o-1", "e-1", {"ok": True})])
+    again = await fleet.processor.process([fleet.event("o-1", "e-1", {"ok": True})])
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (
+        InstanceStatus.COMPLETE,
+        '{"ok":true}',
+    )
+    assert [e.kind for e in detail.journal] == [EntryKind.EVENT_RECEIVED]
+    assert again.duplicates == 1
+
+
+async def test_running_steps_quota_parks_what_has_no_slot():
+    fleet = Fleet(limits=TenantLimits(running_steps=1))
+    await fleet.push()
+    result = await fleet.processor.process([fleet.create("o-1"), fleet.create("o-2")])
+    assert result.steps == 1
+    held = [
+        d.record for d in [await fleet.status("o-1"), await fleet.status("o-2")] if not d.journal
+    ]
+    assert len(held) == 1
+    assert held[0].status is InstanceStatus.QUEUED
+    assert held[0].waiting is not None
+    assert held[0].waiting.kind is WaitKind.THROTTLE
+    assert held[0].waiting.wake_at > fleet.now
+
+
+async def test_rate_quota_holds_steps_past_the_bucket():
+    fleet = Fleet(limits=TenantLimits(steps_per_second=1))
+    await fleet.push()
+    result = await fleet.processor.process([fleet.create(f"o-{i}") for i in range(3)])
+    assert result.steps < 3
+    waits = []
+    for i in range(3):
+        record = (await fleet.status(f"o-{i}")).record
+        if record.waiting is not None:
+            waits.append(record.waiting.wake_at - fleet.now)
+    assert waits
+    assert all(timedelta(0) < w <= timedelta(seconds=3) for w in waits)
+
+
+async def test_nothing_is_written_or_acked_when_the_store_fails():
+    fleet = Fleet()
+    await fleet.push()
+    fleet.processor.confirmed_outbox = [1, 2]
+
+    fleet.processor.cycle._store = FailingWrites(fleet.store)
+    with pytest.raises(StoreUnavailable):
+        await fleet.processor.process([fleet.create("o-1")])
+    assert await fleet.store.detail(InstanceKey(TENANT, "o-1")) is None
+    assert fleet.acks.acked == []
+    assert fleet.processor.confirmed_outbox == [1, 2]
+
+
+async def test_giving_up_on_a_step_errors_its_instance_and_on_a_create_dead_letters_it():
+    fleet = Fleet()
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    [step] = fleet.steps()
+    sent = delivery(fleet.acks, dict(step.headers), step.body, routing_key=step.routing_key)
+    await fleet.processor.give_up(sent, RuntimeError("host bug\nsecond line"))
+    record = (await fleet.status("o-1")).record
+    assert record.status is InstanceStatus.ERRORED
+    assert record.error == "stepfleet could not process its step: RuntimeError: host bug"
+    create = fleet.create("o-2")
+    await fleet.processor.give_up(create, ValueError("boom"))
+    assert fleet.dead()[-1].headers["x-dead-reason"] == "unprocessable"
+    assert sent in fleet.acks.acked
+    assert create in fleet.acks.acked
+
+
+async def test_every_log_line_of_a_delivery_carries_its_context():
+    fleet = Fleet()
+    await fleet.push()
+    with capture_logs() as logs:
+        await fleet.processor.process([fleet.create("o-1")])
+    mine = [e for e in logs if e.get("instance") == "o-1"]
+    assert {e["event"] for e in mine} >= {"guest_log", "step_recorded"}
+    for event in mine:
+        assert (event["tenant"], event["module_digest"]) == (TENANT, MODULE), event
+    recorded = next(e for e in mine if e["event"] == "step_recorded")
+    assert (recorded["step"], recorded["attempt"], recorded["position"]) == ("reserve", 1, 0)
