@@ -12,9 +12,9 @@ import structlog
 
 from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
-from stepfleet.cycle.guest import decide_step, run_step
+from stepfleet.cycle.guest import run_step
 from stepfleet.cycle.replays import CachedReplay
-from stepfleet.engine import EngineLimits, InstanceState
+from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import InvalidModule, ReplayJournal, Sandbox
 from stepfleet.schemas import (
     ErrorKind,
@@ -147,8 +147,13 @@ class ModuleMoves:
         # A dry run calls out to nobody: the step it reaches runs with no HTTP calls allowed.
         report = run_step(self._sandbox, state, replay, limits=_NO_CALLS)
         now = datetime.now(UTC)
-        decision = decide_step(
-            state, replay, report, started_at=now, finished_at=now, limits=EngineLimits()
+        decision = decide(
+            state,
+            replay.journal.entries,
+            report,
+            started_at=now,
+            finished_at=now,
+            limits=EngineLimits(),
         )
         if (
             isinstance(report.outcome, Nondeterministic)

@@ -1,8 +1,8 @@
 """Running a guest for one step and deciding what its outcome means.
 
-`run_step` is the one place a replay buffer is built and a guest run; `decide_step` the one
-place its report is turned into a decision. The cycle calls both for every admitted message;
-module-move dry runs call them on an instance's committed journal with another module.
+`run_step` is the one place a replay buffer is built and a guest run; the engine's `decide`
+turns its report into a decision. The cycle does both for every admitted message; module-move
+dry runs do both on an instance's committed journal with another module.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import structlog
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.work import Ran, Work
-from stepfleet.engine import Decision, EngineLimits, InstanceState, decide
+from stepfleet.engine import InstanceState
 from stepfleet.sandbox import GuestRun, Sandbox, encode_replay_buffer
 from stepfleet.schemas import GuestReport, JournalEntry, TenantLimits
 
@@ -58,28 +58,6 @@ def run_step(
         host_calls_per_step=own.host_calls_per_step,
     )
     return sandbox.run(job)
-
-
-def decide_step(
-    state: InstanceState,
-    replay: CachedReplay,
-    report: GuestReport,
-    *,
-    started_at: datetime,
-    finished_at: datetime,
-    limits: EngineLimits,
-    pending: Sequence[JournalEntry] = (),
-) -> Decision:
-    """What the run's outcome means for the instance (the engine's `decide`)."""
-    return decide(
-        state,
-        replay.journal.entries,
-        report,
-        started_at=started_at,
-        finished_at=finished_at,
-        limits=limits,
-        pending=pending,
-    )
 
 
 def run_works(

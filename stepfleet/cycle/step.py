@@ -22,13 +22,13 @@ import structlog
 from stepfleet.broker import Topology
 from stepfleet.cycle.admission import Admission
 from stepfleet.cycle.directory import TenantDirectory
-from stepfleet.cycle.guest import decide_step, log_run, run_works
+from stepfleet.cycle.guest import log_run, run_works
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.work import CycleResult, H, Ran, Work, errored, write_of
-from stepfleet.engine import EngineLimits, resolve_wait
+from stepfleet.engine import EngineLimits, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import InstanceKey, WaitKind
 from stepfleet.store.port import StepStore, StepTx
@@ -154,9 +154,9 @@ class StepCycle:
         work = item.work
         assert work.replay is not None
         assert work.state is not None
-        item.decision = decide_step(
+        item.decision = decide(
             work.state,
-            work.replay,
+            work.replay.journal.entries,
             item.report,
             started_at=item.started_at,
             finished_at=item.finished_at,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from stepfleet.cycle.guest import decide_step, log_run
+from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.work import Ran, Work
-from stepfleet.engine import EngineLimits, InstanceState
+from stepfleet.engine import EngineLimits, InstanceState, decide
 from stepfleet.sandbox import ReplayJournal
 from stepfleet.schemas import (
     Envelope,
@@ -40,8 +40,8 @@ def decide_logged(outcome: GuestOutcome, attempt: int = 1) -> list[dict[str, obj
     item = Ran(work, GuestReport(outcome, (), [(1, "hello from the guest")]), now, now)
     assert work.state is not None
     assert work.replay is not None
-    item.decision = decide_step(
-        work.state, work.replay, item.report, started_at=now, finished_at=now, limits=EngineLimits()
+    item.decision = decide(
+        work.state, [], item.report, started_at=now, finished_at=now, limits=EngineLimits()
     )
     with capture_logs() as logs:
         log_run(item)
