@@ -47,9 +47,9 @@ def create_message(
         ValueError: a field is malformed (the message would be dead-lettered).
     """
     instance_id = request.instance_id or str(uuid.uuid4())
-    headers = Headers.build(
+    headers = Headers.table(
         MessageKind.CREATE, request.tenant, instance_id, request.module, request.traceparent
-    ).wire()
+    )
     fields: dict[str, Any] = {"version": SCHEMA_VERSION, "params": request.params}
     if request.retention_seconds is not None:
         fields["retention_seconds"] = request.retention_seconds
@@ -72,7 +72,7 @@ def event_message(
     Raises:
         ValueError: a field is malformed (the message would be dead-lettered).
     """
-    headers = Headers.build(MessageKind.EVENT, request.tenant, request.instance_id).wire()
+    headers = Headers.table(MessageKind.EVENT, request.tenant, request.instance_id)
     if not 1 <= len(request.type.encode()) <= MAX_NAME_BYTES:
         raise ValueError(f"event type must be 1 to {MAX_NAME_BYTES} bytes")
     event_id = request.event_id or str(uuid.uuid4())

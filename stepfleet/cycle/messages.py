@@ -28,8 +28,10 @@ def step_message(
     Returns the outbox row and the same message ready to publish, so the per-step path never
     parses back what it has just serialised (the relay uses `from_outbox` instead).
     """
-    # Unvalidated headers (here and in wake_message): the fleet read them from its own store.
-    headers = Headers.table(MessageKind.STEP, key.tenant, key.instance_id, module, traceparent)
+    # Unchecked headers (here and in wake_message): the fleet read them from its own store.
+    headers = Headers.table(
+        MessageKind.STEP, key.tenant, key.instance_id, module, traceparent, check=False
+    )
     row = OutboxMessage(
         routing_key=routing_key(key.tenant, MessageKind.STEP),
         headers=json.dumps(headers, separators=(",", ":")),
@@ -48,7 +50,10 @@ def step_message(
 def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
     """Build the message that ends a due timer's wait (published straight, not via the outbox:
     the timer row itself is the durable record, and an unprocessed wake is sent again)."""
-    headers = Headers.table(MessageKind.WAKE, timer.key.tenant, timer.key.instance_id, timer.module)
+    key = timer.key
+    headers = Headers.table(
+        MessageKind.WAKE, key.tenant, key.instance_id, timer.module, check=False
+    )
     body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d,"due_us":%d}' % (
         SCHEMA_VERSION,
         timer.position,

@@ -123,8 +123,8 @@ class Headers(BaseModel):
 
     It validates a header table (keys are the header names, `x-tenant`, ...), field by field
     in the order a worker checks them; a refusal's error type is its dead-letter reason and
-    its context holds the detail (see `refusal`). Any other header is ignored. `wire()` gives
-    the headers as published. `schemas/headers.v1.schema.json` is generated from this model.
+    its context holds the detail (see `refusal`). Any other header is ignored. `table()` builds
+    the headers of a message to send. `schemas/headers.v1.schema.json` is generated from this model.
     """
 
     TENANT: ClassVar[str] = "x-tenant"
@@ -217,30 +217,6 @@ class Headers(BaseModel):
         return headers
 
     @classmethod
-    def build(
-        cls,
-        kind: MessageKind,
-        tenant: str,
-        instance_id: str,
-        module: str | None = None,
-        traceparent: str | None = None,
-    ) -> Headers:
-        """Validated headers for a message to send.
-
-        Raises:
-            ValueError: a value breaks a rule; the text is the detail a worker would give the
-                message's dead letter.
-        """
-        try:
-            return cls.model_validate(cls.table(kind, tenant, instance_id, module, traceparent))
-        except ValidationError as exc:
-            raise ValueError(refusal(exc).detail) from None
-
-    def wire(self) -> dict[str, str]:
-        """The headers as published (see `table`)."""
-        return self.table(self.kind, self.tenant, self.instance_id, self.module, self.traceparent)
-
-    @classmethod
     def table(
         cls,
         kind: MessageKind,
@@ -248,10 +224,17 @@ class Headers(BaseModel):
         instance_id: str,
         module: str | None = None,
         traceparent: str | None = None,
+        *,
+        check: bool = True,
     ) -> dict[str, str]:
-        """The header table of a message, in the order it is published; an absent module and
-        an empty traceparent are left out. Unvalidated: for values the fleet read back from its
-        own store, which arrived validated (`build(...).wire()` validates first)."""
+        """The header table of a message to send, in the order it is published; an absent
+        module and an empty traceparent are left out. `check=False` skips validation, for
+        values the fleet read back from its own store (they arrived validated).
+
+        Raises:
+            ValueError: a value breaks a rule; the text is the detail a worker would give the
+                message's dead letter.
+        """
         headers = {cls.TENANT: tenant, cls.INSTANCE: instance_id}
         if module is not None:
             headers[cls.MODULE] = module
@@ -259,6 +242,11 @@ class Headers(BaseModel):
         headers[cls.SCHEMA_VERSION] = str(SCHEMA_VERSION)
         if traceparent:
             headers[cls.TRACEPARENT] = traceparent
+        if check:
+            try:
+                cls.model_validate(headers)
+            except ValidationError as exc:
+                raise ValueError(refusal(exc).detail) from None
         return headers
 
 

@@ -419,19 +419,18 @@ def test_parse_envelope_refusal_details(headers: dict[str, Any], body: bytes, de
 
 
 def test_headers_model_builds_what_parse_envelope_reads():
-    """Headers.build(...).wire() gives the header table in its published order, and
-    parse_envelope reads it back; an empty traceparent and an absent module are left out."""
-    built = Headers.build(MessageKind.CREATE, "acme", "order-1", MODULE, "00-ab-cd-01")
-    wire = built.wire()
+    """Headers.table gives the header table in its published order, and parse_envelope reads
+    it back; an empty traceparent and an absent module are left out."""
+    wire = Headers.table(MessageKind.CREATE, "acme", "order-1", MODULE, "00-ab-cd-01")
     assert list(wire.items()) == [*CREATE_HEADERS.items(), (Headers.TRACEPARENT, "00-ab-cd-01")]
     envelope = parse_envelope(wire, CREATE_BODY, max_body_bytes=LIMIT)
     assert (envelope.tenant, envelope.instance_id, envelope.module, envelope.traceparent) == (
-        built.tenant,
-        built.instance_id,
-        built.module,
-        built.traceparent,
+        "acme",
+        "order-1",
+        MODULE,
+        "00-ab-cd-01",
     )
-    event = Headers.build(MessageKind.EVENT, "acme", "order-1", traceparent="").wire()
+    event = Headers.table(MessageKind.EVENT, "acme", "order-1", traceparent="")
     assert list(event) == [Headers.TENANT, Headers.INSTANCE, Headers.KIND, Headers.SCHEMA_VERSION]
 
 
@@ -457,14 +456,7 @@ def test_step_and_wake_messages_carry_headers_parse_envelope_reads():
     key = InstanceKey("acme", "order-1")
     row, step = step_message(Topology(), key, MODULE, 3, 0, "00-ab-cd-01")
     assert json.loads(row.headers) == step.headers
-    assert list(step.headers) == [
-        Headers.TENANT,
-        Headers.INSTANCE,
-        Headers.MODULE,
-        Headers.KIND,
-        Headers.SCHEMA_VERSION,
-        Headers.TRACEPARENT,
-    ]
+    assert list(step.headers) == [*CREATE_HEADERS, Headers.TRACEPARENT]
     parsed = parse_envelope(step.headers, step.body, max_body_bytes=LIMIT)
     assert (parsed.kind, parsed.traceparent) == (MessageKind.STEP, "00-ab-cd-01")
     timer = DueTimer(key, MODULE, 3, 1, 0, datetime.now(UTC))
