@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from stepfleet.broker import Topology
 from stepfleet.client import CreateRequest, create_message
@@ -29,6 +30,7 @@ from stepfleet.schemas import (
     parse_envelope,
 )
 from stepfleet.schemas.export import REGENERATE_COMMAND, json_schemas, main, write_schemas
+from stepfleet.schemas.messages import refusal
 from stepfleet.store import DueTimer
 from stepfleet.workers.settings import Settings
 
@@ -463,3 +465,37 @@ def test_step_and_wake_messages_carry_headers_parse_envelope_reads():
     wake = wake_message(Topology(), timer)
     assert parse_envelope(wake.headers, wake.body, max_body_bytes=LIMIT).kind is MessageKind.WAKE
     assert Headers.TRACEPARENT not in wake.headers
+
+
+def _read_and_validated(headers: dict[str, Any]) -> tuple[Any, Any]:
+    """What Headers.read and Headers.model_validate make of one header table."""
+    try:
+        fields, late = Headers.read(headers)
+        read: Any = (fields, None) if late is None else ("refused", late.reason, late.detail)
+    except InvalidMessage as refused:
+        read = ("refused", refused.reason, refused.detail)
+    try:
+        validated: Any = (Headers.model_validate(headers).model_dump(), None)
+    except ValidationError as exc:
+        found = refusal(exc)
+        validated = ("refused", found.reason, found.detail)
+    return read, validated
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        *(param.values[0] for param in REFUSALS),
+        CREATE_HEADERS,
+        _with(x_kind="event", x_module=None),
+        _with(traceparent="00-ab-cd-01", x_schema_version=1),
+        _with(traceparent=b"\xff"),
+        _with(traceparent=b"\xff", x_tenant="Acme"),
+        {"tenant": "acme", "instance_id": "i", "kind": "event", "schema_version": "1"},
+    ],
+)
+def test_fast_header_read_agrees_with_the_model(headers: dict[str, Any]):
+    """parse_envelope's fast path (Headers.read) accepts and refuses exactly as validating
+    the Headers model does, with the same reason and detail."""
+    read, validated = _read_and_validated(headers)
+    assert read == validated
