@@ -55,6 +55,8 @@ class _Earlier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Read:
+    """The headers Headers.read has validated so far, by field name."""
+
     data: dict[str, Any]
 
 
