@@ -11,15 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
-from stepfleet.schemas import (
-    MAX_NAME_BYTES,
-    SCHEMA_VERSION,
-    Headers,
-    MessageKind,
-    is_digest,
-    is_instance_id,
-    is_tenant,
-)
+from stepfleet.schemas import MAX_NAME_BYTES, SCHEMA_VERSION, Headers, MessageKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,22 +46,10 @@ def create_message(
     Raises:
         ValueError: a field is malformed (the message would be dead-lettered).
     """
-    if not is_tenant(request.tenant):
-        raise ValueError(f"{request.tenant!r} is not a tenant name")
-    if not is_digest(request.module):
-        raise ValueError(f"{request.module!r} is not a module digest (sha256:...)")
     instance_id = request.instance_id or str(uuid.uuid4())
-    if not is_instance_id(instance_id):
-        raise ValueError(f"{instance_id!r} is not an instance id")
-    headers = {
-        Headers.TENANT: request.tenant,
-        Headers.INSTANCE: instance_id,
-        Headers.MODULE: request.module,
-        Headers.KIND: MessageKind.CREATE.value,
-        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
-    }
-    if request.traceparent:
-        headers[Headers.TRACEPARENT] = request.traceparent
+    headers = Headers.table(
+        MessageKind.CREATE, request.tenant, instance_id, request.module, request.traceparent
+    )
     fields: dict[str, Any] = {"version": SCHEMA_VERSION, "params": request.params}
     if request.retention_seconds is not None:
         fields["retention_seconds"] = request.retention_seconds
@@ -92,21 +72,12 @@ def event_message(
     Raises:
         ValueError: a field is malformed (the message would be dead-lettered).
     """
-    if not is_tenant(request.tenant):
-        raise ValueError(f"{request.tenant!r} is not a tenant name")
-    if not is_instance_id(request.instance_id):
-        raise ValueError(f"{request.instance_id!r} is not an instance id")
+    headers = Headers.table(MessageKind.EVENT, request.tenant, request.instance_id)
     if not 1 <= len(request.type.encode()) <= MAX_NAME_BYTES:
         raise ValueError(f"event type must be 1 to {MAX_NAME_BYTES} bytes")
     event_id = request.event_id or str(uuid.uuid4())
     if not 1 <= len(event_id.encode()) <= MAX_NAME_BYTES:
         raise ValueError(f"event id must be 1 to {MAX_NAME_BYTES} bytes")
-    headers = {
-        Headers.TENANT: request.tenant,
-        Headers.INSTANCE: request.instance_id,
-        Headers.KIND: MessageKind.EVENT.value,
-        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
-    }
     body = json.dumps(
         {
             "version": SCHEMA_VERSION,

@@ -15,21 +15,6 @@ from stepfleet.schemas.messages import SENDER_SELECTED
 from stepfleet.store import DueTimer, OutboxMessage
 
 
-def _headers(
-    key: InstanceKey, module: str, kind: MessageKind, traceparent: str | None = None
-) -> dict[str, str]:
-    headers = {
-        Headers.TENANT: key.tenant,
-        Headers.INSTANCE: key.instance_id,
-        Headers.MODULE: module,
-        Headers.KIND: kind.value,
-        Headers.SCHEMA_VERSION: str(SCHEMA_VERSION),
-    }
-    if traceparent:
-        headers[Headers.TRACEPARENT] = traceparent
-    return headers
-
-
 def step_message(
     topology: Topology,
     key: InstanceKey,
@@ -43,7 +28,10 @@ def step_message(
     Returns the outbox row and the same message ready to publish, so the per-step path never
     parses back what it has just serialised (the relay uses `from_outbox` instead).
     """
-    headers = _headers(key, module, MessageKind.STEP, traceparent)
+    # Unchecked headers (here and in wake_message): the fleet read them from its own store.
+    headers = Headers.table(
+        MessageKind.STEP, key.tenant, key.instance_id, module, traceparent, check=False
+    )
     row = OutboxMessage(
         routing_key=routing_key(key.tenant, MessageKind.STEP),
         headers=json.dumps(headers, separators=(",", ":")),
@@ -62,7 +50,10 @@ def step_message(
 def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
     """Build the message that ends a due timer's wait (published straight, not via the outbox:
     the timer row itself is the durable record, and an unprocessed wake is sent again)."""
-    headers = _headers(timer.key, timer.module, MessageKind.WAKE)
+    key = timer.key
+    headers = Headers.table(
+        MessageKind.WAKE, key.tenant, key.instance_id, timer.module, check=False
+    )
     body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d,"due_us":%d}' % (
         SCHEMA_VERSION,
         timer.position,

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
-from stepfleet.schemas.identifiers import DIGEST_PATTERN, INSTANCE_ID_PATTERN, TENANT_PATTERN
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
+
 from stepfleet.schemas.messages import BODY_MODELS, SCHEMA_VERSION, Headers, MessageKind
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
@@ -66,53 +68,45 @@ def body_schema(kind: MessageKind) -> dict[str, Any]:
     )
 
 
+class _HeaderSchema(GenerateJsonSchema):
+    """JSON Schema of `Headers` as a header table: a header is a string, present or absent
+    (never null, no default), properties stay in the model's order, and no titles."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def enum_schema(self, schema: core_schema.EnumSchema) -> JsonSchemaValue:
+        return {"type": "string", "enum": [member.value for member in schema["members"]]}
+
+    def sort(self, value: JsonSchemaValue, parent_key: str | None = None) -> JsonSchemaValue:
+        return value
+
+    def generate(self, schema: CoreSchema, mode: JsonSchemaMode = "validation") -> JsonSchemaValue:
+        """Put each definition (the kinds' enum) in place of its `$ref`."""
+        document = super().generate(schema, mode)
+        definitions = document.pop("$defs", {})
+        for name, field in document["properties"].items():
+            if "$ref" in field:
+                target = definitions[field.pop("$ref").rsplit("/", 1)[1]]
+                target.pop("title", None)
+                document["properties"][name] = target | field
+        return document
+
+
 def headers_schema() -> dict[str, Any]:
     """Return the schema document of the AMQP headers every message carries."""
-
-    def text(description: str, **keywords: Any) -> dict[str, Any]:
-        return {"type": "string", "description": description, **keywords}
-
-    kinds = [kind.value for kind in MessageKind]
-    schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            Headers.TENANT: text(
-                "The tenant the instance belongs to; also the first word of the routing key.",
-                pattern=TENANT_PATTERN,
-            ),
-            Headers.INSTANCE: text(
-                "The instance id, unique within the tenant and chosen by the producer.",
-                pattern=INSTANCE_ID_PATTERN,
-            ),
-            Headers.MODULE: text(
-                "Digest of the module to run: `sha256:` and 64 lower-case hex digits. "
-                "Required on create; optional on other kinds, checked when present.",
-                pattern=DIGEST_PATTERN,
-            ),
-            Headers.KIND: text(
-                "Which message this is; also the last word of the routing key. "
-                "Producers send create and event; step and wake are internal.",
-                enum=kinds,
-            ),
-            Headers.SCHEMA_VERSION: text("Version of the body schema.", const=str(SCHEMA_VERSION)),
-            Headers.TRACEPARENT: text(
-                "Optional W3C trace context, copied onto every message the instance causes."
-            ),
-        },
-        "required": [Headers.TENANT, Headers.INSTANCE, Headers.KIND, Headers.SCHEMA_VERSION],
-        "if": {
-            "properties": {Headers.KIND: {"const": MessageKind.CREATE.value}},
-            "required": [Headers.KIND],
-        },
-        "then": {"required": [Headers.MODULE]},
-        "additionalProperties": True,
-    }
     return _document(
         "headers",
         f"stepfleet message headers, version {SCHEMA_VERSION}",
         "AMQP headers (the `headers` table of the basic properties) of every stepfleet "
         "message, as short strings. Other headers are allowed and ignored.",
-        schema,
+        Headers.model_json_schema(by_alias=True, schema_generator=_HeaderSchema),
     )
 
 

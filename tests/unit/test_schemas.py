@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from stepfleet.broker import Topology
+from stepfleet.client import CreateRequest, create_message
+from stepfleet.cycle.messages import step_message, wake_message
 from stepfleet.engine import InstanceState, Reject, admit, check_size
 from stepfleet.schemas import (
     BODY_MODELS,
@@ -27,6 +30,8 @@ from stepfleet.schemas import (
     parse_envelope,
 )
 from stepfleet.schemas.export import REGENERATE_COMMAND, json_schemas, main, write_schemas
+from stepfleet.schemas.messages import refusal
+from stepfleet.store import DueTimer
 from stepfleet.workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -352,3 +357,145 @@ def test_create_body_defaults_match_the_doc():
     """A create body may omit version and params: they default to 1 and {}."""
     envelope = parse_envelope(CREATE_HEADERS, b"{}", max_body_bytes=LIMIT)
     assert envelope.body == CreateBody(version=1, params={})
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "detail"),
+    [
+        pytest.param(_without(Headers.KIND), CREATE_BODY, "header x-kind is required", id="kind"),
+        pytest.param(_with(x_kind="start"), b"{}", "unknown message kind 'start'", id="unknown"),
+        pytest.param(
+            _with(x_schema_version="2", x_tenant="Acme"),
+            CREATE_BODY,
+            "schema version '2' is not 1",
+            id="version-before-tenant",
+        ),
+        pytest.param(
+            _with(x_tenant="A" * 100),
+            CREATE_BODY,
+            f"x-tenant {'A' * 80!r} is not a tenant name",
+            id="tenant",
+        ),
+        pytest.param(
+            _with(x_instance_id="-" * 200),
+            CREATE_BODY,
+            f"x-instance-id {'-' * 140!r} is not an instance id",
+            id="instance",
+        ),
+        pytest.param(
+            _without(Headers.MODULE), CREATE_BODY, "header x-module is required on create", id="m"
+        ),
+        pytest.param(_with(x_module=""), CREATE_BODY, "x-module '' is not a digest", id="module"),
+        pytest.param(_with(x_tenant=b"\xff"), CREATE_BODY, "header x-tenant is not UTF-8", id="u"),
+        pytest.param(_with(x_tenant=None), CREATE_BODY, "header x-tenant is required", id="none"),
+        pytest.param(
+            _with(x_tenant=1.5), CREATE_BODY, "header x-tenant must be a string", id="float"
+        ),
+        pytest.param(
+            _with(CC=[], x_kind="start"),
+            CREATE_BODY,
+            "header CC (sender-selected distribution) is not allowed",
+            id="cc-first",
+        ),
+        pytest.param(
+            _with(traceparent=[1]), b"[1]", "create body: body: Input should be an object", id="t1"
+        ),
+        pytest.param(
+            _with(traceparent=[1]), CREATE_BODY, "header traceparent must be a string", id="t2"
+        ),
+        pytest.param(
+            {k.removeprefix("x-").replace("-", "_"): v for k, v in CREATE_HEADERS.items()},
+            CREATE_BODY,
+            "header x-kind is required",
+            id="field-names-are-not-headers",
+        ),
+    ],
+)
+def test_parse_envelope_refusal_details(headers: dict[str, Any], body: bytes, detail: str):
+    """The detail of a refusal names the first broken header, in the order a worker checks
+    them: sender-selected headers, kind, version, tenant, instance, module, then the body, and
+    last a traceparent that is not text."""
+    with pytest.raises(InvalidMessage) as refused:
+        parse_envelope(headers, body, max_body_bytes=LIMIT)
+    assert refused.value.detail == detail
+
+
+def test_headers_model_builds_what_parse_envelope_reads():
+    """Headers.table gives the header table in its published order, and parse_envelope reads
+    it back; an empty traceparent and an absent module are left out."""
+    wire = Headers.table(MessageKind.CREATE, "acme", "order-1", MODULE, "00-ab-cd-01")
+    assert list(wire.items()) == [*CREATE_HEADERS.items(), (Headers.TRACEPARENT, "00-ab-cd-01")]
+    envelope = parse_envelope(wire, CREATE_BODY, max_body_bytes=LIMIT)
+    assert (envelope.tenant, envelope.instance_id, envelope.module, envelope.traceparent) == (
+        "acme",
+        "order-1",
+        MODULE,
+        "00-ab-cd-01",
+    )
+    event = Headers.table(MessageKind.EVENT, "acme", "order-1", traceparent="")
+    assert list(event) == [Headers.TENANT, Headers.INSTANCE, Headers.KIND, Headers.SCHEMA_VERSION]
+
+
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        pytest.param(("Acme", "order-1", MODULE), "x-tenant 'Acme' is not a tenant name", id="t"),
+        pytest.param(("acme", "-1", MODULE), "x-instance-id '-1' is not an instance id", id="i"),
+        pytest.param(("acme", "x", "sha256:AB"), "x-module 'sha256:AB' is not a digest", id="m"),
+    ],
+)
+def test_producer_refuses_headers_with_the_dead_letter_detail(
+    fields: tuple[str, str, str], detail: str
+):
+    """The producer checks its headers with the same model, and says what a worker would."""
+    tenant, instance_id, module = fields
+    with pytest.raises(ValueError, match=f"^{re.escape(detail)}$"):
+        create_message(Topology(), CreateRequest(tenant, module, instance_id=instance_id))
+
+
+def test_step_and_wake_messages_carry_headers_parse_envelope_reads():
+    """The step and wake builders' headers are the model's table, and they parse back."""
+    key = InstanceKey("acme", "order-1")
+    row, step = step_message(Topology(), key, MODULE, 3, 0, "00-ab-cd-01")
+    assert json.loads(row.headers) == step.headers
+    assert list(step.headers) == [*CREATE_HEADERS, Headers.TRACEPARENT]
+    parsed = parse_envelope(step.headers, step.body, max_body_bytes=LIMIT)
+    assert (parsed.kind, parsed.traceparent) == (MessageKind.STEP, "00-ab-cd-01")
+    timer = DueTimer(key, MODULE, 3, 1, 0, datetime.now(UTC))
+    wake = wake_message(Topology(), timer)
+    assert parse_envelope(wake.headers, wake.body, max_body_bytes=LIMIT).kind is MessageKind.WAKE
+    assert Headers.TRACEPARENT not in wake.headers
+
+
+def _read_and_validated(headers: dict[str, Any]) -> tuple[Any, Any]:
+    """What Headers.read and Headers.model_validate make of one header table."""
+    try:
+        fields, late = Headers.read(headers)
+        read: Any = (fields, None) if late is None else ("refused", late.reason, late.detail)
+    except InvalidMessage as refused:
+        read = ("refused", refused.reason, refused.detail)
+    try:
+        validated: Any = (Headers.model_validate(headers).model_dump(), None)
+    except ValidationError as exc:
+        found = refusal(exc)
+        validated = ("refused", found.reason, found.detail)
+    return read, validated
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        *(param.values[0] for param in REFUSALS),
+        CREATE_HEADERS,
+        _with(x_kind="event", x_module=None),
+        _with(traceparent="00-ab-cd-01", x_schema_version=1),
+        _with(traceparent=b"\xff"),
+        _with(traceparent=b"\xff", x_tenant="Acme"),
+        {"tenant": "acme", "instance_id": "i", "kind": "event", "schema_version": "1"},
+    ],
+)
+def test_fast_header_read_agrees_with_the_model(headers: dict[str, Any]):
+    """parse_envelope's fast path (Headers.read) accepts and refuses exactly as validating
+    the Headers model does, with the same reason and detail."""
+    read, validated = _read_and_validated(headers)
+    assert read == validated
