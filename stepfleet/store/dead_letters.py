@@ -8,132 +8,25 @@ so it is published once however often the replay is asked for.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, select, text, update
+from sqlalchemy import Select, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from stepfleet.store.dead_letter_records import Archived, DeadLetter, LetterFilter, NewDeadLetter
+from stepfleet.store.dead_letter_text import (
+    headers_json,
+    routing_headers,
+    storable_letter,
+    storable_text,
+)
+from stepfleet.store.dead_letter_usage import account_name, add_usage, letter_accounts, lock_usage
 from stepfleet.store.errors import translated
 from stepfleet.store.records import AuditEntry
-from stepfleet.store.tables import audit_log, dead_letter_usage, dead_letters, tenants
-
-
-@dataclass(frozen=True, slots=True)
-class NewDeadLetter:
-    """A dead letter taken from the queue, to archive.
-
-    Text may hold anything a producer sent (NUL, unpaired surrogates, any length): the store
-    escapes and clips it (`storable`). Headers must be JSON values.
-    """
-
-    letter_key: str
-    reason: str
-    detail: str
-    routing_key: str
-    headers: dict[str, Any]
-    body: bytes
-    message_id: str | None = None
-    tenant: str | None = None
-    instance_id: str | None = None
-    kind: str | None = None
-    module: str | None = None
-    source: str = "other"
-    """How it reached the archive: `worker`, `rabbitmq` or `other`."""
-    sender: str | None = None
-    """The broker user that published the original, as RabbitMQ vouches; None: unknown."""
-    first_exchange: str | None = None
-    """The exchange the original was first published to, as RabbitMQ vouches; None: unknown."""
-    account: str | None = None
-    """The tenant the letter counts against, when the archiver can tell it."""
-    account_user: str | None = None
-    """Else the broker user whose tenant (as the tenants table says) it counts against."""
-    body_size: int | None = None
-    """The size of the whole body when `body` is only a prefix of it."""
-    body_sha256: str | None = None
-    """The SHA-256 (hex) of the whole body when `body` is only a prefix of it."""
-    unreplayable: str | None = None
-    """Why the letter must never be replayed, if the archiver knows already."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An archived dead letter with the workflow context it was archived with."""
-
-    id: int
-    received_at: datetime
-    reason: str
-    detail: str
-    tenant: str | None
-    instance_id: str | None
-    kind: str | None
-    module: str | None
-    routing_key: str
-    message_id: str | None
-    headers: dict[str, Any]
-    body: bytes
-    context: dict[str, Any]
-    replayed_at: datetime | None = None
-    replayed_by: str | None = None
-    source: str = "legacy"
-    sender: str | None = None
-    first_exchange: str | None = None
-    account: str = ""
-    body_size: int = 0
-    body_sha256: str = ""
-    unreplayable: str | None = None
-
-    @property
-    def body_truncated(self) -> bool:
-        """Whether `body` is less than the body the letter had (a prefix, or nothing)."""
-        return len(self.body) < self.body_size
-
-
-@dataclass(slots=True)
-class Archived:
-    """What one `archive` call stored."""
-
-    new: int = 0
-    """Letters that were not in the archive yet."""
-    stripped: list[NewDeadLetter] = field(default_factory=list)
-    """New letters kept without body and headers: their tenant's archive was over its bound."""
-
-
-@dataclass(frozen=True, slots=True)
-class LetterFilter:
-    """Which archived letters an operator means; unset fields match everything."""
-
-    ids: tuple[int, ...] = ()
-    tenant: str | None = None
-    reason: str | None = None
-    instance_id: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-    include_replayed: bool = False
-    limit: int | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """The filter as the audit log records it."""
-        return {k: v for k, v in _fields(self).items() if v not in (None, [], False)}
-
-
-def _fields(letter_filter: LetterFilter) -> dict[str, Any]:
-    return {
-        "ids": list(letter_filter.ids),
-        "tenant": letter_filter.tenant,
-        "reason": letter_filter.reason,
-        "instance_id": letter_filter.instance_id,
-        "since": letter_filter.since,
-        "until": letter_filter.until,
-        "include_replayed": letter_filter.include_replayed,
-    }
-
+from stepfleet.store.tables import audit_log, dead_letters
 
 # The instance a letter is about, as it stands when the letter is archived.
 _CONTEXT = text(
@@ -171,23 +64,23 @@ class DeadLetterStore:
         if not letters:
             return Archived()
         async with translated(), self._engine.begin() as connection:
-            safe = [_storable(letter) for letter in letters]
+            safe = [storable_letter(letter) for letter in letters]
             contexts = await _contexts(connection, safe)
-            accounts = await _accounts(connection, safe)
-            usage = await _lock_usage(connection, accounts)
+            accounts = await letter_accounts(connection, safe)
+            usage = await lock_usage(connection, accounts)
             rows = []
             stripped: dict[str, NewDeadLetter] = {}
             for original, letter, account in zip(letters, safe, accounts, strict=True):
                 context = contexts.get((letter.tenant or "", letter.instance_id or ""), {})
-                headers = _headers_json(letter.headers)
+                headers = headers_json(letter.headers)
                 body = letter.body
                 unreplayable = letter.unreplayable
                 stored = len(body) + len(headers)
                 if account_bytes is not None and usage[account] + stored > account_bytes:
-                    headers = _headers_json(_routing_headers(letter.headers))
+                    headers = headers_json(routing_headers(letter.headers))
                     body = b""
                     unreplayable = (
-                        f"the archive of {_account_name(account)} was over its bound of "
+                        f"the archive of {account_name(account)} was over its bound of "
                         f"{account_bytes} bytes: only the letter's metadata were kept"
                     )
                     stored = len(headers)
@@ -226,7 +119,7 @@ class DeadLetterStore:
                 )
             )
             inserted = result.all()
-            await _add_usage(connection, ((r.account, 1, r.stored_bytes) for r in inserted))
+            await add_usage(connection, ((r.account, 1, r.stored_bytes) for r in inserted))
             return Archived(
                 new=len(inserted),
                 stripped=[stripped[r.letter_key] for r in inserted if r.letter_key in stripped],
@@ -288,122 +181,8 @@ async def purge(connection: AsyncConnection, ids: Sequence[int]) -> int:
         .returning(dead_letters.c.account, dead_letters.c.stored_bytes)
     )
     deleted = result.all()
-    await _add_usage(connection, ((r.account, -1, -r.stored_bytes) for r in deleted))
+    await add_usage(connection, ((r.account, -1, -r.stored_bytes) for r in deleted))
     return len(deleted)
-
-
-# Short text columns are clipped (in characters, after escaping) well under what a btree
-# index entry may hold; the full values stay in the headers.
-_SHORT = 512
-_DETAIL = 4000
-# The headers a letter keeps when its tenant's archive is over its bound.
-_ROUTING_HEADERS = ("x-tenant", "x-instance-id", "x-kind", "x-module", "x-dead-reason")
-
-
-def storable_text(value: str, limit: int | None = None) -> str:
-    """Text PostgreSQL can store: NUL as `\\x00`, unpaired surrogates as `\\udXXX`, clipped to
-    `limit` characters."""
-    if limit is not None:
-        value = value[: limit * 2]
-    escaped = value.replace("\x00", "\\x00")
-    escaped = escaped.encode("utf-8", "backslashreplace").decode("utf-8")
-    return escaped if limit is None else escaped[:limit]
-
-
-def _short(value: str | None) -> str | None:
-    return None if value is None else storable_text(value, _SHORT)
-
-
-def _storable(letter: NewDeadLetter) -> NewDeadLetter:
-    return NewDeadLetter(
-        letter_key=storable_text(letter.letter_key, _SHORT),
-        reason=storable_text(letter.reason, _SHORT),
-        detail=storable_text(letter.detail, _DETAIL),
-        routing_key=storable_text(letter.routing_key, _SHORT),
-        headers=letter.headers,
-        body=letter.body,
-        message_id=_short(letter.message_id),
-        tenant=_short(letter.tenant),
-        instance_id=_short(letter.instance_id),
-        kind=_short(letter.kind),
-        module=_short(letter.module),
-        source=storable_text(letter.source, _SHORT),
-        sender=_short(letter.sender),
-        first_exchange=_short(letter.first_exchange),
-        account=_short(letter.account),
-        account_user=_short(letter.account_user),
-        body_size=len(letter.body) if letter.body_size is None else letter.body_size,
-        body_sha256=letter.body_sha256 or hashlib.sha256(letter.body).hexdigest(),
-        unreplayable=None if letter.unreplayable is None else storable_text(letter.unreplayable),
-    )
-
-
-def _headers_json(headers: Mapping[str, Any]) -> str:
-    """The headers as JSON text: ASCII only, so any string survives (NUL as \\u0000)."""
-    try:
-        return json.dumps(headers, sort_keys=True, default=str)
-    except (TypeError, ValueError, RecursionError):
-        # Not JSON values (a caller's bug): keep them as their ASCII repr rather than fail.
-        return json.dumps({"x-stepfleet-headers": ascii(headers)})
-
-
-def _routing_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        name: storable_text(value, _SHORT)
-        for name in _ROUTING_HEADERS
-        if isinstance(value := headers.get(name), str)
-    }
-
-
-def _account_name(account: str) -> str:
-    return f"tenant {account!r}" if account else "letters of no known tenant"
-
-
-async def _accounts(connection: AsyncConnection, letters: Sequence[NewDeadLetter]) -> list[str]:
-    """The account of each letter: its own, or the tenant of its producer user, or ''."""
-    users = {letter.account_user for letter in letters if letter.account_user}
-    owners: dict[str, str] = {}
-    if users:
-        result = await connection.execute(
-            select(tenants.c.broker_user, tenants.c.name).where(
-                tenants.c.broker_user.in_(sorted(users))
-            )
-        )
-        owners = {row.broker_user: row.name for row in result}
-    return [
-        owners.get(letter.account_user, "") if letter.account_user else letter.account or ""
-        for letter in letters
-    ]
-
-
-async def _lock_usage(connection: AsyncConnection, accounts: Iterable[str]) -> dict[str, int]:
-    """Lock the accounts' usage rows (made if missing, in one order: no deadlocks between
-    archivers) and return the bytes each holds."""
-    names = sorted(set(accounts))
-    u = dead_letter_usage.c
-    await connection.execute(
-        insert(dead_letter_usage).values([{"account": n} for n in names]).on_conflict_do_nothing()
-    )
-    result = await connection.execute(
-        select(u.account, u.bytes).where(u.account.in_(names)).order_by(u.account).with_for_update()
-    )
-    return {row.account: int(row.bytes) for row in result}
-
-
-async def _add_usage(connection: AsyncConnection, changes: Iterable[tuple[str, int, int]]) -> None:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for account, letters, size in changes:
-        totals[account][0] += letters
-        totals[account][1] += size
-    if not totals:
-        return
-    u = dead_letter_usage.c
-    await connection.execute(
-        update(dead_letter_usage)
-        .where(u.account == bindparam("acc"))
-        .values(letters=u.letters + bindparam("n"), bytes=u.bytes + bindparam("b")),
-        [{"acc": a, "n": n, "b": b} for a, (n, b) in sorted(totals.items())],
-    )
 
 
 async def _contexts(
@@ -476,6 +255,7 @@ def _letter(row: Any) -> DeadLetter:
     )
 
 
+# The records and `storable_text` live in their own modules; they stay importable from here.
 __all__ = [
     "Archived",
     "DeadLetter",
