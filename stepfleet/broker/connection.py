@@ -1,12 +1,13 @@
-"""Broker: one robust connection, a consuming channel and a confirming publisher channel."""
+"""Broker: one robust connection, a consuming channel and a confirming publisher channel.
+
+A cluster's several addresses are handled in cluster.py, consuming and fetching in
+consuming.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -14,169 +15,22 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import (
-    CONNECTION_EXCEPTIONS,
-    DeliveryError,
-    MessageProcessError,
-    PublishError,
-)
-from aio_pika.robust_connection import RobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from stepfleet.broker.cluster import RotatingConnection, broker_urls, censored, connect_any, login
+from stepfleet.broker.consuming import consume_queue, fetch_waiting
 from stepfleet.broker.errors import BrokerUnavailable, PublishRefused
 from stepfleet.broker.messages import Delivery, Outgoing
 from stepfleet.broker.topology import Topology
-from stepfleet.broker.wire import tolerate_invalid_utf8
-
-tolerate_invalid_utf8()  # before any connection reads a frame
 
 log = structlog.get_logger("stepfleet.broker")
 
 # How long a publish waits for the publishing channel to come back after a reconnect.
 _REOPEN_WAIT_SECONDS = 15.0
 _CONFIRM_WAIT_SECONDS = 30.0
-
-# A comma starts another address only where a URL begins, so commas inside a password or a
-# query string stay where they are.
-_URL_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)", re.IGNORECASE)
-
-
-def broker_urls(url: str) -> list[str]:
-    """The addresses in STEPFLEET_AMQP_URL: one URL, or several nodes of one cluster separated
-    by commas (`amqp://u:p@n1:5672/,amqp://u:p@n2:5672/`).
-
-    One address is returned exactly as given. Several must all log in as the same user to the
-    same virtual host: the fleet's own user and a producer's `user_id` are read from the first.
-
-    Raises:
-        ValueError: addresses with different users or virtual hosts.
-    """
-    parts = (part.strip().rstrip(",").strip() for part in _URL_SEPARATOR.split(url.strip()))
-    urls = [part for part in parts if part]
-    if len(urls) <= 1:
-        return [url]
-    logins = {_login(u) for u in urls}
-    if len(logins) > 1:
-        raise ValueError(
-            "every RabbitMQ URL must name the same user and virtual host, got "
-            + ", ".join(f"{user}@{vhost!r}" for user, vhost in sorted(logins))
-        )
-    return urls
-
-
-def _login(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    return unquote(parts.username or "guest"), vhost
-
-
-def _censored(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username}:******@{host}").geturl()
-
-
-class RotatingConnection(RobustConnection):
-    """A robust connection to one of several nodes of a cluster.
-
-    aio-pika's RobustConnection reconnects to its one URL. Every time a connection is lost, or
-    an attempt to open one fails, it calls `_on_connection_close` before it tries again (a
-    failed attempt too, with the attempt's error), and the next attempt connects to `self.url`.
-    So rotating `self.url` there sends each attempt to the next address: a connection to a node
-    that went away moves to another node at once, and while nodes stay down the attempts go
-    round the list every `reconnect_interval` (5 s, `?reconnect_interval=` in the URLs).
-    The robust channels then restore the topology and the consumers on the node it reached.
-    """
-
-    def __init__(self, urls: Sequence[str], first: int = 0, **kwargs: Any) -> None:
-        if not urls:
-            raise ValueError("no RabbitMQ URL given")
-        self.urls = tuple(urls)
-        self.index = first % len(self.urls)
-        super().__init__(aio_pika.connection.make_url(self.urls[self.index]), **kwargs)
-
-    @property
-    def current_url(self) -> str:
-        """The address the current (or next) connection attempt uses."""
-        return self.urls[self.index]
-
-    def rotate(self) -> None:
-        """Point the next connection attempt at the next address."""
-        self.index = (self.index + 1) % len(self.urls)
-        self.url = aio_pika.connection.make_url(self.urls[self.index])
-
-    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if not self.close_called and not self.is_closed and len(self.urls) > 1:
-            lost = self.current_url
-            self.rotate()
-            if self.connection_attempt:  # connect_any reports the first attempts itself
-                log.warning(
-                    "broker_connection_lost",
-                    address=_censored(lost),
-                    next_address=_censored(self.current_url),
-                )
-        await super()._on_connection_close(closing)
-
-
-async def connect_any(urls: Sequence[str], **kwargs: Any) -> RotatingConnection:
-    """Open a RotatingConnection to the first of `urls` that answers.
-
-    Raises:
-        The last address's connection error when none answers.
-    """
-    failure: BaseException | None = None
-    for first in range(len(urls)):
-        connection = RotatingConnection(urls, first, **kwargs)
-        try:
-            await connection.connect()
-        except CONNECTION_EXCEPTIONS as exc:
-            failure = exc
-            log.warning("broker_unreachable", address=_censored(urls[first]), error=repr(exc))
-            await connection.close()
-            continue
-        return connection
-    if failure is None:
-        raise ValueError("no RabbitMQ URL given")
-    raise failure
-
-
-def _delivery(message: AbstractIncomingMessage) -> Delivery:
-    headers: dict[str, Any] = dict(message.headers or {})
-    count = headers.get("x-delivery-count")
-
-    async def ack() -> None:
-        try:
-            await message.ack()
-        except CONNECTION_EXCEPTIONS as exc:
-            # The broker will redeliver it; the journal position makes that harmless.
-            raise BrokerUnavailable(f"ack failed: {exc!r}") from exc
-
-    async def release() -> None:
-        try:
-            await message.nack(requeue=True)
-        except CONNECTION_EXCEPTIONS as exc:
-            raise BrokerUnavailable(f"release failed: {exc!r}") from exc
-        except MessageProcessError:
-            pass  # already acked or released: nothing left to hand back
-
-    return Delivery(
-        body=message.body,
-        headers=headers,
-        routing_key=message.routing_key or "",
-        exchange=message.exchange or "",
-        message_id=message.message_id,
-        user_id=message.user_id,
-        redelivered=bool(message.redelivered),
-        delivery_count=count if isinstance(count, int) else 0,
-        _ack=ack,
-        _release=release,
-    )
 
 
 class Broker:
@@ -186,7 +40,7 @@ class Broker:
         self.url = url
         self.urls = broker_urls(url)
         """Several addresses (comma-separated): nodes of one cluster, tried in turn."""
-        self.user = _login(self.urls[0])[0]
+        self.user = login(self.urls[0])[0]
         """The user every address logs in as; the user_id of every message that names none."""
         self.topology = topology
         self._connection: AbstractRobustConnection | None = None
@@ -219,8 +73,8 @@ class Broker:
         if connection is None:
             return None
         if isinstance(connection, RotatingConnection):
-            return _censored(connection.current_url)
-        return _censored(self.url)
+            return censored(connection.current_url)
+        return censored(self.url)
 
     def _on_reconnect(self, _connection: AbstractRobustConnection | None, /) -> None:
         log.info("broker_reconnected", address=self.address)
@@ -390,39 +244,12 @@ class Broker:
         """Start consuming with manual acks and a bounded prefetch; return a stop function."""
         if self._connection is None:
             raise BrokerUnavailable("the broker is not connected")
-        try:
-            channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
-            # A (passive) declare registers the queue with the robust channel, which then
-            # consumes again after a reconnect; get_queue(ensure=False) would not.
-            queue = await channel.declare_queue(queue_name, passive=True)
-
-            async def on_message(message: AbstractIncomingMessage) -> None:
-                await handler(_delivery(message))
-
-            tag = await queue.consume(on_message, no_ack=False)
-        except CONNECTION_EXCEPTIONS as exc:
-            raise BrokerUnavailable(f"cannot consume {queue_name}: {exc!r}") from exc
+        channel, stop = await consume_queue(
+            self._connection, queue_name, handler, prefetch=prefetch
+        )
         self._consume_channel = channel
-
-        async def stop() -> None:
-            try:
-                await queue.cancel(tag)
-            except CONNECTION_EXCEPTIONS:
-                log.warning("cancel_failed", queue=queue_name)
-
         return stop
 
     async def fetch(self, queue_name: str, *, limit: int) -> list[Delivery]:
         """Take up to `limit` waiting messages with basic.get; ack each to remove it."""
-        try:
-            queue = await self._channel().get_queue(queue_name, ensure=False)
-            taken: list[Delivery] = []
-            while len(taken) < limit:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                taken.append(_delivery(message))
-        except CONNECTION_EXCEPTIONS as exc:
-            raise BrokerUnavailable(f"cannot read {queue_name}: {exc!r}") from exc
-        return taken
+        return await fetch_waiting(self._channel(), queue_name, limit=limit)

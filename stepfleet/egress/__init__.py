@@ -6,15 +6,15 @@ reaches it through its `Egress` port, and the worker builds and configures it.
 
 from __future__ import annotations
 
-from stepfleet.egress.gateway import (
+from stepfleet.egress.gateway import EgressGateway
+from stepfleet.egress.hosts import HostError, normalize_host_entry, parse_url
+from stepfleet.egress.request_checks import (
     METHODS,
     RESERVED_HEADERS,
-    EgressGateway,
     check_secret_header,
     check_secret_value,
     is_header_name,
 )
-from stepfleet.egress.hosts import HostError, normalize_host_entry, parse_url
 from stepfleet.egress.sealing import (
     SealedSecret,
     SealError,

@@ -1,6 +1,8 @@
 """EgressGateway: guests' HTTP calls, within each tenant's allow list, with injected secrets.
 
-It implements the sandbox's `Egress` port (stepfleet/sandbox/port.py) with http.client:
+It implements the sandbox's `Egress` port (stepfleet/sandbox/port.py) with http.client
+(request_checks.py says what a call may be, secrets.py adds and scrubs secrets, transport.py
+makes the exchange):
 
 - http and https only; the URL's host must be an entry of the tenant's allow list as written
   (stepfleet/egress/hosts.py): ports 80 and 443 for a bare `host`, the entry's port otherwise;
@@ -21,116 +23,21 @@ Neither a secret nor a request's headers is ever logged.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import http.client
-import ipaddress
-import json
 import re
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote, quote_plus
 
 import structlog
 
-from stepfleet.egress.hosts import HostError, Target, entry_matches, normalize_host_entry, parse_url
-from stepfleet.schemas import REDACTED, HttpRequest, HttpResponse
+from stepfleet.egress.hosts import HostError, Target, normalize_host_entry
+from stepfleet.egress.request_checks import check_secret_header, check_secret_value, plan_call
+from stepfleet.egress.secrets import Secret, scrubbed, scrubber
+from stepfleet.egress.transport import Exchange, Refused
+from stepfleet.schemas import HttpRequest, HttpResponse
 
 log = structlog.get_logger("stepfleet.egress")
-
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-"""Methods a guest may use (no CONNECT, no TRACE)."""
-
-RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "upgrade",
-        "expect",
-        "proxy-connection",
-        "proxy-authorization",
-    }
-)
-"""Headers the gateway sets or that change how the connection works: guests may not set them,
-and a secret may not be sent in them."""
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_SCRUB_PART_MIN = 8
-"""A secret value's space-separated parts this long are scrubbed on their own too (the token of
-`Bearer TOKEN`)."""
-_READ_CHUNK = 64 * 1024
-
-
-class _Refused(Exception):
-    """The call is not allowed; the message is for the guest."""
-
-
-def is_header_name(name: str) -> bool:
-    """Tell whether `name` is an HTTP header name (a token)."""
-    return _TOKEN.fullmatch(name) is not None
-
-
-def _header_value_ok(value: str) -> bool:
-    if any(c in value for c in "\r\n\0"):
-        return False
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def check_secret_header(header: str) -> str:
-    """The header a secret may be sent in, as given; ValueError if it may not be one."""
-    if not is_header_name(header):
-        raise ValueError(f"{header!r} is not an HTTP header name")
-    if header.lower() in RESERVED_HEADERS:
-        raise ValueError(f"a secret cannot be sent in the {header} header")
-    return header
-
-
-def check_secret_value(value: str) -> None:
-    """ValueError (saying nothing of the value) if it cannot be a header value."""
-    if not value:
-        raise ValueError("the secret value is empty")
-    if not _header_value_ok(value):
-        raise ValueError(
-            "the secret value cannot be sent in a header "
-            "(no line breaks or NUL; Latin-1 characters only)"
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _needles(value: str) -> set[str]:
-    """The forms of a secret value that are scrubbed from answers."""
-    bases = {value} | {part for part in value.split() if len(part) >= _SCRUB_PART_MIN}
-    forms: set[str] = set()
-    for base in bases:
-        forms |= {base, quote(base, safe=""), quote_plus(base), json.dumps(base)[1:-1]}
-    return {form for form in forms if form}
-
-
-@dataclass(frozen=True, slots=True)
-class _Secret:
-    host: str
-    header: str
-    value: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,124 +45,8 @@ class _Snapshot:
     """One configuration, replaced whole by `configure` (so a call sees one or the other)."""
 
     allowed: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    secrets: Mapping[str, tuple[_Secret, ...]] = field(default_factory=dict, repr=False)
+    secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict, repr=False)
     scrubbers: Mapping[str, re.Pattern[str]] = field(default_factory=dict, repr=False)
-
-
-@dataclass(slots=True)
-class _Plan:
-    method: str
-    target: Target
-    headers: dict[str, str]
-    body: bytes | None
-
-
-class _Exchange:
-    """One HTTP exchange, run on a pool thread; `abort` ends it from another thread."""
-
-    def __init__(
-        self,
-        plan: _Plan,
-        deadline: float,
-        connect_timeout_s: float,
-        max_response_bytes: int,
-        ssl_context: ssl.SSLContext,
-    ) -> None:
-        self._plan = plan
-        self._deadline = deadline
-        self._connect_timeout_s = connect_timeout_s
-        self._max = max_response_bytes
-        self._ssl = ssl_context
-        self._lock = threading.Lock()
-        self._conn: http.client.HTTPConnection | None = None
-        self._aborted = False
-
-    def _left(self) -> float:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        return left
-
-    def abort(self) -> None:
-        with self._lock:
-            self._aborted = True
-            conn = self._conn
-        if conn is not None and conn.sock is not None:
-            with contextlib.suppress(OSError):
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def run(self) -> HttpResponse:
-        try:
-            return self._exchange()
-        except _Refused as exc:
-            return HttpResponse.failed(str(exc))
-        except TimeoutError:
-            return HttpResponse.failed("timed out")
-        except ssl.SSLCertVerificationError as exc:
-            return HttpResponse.failed(f"TLS certificate verification failed: {exc.verify_message}")
-        except ssl.SSLError as exc:
-            return HttpResponse.failed(f"TLS error: {exc.reason or type(exc).__name__}")
-        except socket.gaierror:
-            return HttpResponse.failed(f"cannot resolve host {self._plan.target.host}")
-        except ConnectionRefusedError:
-            return HttpResponse.failed("connection refused")
-        except http.client.HTTPException as exc:
-            return HttpResponse.failed(f"invalid HTTP response ({type(exc).__name__})")
-        except OSError as exc:
-            return HttpResponse.failed(f"connection failed: {exc.strerror or type(exc).__name__}")
-        finally:
-            with self._lock:
-                conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.close()
-
-    def _exchange(self) -> HttpResponse:
-        plan, target = self._plan, self._plan.target
-        timeout = min(self._connect_timeout_s, self._left())
-        conn: http.client.HTTPConnection
-        if target.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                target.connect_host, target.port, timeout=timeout, context=self._ssl
-            )
-        else:
-            conn = http.client.HTTPConnection(target.connect_host, target.port, timeout=timeout)
-        with self._lock:
-            if self._aborted:
-                raise TimeoutError
-            self._conn = conn
-        conn.connect()
-        with self._lock:
-            if self._aborted:
-                raise TimeoutError
-        assert conn.sock is not None
-        conn.sock.settimeout(self._left())
-        conn.request(plan.method, target.path, body=plan.body, headers=plan.headers)
-        conn.sock.settimeout(self._left())
-        response = conn.getresponse()
-        declared = response.getheader("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self._max:
-            raise _Refused(
-                f"response body of {int(declared)} bytes is over the limit of {self._max}"
-            )
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            if conn.sock is not None:
-                conn.sock.settimeout(self._left())
-            piece = response.read(min(_READ_CHUNK, self._max + 1 - total))
-            if not piece:
-                break
-            total += len(piece)
-            if total > self._max:
-                raise _Refused(f"response body is over the limit of {self._max} bytes")
-            chunks.append(piece)
-        headers: dict[str, str] = {}
-        for name, value in response.getheaders():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        body = b"".join(chunks).decode("utf-8", errors="replace")
-        return HttpResponse(response.status, headers, body)
 
 
 class EgressGateway:
@@ -331,7 +122,7 @@ class EgressGateway:
                 except HostError as exc:
                     problems.append(f"tenant {tenant}: allow-list entry left out: {exc}")
             hosts[tenant] = frozenset(kept)
-        by_tenant: dict[str, dict[tuple[str, str], _Secret]] = {}
+        by_tenant: dict[str, dict[tuple[str, str], Secret]] = {}
         for tenant, host, header, value in secrets:
             try:
                 canonical = normalize_host_entry(host)
@@ -346,14 +137,10 @@ class EgressGateway:
                     f"tenant {tenant}: two secrets for the {header} header of {canonical}; "
                     "the last one is used"
                 )
-            by_tenant[tenant][slot] = _Secret(canonical, header, value)
+            by_tenant[tenant][slot] = Secret(canonical, header, value)
         scrubbers: dict[str, re.Pattern[str]] = {}
         for tenant, found in by_tenant.items():
-            needles = set().union(*(_needles(secret.value) for secret in found.values()))
-            ordered = sorted(needles, key=lambda needle: (-len(needle), needle))
-            scrubbers[tenant] = re.compile(
-                "|".join(re.escape(needle) for needle in ordered), re.IGNORECASE
-            )
+            scrubbers[tenant] = scrubber(found.values())
         self._snapshot = _Snapshot(
             hosts,
             {tenant: tuple(found.values()) for tenant, found in by_tenant.items()},
@@ -371,15 +158,22 @@ class EgressGateway:
         started = time.monotonic()
         timeout = min(timeout_s, self._call_timeout_s)
         try:
-            plan = self._plan(snapshot, tenant, request)
-        except _Refused as exc:
+            plan = plan_call(
+                tenant,
+                request,
+                snapshot.allowed.get(tenant, frozenset()),
+                snapshot.secrets.get(tenant, ()),
+                allow_secrets_over_http=self._allow_secrets_over_http,
+                user_agent=self._user_agent,
+            )
+        except Refused as exc:
             answer = HttpResponse.failed(str(exc))
             self._log(tenant, request.method, None, answer, started)
-            return self._scrubbed(snapshot, tenant, answer)
+            return scrubbed(snapshot.scrubbers.get(tenant), answer)
         if timeout <= 0:
             answer = HttpResponse.failed("no time left for the call")
         else:
-            exchange = _Exchange(
+            exchange = Exchange(
                 plan,
                 started + timeout,
                 self._connect_timeout_s,
@@ -394,76 +188,7 @@ class EgressGateway:
                 exchange.abort()
                 answer = HttpResponse.failed(f"timed out after {timeout:.3g} s")
         self._log(tenant, plan.method, plan.target, answer, started)
-        return self._scrubbed(snapshot, tenant, answer)
-
-    def _plan(self, snapshot: _Snapshot, tenant: str, request: HttpRequest) -> _Plan:
-        method = request.method.upper()
-        if method not in METHODS:
-            raise _Refused(
-                f"method {request.method!r} is not allowed ({', '.join(sorted(METHODS))})"
-            )
-        try:
-            target = parse_url(request.url)
-        except HostError as exc:
-            raise _Refused(f"URL refused: {exc}") from None
-        entries = snapshot.allowed.get(tenant, frozenset())
-        if not any(entry_matches(entry, target.host, target.port) for entry in entries):
-            raise _Refused(
-                f"{target.host} port {target.port} is not on the egress allow list of tenant "
-                f"{tenant!r}"
-            )
-        headers: dict[str, tuple[str, str]] = {}
-        for name, value in request.headers.items():
-            if not is_header_name(name):
-                raise _Refused(f"header name {name!r} is not valid")
-            if name.lower() in RESERVED_HEADERS:
-                raise _Refused(f"header {name!r} may not be set by a guest")
-            if not _header_value_ok(value):
-                raise _Refused(
-                    f"header {name!r} has a value with line breaks, NUL or non-Latin-1 text"
-                )
-            headers[name.lower()] = (name, value)
-        secrets = [
-            secret
-            for secret in snapshot.secrets.get(tenant, ())
-            if entry_matches(secret.host, target.host, target.port)
-        ]
-        if (
-            secrets
-            and target.scheme == "http"
-            and not self._allow_secrets_over_http
-            and not _is_loopback(target.host)
-        ):
-            raise _Refused(f"a secret is configured for {target.host}: it is only sent over https")
-        for secret in secrets:
-            headers[secret.header.lower()] = (secret.header, secret.value)
-        headers.setdefault("user-agent", ("User-Agent", self._user_agent))
-        headers["connection"] = ("Connection", "close")
-        try:
-            body = request.body.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _Refused("the request body is not valid Unicode text") from None
-        if not body and method in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            payload: bytes | None = None
-        else:
-            payload = body
-        return _Plan(method, target, dict(headers.values()), payload)
-
-    def _scrubbed(self, snapshot: _Snapshot, tenant: str, answer: HttpResponse) -> HttpResponse:
-        pattern = snapshot.scrubbers.get(tenant)
-        if pattern is None:
-            return answer
-
-        def scrub(text: str) -> str:
-            return pattern.sub(REDACTED, text)
-
-        if answer.error is not None:
-            return HttpResponse.failed(scrub(answer.error))
-        headers: dict[str, str] = {}
-        for name, value in answer.headers.items():
-            key = scrub(name)
-            headers[key] = f"{headers[key]}, {scrub(value)}" if key in headers else scrub(value)
-        return HttpResponse(answer.status, headers, scrub(answer.body))
+        return scrubbed(snapshot.scrubbers.get(tenant), answer)
 
     @staticmethod
     def _log(

@@ -17,7 +17,8 @@ from stepfleet.engine.admission import (
     event_entry,
     matches_wait,
 )
-from stepfleet.engine.decide import Decision, decide, resolve_wait
+from stepfleet.engine.decide import decide
+from stepfleet.engine.decision import Decision, resolve_wait
 from stepfleet.engine.state import EngineLimits, InstanceState
 
 __all__ = [

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
+from stepfleet.engine.decision import Decision
+from stepfleet.engine.journal_checks import describe, journal_text, over_limits
 from stepfleet.engine.state import EngineLimits, InstanceState
 from stepfleet.schemas import (
     OPERATIONS,
@@ -16,7 +17,6 @@ from stepfleet.schemas import (
     EventAwaited,
     FailedAttempt,
     GuestCrashed,
-    GuestOutcome,
     GuestReport,
     InstanceStatus,
     JournalEntry,
@@ -30,34 +30,7 @@ from stepfleet.schemas import (
     WorkflowFailed,
 )
 
-__all__ = ["Decision", "decide", "resolve_wait"]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The effects of one run: the entries to record and the instance's new state."""
-
-    status: InstanceStatus
-    position: int
-    entries: tuple[JournalEntry, ...] = ()
-    attempt: int = 1
-    waiting: Waiting | None = None
-    mode: RunMode = RunMode.FORWARD
-    end_status: InstanceStatus | None = None
-    output: str | None = None
-    error: str | None = None
-    error_kind: ErrorKind | None = None
-    """Why this run errored the instance or began its compensations (None when it did
-    neither, even while an earlier run's `error` is carried along)."""
-    publish_step: bool = False
-    """Publish a step message for `position` now (the instance goes on at once)."""
-    failed_attempt: FailedAttempt | None = None
-    state_bytes: int = 0
-
-    @property
-    def step_entry(self) -> JournalEntry | None:
-        """The last entry recorded, which names the step in logs."""
-        return self.entries[-1] if self.entries else None
+__all__ = ["decide"]
 
 
 def decide(
@@ -80,41 +53,6 @@ def decide(
         pending: entries this delivery records before the run (an event, a timed-out wait).
     """
     return _Run(state, journal, report, started_at, finished_at, limits, pending).decide()
-
-
-def resolve_wait(
-    decision: Decision, payload: str, received_at: datetime, limits: EngineLimits
-) -> Decision:
-    """End a wait the run has just begun with an event that was already waiting for it."""
-    waiting = decision.waiting
-    assert waiting is not None
-    assert waiting.kind is WaitKind.EVENT
-    entry = JournalEntry(
-        seq=decision.position,
-        kind=EntryKind.EVENT_RECEIVED,
-        name=waiting.name,
-        value=payload,
-        started_at=received_at,
-        finished_at=received_at,
-    )
-    over = _over_limits(decision.position + 1, decision.state_bytes + len(payload.encode()), limits)
-    if over:
-        return replace(
-            decision,
-            status=InstanceStatus.ERRORED,
-            waiting=None,
-            error=over,
-            error_kind=ErrorKind.LIMIT,
-        )
-    return replace(
-        decision,
-        status=InstanceStatus.RUNNING,
-        position=decision.position + 1,
-        entries=(*decision.entries, entry),
-        waiting=None,
-        publish_step=True,
-        state_bytes=decision.state_bytes + len(payload.encode()),
-    )
 
 
 class _Run:
@@ -144,7 +82,7 @@ class _Run:
         """The journal length after the recorded values: the position of new work."""
 
     def decide(self) -> Decision:
-        outcome = _journal_text(self.report.outcome)
+        outcome = journal_text(self.report.outcome)
         if isinstance(outcome, str):
             return self._errored(ErrorKind.ABI_VIOLATION, outcome)
         if isinstance(outcome, Nondeterministic):
@@ -302,7 +240,7 @@ class _Run:
         return self._errored(
             ErrorKind.NONDETERMINISM,
             f"nondeterminism at journal position {outcome.seq}: the journal has "
-            f"{_describe(recorded)} but the workflow asked for {asked}",
+            f"{describe(recorded)} but the workflow asked for {asked}",
         )
 
     def _failed(self, kind: ErrorKind, error: str) -> Decision:
@@ -357,7 +295,7 @@ class _Run:
         entries = (*self.entries, entry) if entry is not None else tuple(self.entries)
         position = len(self.journal) + len(entries)
         state_bytes = self.state.state_bytes + sum(len(e.value.encode()) for e in entries)
-        over = _over_limits(position, state_bytes, self.limits) if check_limits else None
+        over = over_limits(position, state_bytes, self.limits) if check_limits else None
         if over:
             # Nothing of this run is recorded: the instance stops where it stood.
             entries, position, state_bytes = (), len(self.journal), self.state.state_bytes
@@ -412,63 +350,8 @@ class _Run:
         )
 
 
-_NUL = "\x00"
-
-
-def _journal_text(outcome: GuestOutcome) -> GuestOutcome | str:
-    """The outcome with text the journal can hold, or why it cannot be recorded.
-
-    Journal text never holds NUL (PostgreSQL text cannot). A name or a value must come back
-    unchanged on replay, so one with NUL is refused (values are JSON, which escapes NUL as
-    \\u0000: a raw one means the guest broke the ABI); a message is only read back, so NUL
-    becomes U+FFFD.
-    """
-    match outcome:
-        case StepSucceeded(name=name) | SleepRequested(name=name) if _NUL in name:
-            return f"guest ABI violation: the name at position {outcome.seq} contains NUL"
-        case StepSucceeded(result=text) | Completed(output=text) if _NUL in text:
-            return f"guest ABI violation: the value at position {outcome.seq} contains NUL"
-        case EventAwaited(name=name, event_type=kind) if _NUL in name + kind:
-            return f"guest ABI violation: the wait at position {outcome.seq} names NUL"
-        case StepFailed(name=name) if _NUL in name:
-            return f"guest ABI violation: the name at position {outcome.seq} contains NUL"
-        case StepFailed(message=text) | WorkflowFailed(message=text) if _NUL in text:
-            return replace(outcome, message=text.replace(_NUL, "\ufffd"))
-        case GuestCrashed(message=text) if _NUL in text:
-            return replace(outcome, message=text.replace(_NUL, "\ufffd"))
-    return outcome
-
-
 def _unix_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _over_limits(position: int, state_bytes: int, limits: EngineLimits) -> str | None:
-    if position > limits.max_steps:
-        return f"the instance reached its limit of {limits.max_steps} journal entries"
-    if state_bytes > limits.max_state_bytes:
-        return (
-            f"the instance's state would be {state_bytes} bytes, "
-            f"the limit is {limits.max_state_bytes}"
-        )
-    return None
-
-
-_KIND_WORDS = {
-    EntryKind.STEP_SUCCEEDED: "step",
-    EntryKind.STEP_FAILED: "step",
-    EntryKind.SLEPT: "sleep",
-    EntryKind.EVENT_RECEIVED: "wait for event",
-    EntryKind.EVENT_TIMED_OUT: "wait for event",
-    EntryKind.NOW: "now",
-    EntryKind.RANDOM: "random",
-    EntryKind.COMPENSATED: "compensation",
-}
-
-
-def _describe(entry: JournalEntry) -> str:
-    word = _KIND_WORDS[entry.kind]
-    return f"{word} {entry.name!r}" if entry.name else word

@@ -11,7 +11,7 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepfleet.broker import Topology
-from stepfleet.broker.connection import broker_urls
+from stepfleet.broker.cluster import broker_urls
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
 

@@ -20,8 +20,9 @@ from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmS
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers import faults
 from stepfleet.workers import health as health_file
-from stepfleet.workers.archive import ArchivePolicy, DeadLetterArchiver
+from stepfleet.workers.archive import DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
+from stepfleet.workers.dead_letter_records import ArchivePolicy
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.settings import Settings

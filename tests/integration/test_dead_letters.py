@@ -20,7 +20,7 @@ from stepfleet.control import DeadLetters
 from stepfleet.cycle.messages import REPLAYED_FOR
 from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import LetterFilter
-from stepfleet.workers.archive import ArchivePolicy, letter_of
+from stepfleet.workers.dead_letter_records import ArchivePolicy, letter_of
 from tests.conftest import ORDER_PARAMS
 from tests.integration.conftest import wait_for_status
 from tests.integration.test_fleet import archived, dead_letter_of

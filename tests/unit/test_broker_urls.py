@@ -13,7 +13,8 @@ from aio_pika.abc import AbstractRobustChannel
 
 from stepfleet.broker import BrokerUnavailable, Outgoing, Topology
 from stepfleet.broker import connection as broker_connection
-from stepfleet.broker.connection import Broker, RotatingConnection, broker_urls, connect_any
+from stepfleet.broker.cluster import RotatingConnection, broker_urls, connect_any
+from stepfleet.broker.connection import Broker
 
 N1 = "amqp://fleet:pw@n1:5672/"
 N2 = "amqp://fleet:pw@n2:5672/"

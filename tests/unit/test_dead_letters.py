@@ -22,12 +22,8 @@ from stepfleet.schemas import DeadReason, TenantLimits, parse_envelope
 from stepfleet.store import Archived, NewDeadLetter, StoreUnavailable, TenantRecord
 from stepfleet.store.dead_letters import storable_text
 from stepfleet.workers import archive as archive_module
-from stepfleet.workers.archive import (
-    TRUNCATED_BODY_BYTES,
-    ArchivePolicy,
-    DeadLetterArchiver,
-    letter_of,
-)
+from stepfleet.workers.archive import DeadLetterArchiver
+from stepfleet.workers.dead_letter_records import TRUNCATED_BODY_BYTES, ArchivePolicy, letter_of
 from stepfleet.workers.tenants import ProducerCheck
 
 TOPOLOGY = Topology()
