@@ -1,0 +1,294 @@
+"""I/O-bound workflows: N workflows of K HTTP steps against a local server that answers slowly.
+
+A local HTTP/1.1 server (127.0.0.1, a thread of its own) answers every request after
+--delay-ms and counts the requests in flight (peak) and in all. The tenant's allow list names
+it, and each workflow runs the playbook example with K `http` ops, one step per call. The whole
+burst of creates is published first; the clock runs from the end of the publish (and, also
+reported, from the first publish) to the last completion. Runs against the local services in a
+database and broker prefix of its own (see harness.py) and prints JSON, per worker count:
+workflows/s, steps/s, wall seconds, calls in flight (peak, seen by the server), total calls
+and create-to-complete latency p50/p99 (instances' created_at to finished_at).
+
+    python bench/io_bound.py [--workflows 200] [--calls 1] [--workers 1,2] [--delay-ms 200]
+        [--max-inflight N] [--concurrency 2] [--batch-size 64] [--log-level warning]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.schemas import TenantLimits
+from stepfleet.store import PgStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import AMQP, Deployment, bench_deployment
+from throughput import percentile, start_workers, stop_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAYBOOK = ROOT / "guest" / "examples" / "playbook" / "playbook.wasm"
+TENANT = "io"
+WARMUP_WORKFLOWS = 5
+FINAL = ("complete", "errored", "terminated")
+
+
+class SlowServer:
+    """A minimal HTTP/1.1 server (keep-alive) answering `200 ok` after a delay, on a thread and
+    event loop of its own so that the benchmark's polling never delays an answer."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.port = 0
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._peak = 0
+        self._total = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise SystemExit("the HTTP server did not start")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def take_counts(self) -> tuple[int, int]:
+        """(peak requests in flight, requests) since the last call; both start again at 0."""
+        with self._lock:
+            counts = (self._peak, self._total)
+            self._peak, self._total = self._in_flight, 0
+        return counts
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=1024)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                request_line, *lines = head.split("\r\n")
+                headers = {
+                    name.strip().lower(): value.strip()
+                    for name, _, value in (line.partition(":") for line in lines if line)
+                }
+                if length := int(headers.get("content-length", "0")):
+                    await reader.readexactly(length)
+                await self._answer_later()
+                connection = headers.get("connection", "").lower()
+                close = connection == "close" or request_line.endswith("HTTP/1.0")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+                    + (b"Connection: close\r\n" if close else b"")
+                    + b"\r\nok"
+                )
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # the client went away, or sent something this server does not speak
+        finally:
+            writer.close()
+
+    async def _answer_later(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._total += 1
+            self._peak = max(self._peak, self._in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the store says of one instance once it is final."""
+
+    status: str
+    output: Any
+    created_at: datetime
+    finished_at: datetime
+
+
+def _read_final(url: str, ids: list[str]) -> dict[str, Finished]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT id, status, output, created_at, finished_at FROM instances "
+                    "WHERE tenant = :tenant AND id = ANY(:ids) AND status = ANY(:final)"
+                ),
+                {"tenant": TENANT, "ids": ids, "final": list(FINAL)},
+            ).all()
+    finally:
+        engine.dispose()
+    return {
+        row.id: Finished(
+            row.status, json.loads(row.output or "null"), row.created_at, row.finished_at
+        )
+        for row in rows
+    }
+
+
+async def wait_final(url: str, ids: list[str]) -> dict[str, Finished]:
+    """Wait until every instance is final (polled off the event loop, every 50 ms)."""
+    while True:
+        done = await asyncio.to_thread(_read_final, url, ids)
+        if len(done) == len(ids):
+            return done
+        await asyncio.sleep(0.05)
+
+
+def check_calls(done: dict[str, Finished], calls: int) -> None:
+    """Every workflow completed and every call was answered 200: else the figures mean little."""
+    for instance_id, finished in done.items():
+        if finished.status != "complete":
+            raise SystemExit(f"workflow {instance_id} ended {finished.status}")
+        answers = [finished.output.get(f"call-{j}", {}) for j in range(calls)]
+        failed = [a for a in answers if a.get("status") != 200]
+        if failed:
+            raise SystemExit(f"workflow {instance_id}: a call was not answered 200: {failed[0]}")
+
+
+def rates(workflows: int, steps: int, seconds: float) -> dict[str, float]:
+    return {
+        "seconds": round(seconds, 3),
+        "workflows_per_s": round(workflows / seconds, 2),
+        "steps_per_s": round(steps / seconds, 2),
+    }
+
+
+async def run_burst(
+    deployment: Deployment, server: SlowServer, workflows: int, calls: int
+) -> dict[str, object]:
+    """Publish `workflows` creates at once, wait for them all, and measure."""
+    target = f"http://127.0.0.1:{server.port}/x"
+    params = {"ops": [{"op": "http", "name": f"call-{j}", "url": target} for j in range(calls)]}
+    ids = [f"io-{uuid.uuid4().hex[:16]}" for _ in range(workflows)]
+    requests = [CreateRequest(TENANT, deployment.digest, params, i) for i in ids]
+    server.take_counts()
+    async with Producer(AMQP, deployment.topology) as producer:
+        first_publish = datetime.now(UTC)
+        for offset in range(0, workflows, 500):
+            await producer.create_batch(requests[offset : offset + 500])
+        burst_published = datetime.now(UTC)
+    done = await wait_final(deployment.url, ids)
+    peak, total = server.take_counts()
+    check_calls(done, calls)
+    last = max(f.finished_at for f in done.values())
+    latencies = [(f.finished_at - f.created_at).total_seconds() * 1000 for f in done.values()]
+    steps = workflows * calls
+    return {
+        "workflows": workflows,
+        "steps": steps,
+        "publish_seconds": round((burst_published - first_publish).total_seconds(), 3),
+        "after_burst": rates(workflows, steps, (last - burst_published).total_seconds()),
+        "from_first_publish": rates(workflows, steps, (last - first_publish).total_seconds()),
+        "calls_in_flight_peak": peak,
+        "calls_total": total,
+        "latency_ms_p50": round(percentile(latencies, 0.50), 1),
+        "latency_ms_p99": round(percentile(latencies, 0.99), 1),
+    }
+
+
+async def allow_server(deployment: Deployment, port: int) -> None:
+    """Add the tenant and put the server on its egress allow list (workers read it at start)."""
+    await deployment.limit(TENANT, TenantLimits())
+    store = PgStore(deployment.url, pool_size=1)
+    try:
+        await store.tenants.allow_host(TENANT, f"127.0.0.1:{port}")
+    finally:
+        await store.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflows", type=int, default=200)
+    parser.add_argument("--calls", type=int, default=1, help="HTTP steps per workflow")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker process counts")
+    parser.add_argument("--delay-ms", type=int, default=200, help="the server's answer delay")
+    parser.add_argument("--max-inflight", type=int, help="STEPFLEET_MAX_INFLIGHT for the workers")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="also sets the prefetch (2 x concurrency x this)"
+    )
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args()
+    if args.workflows < 1 or not 1 <= args.calls <= 1000:
+        parser.error("--workflows must be at least 1 and --calls from 1 to 1000")
+
+    delay_s = args.delay_ms / 1000
+    server = SlowServer(delay_s)
+    server.start()
+    settings: dict[str, object] = {
+        "delay_ms": args.delay_ms,
+        "calls_per_workflow": args.calls,
+        "concurrency": args.concurrency,
+        "batch_size": args.batch_size,
+        "max_inflight": args.max_inflight,
+        "log_level": args.log_level,
+    }
+    report: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": settings,
+        # The wall time if the fleet made its calls one at a time, for comparison.
+        "serial_call_seconds": round(args.workflows * args.calls * delay_s, 3),
+    }
+    try:
+        async with bench_deployment(PLAYBOOK) as deployment:
+            await deployment.push(TENANT)
+            await allow_server(deployment, server.port)
+            env = {
+                **deployment.env,
+                "STEPFLEET_LOG_LEVEL": args.log_level,
+                "STEPFLEET_CONCURRENCY": str(args.concurrency),
+                "STEPFLEET_BATCH_SIZE": str(args.batch_size),
+                # A call must not time out before the server answers.
+                "STEPFLEET_EGRESS_TIMEOUT_SECONDS": str(max(10.0, 2 * delay_s + 5)),
+                "STEPFLEET_HEALTH_FILE": "",
+            }
+            if args.max_inflight is not None:
+                env["STEPFLEET_MAX_INFLIGHT"] = str(args.max_inflight)
+            for count in [int(c) for c in args.workers.split(",")]:
+                workers = start_workers(count, env)
+                try:
+                    # Warm: connections, the compiled module, the egress pool.
+                    await run_burst(deployment, server, WARMUP_WORKFLOWS, 1)
+                    report[f"load_{count}_workers"] = await run_burst(
+                        deployment, server, args.workflows, args.calls
+                    )
+                finally:
+                    stop_workers(workers)
+    finally:
+        server.stop()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
