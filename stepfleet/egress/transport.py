@@ -123,8 +123,8 @@ class Exchange:
         assert conn.sock is not None
         conn.sock.settimeout(self._left())
         # One exchange per connection: the connection is closed once the answer is read.
-        headers = {**plan.headers, "Connection": "close"}
-        conn.request(plan.method, target.path, body=plan.body, headers=headers)
+        sent = {**plan.headers, "Connection": "close"}
+        conn.request(plan.method, target.path, body=plan.body, headers=sent)
         conn.sock.settimeout(self._left())
         response = conn.getresponse()
         declared = response.getheader("content-length")
