@@ -1,8 +1,10 @@
 """EgressGateway: guests' HTTP calls, within each tenant's allow list, with injected secrets.
 
-It implements the sandbox's `Egress` port (stepfleet/sandbox/port.py) with http.client
-(request_checks.py says what a call may be, secrets.py adds and scrubs secrets, transport.py
-makes the exchange):
+It makes a call two ways, with the same checks and answers: `request` blocks its thread (the
+sandbox's `Egress` port, stepfleet/sandbox/port.py; http.client on a small thread pool,
+transport.py), `call` is awaited on the worker's event loop (one pooled httpx client, many calls
+in flight, pooled.py). request_checks.py says what a call may be, secrets.py adds and scrubs
+secrets:
 
 - http and https only; the URL's host must be an entry of the tenant's allow list as written
   (stepfleet/egress/hosts.py): ports 80 and 443 for a bare `host`, the entry's port otherwise;
@@ -14,14 +16,17 @@ makes the exchange):
 - a secret is only sent over https, or over http to a loopback host, unless the gateway is
   built with allow_secrets_over_http;
 - each call is bounded by a wall-clock deadline (connection, TLS, request and response alike,
-  name resolution too: the exchange runs on a small thread pool and is abandoned at the
-  deadline), and the response body by max_response_bytes.
+  name resolution too: `request` abandons the exchange's thread at the deadline, `call` is
+  cancelled by an asyncio timeout, waiting for a pooled connection included), and the response
+  body by max_response_bytes;
+- no cookie is kept between calls, and no proxy is taken from the environment.
 
 Neither a secret nor a request's headers is ever logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import re
 import ssl
@@ -32,9 +37,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from stepfleet.egress.hosts import HostError, Target, normalize_host_entry
+from stepfleet.egress.pooled import PooledTransport
 from stepfleet.egress.request_checks import check_secret_header, check_secret_value, plan_call
 from stepfleet.egress.secrets import Secret, scrubbed, scrubber
-from stepfleet.egress.transport import Exchange, Refused
+from stepfleet.egress.transport import Exchange, Plan, Refused
 from stepfleet.schemas import HttpRequest, HttpResponse
 
 log = structlog.get_logger("stepfleet.egress")
@@ -49,16 +55,42 @@ class _Snapshot:
     scrubbers: Mapping[str, re.Pattern[str]] = field(default_factory=dict, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A call that passed the checks, on its way to the host."""
+
+    tenant: str
+    plan: Plan
+    started: float
+    """time.monotonic() when the guest asked."""
+    timeout: float
+    scrub: re.Pattern[str] | None = field(repr=False)
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.timeout
+
+    def timed_out(self) -> HttpResponse:
+        return HttpResponse.failed(f"timed out after {self.timeout:.3g} s")
+
+
 class EgressGateway:
     """The worker's egress gateway (implements stepfleet.sandbox.Egress); thread-safe.
+
+    `request` blocks its thread; `call` is the same call for the event loop, which all of a
+    gateway's `call`s must share (its connection pool is created on the first).
 
     call_timeout_s: the longest one call may take, everything included (the sandbox further
         bounds it by the time left in the step).
     connect_timeout_s: the longest the TCP (and TLS) connection may take, within that.
     max_response_bytes: the largest response body handed to a guest; larger ones are refused
         (pass the sandbox's value limit, STEPFLEET_VALUE_BYTES).
-    max_workers: threads running exchanges; one guest calls at a time per worker process, the
-        rest absorb exchanges abandoned at their deadline (a hung name lookup).
+    max_workers: threads running the exchanges of `request`; one guest calls at a time per
+        worker process, the rest absorb exchanges abandoned at their deadline (a hung name
+        lookup).
+    max_connections: the most connections `call` keeps open at once, in use or kept alive for
+        the next call to the same host (one pool for all hosts and tenants); more calls wait
+        for one, within their deadline.
     ssl_context: for https; default: the system's trust store, certificates and host names
         verified.
     allow_secrets_over_http: also send secrets over plain http to non-loopback hosts.
@@ -72,6 +104,7 @@ class EgressGateway:
         connect_timeout_s: float = 5.0,
         max_response_bytes: int = 1024 * 1024,
         max_workers: int = 4,
+        max_connections: int = 1000,
         ssl_context: ssl.SSLContext | None = None,
         allow_secrets_over_http: bool = False,
         user_agent: str = "stepfleet-egress",
@@ -80,6 +113,8 @@ class EgressGateway:
             raise ValueError("timeouts must be positive")
         if max_response_bytes < 0:
             raise ValueError("max_response_bytes must not be negative")
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
         self._call_timeout_s = call_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._max_response_bytes = max_response_bytes
@@ -89,6 +124,12 @@ class EgressGateway:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="egress"
         )
+        self._pooled = PooledTransport(
+            max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s,
+            max_response_bytes=max_response_bytes,
+            ssl_context=self._ssl,
+        )
         self._snapshot = _Snapshot()
 
     @property
@@ -96,8 +137,12 @@ class EgressGateway:
         return self._call_timeout_s
 
     def close(self) -> None:
-        """Stop the exchange threads (calls still running are abandoned)."""
+        """Stop the exchange threads of `request` (calls still running are abandoned)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections of `call`, on the loop that made the calls."""
+        await self._pooled.aclose()
 
     # -- configuration -------------------------------------------------------------------
 
@@ -153,10 +198,48 @@ class EgressGateway:
     # -- calls ---------------------------------------------------------------------------
 
     def request(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
-        """Perform one call for `tenant`; refusals and failures come back as errors."""
+        """Perform one call for `tenant`; refusals and failures come back as errors.
+
+        Blocks the calling thread (the exchange runs on the gateway's thread pool)."""
+        pending = self._begin(tenant, request, timeout_s)
+        if isinstance(pending, HttpResponse):
+            return pending
+        exchange = Exchange(
+            pending.plan,
+            pending.deadline,
+            self._connect_timeout_s,
+            self._max_response_bytes,
+            self._ssl,
+        )
+        future = self._pool.submit(exchange.run)
+        try:
+            answer = future.result(timeout=pending.timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            exchange.abort()
+            answer = pending.timed_out()
+        return self._end(pending, answer)
+
+    async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+        """`request` for the event loop: the same call, refusals and answers, made on the
+        gateway's pooled httpx client (many calls in flight at once, no thread per call)."""
+        pending = self._begin(tenant, request, timeout_s)
+        if isinstance(pending, HttpResponse):
+            return pending
+        try:
+            async with asyncio.timeout(pending.deadline - time.monotonic()):
+                answer = await self._pooled.exchange(pending.plan)
+        except TimeoutError:
+            answer = pending.timed_out()
+        return self._end(pending, answer)
+
+    def _begin(
+        self, tenant: str, request: HttpRequest, timeout_s: float
+    ) -> _Pending | HttpResponse:
+        """The checked call to make, or the answer already (a refusal; no time left)."""
         snapshot = self._snapshot
         started = time.monotonic()
-        timeout = min(timeout_s, self._call_timeout_s)
+        scrub = snapshot.scrubbers.get(tenant)
         try:
             plan = plan_call(
                 tenant,
@@ -169,26 +252,16 @@ class EgressGateway:
         except Refused as exc:
             answer = HttpResponse.failed(str(exc))
             self._log(tenant, request.method, None, answer, started)
-            return scrubbed(snapshot.scrubbers.get(tenant), answer)
-        if timeout <= 0:
-            answer = HttpResponse.failed("no time left for the call")
-        else:
-            exchange = Exchange(
-                plan,
-                started + timeout,
-                self._connect_timeout_s,
-                self._max_response_bytes,
-                self._ssl,
-            )
-            future = self._pool.submit(exchange.run)
-            try:
-                answer = future.result(timeout=timeout)
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                exchange.abort()
-                answer = HttpResponse.failed(f"timed out after {timeout:.3g} s")
-        self._log(tenant, plan.method, plan.target, answer, started)
-        return scrubbed(snapshot.scrubbers.get(tenant), answer)
+            return scrubbed(scrub, answer)
+        pending = _Pending(tenant, plan, started, min(timeout_s, self._call_timeout_s), scrub)
+        if pending.timeout <= 0:
+            return self._end(pending, HttpResponse.failed("no time left for the call"))
+        return pending
+
+    def _end(self, pending: _Pending, answer: HttpResponse) -> HttpResponse:
+        """Log the call and give the guest its answer, secrets scrubbed."""
+        self._log(pending.tenant, pending.plan.method, pending.plan.target, answer, pending.started)
+        return scrubbed(pending.scrub, answer)
 
     @staticmethod
     def _log(

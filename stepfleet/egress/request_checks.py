@@ -112,7 +112,6 @@ def plan_call(
         headers[name.lower()] = (name, value)
     add_secrets(headers, secrets, target, allow_over_http=allow_secrets_over_http)
     headers.setdefault("user-agent", ("User-Agent", user_agent))
-    headers["connection"] = ("Connection", "close")
     try:
         body = request.body.encode("utf-8")
     except UnicodeEncodeError:

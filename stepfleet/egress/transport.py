@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from stepfleet.egress.hosts import Target
 from stepfleet.schemas import HttpResponse
 
-__all__ = ["Exchange", "Plan", "Refused"]
+__all__ = ["Exchange", "Plan", "Refused", "failure_text"]
 
 _READ_CHUNK = 64 * 1024
 
@@ -31,6 +31,29 @@ class Plan:
     target: Target
     headers: dict[str, str]
     body: bytes | None
+
+
+def failure_text(exc: BaseException, host: str) -> str:
+    """What the guest is told of an exchange that failed with `exc` (on its way to `host`)."""
+    # Subclasses before their bases: TLS and resolution errors, refused connections and
+    # timeouts are all OSErrors.
+    if isinstance(exc, Refused):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or type(exc).__name__}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {host}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, http.client.HTTPException):
+        return f"invalid HTTP response ({type(exc).__name__})"
+    if isinstance(exc, OSError):
+        return f"connection failed: {exc.strerror or type(exc).__name__}"
+    return f"request failed ({type(exc).__name__})"
 
 
 class Exchange:
@@ -71,22 +94,8 @@ class Exchange:
     def run(self) -> HttpResponse:
         try:
             return self._exchange()
-        except Refused as exc:
-            return HttpResponse.failed(str(exc))
-        except TimeoutError:
-            return HttpResponse.failed("timed out")
-        except ssl.SSLCertVerificationError as exc:
-            return HttpResponse.failed(f"TLS certificate verification failed: {exc.verify_message}")
-        except ssl.SSLError as exc:
-            return HttpResponse.failed(f"TLS error: {exc.reason or type(exc).__name__}")
-        except socket.gaierror:
-            return HttpResponse.failed(f"cannot resolve host {self._plan.target.host}")
-        except ConnectionRefusedError:
-            return HttpResponse.failed("connection refused")
-        except http.client.HTTPException as exc:
-            return HttpResponse.failed(f"invalid HTTP response ({type(exc).__name__})")
-        except OSError as exc:
-            return HttpResponse.failed(f"connection failed: {exc.strerror or type(exc).__name__}")
+        except (Refused, OSError, http.client.HTTPException) as exc:
+            return HttpResponse.failed(failure_text(exc, self._plan.target.host))
         finally:
             with self._lock:
                 conn, self._conn = self._conn, None
@@ -113,7 +122,9 @@ class Exchange:
                 raise TimeoutError
         assert conn.sock is not None
         conn.sock.settimeout(self._left())
-        conn.request(plan.method, target.path, body=plan.body, headers=plan.headers)
+        # One exchange per connection: the connection is closed once the answer is read.
+        sent = {**plan.headers, "Connection": "close"}
+        conn.request(plan.method, target.path, body=plan.body, headers=sent)
         conn.sock.settimeout(self._left())
         response = conn.getresponse()
         declared = response.getheader("content-length")

@@ -7,9 +7,15 @@ reached the guest (the secret scrubbed).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
 import json
+import socket
+import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,6 +23,10 @@ from urllib.parse import quote
 
 import pytest
 import wasmtime
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from stepfleet.egress import (
     EgressGateway,
@@ -43,6 +53,7 @@ from stepfleet.schemas import (
     GuestCrashed,
     GuestReport,
     HttpRequest,
+    HttpResponse,
     InstanceKey,
     InstanceStatus,
     StepFailed,
@@ -96,6 +107,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", {"Location": f"http://127.0.0.1:{port}/target"})
         elif self.path.startswith("/big"):
             self._send(200, b"x" * 5000)
+        elif self.path.startswith("/unsized"):
+            # HTTP/1.0, no Content-Length: the body ends when the connection does.
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"y" * 5000)
+        elif self.path.startswith("/cookie"):
+            self._send(200, b"set", {"Set-Cookie": "session=acme-only; Path=/"})
+        elif self.path.startswith("/headers"):
+            self.send_response(200)
+            self.send_header("X-Multi", "a")
+            self.send_header("X-Multi", "b")
+            self.send_header("X-Latin", "caf\xe9")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"\xff\xfeok")
         else:
             echoed = auth or ""
             token = echoed.split()[-1] if echoed else ""
@@ -106,6 +132,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "token": token,
                 "quoted": quote(echoed, safe=""),
                 "x_guest": self.headers.get("X-Guest"),
+                "cookie": self.headers.get("Cookie"),
+                "user_agent": self.headers.get("User-Agent"),
+                "accept_encoding": self.headers.get("Accept-Encoding"),
                 "body": body,
             }
             self._send(
@@ -114,7 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"Content-Type": "application/json", "X-Echo-Auth": echoed},
             )
 
-    do_GET = do_POST = do_PUT = do_DELETE = _handle
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
 
 
 @pytest.fixture(scope="module")
@@ -141,18 +170,52 @@ def base(server: _Server) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def gateway_for(server: _Server, **options: Any) -> EgressGateway:
+def gateway_for(server: _Server, *other_ports: int, **options: Any) -> EgressGateway:
+    """A gateway that lets TENANT call `server` (with SECRET) and the other local ports."""
     gateway = EgressGateway(**options)
     entry = f"127.0.0.1:{server.server_address[1]}"
-    assert gateway.configure({TENANT: {entry}}, [(TENANT, entry, "Authorization", SECRET)]) == []
+    allowed = {entry} | {f"127.0.0.1:{port}" for port in other_ports}
+    assert gateway.configure({TENANT: allowed}, [(TENANT, entry, "Authorization", SECRET)]) == []
     return gateway
 
 
+@contextlib.asynccontextmanager
+async def opened(gateway: EgressGateway) -> AsyncIterator[EgressGateway]:
+    """The gateway, closed (both ways) afterwards."""
+    try:
+        yield gateway
+    finally:
+        await gateway.aclose()
+        gateway.close()
+
+
 @pytest.fixture(scope="module")
-def gateway(server: _Server) -> Iterator[EgressGateway]:
-    gateway = gateway_for(server, call_timeout_s=3.0, max_response_bytes=1000)
-    yield gateway
-    gateway.close()
+async def gateway(server: _Server) -> AsyncIterator[EgressGateway]:
+    async with opened(gateway_for(server, call_timeout_s=3.0, max_response_bytes=1000)) as gw:
+        yield gw
+
+
+Perform = Callable[[EgressGateway, str, HttpRequest, float], Awaitable[HttpResponse]]
+
+
+@pytest.fixture(params=["request", "call"])
+def perform(request: pytest.FixtureRequest) -> Perform:
+    """One call through the gateway, by the blocking `request` or the awaited `call`."""
+    if request.param == "request":
+
+        async def blocking(
+            gateway: EgressGateway, tenant: str, call: HttpRequest, timeout_s: float
+        ) -> HttpResponse:
+            return gateway.request(tenant, call, timeout_s)
+
+        return blocking
+
+    async def awaited(
+        gateway: EgressGateway, tenant: str, call: HttpRequest, timeout_s: float
+    ) -> HttpResponse:
+        return await gateway.call(tenant, call, timeout_s)
+
+    return awaited
 
 
 @pytest.fixture(scope="module")
@@ -285,11 +348,10 @@ def test_the_recorded_journal_and_output_never_hold_the_secret(
     assert "X-Guest" not in log_text
 
 
-def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
-    sandbox, playbook_wasm, server, hits
-):
+def off_the_list(server: _Server) -> dict[str, str]:
+    """URLs the tenant may not call (the server's port is allowed), and why, in part."""
     port = server.server_address[1]
-    refused = {
+    return {
         f"http://localhost:{port}/echo": "not on the egress allow list",
         f"http://127.1:{port}/echo": "neither a host name nor",
         f"http://2130706433:{port}/echo": "neither a host name nor",
@@ -297,10 +359,16 @@ def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
         f"http://user:pw@127.0.0.1:{port}/echo": "userinfo",
         f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/echo": "allow list",
         "http://127.0.0.1/echo": "127.0.0.1 port 80 is not on the egress allow list",
+        "https://127.0.0.1/echo": "127.0.0.1 port 443 is not on the egress allow list",
         f"ftp://127.0.0.1:{port}/": "only http and https",
         f"http://127.0.0.1%3a{port}/": "percent-encoded",
     }
-    for url, message in refused.items():
+
+
+def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
+    sandbox, playbook_wasm, server, hits
+):
+    for url, message in off_the_list(server).items():
         result = http_result(
             run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url})
         )
@@ -489,19 +557,321 @@ def test_the_playbook_checks_its_http_ops_first(sandbox, playbook_wasm, op, mess
     assert report.outcome.message == message
 
 
-# -- the gateway on its own ------------------------------------------------------------------
+# -- both ways of calling: `request` (blocking) and `call` (awaited) ----------------------------
 
 
-def test_secrets_are_only_sent_over_https_to_hosts_off_the_loopback():
+def get(url: str, **fields: Any) -> HttpRequest:
+    return HttpRequest(fields.pop("method", "GET"), url, **fields)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[int]:
+    """A server that accepts connections and never answers: the port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, name="egress-test-silent", daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+async def test_the_secret_goes_to_the_host_and_every_echo_of_it_is_scrubbed(
+    perform, gateway, server, hits
+):
+    answer = await perform(
+        gateway,
+        TENANT,
+        get(
+            base(server) + "/echo?q=1",
+            method="post",
+            headers={"authorization": "Bearer guest-chosen", "X-Guest": "yes"},
+            body="hello",
+        ),
+        3.0,
+    )
+    assert hits == [("/echo?q=1", SECRET)]
+    assert answer.error is None
+    assert answer.status == 200
+    echoed = json.loads(answer.body)
+    assert echoed["method"] == "POST"
+    assert (echoed["x_guest"], echoed["body"]) == ("yes", "hello")
+    assert echoed["authorization"] == echoed["token"] == echoed["quoted"] == "<redacted>"
+    assert echoed["user_agent"] == "stepfleet-egress"
+    assert echoed["accept_encoding"] == "identity"
+    assert answer.headers["x-echo-auth"] == "<redacted>"
+    assert answer.headers["content-type"] == "application/json"
+    for leak in (SECRET, TOKEN, quote(SECRET, safe=""), json.dumps(SECRET)[1:-1]):
+        assert leak not in answer.to_json()
+
+
+async def test_an_error_message_echoing_the_secret_is_scrubbed(perform, server, hits):
+    """The JSON-escaped form too: a secret with a quote in it, echoed in a refusal."""
+    gateway = gateway_for(server)
+    secret = 'k"ey-' + "x" * 12
+    gateway.configure({TENANT: {"api.example.com"}}, [(TENANT, "api.example.com", "X-Key", secret)])
+    async with opened(gateway):
+        answer = await perform(gateway, TENANT, get(f"http://{secret}.example/"), 1.0)
+    assert answer.error is not None
+    assert secret not in answer.error
+    assert json.dumps(secret)[1:-1] not in answer.error
+    assert "<redacted>" in answer.error
+
+
+async def test_hosts_off_the_allow_list_are_refused(perform, gateway, server, hits):
+    port = server.server_address[1]
+    for url, message in off_the_list(server).items():
+        answer = await perform(gateway, TENANT, get(url), 1.0)
+        assert answer.error is not None, url
+        assert message in answer.error, (url, answer)
+    other = await perform(gateway, "globex", get(base(server) + "/echo"), 1.0)
+    assert other.error == (
+        f"127.0.0.1 port {port} is not on the egress allow list of tenant 'globex'"
+    )
+    for fields, message in (
+        ({"headers": {"Host": "evil.example"}}, "may not be set by a guest"),
+        ({"headers": {"Connection": "keep-alive"}}, "may not be set by a guest"),
+        ({"headers": {"X-Bad": "a\r\nInjected: 1"}}, "line breaks"),
+        ({"method": "TRACE"}, "method 'TRACE' is not allowed"),
+    ):
+        answer = await perform(gateway, TENANT, get(base(server) + "/echo", **fields), 1.0)
+        assert message in (answer.error or ""), (fields, answer)
+    assert hits == []
+
+
+async def test_secrets_are_only_sent_over_https_to_hosts_off_the_loopback(perform):
     gateway = EgressGateway()
-    try:
-        gateway.configure(
-            {TENANT: {"api.example.com"}}, [(TENANT, "api.example.com", "X-Api-Key", "k" * 20)]
-        )
-        answer = gateway.request(TENANT, HttpRequest("GET", "http://api.example.com/"), 1.0)
-    finally:
-        gateway.close()
+    gateway.configure(
+        {TENANT: {"api.example.com"}}, [(TENANT, "api.example.com", "X-Api-Key", "k" * 20)]
+    )
+    async with opened(gateway):
+        answer = await perform(gateway, TENANT, get("http://api.example.com/"), 1.0)
     assert answer.error == "a secret is configured for api.example.com: it is only sent over https"
+
+
+async def test_a_redirect_is_the_answer(perform, gateway, server, hits):
+    answer = await perform(gateway, TENANT, get(base(server) + "/redirect"), 3.0)
+    assert answer.status == 302
+    assert answer.headers["location"].endswith("/target")
+    assert [path for path, _ in hits] == ["/redirect"]
+
+
+async def test_headers_and_body_come_back_as_sent(perform, gateway, server, hits):
+    answer = await perform(gateway, TENANT, get(base(server) + "/headers"), 3.0)
+    assert answer.status == 200
+    assert answer.headers["x-multi"] == "a, b"
+    assert answer.headers["x-latin"] == "café"
+    assert answer.body == "\ufffd\ufffdok"
+    head = await perform(gateway, TENANT, get(base(server) + "/echo", method="HEAD"), 3.0)
+    assert (head.status, head.body) == (200, "")
+
+
+async def test_response_bodies_over_the_limit_are_refused(perform, gateway, server, hits):
+    declared = await perform(gateway, TENANT, get(base(server) + "/big"), 3.0)
+    assert declared.error == "response body of 5000 bytes is over the limit of 1000"
+    streamed = await perform(gateway, TENANT, get(base(server) + "/unsized"), 3.0)
+    assert streamed.error == "response body is over the limit of 1000 bytes"
+    fits = await perform(gateway, TENANT, get(base(server) + "/echo"), 3.0)
+    assert fits.status == 200
+
+
+async def test_slow_and_silent_servers_hit_the_deadline(perform, server, silent, hits):
+    async with opened(gateway_for(server, silent, call_timeout_s=0.3)) as gateway:
+        slow = await perform(gateway, TENANT, get(base(server) + "/slow"), 3.0)
+        mute = await perform(gateway, TENANT, get(f"http://127.0.0.1:{silent}/"), 3.0)
+        # The step's time left (200 ms) is shorter than the gateway's timeout.
+        cut = await perform(gateway, TENANT, get(f"http://127.0.0.1:{silent}/"), 0.2)
+        none = await perform(gateway, TENANT, get(f"http://127.0.0.1:{silent}/"), 0.0)
+    # The sync transport may notice first with its socket timeout ("timed out").
+    assert slow.error in ("timed out", "timed out after 0.3 s")
+    assert mute.error in ("timed out", "timed out after 0.3 s")
+    assert cut.error in ("timed out", "timed out after 0.2 s")
+    assert none.error == "no time left for the call"
+    assert [path for path, _ in hits] == ["/slow"]
+
+
+async def test_network_failures_are_answers(perform, server):
+    closed = free_port()
+    async with opened(gateway_for(server, closed)) as gateway:
+        refused = await perform(gateway, TENANT, get(f"http://127.0.0.1:{closed}/"), 2.0)
+    assert refused.error == "connection refused"
+
+
+async def test_calls_are_logged_without_path_headers_or_secrets(perform, gateway, server, hits):
+    with capture_logs() as events:
+        await perform(
+            gateway,
+            TENANT,
+            get(base(server) + "/echo/private", headers={"X-Guest": "yes"}, body="b0dy"),
+            3.0,
+        )
+        await perform(gateway, TENANT, get("http://elsewhere.example/"), 3.0)
+    calls = [event for event in events if event["event"] == "egress_call"]
+    assert [(c["tenant"], c["method"], c["to"], c["outcome"]) for c in calls] == [
+        (TENANT, "GET", f"http://127.0.0.1:{server.server_address[1]}", "200"),
+        (TENANT, "GET", "(refused)", "error"),
+    ]
+    text = repr(events)
+    for leak in (SECRET, TOKEN, "/echo/private", "X-Guest", "b0dy"):
+        assert leak not in text
+
+
+async def test_cookies_are_not_kept_between_calls(perform, gateway, server, hits):
+    first = await perform(gateway, TENANT, get(base(server) + "/cookie"), 3.0)
+    assert first.headers["set-cookie"] == "session=acme-only; Path=/"
+    later = await perform(gateway, TENANT, get(base(server) + "/echo"), 3.0)
+    assert json.loads(later.body)["cookie"] is None
+    own = await perform(gateway, TENANT, get(base(server) + "/echo", headers={"Cookie": "a=1"}), 3)
+    assert json.loads(own.body)["cookie"] == "a=1"
+
+
+def self_signed() -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 and its key, PEM."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> Iterator[tuple[_Server, bytes]]:
+    """The echo server over https, with a self-signed certificate (returned too)."""
+    cert, key = self_signed()
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(cert)
+    (folder / "key.pem").write_bytes(key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    httpd = _Server(("127.0.0.1", 0), _Handler, bind_and_activate=True)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.hits = []
+    httpd.release = threading.Event()
+    thread = threading.Thread(target=httpd.serve_forever, name="egress-test-tls", daemon=True)
+    thread.start()
+    yield httpd, cert
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+async def test_https_certificates_are_verified_with_the_gateways_context(perform, tls_server):
+    httpd, cert = tls_server
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/echo"
+    async with opened(gateway_for(httpd)) as untrusting:
+        refused = await perform(untrusting, TENANT, get(url), 3.0)
+    assert (refused.error or "").startswith("TLS certificate verification failed: "), refused
+    trusting_context = ssl.create_default_context(cadata=cert.decode())
+    async with opened(gateway_for(httpd, ssl_context=trusting_context)) as trusting:
+        answer = await perform(trusting, TENANT, get(url), 3.0)
+    assert answer.status == 200, answer
+    assert json.loads(answer.body)["authorization"] == "<redacted>"
+    assert httpd.hits[-1] == ("/echo", SECRET)
+
+
+# -- `call` only: many calls in flight on one event loop ---------------------------------------
+
+
+class _LoopServer:
+    """An HTTP server on the test's event loop: answers after 200 ms (`/hang`: once released),
+    counting the requests it holds at once."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.release = asyncio.Event()
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            try:
+                if head.split(b" ")[1] == b"/hang":
+                    await self.release.wait()
+                else:
+                    await asyncio.sleep(0.2)
+            finally:
+                self.in_flight -= 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def loop_server() -> AsyncIterator[_LoopServer]:
+    answering = _LoopServer()
+    server = await asyncio.start_server(answering.handle, "127.0.0.1", 0, backlog=512)
+    answering.port = server.sockets[0].getsockname()[1]
+    yield answering
+    answering.release.set()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_two_hundred_calls_are_in_flight_at_once(server, loop_server):
+    url = f"http://127.0.0.1:{loop_server.port}/delay"
+    async with opened(gateway_for(server, loop_server.port)) as gateway:
+        answers = await asyncio.gather(*(gateway.call(TENANT, get(url), 10.0) for _ in range(200)))
+    assert [(answer.status, answer.body) for answer in answers] == [(200, "ok")] * 200
+    assert loop_server.most_in_flight >= 100
+
+
+async def test_a_hung_server_does_not_hold_up_other_calls(server, loop_server):
+    base_url = f"http://127.0.0.1:{loop_server.port}"
+    async with opened(gateway_for(server, loop_server.port, max_connections=4)) as gateway:
+        hung = asyncio.create_task(gateway.call(TENANT, get(base_url + "/hang"), 10.0))
+        others = await asyncio.gather(
+            *(gateway.call(TENANT, get(base_url + "/delay"), 10.0) for _ in range(6))
+        )
+        assert [answer.status for answer in others] == [200] * 6
+        assert not hung.done()
+        loop_server.release.set()
+        assert (await hung).status == 200
+
+
+# -- the gateway on its own ------------------------------------------------------------------
 
 
 def test_configure_leaves_out_invalid_entries_and_secrets_without_printing_values():
