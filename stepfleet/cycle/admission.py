@@ -1,8 +1,9 @@
 """Admission: which messages of a batch run a step, and what happens to the others.
 
-Creates insert their instance (once); events are stored, repeats recognised; every
-instance is locked in key order; then `engine.admit` judges each message against its
-instance's state.
+Every instance is locked in key order, then `engine.admit` judges each message against its
+instance's state. Nothing is written here but events that wait for a later wait: a create's
+row and an event that ends a wait are written with the run's outcome, so a run that stops at
+an HTTP call (and is resumed by a later cycle) leaves no trace until it is decided.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import structlog
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.work import CycleResult, H, Rejected, Work, state_of
-from stepfleet.engine import Admit, Duplicate, Keep, Reject, admit, check_size
+from stepfleet.engine import Admit, Duplicate, InstanceState, Keep, Reject, admit, check_size
 from stepfleet.sandbox import ReplayJournal
-from stepfleet.schemas import CreateBody, DeadReason, EventBody
-from stepfleet.store import NewEvent, NewInstance
+from stepfleet.schemas import CreateBody, DeadReason, EventBody, InstanceStatus
+from stepfleet.store import NewEvent
 from stepfleet.store.port import StepTx
 
 log = structlog.get_logger("stepfleet.worker")
@@ -37,25 +38,37 @@ class Admission(Generic[H]):
         self._tx = tx
         self._result = result
         self._value_bytes = value_bytes
+        self.kept_events: list[NewEvent] = []
+        """Events for instances not waiting for them: stored for a later wait."""
 
     async def admit(self, works: list[Work[H]], now: datetime) -> list[Work[H]]:
-        """Return the works that run a step now, each with its locked record and state."""
-        live = await self._create(works)
+        """Return the works that run a step now, each with its state and (if it exists) its
+        locked record."""
+        live = await self._checked(works)
         records = await self._tx.lock_instances(w.key for w in live)
         admitted: list[Work[H]] = []
-        events: list[NewEvent] = []
-        finished_events: list[tuple[Work[H], Reject, str]] = []
+        events: list[tuple[Work[H], str, NewEvent | None, Reject | None]] = []
         for work in live:
             record = records.get(work.key)
-            state = None if record is None else state_of(record)
-            verdict = admit(work.envelope, state, created_now=work.key in self._created, now=now)
             body = work.envelope.body
+            state = None if record is None else state_of(record)
+            if isinstance(body, CreateBody) and record is None:
+                assert work.replay is not None
+                state = InstanceState(
+                    work.key,
+                    work.module,
+                    InstanceStatus.RUNNING,
+                    0,
+                    state_bytes=len(work.replay.params.encode()),
+                )
+                work.created = True
+            verdict = admit(work.envelope, state, created_now=work.created, now=now)
             if isinstance(body, EventBody) and isinstance(verdict, Admit | Keep):
                 assert state is not None
                 consumed = state.position if isinstance(verdict, Admit) else None
-                events.append(
-                    NewEvent(work.key, body.event_id, body.type, _json(body.payload), consumed)
-                )
+                payload = _json(body.payload)
+                new = NewEvent(work.key, body.event_id, body.type, payload, consumed)
+                events.append((work, body.event_id, new, None))
             if isinstance(verdict, Admit):
                 assert state is not None
                 work.record = record
@@ -66,34 +79,45 @@ class Admission(Generic[H]):
                 self._duplicate(work, verdict.why)
             elif isinstance(verdict, Reject):
                 if isinstance(body, EventBody) and verdict.reason is DeadReason.INSTANCE_FINISHED:
-                    finished_events.append((work, verdict, body.event_id))  # or a repeat
+                    # Or a repeat of the event that finished it: known_events tells.
+                    events.append((work, body.event_id, None, verdict))
                 else:
                     self._reject(work, verdict.reason, verdict.detail)
             else:
                 with message_context(work):
                     event_type = body.type if isinstance(body, EventBody) else None
                     log.info("event_stored", event_type=event_type)
-        if finished_events:
-            known = await self._tx.known_events([(w.key, event) for w, _, event in finished_events])
-            for work, verdict, _ in finished_events:
-                if work.key in known:
-                    self._duplicate(work, "event already delivered")
-                else:
-                    self._reject(work, verdict.reason, verdict.detail)
         if events:
-            fresh = await self._tx.insert_events(events)
-            repeats = {e.key for e in events if e.key not in fresh}
-            for work in [w for w in admitted if w.key in repeats]:
-                admitted.remove(work)
-                self._duplicate(work, "event already received")
+            await self._sort_events(events, admitted)
         return admitted
 
-    async def _create(self, works: list[Work[H]]) -> list[Work[H]]:
-        """Insert the instances creates ask for; return the works that go on to be judged."""
+    async def _sort_events(
+        self,
+        events: list[tuple[Work[H], str, NewEvent | None, Reject | None]],
+        admitted: list[Work[H]],
+    ) -> None:
+        """A repeated event (its id already stored for the instance) is a duplicate; a new
+        one is kept for a later wait, or ends the wait with the run."""
+        known = await self._tx.known_events([(w.key, event_id) for w, event_id, _, _ in events])
+        for work, _, new, refusal in events:
+            if work.key in known:
+                if new is not None and new.consumed_seq is not None:
+                    admitted.remove(work)
+                self._duplicate(
+                    work, "event already received" if new else "event already delivered"
+                )
+            elif refusal is not None:
+                self._reject(work, refusal.reason, refusal.detail)
+            elif new is not None and new.consumed_seq is None:
+                self.kept_events.append(new)
+            else:
+                work.new_event = new
+
+    async def _checked(self, works: list[Work[H]]) -> list[Work[H]]:
+        """Turn away creates of modules never pushed and values over the size limit."""
         creates = [w for w in works if isinstance(w.envelope.body, CreateBody)]
         owned = await self._tx.owned_modules({(w.key.tenant, w.module) for w in creates})
         live: list[Work[H]] = []
-        new: list[NewInstance] = []
         for work in works:
             body = work.envelope.body
             if isinstance(body, CreateBody):
@@ -105,7 +129,6 @@ class Admission(Generic[H]):
                 if (over := check_size("params", params, self._value_bytes)) is not None:
                     self._reject(work, over.reason, over.detail)
                     continue
-                new.append(NewInstance(work.key, work.module, params, body.retention_seconds))
                 work.replay = CachedReplay(0, params, ReplayJournal())
             elif isinstance(body, EventBody):
                 payload = _json(body.payload)
@@ -113,7 +136,6 @@ class Admission(Generic[H]):
                     self._reject(work, over.reason, over.detail)
                     continue
             live.append(work)
-        self._created = await self._tx.create_instances(new)
         return live
 
     def _reject(self, work: Work[H], reason: DeadReason, detail: str) -> None:

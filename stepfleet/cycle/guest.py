@@ -18,7 +18,7 @@ from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.work import Ran, Work
 from stepfleet.engine import InstanceState
 from stepfleet.sandbox import GuestRun, Sandbox, encode_replay_buffer
-from stepfleet.schemas import GuestReport, JournalEntry, TenantLimits
+from stepfleet.schemas import AnsweredCall, GuestReport, JournalEntry, TenantLimits
 
 log = structlog.get_logger("stepfleet.worker")
 
@@ -32,6 +32,8 @@ def run_step(
     *,
     pending: Sequence[JournalEntry] = (),
     limits: TenantLimits | None = None,
+    answers: tuple[AnsweredCall, ...] = (),
+    step_deadline: float | None = None,
 ) -> GuestReport:
     """Run `state.module` over the instance's journal (and `pending`) to its next outcome.
 
@@ -54,8 +56,9 @@ def run_step(
         state.attempt,
         fuel_per_run=own.fuel_per_run,
         memory_bytes=own.memory_bytes,
-        tenant=state.key.tenant,
         host_calls_per_step=own.host_calls_per_step,
+        answers=answers,
+        step_deadline=step_deadline,
     )
     return sandbox.run(job)
 
@@ -72,13 +75,15 @@ def run_works(
         assert work.replay is not None
         assert work.state is not None
         with message_context(work, position=work.state.position, attempt=work.state.attempt):
-            started_at = clock()
+            started_at = work.started_at or clock()
             report = run_step(
                 sandbox,
                 work.state,
                 work.replay,
                 pending=work.pending,
                 limits=limits(work.key.tenant),
+                answers=work.answers,
+                step_deadline=work.step_deadline,
             )
             ran.append(Ran(work, report, started_at, clock()))
     return ran

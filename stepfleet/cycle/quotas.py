@@ -33,7 +33,8 @@ async def apply_quotas(
     needs: dict[str, list[Work[H]]] = {}
     for work in admitted:
         own = directory.limits(work.key.tenant)
-        if (own.running_steps or own.steps_per_second) and not work.pending:
+        # A resumed attempt passed its quotas when it began.
+        if (own.running_steps or own.steps_per_second) and not work.pending and not work.answers:
             needs.setdefault(work.key.tenant, []).append(work)
     if not needs:
         return admitted, []

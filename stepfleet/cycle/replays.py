@@ -64,9 +64,9 @@ async def load_replays(tx: StepTx, cache: ReplayCache, admitted: list[Work[Any]]
     since: dict[InstanceKey, int] = {}
     cold: list[InstanceKey] = []
     for work in admitted:
-        assert work.record is not None
         if work.replay is not None:  # created by this very batch: nothing recorded yet
             continue
+        assert work.record is not None
         cached = cache.usable(work.key, work.record.generation, work.record.position)
         work.replay = cached
         if cached is None:

@@ -21,16 +21,18 @@ import structlog
 
 from stepfleet.broker import Topology
 from stepfleet.cycle.admission import Admission
+from stepfleet.cycle.context import message_context
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run, run_works
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
-from stepfleet.cycle.work import CycleResult, H, Ran, Work, errored, write_of
+from stepfleet.cycle.work import CycleResult, H, Ran, Suspended, Work, errored, write_of
 from stepfleet.engine import EngineLimits, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
-from stepfleet.schemas import InstanceKey, WaitKind
+from stepfleet.schemas import CallRequested, CreateBody, InstanceKey, WaitKind
+from stepfleet.store import NewInstance, StepWrite
 from stepfleet.store.port import StepStore, StepTx
 
 log = structlog.get_logger("stepfleet.worker")
@@ -86,18 +88,26 @@ class StepCycle:
             StoreUnavailable: nothing was committed; the caller retries the batch.
         """
         result: CycleResult[H] = CycleResult()
+        for work in works:
+            work.renew()
         async with self._store.transaction() as tx:
             now = self._clock()
-            admitted = await Admission(tx, result, value_bytes=self._value_bytes).admit(works, now)
+            admission = Admission(tx, result, value_bytes=self._value_bytes)
+            admitted = await admission.admit(works, now)
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
             ran = refused + await self._on_guest_thread(
                 lambda: run_works(self._sandbox, admitted, self.directory.limits, self._clock)
             )
+            ran = self._set_aside_calls(ran, result)
             for item in ran:
                 self._decide(item)
             await self._take_waiting_events(tx, ran)
+            ran, held = await self._insert_created(tx, works, ran, held, result)
+            events = admission.kept_events + [e for i in ran if (e := i.work.new_event)]
+            if events:
+                await tx.insert_events(events)
             steps = [
                 (
                     item,
@@ -125,6 +135,59 @@ class StepCycle:
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
         return result
+
+    @staticmethod
+    def _set_aside_calls(ran: list[Ran[H]], result: CycleResult[H]) -> list[Ran[H]]:
+        """Take out the runs that stopped at an HTTP call: nothing of theirs is written now."""
+        decided: list[Ran[H]] = []
+        for item in ran:
+            call = item.report.outcome
+            if isinstance(call, CallRequested):
+                item.work.started_at = item.work.started_at or item.started_at
+                result.suspended.append(Suspended(item.work, call))
+                with message_context(item.work, step=call.name, position=call.seq):
+                    log.debug("step_waits_for_call", calls=len(call.answered) + 1)
+            else:
+                decided.append(item)
+        return decided
+
+    @staticmethod
+    async def _insert_created(
+        tx: StepTx,
+        works: list[Work[H]],
+        ran: list[Ran[H]],
+        held: list[StepWrite],
+        result: CycleResult[H],
+    ) -> tuple[list[Ran[H]], list[StepWrite]]:
+        """Insert the rows of the instances creates made, with their first write. A create
+        another worker inserted meanwhile (the same message, delivered twice) is a duplicate:
+        its run is dropped."""
+        writing = {i.work.key for i in ran} | {w.key for w in held}
+        created = sorted((w for w in works if w.created and w.key in writing), key=lambda w: w.key)
+        if not created:
+            return ran, held
+        inserted = await tx.create_instances(
+            [
+                NewInstance(
+                    w.key,
+                    w.module,
+                    w.replay.params if w.replay else "{}",
+                    w.envelope.body.retention_seconds
+                    if isinstance(w.envelope.body, CreateBody)
+                    else None,
+                )
+                for w in created
+            ]
+        )
+        lost = {w.key for w in created if w.key not in inserted}
+        if not lost:
+            return ran, held
+        for item in ran:
+            if item.work.key in lost:
+                result.duplicates.append(item.work)
+                with message_context(item.work):
+                    log.info("duplicate_ignored", kind="create", why="instance already exists")
+        return [i for i in ran if i.work.key not in lost], [w for w in held if w.key not in lost]
 
     async def error_instance(self, key: InstanceKey, message: str) -> bool:
         """End a live instance as errored with `message` (its step can never be processed);

@@ -10,6 +10,8 @@ from stepfleet.broker import Outgoing
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.engine import Decision, InstanceState
 from stepfleet.schemas import (
+    AnsweredCall,
+    CallRequested,
     DeadReason,
     Envelope,
     GuestReport,
@@ -17,7 +19,7 @@ from stepfleet.schemas import (
     InstanceStatus,
     JournalEntry,
 )
-from stepfleet.store import InstanceRecord, StepWrite
+from stepfleet.store import InstanceRecord, NewEvent, StepWrite
 
 H = TypeVar("H")
 """The caller's handle on a message (a broker delivery in the fleet)."""
@@ -35,10 +37,27 @@ class Work(Generic[H]):
     pending: tuple[JournalEntry, ...] = ()
     """Entries this message brings before the run: an event's payload, a wait's timeout."""
     replay: CachedReplay | None = None
+    created: bool = False
+    """A create whose instance does not exist yet: the cycle inserts its row with its write."""
+    new_event: NewEvent | None = None
+    """An event that ends the instance's wait: stored with the run's write."""
+    answers: tuple[AnsweredCall, ...] = ()
+    """A resumed attempt: the answers of its step's HTTP calls so far."""
+    step_deadline: float | None = None
+    """A resumed attempt: when its step's timeout runs out (monotonic seconds)."""
+    started_at: datetime | None = None
+    """A resumed attempt: when its first run began (the step's recorded start)."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:
         self.key = InstanceKey(self.envelope.tenant, self.envelope.instance_id)
+
+    def renew(self) -> None:
+        """Forget what a previous cycle learned (the instance may have moved since), keeping
+        what a resumed attempt carries."""
+        self.record = self.state = self.replay = self.new_event = None
+        self.pending = ()
+        self.created = False
 
     @property
     def module(self) -> str:
@@ -65,6 +84,16 @@ class Ran(Generic[H]):
 
 
 @dataclass(frozen=True, slots=True)
+class Suspended(Generic[H]):
+    """A message whose step stopped at an HTTP call: nothing of it was written. Make the call
+    (`CallScheduler`), then hand the work to a later cycle, which runs the attempt again with
+    every answer so far."""
+
+    work: Work[H]
+    call: CallRequested
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected(Generic[H]):
     """A message that can never be processed: the caller dead-letters it."""
 
@@ -80,6 +109,7 @@ class CycleResult(Generic[H]):
     ran: list[Ran[H]] = field(default_factory=list)
     rejected: list[Rejected[H]] = field(default_factory=list)
     duplicates: list[Work[H]] = field(default_factory=list)
+    suspended: list[Suspended[H]] = field(default_factory=list)
     held: int = 0
     """Instances parked by their tenant's quotas instead of run."""
     messages: list[Outgoing] = field(default_factory=list)

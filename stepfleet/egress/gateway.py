@@ -1,10 +1,9 @@
 """EgressGateway: guests' HTTP calls, within each tenant's allow list, with injected secrets.
 
-It makes a call two ways, with the same checks and answers: `request` blocks its thread (the
-sandbox's `Egress` port, stepfleet/sandbox/port.py; http.client on a small thread pool,
-transport.py), `call` is awaited on the worker's event loop (one pooled httpx client, many calls
-in flight, pooled.py). request_checks.py says what a call may be, secrets.py adds and scrubs
-secrets:
+`call` is awaited on the worker's event loop (one pooled httpx client, many calls in flight,
+pooled.py) while the step that asked for it waits without a transaction, a row lock or the
+guest thread (stepfleet/cycle/calls.py). request_checks.py says what a call may be, secrets.py
+adds and scrubs secrets, transport.py holds what goes on the wire and how failures read:
 
 - http and https only; the URL's host must be an entry of the tenant's allow list as written
   (stepfleet/egress/hosts.py): ports 80 and 443 for a bare `host`, the entry's port otherwise;
@@ -16,9 +15,8 @@ secrets:
 - a secret is only sent over https, or over http to a loopback host, unless the gateway is
   built with allow_secrets_over_http;
 - each call is bounded by a wall-clock deadline (connection, TLS, request and response alike,
-  name resolution too: `request` abandons the exchange's thread at the deadline, `call` is
-  cancelled by an asyncio timeout, waiting for a pooled connection included), and the response
-  body by max_response_bytes;
+  name resolution and waiting for a pooled connection too: an asyncio timeout cancels the
+  call), and the response body by max_response_bytes;
 - no cookie is kept between calls, and no proxy is taken from the environment.
 
 Neither a secret nor a request's headers is ever logged.
@@ -27,7 +25,6 @@ Neither a secret nor a request's headers is ever logged.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import re
 import ssl
 import time
@@ -40,7 +37,7 @@ from stepfleet.egress.hosts import HostError, Target, normalize_host_entry
 from stepfleet.egress.pooled import PooledTransport
 from stepfleet.egress.request_checks import check_secret_header, check_secret_value, plan_call
 from stepfleet.egress.secrets import Secret, scrubbed, scrubber
-from stepfleet.egress.transport import Exchange, Plan, Refused
+from stepfleet.egress.transport import Plan, Refused
 from stepfleet.schemas import HttpRequest, HttpResponse
 
 log = structlog.get_logger("stepfleet.egress")
@@ -75,19 +72,15 @@ class _Pending:
 
 
 class EgressGateway:
-    """The worker's egress gateway (implements stepfleet.sandbox.Egress); thread-safe.
-
-    `request` blocks its thread; `call` is the same call for the event loop, which all of a
-    gateway's `call`s must share (its connection pool is created on the first).
+    """The worker's egress gateway (implements stepfleet.cycle.calls.Caller): the guests'
+    calls, made on the event loop, which all of a gateway's `call`s must share (its connection
+    pool is created on the first).
 
     call_timeout_s: the longest one call may take, everything included (the sandbox further
         bounds it by the time left in the step).
     connect_timeout_s: the longest the TCP (and TLS) connection may take, within that.
     max_response_bytes: the largest response body handed to a guest; larger ones are refused
         (pass the sandbox's value limit, STEPFLEET_VALUE_BYTES).
-    max_workers: threads running the exchanges of `request`; one guest calls at a time per
-        worker process, the rest absorb exchanges abandoned at their deadline (a hung name
-        lookup).
     max_connections: the most connections `call` keeps open at once, in use or kept alive for
         the next call to the same host (one pool for all hosts and tenants); more calls wait
         for one, within their deadline.
@@ -103,7 +96,6 @@ class EgressGateway:
         call_timeout_s: float = 10.0,
         connect_timeout_s: float = 5.0,
         max_response_bytes: int = 1024 * 1024,
-        max_workers: int = 4,
         max_connections: int = 1000,
         ssl_context: ssl.SSLContext | None = None,
         allow_secrets_over_http: bool = False,
@@ -121,9 +113,6 @@ class EgressGateway:
         self._ssl = ssl_context or ssl.create_default_context()
         self._allow_secrets_over_http = allow_secrets_over_http
         self._user_agent = user_agent
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="egress"
-        )
         self._pooled = PooledTransport(
             max_connections=max_connections,
             connect_timeout_s=connect_timeout_s,
@@ -135,10 +124,6 @@ class EgressGateway:
     @property
     def call_timeout_s(self) -> float:
         return self._call_timeout_s
-
-    def close(self) -> None:
-        """Stop the exchange threads of `request` (calls still running are abandoned)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
         """Close the pooled connections of `call`, on the loop that made the calls."""
@@ -197,32 +182,11 @@ class EgressGateway:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def request(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+    async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
         """Perform one call for `tenant`; refusals and failures come back as errors.
 
-        Blocks the calling thread (the exchange runs on the gateway's thread pool)."""
-        pending = self._begin(tenant, request, timeout_s)
-        if isinstance(pending, HttpResponse):
-            return pending
-        exchange = Exchange(
-            pending.plan,
-            pending.deadline,
-            self._connect_timeout_s,
-            self._max_response_bytes,
-            self._ssl,
-        )
-        future = self._pool.submit(exchange.run)
-        try:
-            answer = future.result(timeout=pending.timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            exchange.abort()
-            answer = pending.timed_out()
-        return self._end(pending, answer)
-
-    async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
-        """`request` for the event loop: the same call, refusals and answers, made on the
-        gateway's pooled httpx client (many calls in flight at once, no thread per call)."""
+        Made on the gateway's pooled httpx client, on the event loop every `call` of a gateway
+        shares (many calls in flight at once, no thread per call)."""
         pending = self._begin(tenant, request, timeout_s)
         if isinstance(pending, HttpResponse):
             return pending

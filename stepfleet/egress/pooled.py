@@ -1,10 +1,9 @@
 """HTTP exchanges on one shared httpx.AsyncClient: pooled keep-alive connections, many calls in
-flight on the event loop, answered as transport.py's Exchange answers them.
+flight on the event loop.
 
 The caller bounds each exchange with its deadline (the gateway's asyncio timeout); here only
-the connection (TCP, TLS, and the name lookup before it) has a timeout of its own, as in
-transport.py. What goes on the wire is the plan's: no proxy from the environment, no cookies
-kept, no redirect followed, no header added but Host, Content-Length and
+the connection (TCP, TLS, and the name lookup before it) has a timeout of its own. What goes
+on the wire is the plan's: no proxy from the environment, no cookies kept, no redirect followed, no header added but Host, Content-Length and
 `Accept-Encoding: identity` (the guest may set another; the body comes back as sent).
 """
 

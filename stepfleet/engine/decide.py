@@ -10,6 +10,7 @@ from stepfleet.engine.journal_checks import describe, journal_text, over_limits
 from stepfleet.engine.state import EngineLimits, InstanceState
 from stepfleet.schemas import (
     OPERATIONS,
+    CallRequested,
     Completed,
     EntryFlags,
     EntryKind,
@@ -82,7 +83,10 @@ class _Run:
         """The journal length after the recorded values: the position of new work."""
 
     def decide(self) -> Decision:
-        outcome = journal_text(self.report.outcome)
+        raw = self.report.outcome
+        if isinstance(raw, CallRequested):
+            raise ValueError("a run stopped at an HTTP call is resumed, not decided")
+        outcome = journal_text(raw)
         if isinstance(outcome, str):
             return self._errored(ErrorKind.ABI_VIOLATION, outcome)
         if isinstance(outcome, Nondeterministic):

@@ -12,7 +12,7 @@ from stepfleet.sandbox.errors import (
 )
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, UnsafeCacheDirectory
-from stepfleet.sandbox.port import Egress, GuestRun, Sandbox
+from stepfleet.sandbox.port import GuestRun, Sandbox
 from stepfleet.sandbox.runtime import WasmSandbox
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "CompileFailed",
     "CompileLimitExceeded",
     "CompiledModuleCache",
-    "Egress",
     "GuestRun",
     "InvalidModule",
     "ModuleCompiler",

@@ -22,10 +22,11 @@ from stepfleet.sandbox.guest_memory import (
 )
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.linking import Stop, Violation, define_imports
-from stepfleet.sandbox.port import Egress
 from stepfleet.sandbox.run_state import RunState, Step
 from stepfleet.sandbox.step_config import parse_step_config
 from stepfleet.schemas import (
+    AnsweredCall,
+    CallRequested,
     Completed,
     EntryFlags,
     EntryKind,
@@ -60,14 +61,11 @@ class HostImports:
         ticker: EpochTicker,
         *,
         clock: Callable[[], float],
-        egress: Egress | None,
     ) -> None:
         self._limits = limits
         self._current_run = current_run
         self._ticker = ticker
         self._clock = clock
-        # Guests' HTTP calls go through it (the sandbox does no network I/O); None: refused.
-        self._egress = egress
 
     def define(self, linker: wasmtime.Linker) -> None:
         define_imports(linker, HOST_MODULE, HOST_IMPORTS, self)
@@ -91,9 +89,20 @@ class HostImports:
             config = parse_step_config(text, max_ms=self._limits.max_sleep_ms)
         except ValueError as exc:
             raise Violation(f"step {name!r} config: {exc}") from None
-        run.step = Step(seq, name, config)
+        run.step = step = Step(seq, name, config, run.step_deadline)
         assert run.store is not None
-        self._ticker.set_deadline(run.store, config.timeout_ms)
+        left_ms = int((step.deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:  # a resumed attempt whose call took the rest of the step's time
+            raise Stop(
+                StepFailed(
+                    seq,
+                    name,
+                    f"step {name!r} timed out after {config.timeout_ms} ms",
+                    config=config,
+                    limit="timeout",
+                )
+            )
+        self._ticker.set_deadline(run.store, min(left_ms, config.timeout_ms))
         return run.attempt
 
     def step_done(
@@ -196,10 +205,17 @@ class HostImports:
             request = HttpRequest.from_json(text)
         except ValueError as exc:
             raise Violation(f"guest ABI violation: http request {exc}") from None
+        run = self._current_run()
+        index = step.http_calls
         step.http_calls += 1
-        answer = self._http_call(self._current_run(), step, request).to_json().encode()
-        step.http_response = answer
-        return len(answer)
+        made = run.answers[index] if index < len(run.answers) else None
+        if made is not None and made.request == request:  # a resumed attempt: made already
+            answer = made.response
+        else:  # a new call, or one the step now asks differently: (made) again
+            answer = self._refusal(run, step) or self._stop_at_call(run, step, request)
+        run.answered.append(AnsweredCall(request, answer))
+        step.http_response = answer.to_json().encode()
+        return len(step.http_response)
 
     def http_response(self, caller: wasmtime.Caller, ptr: int, length: int) -> None:
         step = self._in_step("http_response")
@@ -217,22 +233,23 @@ class HostImports:
         memory.write(caller, answer, ptr)
         step.http_response = None
 
-    def _http_call(self, run: RunState, step: Step, request: HttpRequest) -> HttpResponse:
-        """One guest HTTP call through the egress gateway, within the step's cap and time."""
+    @staticmethod
+    def _refusal(run: RunState, step: Step) -> HttpResponse | None:
+        """The answer of a call that is not made: over the step's cap, or out of time."""
         cap = run.host_calls_per_step
         if step.http_calls > cap:
             return HttpResponse.failed(
                 f"host call limit reached: a step may make {cap} HTTP call(s)"
             )
-        if self._egress is None:
-            return HttpResponse.failed("egress is not configured")
-        left = step.deadline - time.monotonic()
-        if left <= 0:
+        if step.deadline - time.monotonic() <= 0:
             return HttpResponse.failed(f"step {step.name!r} has no time left for an HTTP call")
-        try:
-            return self._egress.request(run.tenant, request, min(self._egress.call_timeout_s, left))
-        except Exception as exc:  # a gateway bug must not fail the worker; say nothing more
-            return HttpResponse.failed(f"egress gateway error ({type(exc).__name__})")
+        return None
+
+    @staticmethod
+    def _stop_at_call(run: RunState, step: Step, request: HttpRequest) -> NoReturn:
+        """End the run at the call: the host makes it off this thread and runs the guest
+        again with its answer (the sandbox does no network I/O)."""
+        raise Stop(CallRequested(step.seq, step.name, request, tuple(run.answered), step.deadline))
 
     # -- reading the guest's arguments, checking where it stands -------------------------
 

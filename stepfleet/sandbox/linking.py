@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 import wasmtime
 
-from stepfleet.schemas import GuestOutcome
+from stepfleet.schemas import RunOutcome
 
 log = structlog.get_logger("stepfleet.sandbox")
 
@@ -27,7 +27,7 @@ class Stop(BaseException):
     A BaseException so that nothing between the import and `run` mistakes it for a failure.
     """
 
-    def __init__(self, outcome: GuestOutcome) -> None:
+    def __init__(self, outcome: RunOutcome) -> None:
         self.outcome = outcome
 
 

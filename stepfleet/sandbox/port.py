@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stepfleet.sandbox.compiler import ModuleCompiler
-from stepfleet.schemas import GuestReport, HttpRequest, HttpResponse
+from stepfleet.schemas import AnsweredCall, GuestReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,26 +22,14 @@ class GuestRun:
     """The tenant's CPU budget, when it differs from the sandbox's."""
     memory_bytes: int | None = None
     """The tenant's memory cap, when it differs from the sandbox's."""
-    tenant: str = ""
-    """The tenant the instance belongs to: whose egress allow list and secrets apply."""
     host_calls_per_step: int | None = None
     """HTTP calls one step may make; None: SandboxLimits.host_calls_per_step."""
-
-
-class Egress(Protocol):
-    """The egress gateway the sandbox hands guests' HTTP calls to; it does the network I/O.
-
-    `request` never raises for anything the guest or the network did: refusals, timeouts and
-    connection failures come back as `HttpResponse.failed(message)`, and the answer must hold
-    nothing the guest may not read (the gateway scrubs the secrets it injects).
-    """
-
-    @property
-    def call_timeout_s(self) -> float:
-        """The longest one call may take; the sandbox passes min(this, the step's time left)."""
-
-    def request(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
-        """Perform one call for `tenant` within `timeout_s` seconds, wall clock."""
+    answers: tuple[AnsweredCall, ...] = ()
+    """A resumed attempt: the answers of its step's HTTP calls so far, in order. The run hands
+    them to the guest's calls instead of stopping at them (`CallRequested`)."""
+    step_deadline: float | None = None
+    """A resumed attempt: when its step's timeout runs out (`time.monotonic()` seconds), kept
+    from the run that began the step."""
 
 
 class Sandbox(Protocol):
@@ -62,4 +50,5 @@ class Sandbox(Protocol):
         `compiler.submit` made for it, only deserialize that."""
 
     def run(self, job: GuestRun) -> GuestReport:
-        """Run one guest to its outcome, with the values it recorded and its log lines."""
+        """Run one guest to its outcome (or to an HTTP call it must wait for:
+        `CallRequested`), with the values it recorded and its log lines."""

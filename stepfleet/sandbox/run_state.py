@@ -7,7 +7,7 @@ import time
 import wasmtime
 
 from stepfleet.sandbox.linking import Violation
-from stepfleet.schemas import EntryKind, Recorded, StepConfig
+from stepfleet.schemas import AnsweredCall, EntryKind, Recorded, StepConfig
 
 
 class Step:
@@ -15,12 +15,17 @@ class Step:
 
     __slots__ = ("config", "deadline", "http_calls", "http_response", "name", "seq")
 
-    def __init__(self, seq: int, name: str, config: StepConfig) -> None:
+    def __init__(
+        self, seq: int, name: str, config: StepConfig, deadline: float | None = None
+    ) -> None:
         self.seq = seq
         self.name = name
         self.config = config
-        # When the step's timeout runs out (monotonic seconds): bounds its HTTP calls.
-        self.deadline = time.monotonic() + config.timeout_ms / 1000
+        # When the step's timeout runs out (monotonic seconds): bounds its HTTP calls. A
+        # resumed attempt keeps the deadline of the run that began it.
+        self.deadline = (
+            time.monotonic() + config.timeout_ms / 1000 if deadline is None else deadline
+        )
         self.http_calls = 0
         # The answer of the last `http_request`, until `http_response` copies it.
         self.http_response: bytes | None = None
@@ -30,14 +35,16 @@ class RunState:
     """What the host imports of the current run read and write."""
 
     __slots__ = (
+        "answered",
+        "answers",
         "attempt",
         "host_calls_per_step",
         "logs",
         "next_seq",
         "recorded",
         "step",
+        "step_deadline",
         "store",
-        "tenant",
     )
 
     def __init__(
@@ -46,8 +53,9 @@ class RunState:
         next_seq: int = 0,
         attempt: int = 1,
         *,
-        tenant: str = "",
         host_calls_per_step: int = 0,
+        answers: tuple[AnsweredCall, ...] = (),
+        step_deadline: float | None = None,
     ):
         self.store = store
         self.logs: list[tuple[int, str]] = []
@@ -55,8 +63,12 @@ class RunState:
         self.next_seq = next_seq
         self.attempt = attempt
         self.step: Step | None = None
-        self.tenant = tenant
         self.host_calls_per_step = host_calls_per_step
+        # A resumed attempt: the answers its step's calls get, and the step's deadline.
+        self.answers = answers
+        self.step_deadline = step_deadline
+        # The answers this run's step has had so far (handed on when it stops at a call).
+        self.answered: list[AnsweredCall] = []
 
     def record(self, seq: int, kind: EntryKind, value: str) -> None:
         """Record a `now` or `random` value, which must take the next journal position."""

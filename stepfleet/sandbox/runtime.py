@@ -15,11 +15,11 @@ from stepfleet.sandbox.host_imports import HostImports
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.linking import Stop, Violation
 from stepfleet.sandbox.module_cache import CompiledModuleCache
-from stepfleet.sandbox.port import Egress, GuestRun
+from stepfleet.sandbox.port import GuestRun
 from stepfleet.sandbox.run_state import RunState
 from stepfleet.sandbox.wasi_imports import WasiImports
 from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line
-from stepfleet.schemas import GuestCrashed, GuestOutcome, GuestReport, StepFailed
+from stepfleet.schemas import GuestCrashed, GuestOutcome, GuestReport, RunOutcome, StepFailed
 
 log = structlog.get_logger("stepfleet.sandbox")
 
@@ -40,14 +40,11 @@ class WasmSandbox(WasmEngine):
         *,
         clock: Callable[[], float] = time.time,
         module_cache: CompiledModuleCache | None = None,
-        egress: Egress | None = None,
     ) -> None:
         super().__init__(limits or SandboxLimits(), module_cache)
         self._run = RunState()
         self._ticker = EpochTicker(self._engine)
-        HostImports(
-            self.limits, self._current_run, self._ticker, clock=clock, egress=egress
-        ).define(self._linker)
+        HostImports(self.limits, self._current_run, self._ticker, clock=clock).define(self._linker)
         WasiImports(self.limits, self._current_run).define(self._linker)
 
     def _current_run(self) -> RunState:
@@ -69,8 +66,9 @@ class WasmSandbox(WasmEngine):
             store,
             job.journal_length,
             job.attempt,
-            tenant=job.tenant,
             host_calls_per_step=self.limits.host_calls_per_step if calls is None else calls,
+            answers=job.answers,
+            step_deadline=job.step_deadline,
         )
         # A tenant's own limits, when it has any, replace the fleet's for its runs.
         fuel = job.fuel_per_run or self.limits.fuel_per_run
@@ -79,7 +77,7 @@ class WasmSandbox(WasmEngine):
         store.set_limits(memory_size=memory_cap, instances=1, tables=4, memories=1)
         memory: wasmtime.Memory | None = None
 
-        def report(outcome: GuestOutcome) -> GuestReport:
+        def report(outcome: RunOutcome) -> GuestReport:
             return GuestReport(outcome, tuple(run.recorded), run.logs)
 
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stepfleet.schemas.egress import HttpRequest, HttpResponse
+from stepfleet.schemas.egress import AnsweredCall, HttpRequest, HttpResponse
 from stepfleet.schemas.identifiers import (
     DIGEST_PATTERN,
     INSTANCE_ID_PATTERN,
@@ -45,6 +45,7 @@ from stepfleet.schemas.messages import (
 )
 from stepfleet.schemas.outcomes import (
     OPERATIONS,
+    CallRequested,
     Completed,
     EventAwaited,
     GuestCrashed,
@@ -52,6 +53,7 @@ from stepfleet.schemas.outcomes import (
     GuestReport,
     Nondeterministic,
     Recorded,
+    RunOutcome,
     SleepRequested,
     StepFailed,
     StepSucceeded,
@@ -72,7 +74,9 @@ __all__ = [
     "REDACTED",
     "SCHEMA_VERSION",
     "TENANT_PATTERN",
+    "AnsweredCall",
     "Backoff",
+    "CallRequested",
     "Completed",
     "CreateBody",
     "DeadReason",
@@ -97,6 +101,7 @@ __all__ = [
     "Nondeterministic",
     "Recorded",
     "RunMode",
+    "RunOutcome",
     "SleepRequested",
     "StepBody",
     "StepConfig",

@@ -1,9 +1,9 @@
 """HTTP egress as the guest ABI carries it: the request a guest asks for, the answer it gets.
 
-The sandbox reads an `HttpRequest` from the guest's `http_request` JSON and hands it to the
-egress gateway through the `Egress` port (stepfleet/sandbox/port.py); the gateway answers with an
-`HttpResponse`, which the sandbox writes back as JSON. See docs/guest-abi.md, *Calling the
-outside world*.
+The sandbox reads an `HttpRequest` from the guest's `http_request` JSON and stops the run there
+(`CallRequested`); the worker has the egress gateway make the call and answer with an
+`HttpResponse`, then runs the guest again, and the sandbox writes the answer back as JSON. See
+docs/guest-abi.md, *Calling the outside world*.
 """
 
 from __future__ import annotations
@@ -89,3 +89,12 @@ class HttpResponse:
             ensure_ascii=False,
             separators=(",", ":"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredCall:
+    """A call a step attempt has made, and its answer: a resumed run hands the answer to the
+    guest's call of the same index when the guest asks for the same request again."""
+
+    request: HttpRequest
+    response: HttpResponse

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stepfleet.schemas.egress import AnsweredCall, HttpRequest
 from stepfleet.schemas.instance import DEFAULT_STEP_CONFIG, StepConfig
 from stepfleet.schemas.journal import EntryFlags, EntryKind
 
@@ -104,6 +105,27 @@ GuestOutcome = (
 
 
 @dataclass(frozen=True, slots=True)
+class CallRequested:
+    """The run stopped at an HTTP call inside step `name` at `seq`: not an outcome yet.
+
+    The host makes the call (no transaction is open, no row is locked), then runs the guest
+    again with `answered` and the call's answer, so the step sees every answer in order.
+    """
+
+    seq: int
+    name: str
+    request: HttpRequest
+    answered: tuple[AnsweredCall, ...]
+    """The answers of this attempt's earlier calls, in order."""
+    deadline: float
+    """When the step's timeout runs out, in `time.monotonic()` seconds of this process."""
+
+
+RunOutcome = GuestOutcome | CallRequested
+"""How one run ends: an outcome for the engine, or a call to make before the run goes on."""
+
+
+@dataclass(frozen=True, slots=True)
 class Recorded:
     """A value the run recorded before its outcome (`now` or `random`) at journal `seq`."""
 
@@ -116,6 +138,6 @@ class Recorded:
 class GuestReport:
     """Everything one run produced: its outcome, recorded values and log lines."""
 
-    outcome: GuestOutcome
+    outcome: RunOutcome
     recorded: tuple[Recorded, ...] = ()
     logs: list[tuple[int, str]] = field(default_factory=list)

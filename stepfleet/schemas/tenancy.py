@@ -21,6 +21,8 @@ class TenantLimits(BaseModel):
     max_state_bytes: Annotated[int, Field(ge=1024)] | None = None
     host_calls_per_step: Annotated[int, Field(ge=0)] | None = None
     """Egress (HTTP) calls one step may make."""
+    calls_in_flight: _Positive | None = None
+    """Egress (HTTP) calls of this tenant in flight at once, in one worker process."""
     running_steps: _Positive | None = None
     """Steps of this tenant running at once across the whole fleet."""
     steps_per_second: Annotated[float, Field(gt=0)] | None = None

@@ -8,6 +8,7 @@ journal position check turns the redelivery into a no-op.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
+from stepfleet.cycle.calls import Caller, CallScheduler
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import dead_letter
 from stepfleet.cycle.step import StepCycle, utcnow
-from stepfleet.cycle.work import CycleResult, Work
+from stepfleet.cycle.work import CycleResult, Suspended, Work
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
@@ -68,7 +70,13 @@ class BatchProcessor:
         directory: TenantDirectory | None = None,
         producers: ProducerCheck | None = None,
         crash_points: CrashPoints | None = None,
+        caller: Caller | None = None,
+        max_inflight: int = 1000,
+        tenant_inflight: int = 250,
+        resume: Callable[[Delivery], None] | None = None,
     ) -> None:
+        """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
+        whose step's call was answered back to the worker's inbox."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
@@ -87,6 +95,16 @@ class BatchProcessor:
         )
         self.confirmed_outbox: list[int] = []
         """Outbox ids whose publish was confirmed; deleted by the next transaction."""
+        directory = self.cycle.directory
+        self.calls = CallScheduler(
+            caller,
+            max_in_flight=max_inflight,
+            tenant_cap=lambda t: directory.limits(t).calls_in_flight or tenant_inflight,
+        )
+        self._resume = resume
+        self._resuming: dict[int, Work[Delivery]] = {}
+        """Deliveries whose step waits on a call (or its answer came): by id, their work."""
+        self._calling: set[asyncio.Task[None]] = set()
 
     async def process(self, deliveries: Sequence[Delivery]) -> BatchResult:
         """Take a batch to the point where every delivery in it is acked or deferred.
@@ -96,7 +114,9 @@ class BatchProcessor:
         """
         result = BatchResult()
         works, dead = self._parse(deliveries, result)
-        works = self._check_routing(await self._verify(works, dead), dead)
+        fresh = [w for w in works if id(w.handle) not in self._resuming]
+        checked = {id(w) for w in self._check_routing(await self._verify(fresh, dead), dead)}
+        works = [w for w in works if id(w.handle) in self._resuming or id(w) in checked]
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
             cycle = await self.cycle.run(works, confirmed_outbox=confirmed)
@@ -109,8 +129,39 @@ class BatchProcessor:
         await self._publish(cycle.messages + dead)
         self._crash.reach("after-publish")
         self.confirmed_outbox.extend(result.outbox_ids)
-        await _ack_all(deliveries, {id(d) for d in result.deferred})
+        waiting = {id(s.work.handle) for s in cycle.suspended}
+        for delivery in deliveries:
+            if id(delivery) not in waiting:
+                self._resuming.pop(id(delivery), None)
+        for suspended in cycle.suspended:
+            self._call(suspended)
+        await _ack_all(deliveries, {id(d) for d in result.deferred} | waiting)
         return result
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Deliveries whose step waits on an HTTP call's answer."""
+        return len(self._calling)
+
+    async def close(self) -> None:
+        """Abandon the calls in flight: their deliveries are not acked, so they come again."""
+        for task in self._calling:
+            task.cancel()
+        await asyncio.gather(*self._calling, return_exceptions=True)
+
+    def _call(self, suspended: Suspended[Delivery]) -> None:
+        """Make a suspended step's call off the batch; then hand its delivery back."""
+        delivery = suspended.work.handle
+        self._resuming[id(delivery)] = suspended.work
+
+        async def call() -> None:
+            await self.calls.answer(suspended)
+            if self._resume is not None:
+                self._resume(delivery)
+
+        task = asyncio.create_task(call(), name="egress-call")
+        self._calling.add(task)
+        task.add_done_callback(self._calling.discard)
 
     async def give_up(self, delivery: Delivery, error: BaseException) -> None:
         """End one delivery that fails on its own, every time, without touching any other.
@@ -124,6 +175,7 @@ class BatchProcessor:
                 delivery back.
         """
         cause = _describe_failure(error)
+        self._resuming.pop(id(delivery), None)
         try:
             envelope = parse_envelope(
                 delivery.headers, delivery.body, max_body_bytes=self._max_message_bytes
@@ -150,6 +202,14 @@ class BatchProcessor:
         dead: list[Outgoing] = []
         seen: set[InstanceKey] = set()
         for delivery in deliveries:
+            resumed = self._resuming.get(id(delivery))
+            if resumed is not None:  # its step's call was answered: checked already
+                if resumed.key in seen:
+                    result.deferred.append(delivery)
+                else:
+                    seen.add(resumed.key)
+                    works.append(resumed)
+                continue
             try:
                 envelope = parse_envelope(
                     delivery.headers, delivery.body, max_body_bytes=self._max_message_bytes

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from stepfleet.broker import Outgoing, Topology
+from stepfleet.cycle.calls import CallScheduler
 from stepfleet.cycle.messages import wake_message
 from stepfleet.cycle.step import StepCycle
 from stepfleet.cycle.work import Ran, Work
@@ -137,12 +138,14 @@ class _Local:
         self.say = say
         self.key = key
         self.digest = digest
-        self.queue: deque[Envelope] = deque()
+        self.queue: deque[Work[None]] = deque()
+        # No egress gateway here: a guest's HTTP call is answered "egress is not configured".
+        self.calls = CallScheduler(None, max_in_flight=1, tenant_cap=lambda _: 1)
 
     async def run(self, wasm: bytes, params: str, events: Sequence[tuple[str, str]]) -> LocalResult:
         await self.store.put_module(TENANT, self.digest, wasm)
         create = CreateBody(version=SCHEMA_VERSION, params=json.loads(params))
-        await self._send(self._envelope(MessageKind.CREATE, create, self.digest))
+        await self._send(Work(None, self._envelope(MessageKind.CREATE, create, self.digest)))
         for index, (event_type, payload) in enumerate(events):
             body = EventBody(
                 version=SCHEMA_VERSION,
@@ -150,7 +153,7 @@ class _Local:
                 type=event_type,
                 payload=json.loads(payload),
             )
-            self.queue.append(self._envelope(MessageKind.EVENT, body, None))
+            self.queue.append(Work(None, self._envelope(MessageKind.EVENT, body, None)))
         while await self._next():
             await self._send(self.queue.popleft())
         detail = await self.store.detail(self.key)
@@ -175,8 +178,10 @@ class _Local:
             self._queue(wake_message(self.cycle.topology, timer))
         return bool(self.queue)
 
-    async def _send(self, envelope: Envelope) -> None:
-        result = await self.cycle.run([Work(None, envelope)])
+    async def _send(self, work: Work[None]) -> None:
+        result = await self.cycle.run([work])
+        for suspended in result.suspended:  # its step waits on a call: answer it, run again
+            self.queue.appendleft(await self.calls.answer(suspended))
         for item in result.ran:
             self._show(item)
         for refused in result.rejected:
@@ -186,7 +191,8 @@ class _Local:
         await self.store.delete_outbox(result.outbox_ids)
 
     def _queue(self, message: Outgoing) -> None:
-        self.queue.append(parse_envelope(message.headers, message.body, max_body_bytes=1 << 30))
+        envelope = parse_envelope(message.headers, message.body, max_body_bytes=1 << 30)
+        self.queue.append(Work(None, envelope))
 
     def _envelope(
         self, kind: MessageKind, body: CreateBody | EventBody, module: str | None

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     egress_timeout_seconds: float = Field(default=10.0, gt=0)
     host_calls_per_step: int = Field(default=10, ge=0)
     """Egress (HTTP) calls one step may make, unless the tenant's limits say otherwise."""
+    max_inflight: int = Field(default=1000, ge=1)
+    """HTTP calls one worker process has in flight at once (steps waiting on them hold no
+    transaction, no row lock and no guest thread)."""
+    tenant_inflight: int = Field(default=250, ge=1)
+    """HTTP calls of one tenant one worker process has in flight at once, unless the tenant's
+    limits say otherwise (`calls_in_flight`)."""
 
     health_file: Annotated[Path | None, BeforeValidator(_empty_is_none)] = Path(
         "/tmp/stepfleet-worker.health"  # noqa: S108 (the container's own /tmp)
@@ -122,6 +128,11 @@ class Settings(BaseSettings):
     def prefetch(self) -> int:
         """Deliveries the broker may hand one worker before it acks: two batches per slot."""
         return self.concurrency * self.batch_size * 2
+
+    def lane_prefetch(self, lanes: int) -> int:
+        """What one lane's consumer may hold unacked: its share of the batches, plus room for
+        one tenant's calls in flight (a tenant's messages share one lane per kind)."""
+        return max(self.batch_size, self.prefetch // lanes) + self.tenant_inflight
 
     def topology(self) -> Topology:
         """The broker objects these settings name."""

@@ -83,6 +83,7 @@ class Worker:
             call_timeout_s=settings.egress_timeout_seconds,
             max_response_bytes=settings.value_bytes,
         )
+        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._processor = BatchProcessor(
             store=self.store,
             sandbox=sandbox
@@ -93,7 +94,6 @@ class Worker:
                     settings.module_cache_bytes,
                     settings.module_cache_key,
                 ),
-                egress=self.egress,
             ),
             wasm_thread=_WASM_THREAD,
             topology=self.topology,
@@ -105,9 +105,12 @@ class Worker:
             directory=self.tenants,
             producers=producers,
             crash_points=CrashPoints(faults.parse(settings.crash_points)),
+            caller=self.egress,
+            max_inflight=settings.max_inflight,
+            tenant_inflight=settings.tenant_inflight,
+            resume=self._inbox.put_nowait,
         )
         self.health = Health(pid=os.getpid(), name=name)
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.steps_done = 0
@@ -135,7 +138,7 @@ class Worker:
             await self.broker.declare()
             # One consumer per lane, each with its share of the prefetch: a flooded lane holds
             # at most its share, so other tenants' messages reach the inbox right away.
-            per_lane = max(self.settings.batch_size, self.settings.prefetch // self.topology.lanes)
+            per_lane = self.settings.lane_prefetch(self.topology.lanes)
             cancels = [
                 await self.broker.consume(queue, self._on_delivery, prefetch=per_lane)
                 for queue in self.topology.work_queues
@@ -180,10 +183,11 @@ class Worker:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self._processor.close()
             await self._flush_confirmed()
         finally:
             self._report(state="stopped")
-            self.egress.close()
+            await self.egress.aclose()
             if self._owns_broker:
                 await self.broker.close()
             if self._owns_store:
@@ -193,7 +197,11 @@ class Worker:
     async def _next_batch(self) -> list[Delivery] | None:
         """Wait for one delivery, then take whatever else is already here, up to a batch."""
         while True:
-            if self._stopping.is_set() and self._inbox.empty():
+            if (
+                self._stopping.is_set()
+                and self._inbox.empty()
+                and not self._processor.calls_in_flight
+            ):
                 return None
             try:
                 first = await asyncio.wait_for(self._inbox.get(), timeout=0.2)

@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from stepfleet.cycle.calls import CallScheduler
+from stepfleet.cycle.work import Suspended, Work
 from stepfleet.egress import (
     EgressGateway,
     HostError,
@@ -50,12 +53,16 @@ from stepfleet.sandbox import (
     encode_replay_buffer,
 )
 from stepfleet.schemas import (
+    CallRequested,
+    Envelope,
     GuestCrashed,
     GuestReport,
     HttpRequest,
     HttpResponse,
     InstanceKey,
     InstanceStatus,
+    MessageKind,
+    StepBody,
     StepFailed,
     StepSucceeded,
     WorkflowFailed,
@@ -181,12 +188,11 @@ def gateway_for(server: _Server, *other_ports: int, **options: Any) -> EgressGat
 
 @contextlib.asynccontextmanager
 async def opened(gateway: EgressGateway) -> AsyncIterator[EgressGateway]:
-    """The gateway, closed (both ways) afterwards."""
+    """The gateway, closed afterwards."""
     try:
         yield gateway
     finally:
         await gateway.aclose()
-        gateway.close()
 
 
 @pytest.fixture(scope="module")
@@ -198,17 +204,9 @@ async def gateway(server: _Server) -> AsyncIterator[EgressGateway]:
 Perform = Callable[[EgressGateway, str, HttpRequest, float], Awaitable[HttpResponse]]
 
 
-@pytest.fixture(params=["request", "call"])
-def perform(request: pytest.FixtureRequest) -> Perform:
-    """One call through the gateway, by the blocking `request` or the awaited `call`."""
-    if request.param == "request":
-
-        async def blocking(
-            gateway: EgressGateway, tenant: str, call: HttpRequest, timeout_s: float
-        ) -> HttpResponse:
-            return gateway.request(tenant, call, timeout_s)
-
-        return blocking
+@pytest.fixture
+def perform() -> Perform:
+    """One call through the gateway."""
 
     async def awaited(
         gateway: EgressGateway, tenant: str, call: HttpRequest, timeout_s: float
@@ -218,26 +216,57 @@ def perform(request: pytest.FixtureRequest) -> Perform:
     return awaited
 
 
+class Guests:
+    """The sandbox with the worker's call loop around it: a run that stops at a call has the
+    gateway make it, then runs again with the answers so far, as the step cycle does."""
+
+    def __init__(self, limits: SandboxLimits, gateway: EgressGateway | None) -> None:
+        self.sandbox = WasmSandbox(limits)
+        self.limits = self.sandbox.limits
+        self.calls = CallScheduler(gateway, max_in_flight=10, tenant_cap=lambda _: 10)
+
+    def is_loaded(self, digest: str) -> bool:
+        return self.sandbox.is_loaded(digest)
+
+    def load(self, digest: str, wasm: bytes) -> None:
+        self.sandbox.load(digest, wasm)
+
+    def close(self) -> None:
+        self.sandbox.close()
+
+    async def run(self, job: GuestRun, tenant: str = TENANT) -> GuestReport:
+        while True:
+            report = self.sandbox.run(job)
+            call = report.outcome
+            if not isinstance(call, CallRequested):
+                return report
+            body = StepBody(position=job.journal_length)
+            work = Work(None, Envelope(MessageKind.STEP, tenant, "i-1", job.digest, body))
+            answered = await self.calls.answer(Suspended(work, call))
+            job = replace(job, answers=answered.answers, step_deadline=call.deadline)
+
+
 @pytest.fixture(scope="module")
-def sandbox(gateway: EgressGateway) -> Iterator[WasmSandbox]:
-    sandbox = WasmSandbox(LIMITS, egress=gateway)
-    yield sandbox
-    sandbox.close()
+def sandbox(gateway: EgressGateway) -> Iterator[Guests]:
+    guests = Guests(LIMITS, gateway)
+    yield guests
+    guests.close()
 
 
-def load(sandbox: WasmSandbox, wasm: bytes) -> str:
+def load(sandbox: Guests, wasm: bytes) -> str:
     digest = digest_of(wasm)
     if not sandbox.is_loaded(digest):
         sandbox.load(digest, wasm)
     return digest
 
 
-def run_ops(sandbox: WasmSandbox, wasm: bytes, *ops: dict[str, Any], **job: Any) -> GuestReport:
-    """One run of the playbook over an empty journal."""
+async def run_ops(sandbox: Guests, wasm: bytes, *ops: dict[str, Any], **job: Any) -> GuestReport:
+    """One run of the playbook over an empty journal (resumed after each call)."""
     digest = load(sandbox, wasm)
     params = json.dumps({"ops": list(ops)})
     buffer = encode_replay_buffer("i-1", params, ReplayJournal())
-    return sandbox.run(GuestRun(digest, buffer, 0, tenant=job.pop("tenant", TENANT), **job))
+    tenant = job.pop("tenant", TENANT)
+    return await sandbox.run(GuestRun(digest, buffer, 0, **job), tenant)
 
 
 def http_result(report: GuestReport) -> dict[str, Any]:
@@ -269,11 +298,11 @@ def wat_module(body: str, data: str) -> bytes:
 # -- through the sandbox ---------------------------------------------------------------------
 
 
-def test_allowed_host_gets_the_secret_and_the_guest_never_sees_it(
+async def test_allowed_host_gets_the_secret_and_the_guest_never_sees_it(
     sandbox, playbook_wasm, server, hits
 ):
     """The secret replaces the guest's Authorization; every echo of it comes back scrubbed."""
-    report = run_ops(
+    report = await run_ops(
         sandbox,
         playbook_wasm,
         {
@@ -304,7 +333,7 @@ def test_allowed_host_gets_the_secret_and_the_guest_never_sees_it(
         assert all(leak not in line for _, line in report.logs)
 
 
-def test_the_recorded_journal_and_output_never_hold_the_secret(
+async def test_the_recorded_journal_and_output_never_hold_the_secret(
     sandbox, playbook_wasm, server, hits
 ):
     """Driven to completion as the fleet would: no journal value, output or log has it."""
@@ -324,7 +353,7 @@ def test_the_recorded_journal_and_output_never_hold_the_secret(
     with capture_logs() as events:
         for _ in range(10):
             buffer = encode_replay_buffer(key.instance_id, params, journal)
-            report = sandbox.run(GuestRun(digest, buffer, len(journal), tenant=TENANT))
+            report = await sandbox.run(GuestRun(digest, buffer, len(journal)))
             logs.extend(line for _, line in report.logs)
             state = InstanceState(key, digest, InstanceStatus.RUNNING, len(journal))
             decision = decide(
@@ -365,17 +394,17 @@ def off_the_list(server: _Server) -> dict[str, str]:
     }
 
 
-def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
+async def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
     sandbox, playbook_wasm, server, hits
 ):
     for url, message in off_the_list(server).items():
         result = http_result(
-            run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url})
+            await run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url})
         )
         assert set(result) == {"error"}, url
         assert message in result["error"], (url, result)
     other = http_result(
-        run_ops(
+        await run_ops(
             sandbox,
             playbook_wasm,
             {"op": "http", "name": "x", "url": base(server) + "/echo"},
@@ -386,7 +415,7 @@ def test_a_host_off_the_allow_list_is_refused_with_an_error_the_guest_gets(
     assert hits == []
 
 
-def test_guests_may_not_set_framing_headers_or_unknown_methods(
+async def test_guests_may_not_set_framing_headers_or_unknown_methods(
     sandbox, playbook_wasm, server, hits
 ):
     for op, message in (
@@ -396,7 +425,7 @@ def test_guests_may_not_set_framing_headers_or_unknown_methods(
         ({"method": "CONNECT"}, "method 'CONNECT' is not allowed"),
     ):
         result = http_result(
-            run_ops(
+            await run_ops(
                 sandbox,
                 playbook_wasm,
                 {"op": "http", "name": "x", "url": base(server) + "/echo", **op},
@@ -406,23 +435,23 @@ def test_guests_may_not_set_framing_headers_or_unknown_methods(
     assert hits == []
 
 
-def test_the_call_cap_per_step_is_enforced(sandbox, playbook_wasm, server, hits):
+async def test_the_call_cap_per_step_is_enforced(sandbox, playbook_wasm, server, hits):
     """The default cap (10), and a run's own cap, count every call of one step."""
     url = base(server) + "/echo"
     ok = http_result(
-        run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url, "repeat": 10})
+        await run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url, "repeat": 10})
     )
     assert ok["status"] == 200
     assert len(hits) == 10
     hits.clear()
     over = http_result(
-        run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url, "repeat": 11})
+        await run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url, "repeat": 11})
     )
     assert over == {"error": "host call limit reached: a step may make 10 HTTP call(s)"}
     assert len(hits) == 10
     hits.clear()
     capped = http_result(
-        run_ops(
+        await run_ops(
             sandbox,
             playbook_wasm,
             {"op": "http", "name": "x", "url": url, "repeat": 3},
@@ -433,7 +462,7 @@ def test_the_call_cap_per_step_is_enforced(sandbox, playbook_wasm, server, hits)
     assert len(hits) == 2
     hits.clear()
     none = http_result(
-        run_ops(
+        await run_ops(
             sandbox, playbook_wasm, {"op": "http", "name": "x", "url": url}, host_calls_per_step=0
         )
     )
@@ -441,29 +470,29 @@ def test_the_call_cap_per_step_is_enforced(sandbox, playbook_wasm, server, hits)
     assert hits == []
 
 
-def test_a_slow_server_hits_the_gateway_timeout(playbook_wasm, server, hits):
+async def test_a_slow_server_hits_the_gateway_timeout(playbook_wasm, server, hits):
     gateway = gateway_for(server, call_timeout_s=0.3)
-    sandbox = WasmSandbox(LIMITS, egress=gateway)
+    sandbox = Guests(LIMITS, gateway)
     try:
         result = http_result(
-            run_ops(
+            await run_ops(
                 sandbox, playbook_wasm, {"op": "http", "name": "x", "url": base(server) + "/slow"}
             )
         )
     finally:
         sandbox.close()
-        gateway.close()
+        await gateway.aclose()
     # The server answers only after 5 s (or when released): an error means the gateway gave
     # up first, at its own 0.3 s (socket timeout or deadline, whichever noticed).
     assert result["error"] in ("timed out", "timed out after 0.3 s")
     assert [path for path, _ in hits] == ["/slow"]
 
 
-def test_the_call_timeout_is_bounded_by_the_time_left_in_the_step(
+async def test_the_call_timeout_is_bounded_by_the_time_left_in_the_step(
     sandbox, playbook_wasm, server, hits
 ):
     """A gateway timeout of 3 s, a step timeout of 300 ms: the call gives up with the step."""
-    report = run_ops(
+    report = await run_ops(
         sandbox,
         playbook_wasm,
         {"op": "http", "name": "x", "url": base(server) + "/slow", "timeout_ms": 300},
@@ -477,9 +506,9 @@ def test_the_call_timeout_is_bounded_by_the_time_left_in_the_step(
         assert error == "timed out" or error.startswith("timed out after 0.")
 
 
-def test_redirects_are_not_followed(sandbox, playbook_wasm, server, hits):
+async def test_redirects_are_not_followed(sandbox, playbook_wasm, server, hits):
     result = http_result(
-        run_ops(
+        await run_ops(
             sandbox,
             playbook_wasm,
             {"op": "http", "name": "x", "url": base(server) + "/redirect", "with_headers": True},
@@ -490,18 +519,20 @@ def test_redirects_are_not_followed(sandbox, playbook_wasm, server, hits):
     assert [path for path, _ in hits] == ["/redirect"]
 
 
-def test_a_response_body_over_the_limit_is_refused(sandbox, playbook_wasm, server, hits):
+async def test_a_response_body_over_the_limit_is_refused(sandbox, playbook_wasm, server, hits):
     result = http_result(
-        run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", "url": base(server) + "/big"})
+        await run_ops(
+            sandbox, playbook_wasm, {"op": "http", "name": "x", "url": base(server) + "/big"}
+        )
     )
     assert result == {"error": "response body of 5000 bytes is over the limit of 1000"}
 
 
-def test_without_a_gateway_every_call_fails(playbook_wasm, server, hits):
-    sandbox = WasmSandbox(LIMITS)
+async def test_without_a_gateway_every_call_fails(playbook_wasm, server, hits):
+    sandbox = Guests(LIMITS, None)
     try:
         result = http_result(
-            run_ops(
+            await run_ops(
                 sandbox, playbook_wasm, {"op": "http", "name": "x", "url": base(server) + "/echo"}
             )
         )
@@ -511,30 +542,27 @@ def test_without_a_gateway_every_call_fails(playbook_wasm, server, hits):
     assert hits == []
 
 
-def test_a_call_outside_a_step_is_an_abi_violation(sandbox, server, hits):
+async def test_a_call_outside_a_step_is_an_abi_violation(sandbox, server, hits):
     request = json.dumps({"method": "GET", "url": base(server) + "/echo"})
     wasm = wat_module(f"(drop (call $http (i32.const 64) (i32.const {len(request)})))", request)
-    report = sandbox.run(
-        GuestRun(
-            load(sandbox, wasm), encode_replay_buffer("i-1", "{}", ReplayJournal()), tenant=TENANT
-        )
+    report = await sandbox.run(
+        GuestRun(load(sandbox, wasm), encode_replay_buffer("i-1", "{}", ReplayJournal()))
     )
     assert isinstance(report.outcome, GuestCrashed)
     assert "http_request called outside a step" in report.outcome.message
     assert hits == []
 
 
-def test_a_malformed_request_is_an_abi_violation(sandbox, server, hits):
+async def test_a_malformed_request_is_an_abi_violation(sandbox, server, hits):
     request = '{"method":"GET","url":' + json.dumps(base(server)) + ',"headers":{"a":1}}'
     body = (
         "(drop (call $begin (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 0)))"
         f"(drop (call $http (i32.const 64) (i32.const {len(request)})))"
     )
-    report = sandbox.run(
+    report = await sandbox.run(
         GuestRun(
             load(sandbox, wat_module(body, request)),
             encode_replay_buffer("i-1", "{}", ReplayJournal()),
-            tenant=TENANT,
         )
     )
     assert isinstance(report.outcome, GuestCrashed)
@@ -551,8 +579,8 @@ def test_a_malformed_request_is_an_abi_violation(sandbox, server, hits):
         ({"url": "u", "repeat": 101}, "params.ops[0].repeat must be an integer from 1 to 100"),
     ],
 )
-def test_the_playbook_checks_its_http_ops_first(sandbox, playbook_wasm, op, message):
-    report = run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", **op})
+async def test_the_playbook_checks_its_http_ops_first(sandbox, playbook_wasm, op, message):
+    report = await run_ops(sandbox, playbook_wasm, {"op": "http", "name": "x", **op})
     assert isinstance(report.outcome, WorkflowFailed)
     assert report.outcome.message == message
 
@@ -874,7 +902,7 @@ async def test_a_hung_server_does_not_hold_up_other_calls(server, loop_server):
 # -- the gateway on its own ------------------------------------------------------------------
 
 
-def test_configure_leaves_out_invalid_entries_and_secrets_without_printing_values():
+async def test_configure_leaves_out_invalid_entries_and_secrets_without_printing_values():
     gateway = EgressGateway()
     try:
         problems = gateway.configure(
@@ -885,7 +913,7 @@ def test_configure_leaves_out_invalid_entries_and_secrets_without_printing_value
             ],
         )
     finally:
-        gateway.close()
+        await gateway.aclose()
     assert len(problems) == 4
     assert not any("value-1" in p or "lines-value" in p for p in problems)
 
@@ -899,7 +927,7 @@ def test_configure_leaves_out_invalid_entries_and_secrets_without_printing_value
         (" localhost ", "localhost"),
     ],
 )
-def test_host_entries_are_canonical(entry, canonical):
+async def test_host_entries_are_canonical(entry, canonical):
     assert normalize_host_entry(entry) == canonical
 
 
@@ -923,12 +951,12 @@ def test_host_entries_are_canonical(entry, canonical):
         "",
     ],
 )
-def test_host_entries_that_are_refused(entry):
+async def test_host_entries_that_are_refused(entry):
     with pytest.raises(HostError):
         normalize_host_entry(entry)
 
 
-def test_urls_point_where_they_say():
+async def test_urls_point_where_they_say():
     target = parse_url("HTTPS://Api.Example.com/v1/x?a=b#frag")
     assert (target.scheme, target.host, target.port, target.path) == (
         "https",
@@ -945,7 +973,7 @@ def test_urls_point_where_they_say():
 # -- secrets at rest -------------------------------------------------------------------------
 
 
-def test_seal_and_open_round_trip_and_a_wrong_key_fails():
+async def test_seal_and_open_round_trip_and_a_wrong_key_fails():
     key = new_key()
     sealed = seal(key, "sk_live_123 ü")
     assert b"sk_live_123" not in sealed
@@ -960,14 +988,14 @@ def test_seal_and_open_round_trip_and_a_wrong_key_fails():
         seal("not-a-key", "x")
 
 
-def test_key_rotation_opens_with_any_key_and_seals_with_the_first():
+async def test_key_rotation_opens_with_any_key_and_seals_with_the_first():
     old, new = new_key(), new_key()
     sealed_old = seal(old, "value")
     assert open_sealed(f"{new},{old}", sealed_old) == "value"
     assert open_sealed(new, seal(f"{new},{old}", "value")) == "value"
 
 
-def test_a_sealed_secret_only_opens_where_it_was_sealed_for():
+async def test_a_sealed_secret_only_opens_where_it_was_sealed_for():
     key = new_key()
     ciphertext = seal_secret(key, TENANT, "stripe", "api.stripe.com", "Authorization", SECRET)
     stored = StoredSecret(TENANT, "stripe", "api.stripe.com", "Authorization", ciphertext)

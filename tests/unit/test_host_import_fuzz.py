@@ -18,6 +18,7 @@ from stepfleet.sandbox import GuestRun, SandboxLimits, WasmSandbox
 from stepfleet.sandbox.abi import HOST_IMPORTS, HOST_MODULE, WASI_IMPORTS, WASI_MODULE
 from stepfleet.sandbox.guest_json import MAX_JSON_DEPTH, parse_guest_json
 from stepfleet.schemas import (
+    CallRequested,
     Completed,
     EventAwaited,
     GuestCrashed,
@@ -43,6 +44,7 @@ BLOB = ALLOC + 8 * ARGS
 PAGE = 65536
 REQUEST = '{"method":"GET","url":"https://example.org/"}'
 OUTCOMES = (
+    CallRequested,
     StepSucceeded,
     StepFailed,
     SleepRequested,
@@ -231,6 +233,8 @@ def test_any_call_of_a_host_import_ends_in_a_documented_outcome(
     assert all("\x00" not in text for text in _texts(report))
     assert len(report.logs) <= sandbox.limits.log_lines_per_run
     assert all(len(line) <= sandbox.limits.log_line_bytes for _, line in report.logs)
+    if isinstance(report.outcome, CallRequested):
+        return  # the cycle makes the call and runs the guest again: nothing to decide yet
     # The engine, which runs next in the same batch, decides whatever came out.
     state = InstanceState(InstanceKey("acme", "i-1"), "d", InstanceStatus.RUNNING, 0)
     decide(state, [], report, started_at=T0, finished_at=T0, limits=EngineLimits())

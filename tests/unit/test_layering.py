@@ -17,6 +17,7 @@ OWNED = {
     "sqlalchemy": "store",
     "alembic": "store",
     "cryptography": "egress",
+    "httpx": "egress",
 }
 # Which of our rooms each room may import.
 MAY_IMPORT = {

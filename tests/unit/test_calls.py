@@ -1,0 +1,230 @@
+"""Steps that wait on HTTP calls: a run stops at each call, nothing is written while the call
+is in flight, and the attempt runs again with every answer so far. The real step cycle over
+the in-memory store, the real sandbox with the playbook example, and a fake gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from stepfleet.broker import Topology
+from stepfleet.cycle.calls import CallScheduler
+from stepfleet.cycle.step import StepCycle
+from stepfleet.cycle.work import Suspended, Work
+from stepfleet.sandbox import GuestRun, ReplayJournal, WasmSandbox, encode_replay_buffer
+from stepfleet.sandbox.limits import SandboxLimits
+from stepfleet.schemas import (
+    SCHEMA_VERSION,
+    AnsweredCall,
+    CallRequested,
+    CreateBody,
+    EntryKind,
+    Envelope,
+    HttpRequest,
+    HttpResponse,
+    InstanceKey,
+    InstanceStatus,
+    MessageKind,
+    StepSucceeded,
+    digest_of,
+    parse_envelope,
+)
+from stepfleet.store import MemoryStore
+
+TENANT = "acme"
+URL = "http://api.test/v1"
+
+
+class FakeGateway:
+    """Answers each call with its number; counts the calls in flight at once."""
+
+    call_timeout_s = 5.0
+
+    def __init__(self, *, hold: float = 0.0) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.hold = hold
+        self.release = asyncio.Event()
+
+    async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+        self.calls.append((tenant, request.method, request.url))
+        number = len(self.calls)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.hold:
+                try:
+                    await asyncio.wait_for(self.release.wait(), min(self.hold, timeout_s))
+                except TimeoutError:
+                    return HttpResponse.failed(f"timed out after {timeout_s:.3g} s")
+            return HttpResponse(200, {"content-type": "text/plain"}, f"answer-{number}")
+        finally:
+            self.in_flight -= 1
+
+
+class Fleet:
+    """One cycle over a MemoryStore; runs a workflow to its end, answering calls between."""
+
+    def __init__(self, wasm: bytes, gateway: FakeGateway | None, **limits: Any) -> None:
+        self.store = MemoryStore()
+        self.sandbox = WasmSandbox(SandboxLimits(**limits))
+        self.digest = digest_of(wasm)
+        self.sandbox.load(self.digest, wasm)
+        self.wasm = wasm
+        self.cycle = StepCycle(store=self.store, sandbox=self.sandbox, topology=Topology("t"))
+        self.calls = CallScheduler(gateway, max_in_flight=100, tenant_cap=lambda _: 100)
+        self.suspensions = 0
+
+    def create(self, instance: str, *ops: dict[str, Any]) -> Work[None]:
+        body = CreateBody(version=SCHEMA_VERSION, params={"ops": list(ops)})
+        return Work(None, Envelope(MessageKind.CREATE, TENANT, instance, self.digest, body))
+
+    async def run(self, work: Work[None]) -> None:
+        """Take the workflow to its end: resume after each call, follow each next step."""
+        await self.store.put_module(TENANT, self.digest, self.wasm)
+        queue = [work]
+        while queue:
+            result = await self.cycle.run([queue.pop(0)])
+            for suspended in result.suspended:
+                self.suspensions += 1
+                queue.append(await self.calls.answer(suspended))
+            for message in result.messages:
+                envelope = parse_envelope(message.headers, message.body, max_body_bytes=1 << 20)
+                queue.append(Work(None, envelope))
+
+    async def journal(self, instance: str) -> list[tuple[int, EntryKind, str, str]]:
+        detail = await self.store.detail(InstanceKey(TENANT, instance))
+        assert detail is not None
+        return [(e.seq, e.kind, e.name, e.value) for e in detail.journal]
+
+
+@pytest.fixture
+def fleet_of(playbook_wasm):
+    made: list[Fleet] = []
+
+    def make(gateway: FakeGateway | None, **limits: Any) -> Fleet:
+        made.append(Fleet(playbook_wasm, gateway, **limits))
+        return made[-1]
+
+    yield make
+    for fleet in made:
+        fleet.sandbox.close()
+
+
+def answer(number: int) -> str:
+    return json.dumps({"status": 200, "body": f"answer-{number}"}, separators=(",", ":"))
+
+
+async def test_each_call_suspends_the_step_and_the_journal_records_every_answer(fleet_of):
+    gateway = FakeGateway()
+    fleet = fleet_of(gateway)
+    work = fleet.create(
+        "i-1",
+        {"op": "http", "name": "first", "url": URL + "/a"},
+        {"op": "do", "name": "middle"},
+        {"op": "http", "name": "last", "url": URL + "/b", "repeat": 3},
+    )
+    await fleet.run(work)
+    # The golden journal: each http step records the last of its answers, in call order.
+    assert await fleet.journal("i-1") == [
+        (0, EntryKind.STEP_SUCCEEDED, "first", answer(1)),
+        (1, EntryKind.STEP_SUCCEEDED, "middle", '{"step":"middle","attempt":1}'),
+        (2, EntryKind.STEP_SUCCEEDED, "last", answer(4)),
+    ]
+    assert gateway.calls == [(TENANT, "GET", URL + "/a")] + [(TENANT, "GET", URL + "/b")] * 3
+    assert fleet.suspensions == 4  # one per call: none is made twice
+    detail = await fleet.store.detail(InstanceKey(TENANT, "i-1"))
+    assert detail is not None
+    assert detail.record.status is InstanceStatus.COMPLETE
+
+
+async def test_nothing_is_written_while_a_call_is_in_flight(fleet_of):
+    fleet = fleet_of(FakeGateway())
+    await fleet.store.put_module(TENANT, fleet.digest, fleet.wasm)
+    work = fleet.create("i-2", {"op": "http", "name": "get", "url": URL})
+    result = await fleet.cycle.run([work])
+    [suspended] = result.suspended
+    assert (result.ran, result.messages, result.outbox_ids) == ([], [], [])
+    assert suspended.call.request.url == URL
+    # Not even the create's row: a crash now leaves nothing, and the create comes again.
+    assert await fleet.store.detail(InstanceKey(TENANT, "i-2")) is None
+    resumed = await fleet.calls.answer(suspended)
+    [made] = resumed.answers
+    assert made.request.url == URL
+    assert made.response == HttpResponse(200, {"content-type": "text/plain"}, "answer-1")
+    result = await fleet.cycle.run([resumed])
+    assert [i.decision.position for i in result.ran if i.decision] == [1]
+    assert await fleet.journal("i-2") == [(0, EntryKind.STEP_SUCCEEDED, "get", answer(1))]
+    assert len(result.messages) == 1  # the next step's message, now that the step is written
+
+
+async def test_calls_over_the_step_cap_are_answered_without_a_call(fleet_of):
+    gateway = FakeGateway()
+    fleet = fleet_of(gateway, host_calls_per_step=2)
+    await fleet.run(fleet.create("i-3", {"op": "http", "name": "many", "url": URL, "repeat": 3}))
+    [(_, _, _, value)] = await fleet.journal("i-3")
+    assert "a step may make 2 HTTP call(s)" in json.loads(value)["error"]
+    assert len(gateway.calls) == 2
+
+
+async def test_the_step_timeout_still_ends_an_attempt_whose_call_hangs(fleet_of):
+    gateway = FakeGateway(hold=30.0)
+    fleet = fleet_of(gateway)
+    await fleet.run(
+        fleet.create("i-4", {"op": "http", "name": "hang", "url": URL, "timeout_ms": 50})
+    )
+    detail = await fleet.store.detail(InstanceKey(TENANT, "i-4"))
+    assert detail is not None
+    [failed] = detail.attempts  # then parked for its retry
+    assert (failed.name, failed.error) == ("hang", "step 'hang' timed out after 50 ms")
+    assert detail.journal == []
+
+
+async def test_a_tenant_never_has_more_calls_in_flight_than_its_cap():
+    gateway = FakeGateway(hold=30.0)
+    scheduler = CallScheduler(gateway, max_in_flight=100, tenant_cap=lambda _: 2)
+    request = HttpRequest("GET", URL)
+    body = CreateBody(version=SCHEMA_VERSION)
+    waiting = [
+        Suspended(
+            Work(None, Envelope(MessageKind.CREATE, TENANT, f"i-{n}", "d", body)),
+            CallRequested(0, "get", request, (), deadline=float("inf")),
+        )
+        for n in range(5)
+    ]
+    tasks = [asyncio.create_task(scheduler.answer(s)) for s in waiting]
+    for _ in range(50):  # let every task that could start a call do so
+        await asyncio.sleep(0)
+    assert (gateway.in_flight, scheduler.in_flight) == (2, 2)
+    gateway.release.set()
+    answered = await asyncio.gather(*tasks)
+    assert gateway.peak == 2
+    assert len(gateway.calls) == 5
+    assert all(len(w.answers) == 1 for w in answered)
+
+
+async def test_without_a_gateway_calls_are_refused_and_the_workflow_goes_on(fleet_of):
+    fleet = fleet_of(None)
+    await fleet.run(fleet.create("i-5", {"op": "http", "name": "get", "url": URL}))
+    [(_, _, _, value)] = await fleet.journal("i-5")
+    assert json.loads(value) == {"error": "egress is not configured"}
+
+
+def test_a_resumed_step_that_asks_another_request_has_it_made(fleet_of):
+    """Answers are matched to calls by index and request: a step that builds its request
+    differently on the next run (a random key, the time) gets a new call, not a stale answer."""
+    fleet = fleet_of(None)
+    params = json.dumps({"ops": [{"op": "http", "name": "get", "url": URL}]})
+    buffer = encode_replay_buffer("i-6", params, ReplayJournal())
+    stale = AnsweredCall(HttpRequest("GET", URL + "/other"), HttpResponse(200, {}, "stale"))
+    report = fleet.sandbox.run(GuestRun(fleet.digest, buffer, answers=(stale,)))
+    assert isinstance(report.outcome, CallRequested)
+    assert (report.outcome.request.url, report.outcome.answered) == (URL, ())
+    same = AnsweredCall(HttpRequest("GET", URL), HttpResponse(200, {}, "fresh"))
+    report = fleet.sandbox.run(GuestRun(fleet.digest, buffer, answers=(same,)))
+    assert isinstance(report.outcome, StepSucceeded)
+    assert json.loads(report.outcome.result) == {"status": 200, "body": "fresh"}
