@@ -56,6 +56,7 @@ def run_step(
         state.attempt,
         fuel_per_run=own.fuel_per_run,
         memory_bytes=own.memory_bytes,
+        tenant=state.key.tenant,
         host_calls_per_step=own.host_calls_per_step,
         answers=answers,
         step_deadline=step_deadline,

@@ -22,6 +22,8 @@ class GuestRun:
     """The tenant's CPU budget, when it differs from the sandbox's."""
     memory_bytes: int | None = None
     """The tenant's memory cap, when it differs from the sandbox's."""
+    tenant: str = ""
+    """Whose instance runs (named in the sandbox's own log lines)."""
     host_calls_per_step: int | None = None
     """HTTP calls one step may make; None: SandboxLimits.host_calls_per_step."""
     answers: tuple[AnsweredCall, ...] = ()

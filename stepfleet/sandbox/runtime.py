@@ -108,7 +108,7 @@ class WasmSandbox(WasmEngine):
             return report(GuestCrashed(f"guest error: {exc}"))
         except Exception as exc:
             # A host bug must cost this run only, never the worker's batch of other tenants.
-            log.exception("guest_run_failed", digest=job.digest)
+            log.exception("guest_run_failed", tenant=job.tenant, module_digest=job.digest)
             return report(GuestCrashed(f"host error: {type(exc).__name__}"))
         finally:
             self._ticker.clear()
