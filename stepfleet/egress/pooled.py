@@ -45,8 +45,15 @@ class _NoCookies(http.cookiejar.CookiePolicy):
         return False
 
 
+_SHARD_CONNECTIONS = 32
+"""Connections per httpx client. httpcore's pool walks all its connections on every request
+and release (and polls each idle socket), so one pool with hundreds of calls in flight spends
+most of the worker's CPU on that bookkeeping; several small pools keep each walk short."""
+
+
 class PooledTransport:
-    """Exchanges on one httpx.AsyncClient, created on the first call's event loop."""
+    """Exchanges on a few httpx.AsyncClients (together at most `max_connections` connections),
+    created on the first call's event loop; each call takes the least busy one."""
 
     def __init__(
         self,
@@ -60,19 +67,24 @@ class PooledTransport:
         self._connect_timeout_s = connect_timeout_s
         self._max = max_response_bytes
         self._ssl = ssl_context
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._busy: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _client_on_this_loop(self) -> httpx.AsyncClient:
+    def _least_busy(self) -> int:
+        """The index of the client with the fewest calls in flight (made on first use)."""
         loop = asyncio.get_running_loop()
-        if self._client is None:
-            self._client = self._new_client()
+        if not self._clients:
+            shards = -(-self._max_connections // _SHARD_CONNECTIONS)
+            size = -(-self._max_connections // shards)
+            self._clients = [self._new_client(size) for _ in range(shards)]
+            self._busy = [0] * shards
             self._loop = loop
         elif self._loop is not loop:
             raise RuntimeError("the egress gateway's async calls must all run on one event loop")
-        return self._client
+        return self._busy.index(min(self._busy))
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self, max_connections: int) -> httpx.AsyncClient:
         client = httpx.AsyncClient(
             verify=self._ssl,
             cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
@@ -81,8 +93,7 @@ class PooledTransport:
             # The caller's deadline bounds everything; the connection also has its own limit.
             timeout=httpx.Timeout(None, connect=self._connect_timeout_s),
             limits=httpx.Limits(
-                max_connections=self._max_connections,
-                max_keepalive_connections=self._max_connections,
+                max_connections=max_connections, max_keepalive_connections=max_connections
             ),
         )
         for name in _CLIENT_DEFAULT_HEADERS:
@@ -93,15 +104,16 @@ class PooledTransport:
 
     async def aclose(self) -> None:
         """Close the pooled connections (a later call opens new ones)."""
-        client, self._client, self._loop = self._client, None, None
-        if client is not None:
+        clients, self._clients, self._busy, self._loop = self._clients, [], [], None
+        for client in clients:
             await client.aclose()
 
     async def exchange(self, plan: Plan) -> HttpResponse:
         """Make the call; every failure of the network or the server is an error answer."""
-        client = self._client_on_this_loop()
+        index = self._least_busy()
+        self._busy[index] += 1
         try:
-            return await self._exchange(client, plan)
+            return await self._exchange(self._clients[index], plan)
         except httpx.RemoteProtocolError as exc:
             if "without sending a response" in str(exc):
                 # http.client's name for it, so both transports say the same.
@@ -109,6 +121,9 @@ class PooledTransport:
             return HttpResponse.failed(f"invalid HTTP response ({type(exc).__name__})")
         except (Refused, OSError, httpx.HTTPError, httpx.InvalidURL) as exc:
             return HttpResponse.failed(failure_text(_root_cause(exc), plan.target.host))
+        finally:
+            if self._busy:  # not closed meanwhile
+                self._busy[index] -= 1
 
     async def _exchange(self, client: httpx.AsyncClient, plan: Plan) -> HttpResponse:
         target = plan.target
