@@ -31,8 +31,16 @@ from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.work import CycleResult, H, Ran, Suspended, Work, errored, write_of
 from stepfleet.engine import EngineLimits, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
-from stepfleet.schemas import CallRequested, CreateBody, InstanceKey, WaitKind
-from stepfleet.store import NewInstance, StepWrite
+from stepfleet.schemas import (
+    CallRequested,
+    CreateBody,
+    Envelope,
+    InstanceKey,
+    MessageKind,
+    StepBody,
+    WaitKind,
+)
+from stepfleet.store import NewInstance, OutboxMessage, StepWrite
 from stepfleet.store.port import StepStore, StepTx
 
 log = structlog.get_logger("stepfleet.worker")
@@ -123,11 +131,30 @@ class StepCycle:
                 for item in ran
                 if item.decision is not None and item.decision.publish_step
             ]
-            result.outbox_ids = await tx.write_batch(
+            # A create whose first step waits on a call: its row is written now, with the step
+            # message that carries on after a crash (kept in the outbox, published only by the
+            # relay if the attempt is never finished; the finishing write deletes it).
+            waiting_creates = [s.work for s in result.suspended if s.work.created]
+            intents = [self._first_step(w) for w in waiting_creates]
+            ids = await tx.write_batch(
                 [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
-                [row for _, (row, _) in steps],
-                confirmed_outbox=confirmed_outbox,
+                [row for _, (row, _) in steps] + intents,
+                confirmed_outbox=[
+                    *confirmed_outbox,
+                    *(i.work.intent for i in ran if i.work.intent is not None),
+                ],
             )
+            result.outbox_ids = ids[: len(steps)]
+            for work, intent in zip(waiting_creates, ids[len(steps) :], strict=True):
+                work.intent = intent
+                work.envelope = Envelope(
+                    MessageKind.STEP,
+                    work.key.tenant,
+                    work.key.instance_id,
+                    work.module,
+                    StepBody(position=0, generation=0),
+                    work.envelope.traceparent,
+                )
         result.ran = ran
         result.held = len(held)
         result.messages = [message for _, (_, message) in steps]
@@ -135,6 +162,10 @@ class StepCycle:
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
         return result
+
+    def _first_step(self, work: Work[H]) -> OutboxMessage:
+        row, _ = step_message(self.topology, work.key, work.module, 0, 0, work.envelope.traceparent)
+        return row
 
     @staticmethod
     def _set_aside_calls(ran: list[Ran[H]], result: CycleResult[H]) -> list[Ran[H]]:
@@ -162,7 +193,11 @@ class StepCycle:
         """Insert the rows of the instances creates made, with their first write. A create
         another worker inserted meanwhile (the same message, delivered twice) is a duplicate:
         its run is dropped."""
-        writing = {i.work.key for i in ran} | {w.key for w in held}
+        writing = (
+            {i.work.key for i in ran}
+            | {w.key for w in held}
+            | {s.work.key for s in result.suspended}
+        )
         created = sorted((w for w in works if w.created and w.key in writing), key=lambda w: w.key)
         if not created:
             return ran, held
@@ -182,11 +217,12 @@ class StepCycle:
         lost = {w.key for w in created if w.key not in inserted}
         if not lost:
             return ran, held
-        for item in ran:
-            if item.work.key in lost:
-                result.duplicates.append(item.work)
-                with message_context(item.work):
+        for work in [i.work for i in ran] + [s.work for s in result.suspended]:
+            if work.key in lost:
+                result.duplicates.append(work)
+                with message_context(work):
                     log.info("duplicate_ignored", kind="create", why="instance already exists")
+        result.suspended = [s for s in result.suspended if s.work.key not in lost]
         return [i for i in ran if i.work.key not in lost], [w for w in held if w.key not in lost]
 
     async def error_instance(self, key: InstanceKey, message: str) -> bool:

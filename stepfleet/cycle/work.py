@@ -47,6 +47,9 @@ class Work(Generic[H]):
     """A resumed attempt: when its step's timeout runs out (monotonic seconds)."""
     started_at: datetime | None = None
     """A resumed attempt: when its first run began (the step's recorded start)."""
+    intent: int | None = None
+    """A create resumed as its first step: the outbox row of that step's message, written
+    when the create's row was, deleted by the write that finishes the step."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:

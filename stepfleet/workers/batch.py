@@ -125,16 +125,17 @@ class BatchProcessor:
             raise
         dead += [self._dead(r.work.handle, r.reason, r.detail) for r in cycle.rejected]
         self._count(result, cycle, dead)
-        self._crash.reach("after-commit")
-        await self._publish(cycle.messages + dead)
-        self._crash.reach("after-publish")
-        self.confirmed_outbox.extend(result.outbox_ids)
         waiting = {id(s.work.handle) for s in cycle.suspended}
         for delivery in deliveries:
             if id(delivery) not in waiting:
                 self._resuming.pop(id(delivery), None)
+        # Nothing of theirs was written, so their calls need not wait for the publish.
         for suspended in cycle.suspended:
             self._call(suspended)
+        self._crash.reach("after-commit")
+        await self._publish(cycle.messages + dead)
+        self._crash.reach("after-publish")
+        self.confirmed_outbox.extend(result.outbox_ids)
         await _ack_all(deliveries, {id(d) for d in result.deferred} | waiting)
         return result
 

@@ -142,16 +142,21 @@ async def test_each_call_suspends_the_step_and_the_journal_records_every_answer(
     assert detail.record.status is InstanceStatus.COMPLETE
 
 
-async def test_nothing_is_written_while_a_call_is_in_flight(fleet_of):
+async def test_nothing_of_the_step_is_written_while_its_call_is_in_flight(fleet_of):
     fleet = fleet_of(FakeGateway())
     await fleet.store.put_module(TENANT, fleet.digest, fleet.wasm)
-    work = fleet.create("i-2", {"op": "http", "name": "get", "url": URL})
-    result = await fleet.cycle.run([work])
+    key = InstanceKey(TENANT, "i-2")
+    result = await fleet.cycle.run([fleet.create("i-2", {"op": "http", "name": "get", "url": URL})])
     [suspended] = result.suspended
     assert (result.ran, result.messages, result.outbox_ids) == ([], [], [])
     assert suspended.call.request.url == URL
-    # Not even the create's row: a crash now leaves nothing, and the create comes again.
-    assert await fleet.store.detail(InstanceKey(TENANT, "i-2")) is None
+    # The create's row exists (so `status` shows it), with no journal, and the message of its
+    # first step waits in the outbox in case this worker dies: it is not published now.
+    detail = await fleet.store.detail(key)
+    assert detail is not None
+    assert (detail.record.status, detail.journal) == (InstanceStatus.RUNNING, [])
+    [(intent_id, intent)] = fleet.store.outbox()
+    assert json.loads(intent.body)["position"] == 0
     resumed = await fleet.calls.answer(suspended)
     [made] = resumed.answers
     assert made.request.url == URL
@@ -159,7 +164,26 @@ async def test_nothing_is_written_while_a_call_is_in_flight(fleet_of):
     result = await fleet.cycle.run([resumed])
     assert [i.decision.position for i in result.ran if i.decision] == [1]
     assert await fleet.journal("i-2") == [(0, EntryKind.STEP_SUCCEEDED, "get", answer(1))]
-    assert len(result.messages) == 1  # the next step's message, now that the step is written
+    # The finishing write deleted the first step's message; the next step's is there.
+    assert [i for i, _ in fleet.store.outbox()] == result.outbox_ids
+    assert intent_id not in result.outbox_ids
+
+
+async def test_a_create_whose_worker_died_during_its_call_carries_on(fleet_of):
+    """The worker dies with the call in flight: the create comes again (a duplicate now), and
+    the first step's message, published by the outbox relay, runs the step and its call again."""
+    gateway = FakeGateway()
+    fleet = fleet_of(gateway)
+    await fleet.store.put_module(TENANT, fleet.digest, fleet.wasm)
+    create = fleet.create("i-7", {"op": "http", "name": "get", "url": URL})
+    assert (await fleet.cycle.run([create])).suspended  # and then the worker is gone
+    again = await fleet.cycle.run([fleet.create("i-7", {"op": "http", "name": "get", "url": URL})])
+    assert len(again.duplicates) == 1
+    [(_, intent)] = fleet.store.outbox()
+    relayed = parse_envelope(json.loads(intent.headers), intent.body, max_body_bytes=1 << 20)
+    await fleet.run(Work(None, relayed))
+    assert await fleet.journal("i-7") == [(0, EntryKind.STEP_SUCCEEDED, "get", answer(1))]
+    assert len(gateway.calls) == 1  # the dead worker never made its call
 
 
 async def test_calls_over_the_step_cap_are_answered_without_a_call(fleet_of):
