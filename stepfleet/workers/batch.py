@@ -139,6 +139,11 @@ class BatchProcessor:
         await _ack_all(deliveries, {id(d) for d in result.deferred} | waiting)
         return result
 
+    def holds(self, delivery: Delivery) -> bool:
+        """Whether the delivery's step waits on a call (or has its answer): it is acked when
+        its step is written, and must not be handed back meanwhile."""
+        return id(delivery) in self._resuming
+
     @property
     def calls_in_flight(self) -> int:
         """Deliveries whose step waits on an HTTP call's answer."""

@@ -272,6 +272,8 @@ class Worker:
 
     async def _release(self, batch: list[Delivery]) -> None:
         for delivery in batch:
+            if self._processor.holds(delivery):  # its call's answer brings it back
+                continue
             try:
                 await delivery.release()
             except BrokerUnavailable:
