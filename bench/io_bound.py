@@ -11,6 +11,18 @@ and create-to-complete latency p50/p99 (instances' created_at to finished_at).
 
     python bench/io_bound.py [--workflows 200] [--calls 1] [--workers 1,2] [--delay-ms 200]
         [--max-inflight N] [--concurrency 2] [--batch-size 64] [--log-level warning]
+
+--neighbour measures instead whether tenant A's slow calls hold tenant B back: on
+--neighbour-workers processes (STEPFLEET_MAX_INFLIGHT and STEPFLEET_TENANT_INFLIGHT set to
+--neighbour-inflight), B runs --neighbour-workflows three-step order workflows one at a time on
+the idle fleet, then again while A keeps --neighbour-calls one-call workflows outstanding
+against the server (answering after --neighbour-delay-ms), topped up every 100 ms as they are
+answered. B is placed in other lanes than A and timed as bench/fairness.py times its victim
+(publish to the instance's updated_at). Prints B's idle and loaded p50/p99, the p99 ratio, A's
+peak calls in flight (and min/mean while B ran) and A's calls answered while B ran.
+
+    python bench/io_bound.py --neighbour [--neighbour-calls 1000] [--neighbour-delay-ms 2000]
+        [--neighbour-workflows 30] [--neighbour-workers 2] [--neighbour-inflight 600]
 """
 
 from __future__ import annotations
