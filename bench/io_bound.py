@@ -17,7 +17,8 @@ and create-to-complete latency p50/p99 (instances' created_at to finished_at).
 --neighbour-inflight), B runs --neighbour-workflows three-step order workflows one at a time on
 the idle fleet, then again while A keeps --neighbour-calls one-call workflows outstanding
 against the server (answering after --neighbour-delay-ms), topped up every 100 ms as they are
-answered. B is placed in other lanes than A and timed as bench/fairness.py times its victim
+answered; B's second run starts once A's calls are up (or after 60 s) and one delay more. B
+is placed in other lanes than A and timed as bench/fairness.py times its victim
 (publish to the instance's updated_at). Prints B's idle and loaded p50/p99, the p99 ratio, A's
 peak calls in flight (and min/mean while B ran) and A's calls answered while B ran.
 
@@ -362,6 +363,9 @@ async def run_neighbour(args: argparse.Namespace) -> dict[str, object]:
                         if flooding.done() or loop.time() - ramp_start > 60:
                             break
                         await asyncio.sleep(0.1)
+                    # Then one delay more, so that A's calls are being answered and replaced
+                    # (a steady flood, not only the first wave waiting) while B runs.
+                    await asyncio.sleep(delay_s)
                     ramp_seconds = loop.time() - ramp_start
                     server.take_counts()
                     _, answered_before = server.snapshot()
