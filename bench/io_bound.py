@@ -11,6 +11,19 @@ and create-to-complete latency p50/p99 (instances' created_at to finished_at).
 
     python bench/io_bound.py [--workflows 200] [--calls 1] [--workers 1,2] [--delay-ms 200]
         [--max-inflight N] [--concurrency 2] [--batch-size 64] [--log-level warning]
+
+--neighbour measures instead whether tenant A's slow calls hold tenant B back: on
+--neighbour-workers processes (STEPFLEET_MAX_INFLIGHT and STEPFLEET_TENANT_INFLIGHT set to
+--neighbour-inflight), B runs --neighbour-workflows three-step order workflows one at a time on
+the idle fleet, then again while A keeps --neighbour-calls one-call workflows outstanding
+against the server (answering after --neighbour-delay-ms), topped up every 100 ms as they are
+answered; B's second run starts once A's calls are up (or after 60 s) and one delay more. B
+is placed in other lanes than A and timed as bench/fairness.py times its victim
+(publish to the instance's updated_at). Prints B's idle and loaded p50/p99, the p99 ratio, A's
+peak calls in flight (and min/mean while B ran) and A's calls answered while B ran.
+
+    python bench/io_bound.py --neighbour [--neighbour-calls 1000] [--neighbour-delay-ms 2000]
+        [--neighbour-workflows 30] [--neighbour-workers 2] [--neighbour-inflight 600]
 """
 
 from __future__ import annotations
@@ -30,12 +43,13 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from stepfleet.client import CreateRequest, Producer
-from stepfleet.schemas import TenantLimits
+from stepfleet.schemas import TenantLimits, digest_of
 from stepfleet.store import PgStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fairness import lanes_of, latencies
 from harness import AMQP, Deployment, bench_deployment
-from throughput import percentile, start_workers, stop_workers
+from throughput import ORDER, percentile, start_workers, stop_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOK = ROOT / "guest" / "examples" / "playbook" / "playbook.wasm"
@@ -55,6 +69,7 @@ class SlowServer:
         self._in_flight = 0
         self._peak = 0
         self._total = 0
+        self._answered = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -76,6 +91,12 @@ class SlowServer:
             counts = (self._peak, self._total)
             self._peak, self._total = self._in_flight, 0
         return counts
+
+    def snapshot(self) -> tuple[int, int]:
+        """(requests in flight now, requests answered or abandoned since the start); resets
+        nothing."""
+        with self._lock:
+            return self._in_flight, self._answered
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -123,6 +144,7 @@ class SlowServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                self._answered += 1
 
 
 @dataclass(frozen=True)
@@ -227,6 +249,169 @@ async def allow_server(deployment: Deployment, port: int) -> None:
         await store.close()
 
 
+class Flood:
+    """Tenant A's continuous flood: one-call workflows published so that about `target` of
+    them are outstanding (published, their call not answered yet) until stopped; samples the
+    server's calls in flight every 100 ms."""
+
+    def __init__(self, deployment: Deployment, server: SlowServer, target: int) -> None:
+        self.deployment = deployment
+        self.server = server
+        self.target = target
+        self.ids: list[str] = []
+        self.samples: list[tuple[float, int]] = []
+        """(loop time, calls in flight) every 100 ms."""
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        url = f"http://127.0.0.1:{self.server.port}/x"
+        params = {"ops": [{"op": "http", "name": "call-0", "url": url}]}
+        _, answered_before = self.server.snapshot()
+        async with Producer(AMQP, self.deployment.topology) as producer:
+            while not self._stop.is_set():
+                in_flight, answered = self.server.snapshot()
+                self.samples.append((loop.time(), in_flight))
+                missing = self.target - (len(self.ids) - (answered - answered_before))
+                for offset in range(0, max(0, missing), 500):
+                    ids = [f"io-{uuid.uuid4().hex[:16]}" for _ in range(min(500, missing - offset))]
+                    await producer.create_batch(
+                        [CreateRequest(TENANT, self.deployment.digest, params, i) for i in ids]
+                    )
+                    self.ids += ids
+                await asyncio.sleep(0.1)
+
+
+async def neighbour_tenant(deployment: Deployment) -> str:
+    """A tenant for B whose create and step lanes are not A's (as bench/fairness.py picks)."""
+    taken = await lanes_of(deployment.broker, deployment.topology, TENANT)
+    for attempt in range(100):
+        tenant = f"calm{attempt}"
+        if not await lanes_of(deployment.broker, deployment.topology, tenant) & taken:
+            return tenant
+    raise SystemExit("no tenant found whose lanes are not the flooder's")
+
+
+async def run_one_at_a_time(
+    producer: Producer, deployment: Deployment, tenant: str, digest: str, count: int
+) -> list[float]:
+    """B's three-step order workflows, each created once the previous one completed:
+    create-to-complete milliseconds as bench/fairness.py measures its victim (publish time to
+    the instance's updated_at once complete)."""
+    measured: list[float] = []
+    for i in range(count):
+        instance_id = f"b-{uuid.uuid4().hex[:16]}"
+        params = {"order_id": f"B-{i}", "amount": 4200, "items": 3}
+        published = datetime.now(UTC)
+        await producer.create(CreateRequest(tenant, digest, params, instance_id))
+        measured += await asyncio.wait_for(
+            latencies(deployment.url, tenant, {instance_id: published}), timeout=120
+        )
+    return measured
+
+
+def p50_p99(values: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(values, 0.5), 1), "p99": round(percentile(values, 0.99), 1)}
+
+
+async def run_neighbour(args: argparse.Namespace) -> dict[str, object]:
+    """Tenant B's latency, one workflow at a time, on an idle fleet and while tenant A keeps
+    `--neighbour-calls` slow calls in flight."""
+    delay_s = args.neighbour_delay_ms / 1000
+    server = SlowServer(delay_s)
+    server.start()
+    order = await asyncio.to_thread(ORDER.read_bytes)
+    order_digest = digest_of(order)
+    try:
+        async with bench_deployment(PLAYBOOK) as deployment:
+            await deployment.push(TENANT)
+            await allow_server(deployment, server.port)
+            calm = await neighbour_tenant(deployment)
+            store = PgStore(deployment.url, pool_size=1)
+            try:
+                await store.put_module(calm, order_digest, order)
+            finally:
+                await store.close()
+            env = {
+                **deployment.env,
+                "STEPFLEET_LOG_LEVEL": args.log_level,
+                "STEPFLEET_CONCURRENCY": str(args.concurrency),
+                "STEPFLEET_BATCH_SIZE": str(args.batch_size),
+                "STEPFLEET_EGRESS_TIMEOUT_SECONDS": str(max(10.0, 2 * delay_s + 5)),
+                "STEPFLEET_HEALTH_FILE": "",
+                "STEPFLEET_MAX_INFLIGHT": str(args.neighbour_inflight),
+                "STEPFLEET_TENANT_INFLIGHT": str(args.neighbour_inflight),
+            }
+            workers = start_workers(args.neighbour_workers, env)
+            try:
+                async with Producer(AMQP, deployment.topology) as producer:
+                    # Warm: connections, both compiled modules, the egress pools.
+                    await run_burst(deployment, server, WARMUP_WORKFLOWS, 1)
+                    await run_one_at_a_time(producer, deployment, calm, order_digest, 5)
+                    idle = await run_one_at_a_time(
+                        producer, deployment, calm, order_digest, args.neighbour_workflows
+                    )
+                    flood = Flood(deployment, server, args.neighbour_calls)
+                    flooding = asyncio.create_task(flood.run())
+                    loop = asyncio.get_running_loop()
+                    ramp_start = loop.time()
+                    # Measure once A's calls are up (or after 60 s, whatever they reached).
+                    while server.snapshot()[0] < 0.95 * args.neighbour_calls:
+                        if flooding.done() or loop.time() - ramp_start > 60:
+                            break
+                        await asyncio.sleep(0.1)
+                    # Then one delay more, so that A's calls are being answered and replaced
+                    # (a steady flood, not only the first wave waiting) while B runs.
+                    await asyncio.sleep(delay_s)
+                    ramp_seconds = loop.time() - ramp_start
+                    server.take_counts()
+                    _, answered_before = server.snapshot()
+                    measure_start = loop.time()
+                    loaded = await run_one_at_a_time(
+                        producer, deployment, calm, order_digest, args.neighbour_workflows
+                    )
+                    measure_end = loop.time()
+                    peak, _ = server.take_counts()
+                    _, answered_after = server.snapshot()
+                    flood.stop()
+                    await flooding
+                # Let A's last calls finish: every one must have been answered 200.
+                check_calls(await wait_final(deployment.url, flood.ids), 1)
+            finally:
+                stop_workers(workers)
+    finally:
+        server.stop()
+    during = [n for t, n in flood.samples if measure_start <= t <= measure_end]
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": {
+            "workers": args.neighbour_workers,
+            "delay_ms": args.neighbour_delay_ms,
+            "a_calls_target": args.neighbour_calls,
+            "max_inflight_and_tenant_inflight": args.neighbour_inflight,
+            "b_workflows": args.neighbour_workflows,
+            "concurrency": args.concurrency,
+            "batch_size": args.batch_size,
+            "log_level": args.log_level,
+        },
+        "b_idle_ms": p50_p99(idle),
+        "b_loaded_ms": p50_p99(loaded),
+        "ratio_p99": round(percentile(loaded, 0.99) / percentile(idle, 0.99), 2),
+        "a_ramp_seconds": round(ramp_seconds, 1),
+        "a_calls_in_flight_peak": peak,
+        "a_calls_in_flight_during": {
+            "min": min(during, default=0),
+            "mean": round(sum(during) / len(during), 1) if during else 0,
+        },
+        "a_calls_completed_during": answered_after - answered_before,
+        "measure_seconds": round(measure_end - measure_start, 1),
+        "a_workflows_published": len(flood.ids),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", type=int, default=200)
@@ -239,7 +424,26 @@ async def main() -> None:
         "--batch-size", type=int, default=64, help="also sets the prefetch (2 x concurrency x this)"
     )
     parser.add_argument("--log-level", default="warning")
+    neighbour = parser.add_argument_group("neighbour mode")
+    neighbour.add_argument(
+        "--neighbour",
+        action="store_true",
+        help="tenant B's latency while tenant A keeps --neighbour-calls slow calls in flight",
+    )
+    neighbour.add_argument("--neighbour-calls", type=int, default=1000)
+    neighbour.add_argument("--neighbour-delay-ms", type=int, default=2000)
+    neighbour.add_argument("--neighbour-workflows", type=int, default=30, help="B's, per phase")
+    neighbour.add_argument("--neighbour-workers", type=int, default=2)
+    neighbour.add_argument(
+        "--neighbour-inflight",
+        type=int,
+        default=600,
+        help="STEPFLEET_MAX_INFLIGHT and STEPFLEET_TENANT_INFLIGHT for the workers",
+    )
     args = parser.parse_args()
+    if args.neighbour:
+        print(json.dumps(await run_neighbour(args), indent=2))
+        return
     if args.workflows < 1 or not 1 <= args.calls <= 1000:
         parser.error("--workflows must be at least 1 and --calls from 1 to 1000")
 
