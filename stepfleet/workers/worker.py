@@ -25,6 +25,7 @@ from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.dead_letter_records import ArchivePolicy
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
+from stepfleet.workers.inbox import FairInbox
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.tenants import ProducerCheck
 
@@ -83,7 +84,7 @@ class Worker:
             call_timeout_s=settings.egress_timeout_seconds,
             max_response_bytes=settings.value_bytes,
         )
-        self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._inbox = FairInbox()
         self._processor = BatchProcessor(
             store=self.store,
             sandbox=sandbox
@@ -203,14 +204,9 @@ class Worker:
                 and not self._processor.calls_in_flight
             ):
                 return None
-            try:
-                first = await asyncio.wait_for(self._inbox.get(), timeout=0.2)
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < self.settings.batch_size and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
-            return batch
+            batch = await self._inbox.take(self.settings.batch_size, wait_s=0.2)
+            if batch:
+                return batch
 
     async def _pipeline(self, index: int) -> None:
         while (batch := await self._next_batch()) is not None:
