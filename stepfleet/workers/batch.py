@@ -126,8 +126,9 @@ class BatchProcessor:
         dead += [self._dead(r.work.handle, r.reason, r.detail) for r in cycle.rejected]
         self._count(result, cycle, dead)
         waiting = {id(s.work.handle) for s in cycle.suspended}
+        deferred = {id(d) for d in result.deferred}  # a resumed one keeps its answers
         for delivery in deliveries:
-            if id(delivery) not in waiting:
+            if id(delivery) not in waiting and id(delivery) not in deferred:
                 self._resuming.pop(id(delivery), None)
         # Nothing of theirs was written, so their calls need not wait for the publish.
         for suspended in cycle.suspended:
@@ -136,7 +137,7 @@ class BatchProcessor:
         await self._publish(cycle.messages + dead)
         self._crash.reach("after-publish")
         self.confirmed_outbox.extend(result.outbox_ids)
-        await _ack_all(deliveries, {id(d) for d in result.deferred} | waiting)
+        await _ack_all(deliveries, deferred | waiting)
         return result
 
     def holds(self, delivery: Delivery) -> bool:
