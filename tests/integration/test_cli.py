@@ -79,7 +79,14 @@ SMALL_LIMITS = {
     ("raised", "setting"),
     [
         ({}, "STEPFLEET_MODULE_FUNCTIONS"),
-        ({"STEPFLEET_MODULE_FUNCTIONS": "100000"}, "STEPFLEET_COMPILE_TIMEOUT_SECONDS"),
+        # Memory raised too: with both small, which one a compile reaches first is a race.
+        (
+            {
+                "STEPFLEET_MODULE_FUNCTIONS": "100000",
+                "STEPFLEET_COMPILE_MEMORY_BYTES": str(1024 * 1024 * 1024),
+            },
+            "STEPFLEET_COMPILE_TIMEOUT_SECONDS",
+        ),
         (
             {"STEPFLEET_MODULE_FUNCTIONS": "100000", "STEPFLEET_COMPILE_TIMEOUT_SECONDS": "60"},
             "STEPFLEET_COMPILE_MEMORY_BYTES",
