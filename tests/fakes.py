@@ -10,10 +10,12 @@ from typing import Any
 
 from stepfleet.broker import Delivery
 from stepfleet.sandbox import GuestRun, InvalidModule
-from stepfleet.schemas import EntryKind, GuestReport, JournalEntry
+from stepfleet.schemas import AnsweredCall, EntryKind, GuestReport, JournalEntry
 
 Guest = Callable[[Sequence[JournalEntry], int], GuestReport]
 """A guest as a function: the journal it replays and the attempt, to the run's report."""
+CallingGuest = Callable[[Sequence[JournalEntry], int, tuple[AnsweredCall, ...]], GuestReport]
+"""A guest that also reads the answers of its step's calls so far (`GuestRun.answers`)."""
 
 _U32 = struct.Struct("<I")
 
@@ -51,8 +53,11 @@ def decode_replay_buffer(buffer: bytes) -> tuple[int, list[JournalEntry]]:
 class FunctionSandbox:
     """A sandbox whose modules are Python functions: `modules[digest](entries, attempt)`."""
 
-    def __init__(self, modules: Mapping[str, Guest]) -> None:
+    def __init__(
+        self, modules: Mapping[str, Guest], calling: Mapping[str, CallingGuest] | None = None
+    ) -> None:
         self.modules = dict(modules)
+        self.calling = dict(calling or {})
         self.runs: list[GuestRun] = []
         self.compiler: Any = None
 
@@ -60,15 +65,17 @@ class FunctionSandbox:
         return None
 
     def is_loaded(self, digest: str) -> bool:
-        return digest in self.modules
+        return digest in self.modules or digest in self.calling
 
     def load(self, digest: str, wasm: bytes, artifact: bytes | None = None) -> None:
-        if digest not in self.modules:
+        if not self.is_loaded(digest):
             raise InvalidModule(f"no function for {digest}")
 
     def run(self, job: GuestRun) -> GuestReport:
         self.runs.append(job)
         attempt, entries = decode_replay_buffer(job.replay_buffer)
+        if job.digest in self.calling:
+            return self.calling[job.digest](entries, attempt, job.answers)
         return self.modules[job.digest](entries, attempt)
 
 

@@ -3,6 +3,7 @@ dead-lettering and giving up, with fake deliveries and a function for a guest. N
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -14,10 +15,13 @@ from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import (
+    CallRequested,
     Completed,
     EntryKind,
     EventAwaited,
     GuestReport,
+    HttpRequest,
+    HttpResponse,
     InstanceKey,
     InstanceStatus,
     JournalEntry,
@@ -307,3 +311,60 @@ async def test_every_log_line_of_a_delivery_carries_its_context():
         assert (event["tenant"], event["module_digest"]) == (TENANT, MODULE), event
     recorded = next(e for e in mine if e["event"] == "step_recorded")
     assert (recorded["step"], recorded["attempt"], recorded["position"]) == ("reserve", 1, 0)
+
+
+def calls_once(entries: Sequence[JournalEntry], attempt: int, answers) -> GuestReport:
+    """One step that makes one HTTP call and records its answer, then completes."""
+    if entries:
+        return GuestReport(Completed(1, entries[0].value))
+    request = HttpRequest("GET", "http://api.test/")
+    if not answers:
+        return GuestReport(CallRequested(0, "get", request, (), deadline=float("inf")))
+    return GuestReport(StepSucceeded(0, "get", json.dumps(answers[0].response.body)))
+
+
+class OneAnswer:
+    call_timeout_s = 5.0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+        self.calls += 1
+        return HttpResponse(200, {}, f"answer-{self.calls}")
+
+
+async def test_a_step_waiting_on_its_call_is_acked_only_once_its_step_is_written():
+    fleet = Fleet()
+    gateway = OneAnswer()
+    back = asyncio.Event()
+    fleet.processor = BatchProcessor(
+        store=fleet.store,
+        sandbox=FunctionSandbox({}, calling={MODULE: calls_once}),
+        wasm_thread=None,
+        topology=TOPOLOGY,
+        publish=fleet.processor._publish,
+        max_message_bytes=64 * 1024,
+        clock=lambda: fleet.now,
+        caller=gateway,
+        resume=lambda _: back.set(),
+    )
+    await fleet.push()
+    create = fleet.create("o-1")
+    result = await fleet.processor.process([create])
+    assert (result.steps, fleet.acks.acked) == (0, [])
+    assert fleet.processor.holds(create)
+    await asyncio.wait_for(back.wait(), 5)  # the call's task hands the delivery back
+    # A redelivered copy of the create comes first in the next batch: the resumed one is
+    # deferred, and keeps its answer.
+    copy = fleet.create("o-1")
+    result = await fleet.processor.process([copy, create])
+    assert result.deferred == [create]
+    assert fleet.processor.holds(create)
+    result = await fleet.processor.process([create])
+    assert result.steps == 1
+    assert gateway.calls == 1
+    assert create in fleet.acks.acked
+    assert not fleet.processor.holds(create)
+    detail = await fleet.status("o-1")
+    assert [e.value for e in detail.journal] == ['"answer-1"']
