@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import structlog
 
-from stepfleet.broker import Topology
+from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.admission import Admission
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.directory import TenantDirectory
@@ -40,7 +40,7 @@ from stepfleet.schemas import (
     StepBody,
     WaitKind,
 )
-from stepfleet.store import NewInstance, OutboxMessage, StepWrite
+from stepfleet.store import NewInstance, StepWrite
 from stepfleet.store.port import StepStore, StepTx
 
 log = structlog.get_logger("stepfleet.worker")
@@ -116,56 +116,68 @@ class StepCycle:
             events = admission.kept_events + [e for i in ran if (e := i.work.new_event)]
             if events:
                 await tx.insert_events(events)
-            steps = [
-                (
-                    item,
-                    step_message(
-                        self.topology,
-                        item.work.key,
-                        item.work.module,
-                        item.decision.position,
-                        item.work.generation,
-                        item.work.envelope.traceparent,
-                    ),
-                )
-                for item in ran
-                if item.decision is not None and item.decision.publish_step
-            ]
-            # A create whose first step waits on a call: its row is written now, with the step
-            # message that carries on after a crash (kept in the outbox, published only by the
-            # relay if the attempt is never finished; the finishing write deletes it).
-            waiting_creates = [s.work for s in result.suspended if s.work.created]
-            intents = [self._first_step(w) for w in waiting_creates]
-            ids = await tx.write_batch(
-                [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
-                [row for _, (row, _) in steps] + intents,
-                confirmed_outbox=[
-                    *confirmed_outbox,
-                    *(i.work.intent for i in ran if i.work.intent is not None),
-                ],
+            messages, intents = await self._write(tx, ran, held, result, confirmed_outbox)
+        # Committed: a create whose first step waits on a call goes on as that step.
+        for work, intent in intents:
+            work.intent = intent
+            work.envelope = Envelope(
+                MessageKind.STEP,
+                work.key.tenant,
+                work.key.instance_id,
+                work.module,
+                StepBody(position=0, generation=0),
+                work.envelope.traceparent,
             )
-            result.outbox_ids = ids[: len(steps)]
-            for work, intent in zip(waiting_creates, ids[len(steps) :], strict=True):
-                work.intent = intent
-                work.envelope = Envelope(
-                    MessageKind.STEP,
-                    work.key.tenant,
-                    work.key.instance_id,
-                    work.module,
-                    StepBody(position=0, generation=0),
-                    work.envelope.traceparent,
-                )
         result.ran = ran
         result.held = len(held)
-        result.messages = [message for _, (_, message) in steps]
+        result.messages = messages
         self._remember(ran)
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
         return result
 
-    def _first_step(self, work: Work[H]) -> OutboxMessage:
-        row, _ = step_message(self.topology, work.key, work.module, 0, 0, work.envelope.traceparent)
-        return row
+    async def _write(
+        self,
+        tx: StepTx,
+        ran: list[Ran[H]],
+        held: list[StepWrite],
+        result: CycleResult[H],
+        confirmed_outbox: Sequence[int],
+    ) -> tuple[list[Outgoing], list[tuple[Work[H], int]]]:
+        """Write the decisions, the parked instances and the next steps' outbox rows in one
+        statement; return the messages to publish after the commit, and the outbox rows kept
+        for creates whose first step waits on a call."""
+        steps = [
+            step_message(
+                self.topology,
+                item.work.key,
+                item.work.module,
+                d.position,
+                item.work.generation,
+                item.work.envelope.traceparent,
+            )
+            for item in ran
+            if (d := item.decision) is not None and d.publish_step
+        ]
+        # A create whose first step waits on a call: its row is written now, with the step
+        # message that carries on after a crash (kept in the outbox, published only by the
+        # relay if the attempt is never finished; the write that finishes it deletes it).
+        waiting_creates = [s.work for s in result.suspended if s.work.created]
+        intents = [
+            step_message(self.topology, w.key, w.module, 0, 0, w.envelope.traceparent)[0]
+            for w in waiting_creates
+        ]
+        ids = await tx.write_batch(
+            [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
+            [row for row, _ in steps] + intents,
+            confirmed_outbox=[
+                *confirmed_outbox,
+                *(i.work.intent for i in ran if i.work.intent is not None),
+            ],
+        )
+        result.outbox_ids = ids[: len(steps)]
+        kept = list(zip(waiting_creates, ids[len(steps) :], strict=True))
+        return [message for _, message in steps], kept
 
     @staticmethod
     def _set_aside_calls(ran: list[Ran[H]], result: CycleResult[H]) -> list[Ran[H]]:
