@@ -18,6 +18,7 @@ from typing import Protocol
 
 import structlog
 
+from stepfleet.cycle.context import message_context
 from stepfleet.cycle.work import H, Suspended, Work
 from stepfleet.schemas import AnsweredCall, HttpRequest, HttpResponse
 
@@ -106,7 +107,8 @@ class CallScheduler:
         await self._slots.take(tenant, self._tenant_cap(tenant))
         self.peak = max(self.peak, self._slots.busy)
         try:
-            answer = await self._call(tenant, call.name, call.request, call.deadline)
+            with message_context(work, step=call.name, position=call.seq):
+                answer = await self._call(tenant, call.name, call.request, call.deadline)
         finally:
             await self._slots.give(tenant)
         work.answers = (*call.answered, AnsweredCall(call.request, answer))

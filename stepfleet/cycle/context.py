@@ -2,8 +2,9 @@
 tenant, the instance, the module digest and, once known, the position, step and attempt.
 
 Bound with contextvars (structlog's `merge_contextvars` adds them to each event), so lines
-logged deeper down, by the sandbox or the egress gateway, carry them too. A cycle handles a
-whole batch in one task, so the context is bound around each message's part, never left set.
+logged deeper down, by the egress gateway while it makes a step's call, carry them too. A cycle
+handles a whole batch in one task, so the context is bound around each message's part, never
+left set.
 """
 
 from __future__ import annotations

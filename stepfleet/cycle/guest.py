@@ -75,18 +75,19 @@ def run_works(
     for work in works:
         assert work.replay is not None
         assert work.state is not None
-        with message_context(work, position=work.state.position, attempt=work.state.attempt):
-            started_at = work.started_at or clock()
-            report = run_step(
-                sandbox,
-                work.state,
-                work.replay,
-                pending=work.pending,
-                limits=limits(work.key.tenant),
-                answers=work.answers,
-                step_deadline=work.step_deadline,
-            )
-            ran.append(Ran(work, report, started_at, clock()))
+        # No log context bound here: nothing on this thread logs per message (the sandbox's
+        # own line names the tenant and module), and binding costs on every run.
+        started_at = work.started_at or clock()
+        report = run_step(
+            sandbox,
+            work.state,
+            work.replay,
+            pending=work.pending,
+            limits=limits(work.key.tenant),
+            answers=work.answers,
+            step_deadline=work.step_deadline,
+        )
+        ran.append(Ran(work, report, started_at, clock()))
     return ran
 
 

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 import pytest
+import structlog
 
 from stepfleet.broker import Topology
 from stepfleet.cycle.calls import CallScheduler
@@ -33,6 +34,7 @@ from stepfleet.schemas import (
     parse_envelope,
 )
 from stepfleet.store import MemoryStore
+from tests.conftest import capture_logs
 
 TENANT = "acme"
 URL = "http://api.test/v1"
@@ -252,3 +254,22 @@ def test_a_resumed_step_that_asks_another_request_has_it_made(fleet_of):
     report = fleet.sandbox.run(GuestRun(fleet.digest, buffer, answers=(same,)))
     assert isinstance(report.outcome, StepSucceeded)
     assert json.loads(report.outcome.result) == {"status": 200, "body": "fresh"}
+
+
+async def test_the_gateway_logs_a_call_with_the_step_context():
+    """What the gateway logs while it makes a step's call names the tenant, instance and step."""
+
+    class Logging(FakeGateway):
+        async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
+            structlog.get_logger("stepfleet.egress").info("egress_call", tenant=tenant)
+            return await super().call(tenant, request, timeout_s)
+
+    scheduler = CallScheduler(Logging(), max_in_flight=1, tenant_cap=lambda _: 1)
+    body = CreateBody(version=SCHEMA_VERSION)
+    work = Work(None, Envelope(MessageKind.CREATE, TENANT, "i-8", "sha256:" + "d" * 64, body))
+    call = CallRequested(2, "charge", HttpRequest("GET", URL), (), deadline=float("inf"))
+    with capture_logs() as logs:
+        await scheduler.answer(Suspended(work, call))
+    [line] = [e for e in logs if e["event"] == "egress_call"]
+    assert (line["instance"], line["step"], line["position"]) == ("i-8", "charge", 2)
+    assert line["module_digest"] == "sha256:" + "d" * 64
