@@ -40,6 +40,8 @@ class Admission(Generic[H]):
         self._value_bytes = value_bytes
         self.kept_events: list[NewEvent] = []
         """Events for instances not waiting for them: stored for a later wait."""
+        self._payloads: dict[int, str] = {}
+        """Each event's payload as JSON text, made once when its size is checked."""
 
     async def admit(self, works: list[Work[H]], now: datetime) -> list[Work[H]]:
         """Return the works that run a step now, each with its state and (if it exists) its
@@ -66,7 +68,7 @@ class Admission(Generic[H]):
             if isinstance(body, EventBody) and isinstance(verdict, Admit | Keep):
                 assert state is not None
                 consumed = state.position if isinstance(verdict, Admit) else None
-                payload = _json(body.payload)
+                payload = self._payloads[id(work)]
                 new = NewEvent(work.key, body.event_id, body.type, payload, consumed)
                 events.append((work, body.event_id, new, None))
             if isinstance(verdict, Admit):
@@ -135,6 +137,7 @@ class Admission(Generic[H]):
                 if (over := check_size("event payload", payload, self._value_bytes)) is not None:
                     self._reject(work, over.reason, over.detail)
                     continue
+                self._payloads[id(work)] = payload
             live.append(work)
         return live
 

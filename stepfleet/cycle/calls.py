@@ -93,8 +93,6 @@ class CallScheduler:
         self._caller = caller
         self._slots = _Slots(max_in_flight)
         self._tenant_cap = tenant_cap
-        self.peak = 0
-        """The most calls in flight at once so far."""
 
     @property
     def in_flight(self) -> int:
@@ -105,7 +103,6 @@ class CallScheduler:
         work, call = suspended.work, suspended.call
         tenant = work.key.tenant
         await self._slots.take(tenant, self._tenant_cap(tenant))
-        self.peak = max(self.peak, self._slots.busy)
         try:
             with message_context(work, step=call.name, position=call.seq):
                 answer = await self._call(tenant, call.name, call.request, call.deadline)
