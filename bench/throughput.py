@@ -33,6 +33,7 @@ from stepfleet.store.migrate import ensure_database, upgrade
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import AMQP, BASE_DB
+from phases import per_delivery, snapshot, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ROOT / "guest" / "examples" / "order" / "order.wasm"
@@ -45,10 +46,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_workers(count: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    return [
-        subprocess.Popen([sys.executable, "-m", "stepfleet", "worker"], env=env)
-        for _ in range(count)
-    ]
+    return [start_worker(env) for _ in range(count)]
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -192,13 +190,16 @@ async def main() -> None:
             workers = start_workers(count, env)
             try:
                 await run_load(url, topology, digest, 50)  # warm: connections, compiled module
-                report[f"load_{count}_workers"] = await run_load(
-                    url, topology, digest, args.workflows
-                )
+                before = await snapshot(workers)
+                load = await run_load(url, topology, digest, args.workflows)
+                after = await snapshot(workers)
+                report[f"load_{count}_workers"] = {**load, "phases": per_delivery(before, after)}
                 if count == 1 and args.unloaded:
-                    report["unloaded_1_worker"] = await run_unloaded(
-                        url, topology, digest, args.unloaded
-                    )
+                    unloaded = await run_unloaded(url, topology, digest, args.unloaded)
+                    report["unloaded_1_worker"] = {
+                        **unloaded,
+                        "phases": per_delivery(after, await snapshot(workers)),
+                    }
             finally:
                 stop_workers(workers)
     finally:

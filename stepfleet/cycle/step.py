@@ -12,6 +12,7 @@ journal position check turns the redelivery into a no-op.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
@@ -26,9 +27,19 @@ from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run, run_works
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
+from stepfleet.cycle.phases import PhaseTimes
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
-from stepfleet.cycle.work import CycleResult, H, Ran, Suspended, Work, errored, write_of
+from stepfleet.cycle.work import (
+    CycleResult,
+    H,
+    NextStep,
+    Ran,
+    Suspended,
+    Work,
+    errored,
+    write_of,
+)
 from stepfleet.engine import EngineLimits, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
@@ -40,7 +51,7 @@ from stepfleet.schemas import (
     StepBody,
     WaitKind,
 )
-from stepfleet.store import NewInstance, StepWrite
+from stepfleet.store import NewInstance, OutboxMessage, StepWrite
 from stepfleet.store.port import StepStore, StepTx
 
 log = structlog.get_logger("stepfleet.worker")
@@ -83,6 +94,8 @@ class StepCycle:
         self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
         self._modules = ModuleLoader(sandbox, self._on_guest_thread)
+        self.phases = PhaseTimes()
+        """Time spent in transactions and guest runs (the driver adds its own phases)."""
 
     async def run(
         self, works: list[Work[H]], *, confirmed_outbox: Sequence[int] = ()
@@ -98,25 +111,15 @@ class StepCycle:
         result: CycleResult[H] = CycleResult()
         for work in works:
             work.renew()
-        async with self._store.transaction() as tx:
-            now = self._clock()
-            admission = Admission(tx, result, value_bytes=self._value_bytes)
-            admitted = await admission.admit(works, now)
-            admitted, held = await apply_quotas(tx, self.directory, admitted, now)
-            await load_replays(tx, self._replays, admitted)
-            admitted, refused = await self._modules.load(tx, admitted, now)
-            ran = refused + await self._on_guest_thread(
-                lambda: run_works(self._sandbox, admitted, self.directory.limits, self._clock)
+        began = time.monotonic()
+        try:
+            next_steps, intents, ran, held = await self._transaction(
+                works, result, confirmed_outbox
             )
-            ran = self._set_aside_calls(ran, result)
-            for item in ran:
-                self._decide(item)
-            await self._take_waiting_events(tx, ran)
-            ran, held = await self._insert_created(tx, works, ran, held, result)
-            events = admission.kept_events + [e for i in ran if (e := i.work.new_event)]
-            if events:
-                await tx.insert_events(events)
-            messages, intents = await self._write(tx, ran, held, result, confirmed_outbox)
+        finally:
+            spent = time.monotonic() - began
+            self.phases.guest += result.guest_seconds
+            self.phases.transaction += spent - result.guest_seconds
         # Committed: a create whose first step waits on a call goes on as that step.
         for work, intent in intents:
             work.intent = intent
@@ -130,11 +133,39 @@ class StepCycle:
             )
         result.ran = ran
         result.held = len(held)
-        result.messages = messages
+        result.next_steps = next_steps
         self._remember(ran)
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
         return result
+
+    async def _transaction(
+        self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
+    ) -> tuple[list[NextStep], list[tuple[Work[H], int]], list[Ran[H]], list[StepWrite]]:
+        """The transaction of `run`: from admission to the write; returns the next steps,
+        the outbox rows kept for waiting creates, the runs and the parked writes."""
+        async with self._store.transaction() as tx:
+            now = self._clock()
+            admission = Admission(tx, result, value_bytes=self._value_bytes)
+            admitted = await admission.admit(works, now)
+            admitted, held = await apply_quotas(tx, self.directory, admitted, now)
+            await load_replays(tx, self._replays, admitted)
+            admitted, refused = await self._modules.load(tx, admitted, now)
+            guest_began = time.monotonic()
+            ran = refused + await self._on_guest_thread(
+                lambda: run_works(self._sandbox, admitted, self.directory.limits, self._clock)
+            )
+            result.guest_seconds = time.monotonic() - guest_began
+            ran = self._set_aside_calls(ran, result)
+            for item in ran:
+                self._decide(item)
+            await self._take_waiting_events(tx, ran)
+            ran, held = await self._insert_created(tx, works, ran, held, result)
+            events = admission.kept_events + [e for i in ran if (e := i.work.new_event)]
+            if events:
+                await tx.insert_events(events)
+            next_steps, intents = await self._write(tx, ran, held, result, confirmed_outbox)
+        return next_steps, intents, ran, held
 
     async def _write(
         self,
@@ -143,22 +174,23 @@ class StepCycle:
         held: list[StepWrite],
         result: CycleResult[H],
         confirmed_outbox: Sequence[int],
-    ) -> tuple[list[Outgoing], list[tuple[Work[H], int]]]:
+    ) -> tuple[list[NextStep], list[tuple[Work[H], int]]]:
         """Write the decisions, the parked instances and the next steps' outbox rows in one
-        statement; return the messages to publish after the commit, and the outbox rows kept
+        statement; return the next steps to send after the commit, and the outbox rows kept
         for creates whose first step waits on a call."""
-        steps = [
-            step_message(
-                self.topology,
-                item.work.key,
+        envelopes = [
+            Envelope(
+                MessageKind.STEP,
+                item.work.key.tenant,
+                item.work.key.instance_id,
                 item.work.module,
-                d.position,
-                item.work.generation,
+                StepBody(position=d.position, generation=item.work.generation),
                 item.work.envelope.traceparent,
             )
             for item in ran
             if (d := item.decision) is not None and d.publish_step
         ]
+        steps = [_step_message(self.topology, envelope) for envelope in envelopes]
         # A create whose first step waits on a call: its row is written now, with the step
         # message that carries on after a crash (kept in the outbox, published only by the
         # relay if the attempt is never finished; the write that finishes it deletes it).
@@ -175,9 +207,14 @@ class StepCycle:
                 *(i.work.intent for i in ran if i.work.intent is not None),
             ],
         )
-        result.outbox_ids = ids[: len(steps)]
+        next_steps = [
+            NextStep(outbox_id, message, envelope)
+            for outbox_id, (_, message), envelope in zip(
+                ids[: len(steps)], steps, envelopes, strict=True
+            )
+        ]
         kept = list(zip(waiting_creates, ids[len(steps) :], strict=True))
-        return [message for _, message in steps], kept
+        return next_steps, kept
 
     @staticmethod
     def _set_aside_calls(ran: list[Ran[H]], result: CycleResult[H]) -> list[Ran[H]]:
@@ -312,3 +349,17 @@ class StepCycle:
                 if entry.seq == len(journal):
                     journal.append(entry)
             self._replays.put(work.key, work.replay)
+
+
+def _step_message(topology: Topology, envelope: Envelope) -> tuple[OutboxMessage, Outgoing]:
+    """The outbox row and message of a next step's envelope."""
+    assert isinstance(envelope.body, StepBody)
+    assert envelope.module is not None
+    return step_message(
+        topology,
+        InstanceKey(envelope.tenant, envelope.instance_id),
+        envelope.module,
+        envelope.body.position,
+        envelope.body.generation,
+        envelope.traceparent,
+    )

@@ -105,6 +105,16 @@ class Rejected(Generic[H]):
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """A step message a committed write asks for: its outbox row, the message to publish,
+    and the same message as a parsed envelope (for a worker that takes it on itself)."""
+
+    outbox_id: int
+    message: Outgoing
+    envelope: Envelope
+
+
 @dataclass(slots=True)
 class CycleResult(Generic[H]):
     """What one cycle did, once its transaction committed."""
@@ -115,10 +125,21 @@ class CycleResult(Generic[H]):
     suspended: list[Suspended[H]] = field(default_factory=list)
     held: int = 0
     """Instances parked by their tenant's quotas instead of run."""
-    messages: list[Outgoing] = field(default_factory=list)
-    """Step messages to publish now that the transaction committed (also in the outbox)."""
-    outbox_ids: list[int] = field(default_factory=list)
-    """The outbox rows of `messages`: delete them once the broker confirmed the publish."""
+    next_steps: list[NextStep] = field(default_factory=list)
+    """Step messages to send now that the transaction committed (each also in the outbox,
+    until the broker confirmed it or the step it asks for is written)."""
+    guest_seconds: float = 0.0
+    """How long its guest runs took (the hand-over to the guest thread included)."""
+
+    @property
+    def messages(self) -> list[Outgoing]:
+        """The next steps' messages, to publish."""
+        return [step.message for step in self.next_steps]
+
+    @property
+    def outbox_ids(self) -> list[int]:
+        """The next steps' outbox rows: delete them once the broker confirmed the publish."""
+        return [step.outbox_id for step in self.next_steps]
 
 
 def state_of(record: InstanceRecord) -> InstanceState:

@@ -22,7 +22,7 @@ from stepfleet.cycle.calls import Caller, CallScheduler
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import dead_letter
 from stepfleet.cycle.step import StepCycle, utcnow
-from stepfleet.cycle.work import CycleResult, Suspended, Work
+from stepfleet.cycle.work import CycleResult, NextStep, Suspended, Work
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
@@ -49,6 +49,7 @@ class BatchResult:
     dead_letters: int = 0
     deferred: list[Delivery] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
+    """The outbox rows of the next steps it published (deleted once confirmed)."""
 
 
 class BatchProcessor:
@@ -74,9 +75,12 @@ class BatchProcessor:
         max_inflight: int = 1000,
         tenant_inflight: int = 250,
         resume: Callable[[Delivery], None] | None = None,
+        local_steps: int = 0,
     ) -> None:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
-        whose step's call was answered back to the worker's inbox."""
+        whose step's call was answered (or a next step taken on locally) to the worker's
+        inbox; `local_steps`: next steps this process may hold for itself at once instead of
+        publishing them (0: publish every one)."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
@@ -105,6 +109,9 @@ class BatchProcessor:
         self._resuming: dict[int, Work[Delivery]] = {}
         """Deliveries whose step waits on a call (or its answer came): by id, their work."""
         self._calling: set[asyncio.Task[None]] = set()
+        self._local_steps = local_steps if resume is not None else 0
+        self._local: set[int] = set()
+        """Next steps taken on locally and not written yet: their deliveries' ids."""
 
     async def process(self, deliveries: Sequence[Delivery]) -> BatchResult:
         """Take a batch to the point where every delivery in it is acked or deferred.
@@ -113,10 +120,14 @@ class BatchProcessor:
             StoreUnavailable: nothing was committed or acked; the caller retries the batch.
         """
         result = BatchResult()
-        works, dead = self._parse(deliveries, result)
-        fresh = [w for w in works if id(w.handle) not in self._resuming]
-        checked = {id(w) for w in self._check_routing(await self._verify(fresh, dead), dead)}
-        works = [w for w in works if id(w.handle) in self._resuming or id(w) in checked]
+        phases = self.cycle.phases
+        phases.batches += 1
+        phases.deliveries += len(deliveries)
+        with phases.timing("checks"):
+            works, dead = self._parse(deliveries, result)
+            fresh = [w for w in works if id(w.handle) not in self._resuming]
+            checked = {id(w) for w in self._check_routing(await self._verify(fresh, dead), dead)}
+            works = [w for w in works if id(w.handle) in self._resuming or id(w) in checked]
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
             cycle = await self.cycle.run(works, confirmed_outbox=confirmed)
@@ -130,15 +141,52 @@ class BatchProcessor:
         for delivery in deliveries:
             if id(delivery) not in waiting and id(delivery) not in deferred:
                 self._resuming.pop(id(delivery), None)
+                self._local.discard(id(delivery))
+        # A local next step that was not run keeps no outbox row for the relay to send.
+        self.confirmed_outbox += [
+            w.intent
+            for w in cycle.duplicates + [r.work for r in cycle.rejected]
+            if w.intent is not None
+        ]
         # Nothing of theirs was written, so their calls need not wait for the publish.
         for suspended in cycle.suspended:
             self._call(suspended)
         self._crash.reach("after-commit")
-        await self._publish(cycle.messages + dead)
+        published = self._continue_locally(cycle.next_steps)
+        with phases.timing("publish"):
+            await self._publish([step.message for step in published] + dead)
         self._crash.reach("after-publish")
-        self.confirmed_outbox.extend(result.outbox_ids)
-        await _ack_all(deliveries, deferred | waiting)
+        result.outbox_ids = [step.outbox_id for step in published]
+        self.confirmed_outbox += result.outbox_ids
+        with phases.timing("ack"):
+            await _ack_all(deliveries, deferred | waiting)
         return result
+
+    def stop_continuing(self) -> None:
+        """Publish every next step from now on (the worker is stopping)."""
+        self._local_steps = 0
+
+    def _continue_locally(self, steps: list[NextStep]) -> list[NextStep]:
+        """Hand the next steps this process has room for to its own inbox; return the others,
+        to publish.
+
+        A step taken on here skips the publish, its confirm, the delivery and the ack. Its
+        outbox row stays until the write that runs the step deletes it: should this process
+        die first, the outbox relay of any worker publishes it (after
+        STEPFLEET_OUTBOX_RELAY_AFTER_SECONDS).
+        """
+        room = self._local_steps - len(self._local)
+        if room <= 0:
+            return steps
+        for step in steps[:room]:
+            delivery = _local_delivery(step.message)
+            work: Work[Delivery] = Work(delivery, step.envelope)
+            work.intent = step.outbox_id
+            self._resuming[id(delivery)] = work
+            self._local.add(id(delivery))
+            assert self._resume is not None
+            self._resume(delivery)
+        return steps[room:]
 
     def holds(self, delivery: Delivery) -> bool:
         """Whether the delivery's step waits on a call (or has its answer): it is acked when
@@ -183,6 +231,7 @@ class BatchProcessor:
         """
         cause = _describe_failure(error)
         self._resuming.pop(id(delivery), None)
+        self._local.discard(id(delivery))
         try:
             envelope = parse_envelope(
                 delivery.headers, delivery.body, max_body_bytes=self._max_message_bytes
@@ -271,7 +320,6 @@ class BatchProcessor:
         result.steps = len(cycle.ran)
         result.duplicates = len(cycle.duplicates)
         result.dead_letters = len(dead)
-        result.outbox_ids = cycle.outbox_ids
 
     def _dead(self, delivery: Delivery, reason: DeadReason, detail: str) -> Outgoing:
         log.warning(
@@ -283,6 +331,27 @@ class BatchProcessor:
             routing_key=delivery.routing_key,
         )
         return dead_letter(self._topology, delivery, reason, detail)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _local_delivery(message: Outgoing) -> Delivery:
+    """A next step taken on by the process that wrote it: no broker delivery to ack or
+    release (its outbox row is what makes it durable)."""
+    return Delivery(
+        body=message.body,
+        headers=message.headers,
+        routing_key=message.routing_key,
+        exchange=message.exchange,
+        message_id=message.message_id,
+        user_id=None,
+        redelivered=False,
+        delivery_count=0,
+        _ack=_nothing,
+        _release=_nothing,
+    )
 
 
 async def _ack_all(deliveries: Sequence[Delivery], deferred: set[int]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import structlog
@@ -30,6 +30,10 @@ class Health:
     store_ok_at: float = 0.0
     broker_ok_at: float = 0.0
     steps: int = 0
+    cpu_seconds: float = 0.0
+    """CPU time of the process so far (all threads)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Where its time went (stepfleet/cycle/phases.py): summed seconds and counts."""
 
 
 def write(path: Path, health: Health) -> None:

@@ -10,6 +10,7 @@ against the headers): the inbox only orders work, it does not trust or refuse it
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
 
 from stepfleet.broker import Delivery
@@ -23,8 +24,10 @@ class FairInbox:
     """Deliveries by tenant; `take` fills a batch round-robin over the tenants."""
 
     def __init__(self) -> None:
-        self._queues: OrderedDict[str, deque[Delivery]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[tuple[Delivery, float]]] = OrderedDict()
         self._size = 0
+        self.waited = 0.0
+        """Seconds the deliveries taken so far waited here, summed."""
         self._arrived = asyncio.Event()
 
     def qsize(self) -> int:
@@ -39,7 +42,7 @@ class FairInbox:
         queue = self._queues.get(tenant)
         if queue is None:
             queue = self._queues[tenant] = deque()
-        queue.append(delivery)
+        queue.append((delivery, time.monotonic()))
         self._size += 1
         self._arrived.set()
 
@@ -53,9 +56,12 @@ class FairInbox:
             except TimeoutError:
                 return []
         batch: list[Delivery] = []
+        now = time.monotonic()
         while self._size and len(batch) < most:
             tenant, queue = next(iter(self._queues.items()))
-            batch.append(queue.popleft())
+            delivery, arrived = queue.popleft()
+            batch.append(delivery)
+            self.waited += now - arrived
             self._size -= 1
             # The tenant goes to the back of the turn (or leaves it, when it has no more).
             del self._queues[tenant]

@@ -110,6 +110,7 @@ class Worker:
             max_inflight=settings.max_inflight,
             tenant_inflight=settings.tenant_inflight,
             resume=self._inbox.put_nowait,
+            local_steps=settings.local_steps,
         )
         self.health = Health(pid=os.getpid(), name=name)
         self._stopping = asyncio.Event()
@@ -169,6 +170,7 @@ class Worker:
             )
             await self._stopping.wait()
             log.info("worker_stopping", worker=self.name, held=self._inbox.qsize())
+            self._processor.stop_continuing()
             self._report(state="stopping")
             for cancel in cancels:
                 await cancel()
@@ -293,6 +295,10 @@ class Worker:
         if state is not None:
             self.health.state = state
         self.health.steps = self.steps_done
+        self.health.cpu_seconds = time.process_time()
+        phases = self._processor.cycle.phases
+        phases.inbox_wait = self._inbox.waited
+        self.health.phases = phases.as_dict()
         if self.settings.health_file is not None:
             health_file.write(self.settings.health_file, self.health)
 

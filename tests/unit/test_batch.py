@@ -84,8 +84,12 @@ class _Patched:
 class Fleet:
     """One BatchProcessor over a MemoryStore, and what it published."""
 
-    def __init__(self, guest=two_steps, limits: TenantLimits | None = None) -> None:
+    def __init__(
+        self, guest=two_steps, limits: TenantLimits | None = None, local_steps: int = 0
+    ) -> None:
         self.now = T0
+        self.inbox: list = []
+        """Deliveries the processor handed back to the worker's inbox (local next steps)."""
         self.store = MemoryStore(clock=lambda: self.now)
         self.published: list[Outgoing] = []
         self.acks = Acks()
@@ -105,6 +109,8 @@ class Fleet:
             max_message_bytes=64 * 1024,
             clock=lambda: self.now,
             directory=directory,
+            resume=self.inbox.append,
+            local_steps=local_steps,
         )
 
     async def push(self) -> None:
@@ -179,6 +185,64 @@ async def test_a_workflow_finishes_through_its_step_messages():
     assert (detail.record.status, detail.record.output) == (InstanceStatus.COMPLETE, "2")
     assert [e.name for e in detail.journal] == ["reserve", "charge"]
     assert fleet.steps() == []
+
+
+async def test_a_next_step_with_room_runs_here_without_a_publish_and_its_row_goes_with_it():
+    fleet = Fleet(local_steps=2)
+    await fleet.push()
+    create = fleet.create("o-1")
+    result = await fleet.processor.process([create])
+    assert (fleet.steps(), result.outbox_ids) == ([], [])
+    [local] = fleet.inbox
+    assert fleet.processor.holds(local)
+    assert local.headers["x-kind"] == "step"
+    [(row_id, kept)] = fleet.store.outbox()  # durable until the step is written
+    assert json.loads(kept.body)["position"] == 1
+    fleet.inbox.clear()
+    await fleet.processor.process([local])
+    [after] = fleet.inbox
+    assert fleet.processor.holds(after)
+    assert not fleet.processor.holds(local)
+    assert row_id not in [i for i, _ in fleet.store.outbox()]
+    fleet.inbox.clear()
+    await fleet.processor.process([after])
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (InstanceStatus.COMPLETE, "2")
+    assert [e.name for e in detail.journal] == ["reserve", "charge"]
+    assert (fleet.store.outbox(), fleet.steps(), fleet.inbox) == ([], [], [])
+    assert fleet.acks.acked == [create]
+
+
+async def test_next_steps_past_the_room_or_after_stop_are_published():
+    fleet = Fleet(local_steps=2)
+    await fleet.push()
+    await fleet.processor.process([fleet.create(f"o-{i}") for i in range(3)])
+    assert (len(fleet.inbox), len(fleet.steps())) == (2, 1)
+    fleet.processor.stop_continuing()
+    await fleet.processor.process(fleet.inbox)
+    assert len(fleet.steps()) == 3  # the two that ran here published their next steps
+    await fleet.forward()
+    await fleet.forward()
+    for i in range(3):
+        assert (await fleet.status(f"o-{i}")).record.status is InstanceStatus.COMPLETE
+
+
+async def test_a_local_next_step_that_became_a_duplicate_leaves_no_row_to_relay():
+    fleet = Fleet(local_steps=1)
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    [local] = fleet.inbox
+    [(row_id, kept)] = fleet.store.outbox()
+    # The relay published the row meanwhile and another delivery ran the step first.
+    relayed = delivery(
+        fleet.acks, json.loads(kept.headers), kept.body, routing_key=kept.routing_key
+    )
+    fleet.processor.stop_continuing()
+    await fleet.processor.process([relayed])
+    result = await fleet.processor.process([local])
+    assert result.duplicates == 1
+    await fleet.processor.process([])  # the next transaction deletes what the last confirmed
+    assert row_id not in [i for i, _ in fleet.store.outbox()]
 
 
 async def test_one_batch_writes_every_instance_and_defers_a_second_message_for_one():
