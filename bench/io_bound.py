@@ -49,6 +49,7 @@ from stepfleet.store import PgStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fairness import lanes_of, latencies
 from harness import AMQP, Deployment, bench_deployment
+from phases import per_delivery, snapshot
 from throughput import ORDER, percentile, start_workers, stop_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -484,9 +485,13 @@ async def main() -> None:
                 try:
                     # Warm: connections, the compiled module, the egress pool.
                     await run_burst(deployment, server, WARMUP_WORKFLOWS, 1)
-                    report[f"load_{count}_workers"] = await run_burst(
-                        deployment, server, args.workflows, args.calls
-                    )
+                    before = await snapshot(workers)
+                    burst = await run_burst(deployment, server, args.workflows, args.calls)
+                    after = await snapshot(workers)
+                    report[f"load_{count}_workers"] = {
+                        **burst,
+                        "phases": per_delivery(before, after),
+                    }
                 finally:
                     stop_workers(workers)
     finally:

@@ -34,8 +34,10 @@ def run_step(
     limits: TenantLimits | None = None,
     answers: tuple[AnsweredCall, ...] = (),
     step_deadline: float | None = None,
+    fuel_cap: int | None = None,
 ) -> GuestReport:
-    """Run `state.module` over the instance's journal (and `pending`) to its next outcome.
+    """Run `state.module` over the instance's journal (and `pending`) to its next outcome;
+    `fuel_cap` lowers the run's fuel below the tenant's and the sandbox's.
 
     Called on the thread that drives the sandbox.
     """
@@ -49,12 +51,15 @@ def run_step(
         attempt=state.attempt,
     )
     own = limits or TenantLimits()
+    fuel = own.fuel_per_run
+    if fuel_cap is not None and (fuel is None or fuel > fuel_cap):
+        fuel = fuel_cap
     job = GuestRun(
         state.module,
         buffer,
         len(journal) + len(pending),
         state.attempt,
-        fuel_per_run=own.fuel_per_run,
+        fuel_per_run=fuel,
         memory_bytes=own.memory_bytes,
         tenant=state.key.tenant,
         host_calls_per_step=own.host_calls_per_step,
@@ -71,24 +76,39 @@ def run_works(
     clock: Callable[[], datetime],
 ) -> list[Ran[Any]]:
     """Run every admitted work's guest, one after another, on the sandbox's thread."""
-    ran: list[Ran[Any]] = []
-    for work in works:
-        assert work.replay is not None
-        assert work.state is not None
-        # No log context bound here: nothing on this thread logs per message (the sandbox's
-        # own line names the tenant and module), and binding costs on every run.
-        started_at = work.started_at or clock()
-        report = run_step(
-            sandbox,
-            work.state,
-            work.replay,
-            pending=work.pending,
-            limits=limits(work.key.tenant),
-            answers=work.answers,
-            step_deadline=work.step_deadline,
-        )
-        ran.append(Ran(work, report, started_at, clock()))
-    return ran
+    return [run_work(sandbox, work, limits, clock) for work in works]
+
+
+def run_work(
+    sandbox: Sandbox,
+    work: Work[Any],
+    limits: Callable[[str], TenantLimits],
+    clock: Callable[[], datetime],
+    *,
+    fuel_cap: int | None = None,
+) -> Ran[Any]:
+    """Run one admitted work's guest (see `run_step` for `fuel_cap`)."""
+    assert work.replay is not None
+    assert work.state is not None
+    # No log context bound here: nothing on this thread logs per message (the sandbox's
+    # own line names the tenant and module), and binding costs on every run.
+    started_at = work.started_at or clock()
+    report = run_step(
+        sandbox,
+        work.state,
+        work.replay,
+        pending=work.pending,
+        limits=limits(work.key.tenant),
+        answers=work.answers,
+        step_deadline=work.step_deadline,
+        fuel_cap=fuel_cap,
+    )
+    return Ran(work, report, started_at, clock())
+
+
+def ran_out_of_fuel(report: GuestReport) -> bool:
+    """Whether the run was stopped by its fuel (CPU) limit."""
+    return getattr(report.outcome, "limit", None) == "cpu"
 
 
 def log_run(item: Ran[Any]) -> None:

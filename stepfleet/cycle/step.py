@@ -11,12 +11,10 @@ journal position check turns the redelivery into a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
-from typing import TypeVar
 
 import structlog
 
@@ -24,12 +22,13 @@ from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.admission import Admission
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.directory import TenantDirectory
-from stepfleet.cycle.guest import log_run, run_works
+from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
 from stepfleet.cycle.phases import PhaseTimes
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
+from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.work import (
     CycleResult,
     H,
@@ -56,8 +55,6 @@ from stepfleet.store.port import StepStore, StepTx
 
 log = structlog.get_logger("stepfleet.worker")
 
-T = TypeVar("T")
-
 
 def utcnow() -> datetime:
     """The fleet's clock."""
@@ -81,19 +78,18 @@ class StepCycle:
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
     ) -> None:
-        """`guest_thread` runs the guests (the sandbox is not thread-safe); None runs them
-        inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
+        """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
+        every one inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
         self._store = store
-        self._sandbox = sandbox
         self.topology = topology
-        self._guest_thread = guest_thread
         self._value_bytes = value_bytes
         self._limits = limits or EngineLimits()
         self.directory = directory or TenantDirectory(self._limits)
         self._clock = clock
         self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
-        self._modules = ModuleLoader(sandbox, self._on_guest_thread)
+        self._guests = GuestRunner(sandbox, guest_thread, self.directory.limits, clock)
+        self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
 
@@ -152,9 +148,7 @@ class StepCycle:
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
             guest_began = time.monotonic()
-            ran = refused + await self._on_guest_thread(
-                lambda: run_works(self._sandbox, admitted, self.directory.limits, self._clock)
-            )
+            ran = refused + await self._guests.run(admitted)
             result.guest_seconds = time.monotonic() - guest_began
             ran = self._set_aside_calls(ran, result)
             for item in ran:
@@ -292,11 +286,6 @@ class StepCycle:
             error=message,
         )
         return True
-
-    async def _on_guest_thread(self, call: Callable[[], T]) -> T:
-        if self._guest_thread is None:
-            return call()
-        return await asyncio.get_running_loop().run_in_executor(self._guest_thread, call)
 
     def _decide(self, item: Ran[H]) -> None:
         work = item.work

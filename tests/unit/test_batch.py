@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +15,7 @@ import pytest
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.directory import TenantDirectory
+from stepfleet.cycle.runner import SLICE_FUEL
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import (
     CallRequested,
@@ -25,6 +28,7 @@ from stepfleet.schemas import (
     InstanceKey,
     InstanceStatus,
     JournalEntry,
+    StepFailed,
     StepSucceeded,
     TenantLimits,
     WaitKind,
@@ -85,7 +89,12 @@ class Fleet:
     """One BatchProcessor over a MemoryStore, and what it published."""
 
     def __init__(
-        self, guest=two_steps, limits: TenantLimits | None = None, local_steps: int = 0
+        self,
+        guest=two_steps,
+        limits: TenantLimits | None = None,
+        local_steps: int = 0,
+        sandbox=None,
+        wasm_thread=None,
     ) -> None:
         self.now = T0
         self.inbox: list = []
@@ -102,8 +111,8 @@ class Fleet:
 
         self.processor = BatchProcessor(
             store=self.store,
-            sandbox=FunctionSandbox({MODULE: guest}),
-            wasm_thread=None,
+            sandbox=sandbox or FunctionSandbox({MODULE: guest}),
+            wasm_thread=wasm_thread,
             topology=TOPOLOGY,
             publish=publish,
             max_message_bytes=64 * 1024,
@@ -432,3 +441,47 @@ async def test_a_step_waiting_on_its_call_is_acked_only_once_its_step_is_written
     assert not fleet.processor.holds(create)
     detail = await fleet.status("o-1")
     assert [e.value for e in detail.journal] == ['"answer-1"']
+
+
+class SlicedSandbox(FunctionSandbox):
+    """Records each run's thread and fuel; a run of HEAVY given no more than the inline slice
+    runs out of fuel, as a long guest would."""
+
+    def __init__(self) -> None:
+        super().__init__({MODULE: two_steps, HEAVY: two_steps})
+        self.seen: list[tuple[str, int | None, str]] = []
+
+    def run(self, job):
+        self.seen.append((job.digest, job.fuel_per_run, threading.current_thread().name))
+        if job.digest == HEAVY and job.fuel_per_run is not None and job.fuel_per_run <= SLICE_FUEL:
+            return GuestReport(StepFailed(0, "reserve", "out of fuel", limit="cpu"))
+        return super().run(job)
+
+
+HEAVY = "sha256:" + "cd" * 32
+
+
+async def test_short_runs_stay_on_the_loop_thread_and_long_ones_run_again_on_the_guest_thread():
+    sandbox = SlicedSandbox()
+    with ThreadPoolExecutor(1, thread_name_prefix="guest") as thread:
+        fleet = Fleet(sandbox=sandbox, wasm_thread=thread)
+        await fleet.push()
+        await fleet.store.put_module(TENANT, HEAVY, b"\0asm")
+        heavy = fleet.message("create", "h-1", {"version": 1, "params": {}}, **{"x-module": HEAVY})
+        result = await fleet.processor.process([fleet.create("o-1"), heavy])
+        assert result.steps == 2
+        loop_thread = threading.current_thread().name
+        assert sandbox.seen == [
+            (MODULE, SLICE_FUEL, loop_thread),
+            (HEAVY, SLICE_FUEL, loop_thread),  # abandoned when its slice ran out
+            (HEAVY, None, "guest_0"),  # again, with its whole budget
+        ]
+        # The slice's failure was not recorded: the run on the guest thread's step was.
+        assert [e.name for e in (await fleet.status("h-1")).journal] == ["reserve"]
+        sandbox.seen.clear()
+        await fleet.forward()
+        # The module that overran now goes straight to the guest thread.
+        assert sorted(sandbox.seen) == [
+            (MODULE, SLICE_FUEL, loop_thread),
+            (HEAVY, None, "guest_0"),
+        ]
