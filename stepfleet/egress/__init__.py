@@ -1,7 +1,8 @@
 """The egress gateway: guests' HTTP calls, each tenant's allow list, secrets sealed at rest.
 
-It may import only stepfleet.schemas, the standard library, `cryptography` and `httpx`; the
-sandbox reaches it through its `Egress` port, and the worker builds and configures it.
+It may import only stepfleet.schemas, the standard library, `cryptography` and `aiohttp` (with
+its `yarl`); the sandbox reaches it through its `Egress` port, and the worker builds and
+configures it.
 """
 
 from __future__ import annotations

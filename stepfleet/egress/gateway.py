@@ -1,6 +1,6 @@
 """EgressGateway: guests' HTTP calls, within each tenant's allow list, with injected secrets.
 
-`call` is awaited on the worker's event loop (one pooled httpx client, many calls in flight,
+`call` is awaited on the worker's event loop (one pooled aiohttp session, many calls in flight,
 pooled.py) while the step that asked for it waits without a transaction, a row lock or the
 guest thread (stepfleet/cycle/calls.py). request_checks.py says what a call may be, secrets.py
 adds and scrubs secrets, transport.py holds what goes on the wire and how failures read:
@@ -185,7 +185,7 @@ class EgressGateway:
     async def call(self, tenant: str, request: HttpRequest, timeout_s: float) -> HttpResponse:
         """Perform one call for `tenant`; refusals and failures come back as errors.
 
-        Made on the gateway's pooled httpx client, on the event loop every `call` of a gateway
+        Made on the gateway's pooled aiohttp session, on the event loop every `call` of a gateway
         shares (many calls in flight at once, no thread per call)."""
         pending = self._begin(tenant, request, timeout_s)
         if isinstance(pending, HttpResponse):

@@ -1,59 +1,70 @@
-"""HTTP exchanges on one shared httpx.AsyncClient: pooled keep-alive connections, many calls in
-flight on the event loop.
+"""HTTP exchanges on one shared aiohttp.ClientSession: pooled keep-alive connections, many calls
+in flight on the event loop.
 
 The caller bounds each exchange with its deadline (the gateway's asyncio timeout); here only
-the connection (TCP, TLS, and the name lookup before it) has a timeout of its own. What goes
-on the wire is the plan's: no proxy from the environment, no cookies kept, no redirect followed, no header added but Host, Content-Length and
-`Accept-Encoding: identity` (the guest may set another; the body comes back as sent).
+the connection (the name lookup, TCP and TLS) has a timeout of its own. What goes on the wire is
+the plan's: no proxy from the environment, no cookies kept, no redirect followed, no request
+sent twice, no header added but Host, Content-Length and `Accept-Encoding: identity` (the guest
+may set another; the body comes back as sent).
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
+import socket
 import ssl
-import urllib.request
+from typing import Any
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from stepfleet.egress.transport import Plan, Refused, failure_text
 from stepfleet.schemas import HttpResponse
 
 __all__ = ["PooledTransport"]
 
-_CLIENT_DEFAULT_HEADERS = ("Accept", "Connection", "User-Agent")
-"""Headers httpx would add to every request; the sync transport sends none of them."""
+_SKIPPED_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+"""Headers aiohttp would add to a request on its own (the gateway's plan says which go out)."""
+
+_KEEPALIVE_S = 5.0
+"""How long an idle connection is kept for the next call to its host."""
+
+_MAX_HEAD_LINE = 16 * 1024
+"""The longest status or header line of a response (aiohttp's default is 8190)."""
+
+_MAX_HEADERS = 4096
+"""The most header lines of a response (aiohttp's default is 128)."""
 
 
-class _NoCookies(http.cookiejar.CookiePolicy):
-    """Store no cookie and send none: calls of different tenants share the client."""
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request, but a DELETE without a body goes out without `Content-Length: 0`, as
+    http.client sends it (aiohttp adds it for every method but GET, HEAD, OPTIONS and TRACE;
+    guests cannot set Content-Length, so any there is aiohttp's)."""
 
-    netscape = True
-    rfc2965 = False
-    hide_cookie2 = False
-
-    def set_ok(self, cookie: http.cookiejar.Cookie, request: urllib.request.Request) -> bool:
-        return False
-
-    def return_ok(self, cookie: http.cookiejar.Cookie, request: urllib.request.Request) -> bool:
-        return False
-
-    def domain_return_ok(self, domain: str, request: urllib.request.Request) -> bool:
-        return False
-
-    def path_return_ok(self, path: str, request: urllib.request.Request) -> bool:
-        return False
+    def update_body_from_data(self, body: Any, _stacklevel: int = 3) -> None:
+        super().update_body_from_data(body, _stacklevel + 1)
+        if body is None:
+            self.headers.popall("Content-Length", None)
 
 
-_SHARD_CONNECTIONS = 32
-"""Connections per httpx client. httpcore's pool walks all its connections on every request
-and release (and polls each idle socket), so one pool with hundreds of calls in flight spends
-most of the worker's CPU on that bookkeeping; several small pools keep each walk short."""
+class _LookupWithin(aiohttp.ThreadedResolver):
+    """getaddrinfo in a thread, as the standard library does it, bounded by the connect timeout
+    (aiohttp's own connect timeout covers only TCP and TLS)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self._timeout_s = timeout_s
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        async with asyncio.timeout(self._timeout_s):
+            return await super().resolve(host, port, family)
 
 
 class PooledTransport:
-    """Exchanges on a few httpx.AsyncClients (together at most `max_connections` connections),
-    created on the first call's event loop; each call takes the least busy one."""
+    """Exchanges on one aiohttp.ClientSession (at most `max_connections` connections, kept
+    alive per host), created on the first call's event loop."""
 
     def __init__(
         self,
@@ -67,115 +78,131 @@ class PooledTransport:
         self._connect_timeout_s = connect_timeout_s
         self._max = max_response_bytes
         self._ssl = ssl_context
-        self._clients: list[httpx.AsyncClient] = []
-        self._busy: list[int] = []
+        self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _least_busy(self) -> int:
-        """The index of the client with the fewest calls in flight (made on first use)."""
+    def _session_here(self) -> aiohttp.ClientSession:
+        """The session, made on the first call's event loop."""
         loop = asyncio.get_running_loop()
-        if not self._clients:
-            shards = -(-self._max_connections // _SHARD_CONNECTIONS)
-            size = -(-self._max_connections // shards)
-            self._clients = [self._new_client(size) for _ in range(shards)]
-            self._busy = [0] * shards
+        if self._session is None:
+            self._session = self._new_session()
             self._loop = loop
         elif self._loop is not loop:
             raise RuntimeError("the egress gateway's async calls must all run on one event loop")
-        return self._busy.index(min(self._busy))
+        return self._session
 
-    def _new_client(self, max_connections: int) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(
-            verify=self._ssl,
-            cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
-            trust_env=False,
-            follow_redirects=False,
-            # The caller's deadline bounds everything; the connection also has its own limit.
-            timeout=httpx.Timeout(None, connect=self._connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            keepalive_timeout=_KEEPALIVE_S,
+            ssl=self._ssl,
+            # Looked up for each new connection, as the standard library does: no cache.
+            use_dns_cache=False,
+            resolver=_LookupWithin(self._connect_timeout_s),
         )
-        for name in _CLIENT_DEFAULT_HEADERS:
-            del client.headers[name]
-        # As http.client does: the guest gets the body as the server sent it.
-        client.headers["Accept-Encoding"] = "identity"
-        return client
+        session = aiohttp.ClientSession(
+            connector=connector,
+            request_class=_Request,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            # As http.client does: the guest gets the body as the server sent it.
+            headers={"Accept-Encoding": "identity"},
+            skip_auto_headers=_SKIPPED_AUTO_HEADERS,
+            auto_decompress=False,
+            # The caller's deadline bounds everything; the connection also has its own limit.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
+            max_line_size=_MAX_HEAD_LINE,
+            max_field_size=_MAX_HEAD_LINE,
+            max_headers=_MAX_HEADERS,
+        )
+        # aiohttp sends an idempotent request again when a reused connection fails before the
+        # answer; the server may have acted on the first, and a guest's call is made once.
+        # (No option says so: the attribute is aiohttp's own, held by
+        # tests/unit/test_egress.py::test_a_request_is_never_sent_twice.)
+        session._retry_connection = False
+        return session
 
     async def aclose(self) -> None:
         """Close the pooled connections (a later call opens new ones)."""
-        clients, self._clients, self._busy, self._loop = self._clients, [], [], None
-        for client in clients:
-            await client.aclose()
+        session, self._session, self._loop = self._session, None, None
+        if session is not None:
+            await session.close()
 
     async def exchange(self, plan: Plan) -> HttpResponse:
         """Make the call; every failure of the network or the server is an error answer."""
-        index = self._least_busy()
-        self._busy[index] += 1
+        session = self._session_here()
         try:
-            return await self._exchange(self._clients[index], plan)
-        except httpx.RemoteProtocolError as exc:
-            if "without sending a response" in str(exc):
-                # http.client's name for it, so both transports say the same.
-                return HttpResponse.failed("invalid HTTP response (RemoteDisconnected)")
-            return HttpResponse.failed(f"invalid HTTP response ({type(exc).__name__})")
-        except (Refused, OSError, httpx.HTTPError, httpx.InvalidURL) as exc:
+            return await self._exchange(session, plan)
+        except aiohttp.ServerDisconnectedError:
+            # http.client's name for it, so every transport says the same.
+            return HttpResponse.failed("invalid HTTP response (RemoteDisconnected)")
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError):
+            # A malformed status line or head, or a body cut short: the guest's text as before.
+            return HttpResponse.failed("invalid HTTP response (RemoteProtocolError)")
+        except aiohttp.ClientConnectorCertificateError as exc:
+            return HttpResponse.failed(failure_text(exc.certificate_error, plan.target.host))
+        except aiohttp.ClientConnectorError as exc:
+            return HttpResponse.failed(failure_text(_root_cause(exc.os_error), plan.target.host))
+        except (Refused, OSError, aiohttp.ClientError) as exc:
             return HttpResponse.failed(failure_text(_root_cause(exc), plan.target.host))
-        finally:
-            if self._busy:  # not closed meanwhile
-                self._busy[index] -= 1
+        except ValueError:
+            # aiohttp sends no header value with a control character (tab aside).
+            return HttpResponse.failed("request failed (control character in a header value)")
 
-    async def _exchange(self, client: httpx.AsyncClient, plan: Plan) -> HttpResponse:
+    async def _exchange(self, session: aiohttp.ClientSession, plan: Plan) -> HttpResponse:
         target = plan.target
-        request = client.build_request(
+        response = await session.request(
             plan.method,
-            httpx.URL(
-                scheme=target.scheme,
-                host=target.connect_host,
-                port=target.port,
-                raw_path=target.path.encode("ascii"),
-            ),
-            # Bytes, so Latin-1 values go out as http.client sends them.
-            headers=[
-                (name.encode("ascii"), value.encode("latin-1"))
-                for name, value in plan.headers.items()
-            ],
-            content=plan.body,
+            URL(f"{target.scheme}://{target.authority}{target.path}", encoded=True),
+            headers={name: _wire_text(value) for name, value in plan.headers.items()},
+            data=plan.body,
+            allow_redirects=False,
         )
-        response = await client.send(request, stream=True, follow_redirects=False)
         try:
-            declared = response.headers.get("content-length")
+            declared = response.headers.get("Content-Length")
             if declared is not None and declared.strip().isdigit() and int(declared) > self._max:
                 raise Refused(
                     f"response body of {int(declared)} bytes is over the limit of {self._max}"
                 )
             chunks: list[bytes] = []
             total = 0
-            async for piece in response.aiter_raw():
+            async for piece in response.content.iter_any():
                 total += len(piece)
                 if total > self._max:
                     raise Refused(f"response body is over the limit of {self._max} bytes")
                 chunks.append(piece)
-        finally:
-            await response.aclose()
+        except BaseException:
+            response.close()  # the rest of the body is not read: the connection is not reused
+            raise
+        response.release()
         headers: dict[str, str] = {}
-        for raw_name, raw_value in response.headers.raw:
+        for raw_name, raw_value in response.raw_headers:
             key, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         body = b"".join(chunks).decode("utf-8", errors="replace")
-        return HttpResponse(response.status_code, headers, body)
+        return HttpResponse(response.status, headers, body)
+
+
+def _wire_text(value: str) -> str:
+    """The text aiohttp writes (as UTF-8) as `value`'s Latin-1 bytes, as http.client sends a
+    header value; where those bytes are not UTF-8, `value` itself."""
+    if value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        return value
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """The exception httpx's (and httpcore's, and anyio's) wrappers were raised from: the
-    refused connection, failed lookup or TLS error the guest is told of."""
+    """The exception aiohttp's wrappers were raised from: the refused connection, failed lookup
+    or TLS error the guest is told of."""
     seen: set[int] = set()
-    while id(exc) not in seen:
+    # A timeout is the cause (asyncio's is raised from the CancelledError that stopped the wait).
+    while id(exc) not in seen and not isinstance(exc, TimeoutError):
         seen.add(id(exc))
-        # httpcore re-raises its errors `from None`: what they wrap is left as the context.
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]  # one per address tried: the first says it
+        cause = exc.__cause__
         if cause is None:
             break
         exc = cause

@@ -97,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # the answer to HEAD has no body (RFC 9110 9.3.2)
+                self.wfile.write(body)
         except OSError:
             pass  # the gateway gave up on us (a timeout test)
 
@@ -897,6 +898,128 @@ async def test_a_hung_server_does_not_hold_up_other_calls(server, loop_server):
         assert not hung.done()
         loop_server.release.set()
         assert (await hung).status == 200
+
+
+class _WireServer:
+    """An HTTP/1.1 server on the test's event loop that keeps each request's bytes as received
+    and answers `ok`, keeping the connection open; `/drop` is read, then the connection is
+    closed without an answer; `/head-with-body` is answered with a body, in one write, on a
+    closing connection."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.received.append(head + await reader.readexactly(length))
+                path = head.split(b" ")[1]
+                if path == b"/drop":
+                    break
+                if path == b"/head-with-body":
+                    writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+                    await writer.drain()
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def heads(self) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+        """Each request's line, headers (names lower-cased) and body."""
+        parsed = []
+        for data in self.received:
+            head, _, body = data.partition(b"\r\n\r\n")
+            line, *fields = head.split(b"\r\n")
+            headers = {}
+            for field_line in fields:
+                name, _, value = field_line.partition(b":")
+                headers[name.lower()] = value.strip()
+            parsed.append((line, headers, body))
+        return parsed
+
+
+@pytest.fixture
+async def wire_server() -> AsyncIterator[_WireServer]:
+    wire = _WireServer()
+    server = await asyncio.start_server(wire.handle, "127.0.0.1", 0)
+    wire.port = server.sockets[0].getsockname()[1]
+    yield wire
+    server.close()
+    await server.wait_closed()
+
+
+async def test_only_the_plans_headers_go_on_the_wire(server, wire_server):
+    """Host, Content-Length (with a body), Accept-Encoding and User-Agent, and the guest's:
+    nothing else; the path as written; a Latin-1 value as its bytes."""
+    url = f"http://127.0.0.1:{wire_server.port}"
+    async with opened(gateway_for(server, wire_server.port)) as gateway:
+        answers = [
+            await gateway.call(TENANT, get(url + "/a/./b/../c?x=%41"), 3.0),
+            await gateway.call(
+                TENANT,
+                get(url + "/post", method="POST", headers={"X-Guest": "caf\xc3\xa9"}, body="hi"),
+                3.0,
+            ),
+            await gateway.call(TENANT, get(url + "/gone", method="DELETE"), 3.0),
+            await gateway.call(
+                TENANT, get(url + "/own", headers={"Accept-Encoding": "gzip", "User-Agent": "g"}), 3
+            ),
+        ]
+    assert [(answer.status, answer.body) for answer in answers] == [(200, "ok")] * 4
+    host = f"127.0.0.1:{wire_server.port}".encode()
+    common = {b"host": host, b"accept-encoding": b"identity", b"user-agent": b"stepfleet-egress"}
+    assert wire_server.heads() == [
+        (b"GET /a/./b/../c?x=%41 HTTP/1.1", common, b""),
+        (
+            b"POST /post HTTP/1.1",
+            {**common, b"x-guest": b"caf\xc3\xa9", b"content-length": b"2"},
+            b"hi",
+        ),
+        (b"DELETE /gone HTTP/1.1", common, b""),
+        (b"GET /own HTTP/1.1", {**common, b"accept-encoding": b"gzip", b"user-agent": b"g"}, b""),
+    ]
+
+
+async def test_a_request_is_never_sent_twice(server, wire_server):
+    """A kept-alive connection closed without an answer is the answer, even for a PUT."""
+    url = f"http://127.0.0.1:{wire_server.port}"
+    async with opened(gateway_for(server, wire_server.port)) as gateway:
+        first = await gateway.call(TENANT, get(url + "/first"), 3.0)
+        dropped = await gateway.call(TENANT, get(url + "/drop", method="PUT", body="x"), 3.0)
+    assert first.status == 200
+    assert dropped.error == "invalid HTTP response (RemoteDisconnected)"
+    assert [line for line, _, _ in wire_server.heads()] == [
+        b"GET /first HTTP/1.1",
+        b"PUT /drop HTTP/1.1",
+    ]
+
+
+async def test_a_header_value_goes_out_utf8_encoded(server, wire_server):
+    """As docs/guest-abi.md says: header values are sent as UTF-8."""
+    url = f"http://127.0.0.1:{wire_server.port}/latin"
+    async with opened(gateway_for(server, wire_server.port)) as gateway:
+        answer = await gateway.call(TENANT, get(url, headers={"X-Guest": "caf\xe9"}), 3.0)
+    assert answer.status == 200
+    assert wire_server.heads()[0][1][b"x-guest"] == "caf\xe9".encode()
+
+
+async def test_a_body_sent_with_the_answer_to_head_is_an_invalid_response(server, wire_server):
+    """HTTP forbids a body in the answer to HEAD; a server that sends one gets an error, not
+    a guess at where its answer ends."""
+    url = f"http://127.0.0.1:{wire_server.port}/head-with-body"
+    async with opened(gateway_for(server, wire_server.port)) as gateway:
+        answer = await gateway.call(TENANT, get(url, method="HEAD"), 3.0)
+    assert answer.status == 0
+    assert answer.error == "invalid HTTP response (RemoteProtocolError)"
 
 
 # -- the gateway on its own ------------------------------------------------------------------

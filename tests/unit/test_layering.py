@@ -17,7 +17,8 @@ OWNED = {
     "sqlalchemy": "store",
     "alembic": "store",
     "cryptography": "egress",
-    "httpx": "egress",
+    "aiohttp": "egress",
+    "yarl": "egress",
 }
 # Which of our rooms each room may import.
 MAY_IMPORT = {
@@ -26,7 +27,8 @@ MAY_IMPORT = {
     "sandbox": {"schemas"},
     "store": {"schemas"},
     "broker": {"schemas"},
-    # The egress gateway: stdlib, `cryptography` and the shared types, nothing else of ours.
+    # The egress gateway: stdlib, `cryptography`, `aiohttp` and the shared types, nothing else
+    # of ours.
     "egress": {"schemas"},
     "client": {"schemas", "broker"},
     # The step cycle and the messages it and operator actions queue.
