@@ -26,6 +26,9 @@ from stepfleet.store.port import StepTx
 
 log = structlog.get_logger("stepfleet.worker")
 
+_OWNED_KEPT = 100_000
+"""(tenant, module) pairs a worker remembers as pushed before it starts over."""
+
 
 def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"))
@@ -34,10 +37,20 @@ def _json(value: object) -> str:
 class Admission(Generic[H]):
     """Admits one batch inside its transaction; fills `result` with what it turns away."""
 
-    def __init__(self, tx: StepTx, result: CycleResult[H], *, value_bytes: int) -> None:
+    def __init__(
+        self,
+        tx: StepTx,
+        result: CycleResult[H],
+        *,
+        value_bytes: int,
+        owned: set[tuple[str, str]] | None = None,
+    ) -> None:
+        """`owned`: (tenant, digest) pairs known to be pushed, shared between batches (a
+        module, once pushed, is never taken back), added to as creates find more."""
         self._tx = tx
         self._result = result
         self._value_bytes = value_bytes
+        self._owned = set() if owned is None else owned
         self.kept_events: list[NewEvent] = []
         """Events for instances not waiting for them: stored for a later wait."""
         self._payloads: dict[int, str] = {}
@@ -117,8 +130,12 @@ class Admission(Generic[H]):
 
     async def _checked(self, works: list[Work[H]]) -> list[Work[H]]:
         """Turn away creates of modules never pushed and values over the size limit."""
-        creates = [w for w in works if isinstance(w.envelope.body, CreateBody)]
-        owned = await self._tx.owned_modules({(w.key.tenant, w.module) for w in creates})
+        asked = {(w.key.tenant, w.module) for w in works if isinstance(w.envelope.body, CreateBody)}
+        if unknown := asked - self._owned:
+            if len(self._owned) > _OWNED_KEPT:
+                self._owned.clear()
+            self._owned |= await self._tx.owned_modules(unknown)
+        owned = self._owned
         live: list[Work[H]] = []
         for work in works:
             body = work.envelope.body

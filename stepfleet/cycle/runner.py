@@ -13,8 +13,10 @@ time budget. A module whose run overran is sent straight to the guest thread for
 while long runs go on.
 
 wasmtime-py is not thread-safe (it keeps the exception a host import raised in a module-level
-global), so one lock keeps the two threads from ever driving the sandbox at once: the loop's
-thread only runs guests when the guest thread is idle.
+global), so the two threads never drive the sandbox at once: the process's pipelines take turns
+(an asyncio lock, held while a batch's guests run, inline or on the guest thread, and while a
+module loads), and a thread lock guards the sandbox itself in case a cancelled wait left the
+guest thread running.
 """
 
 from __future__ import annotations
@@ -57,13 +59,19 @@ class GuestRunner:
         self._limits = limits
         self._clock = clock
         self._lock = threading.Lock()
+        self._turn = asyncio.Lock()
         self._overran: dict[str, float] = {}
         """Module digest -> when a run of it last overran its slice (monotonic seconds)."""
 
     async def on_guest_thread(self, call: Callable[[], T]) -> T:
-        """Run `call` where the sandbox may be driven, and await its result."""
+        """Run `call` where the sandbox may be driven, in turn, and await its result."""
         if self._thread is None:
             return call()
+        async with self._turn:
+            return await self._on_thread(call)
+
+    async def _on_thread(self, call: Callable[[], T]) -> T:
+        assert self._thread is not None
 
         def locked() -> T:
             with self._lock:
@@ -75,11 +83,12 @@ class GuestRunner:
         """Run every work's guest for its next outcome."""
         if self._thread is None:
             return run_works(self._sandbox, works, self._limits, self._clock)
-        ran, rest = self._run_inline(works)
-        if rest:
-            ran += await self.on_guest_thread(
-                lambda: run_works(self._sandbox, rest, self._limits, self._clock)
-            )
+        async with self._turn:
+            ran, rest = self._run_inline(works)
+            if rest:
+                ran += await self._on_thread(
+                    lambda: run_works(self._sandbox, rest, self._limits, self._clock)
+                )
         return ran
 
     def _run_inline(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]]]:

@@ -88,6 +88,8 @@ class StepCycle:
         self._clock = clock
         self._on_wake_due = on_wake_due
         self._replays = ReplayCache()
+        self._owned: set[tuple[str, str]] = set()
+        """(tenant, module) pairs known to be pushed (see Admission)."""
         self._guests = GuestRunner(sandbox, guest_thread, self.directory.limits, clock)
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()
@@ -142,7 +144,7 @@ class StepCycle:
         the outbox rows kept for waiting creates, the runs and the parked writes."""
         async with self._store.transaction() as tx:
             now = self._clock()
-            admission = Admission(tx, result, value_bytes=self._value_bytes)
+            admission = Admission(tx, result, value_bytes=self._value_bytes, owned=self._owned)
             admitted = await admission.admit(works, now)
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
