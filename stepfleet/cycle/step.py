@@ -31,6 +31,7 @@ from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.work import (
     CycleResult,
+    Early,
     H,
     NextStep,
     Ran,
@@ -39,7 +40,7 @@ from stepfleet.cycle.work import (
     errored,
     write_of,
 )
-from stepfleet.engine import EngineLimits, decide, resolve_wait
+from stepfleet.engine import Decision, EngineLimits, InstanceState, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
     CallRequested,
@@ -109,6 +110,9 @@ class StepCycle:
         result: CycleResult[H] = CycleResult()
         for work in works:
             work.renew()
+        works = await self._speculate(works, result)
+        if not works and not confirmed_outbox:
+            return result  # every run waits for its call: nothing to read or write
         began = time.monotonic()
         try:
             next_steps, intents, ran, held = await self._transaction(
@@ -137,6 +141,44 @@ class StepCycle:
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
         return result
 
+    async def _speculate(self, works: list[Work[H]], result: CycleResult[H]) -> list[Work[H]]:
+        """Run before the transaction the guests of next steps this worker wrote itself, on
+        the instance as it wrote it; return the works that still need the transaction.
+
+        A run that stops at an HTTP call needs nothing from the store (nothing of it is
+        written), so it waits for its call without a transaction at all; the run that resumes
+        it goes through admission as usual. Any other run is kept for the transaction, which
+        uses it if the locked instance is still the one the run saw. Tenants with running-step
+        or rate limits are left to the transaction, where those are counted.
+        """
+        early: list[Work[H]] = []
+        for work in works:
+            expected = work.expected
+            if expected is None or work.answers or self._has_quotas(work.key.tenant):
+                continue
+            replay = self._replays.usable(work.key, expected.generation, expected.position)
+            if replay is None or len(replay.journal) != expected.position:
+                continue
+            work.state, work.replay = expected, replay
+            early.append(work)
+        if not early:
+            return works
+        began = time.monotonic()
+        ran = await self._guests.run(early)
+        self.phases.guest += time.monotonic() - began
+        for item in self._set_aside_calls(ran, result):
+            replay = item.work.replay
+            assert replay is not None
+            item.work.early = Early(item, replay, len(replay.journal))
+        for work in early:
+            work.state = work.replay = None  # the transaction's admission sets them again
+        waiting = {id(s.work) for s in result.suspended}
+        return [w for w in works if id(w) not in waiting]
+
+    def _has_quotas(self, tenant: str) -> bool:
+        own = self.directory.limits(tenant)
+        return bool(own.running_steps or own.steps_per_second)
+
     async def _transaction(
         self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
     ) -> tuple[list[NextStep], list[tuple[Work[H], int]], list[Ran[H]], list[StepWrite]]:
@@ -149,8 +191,11 @@ class StepCycle:
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
+            early = [w.early.ran for w in admitted if w.early and w.early.still_holds(w)]
+            taken = {id(item.work) for item in early}
             guest_began = time.monotonic()
-            ran = refused + await self._guests.run(admitted)
+            ran = refused + early
+            ran += await self._guests.run([w for w in admitted if id(w) not in taken])
             result.guest_seconds = time.monotonic() - guest_began
             ran = self._set_aside_calls(ran, result)
             for item in ran:
@@ -174,17 +219,19 @@ class StepCycle:
         """Write the decisions, the parked instances and the next steps' outbox rows in one
         statement; return the next steps to send after the commit, and the outbox rows kept
         for creates whose first step waits on a call."""
+        continuing = [
+            (item.work, d) for item in ran if (d := item.decision) is not None and d.publish_step
+        ]
         envelopes = [
             Envelope(
                 MessageKind.STEP,
-                item.work.key.tenant,
-                item.work.key.instance_id,
-                item.work.module,
-                StepBody(position=d.position, generation=item.work.generation),
-                item.work.envelope.traceparent,
+                work.key.tenant,
+                work.key.instance_id,
+                work.module,
+                StepBody(position=d.position, generation=work.generation),
+                work.envelope.traceparent,
             )
-            for item in ran
-            if (d := item.decision) is not None and d.publish_step
+            for work, d in continuing
         ]
         steps = [_step_message(self.topology, envelope) for envelope in envelopes]
         # A create whose first step waits on a call: its row is written now, with the step
@@ -204,9 +251,9 @@ class StepCycle:
             ],
         )
         next_steps = [
-            NextStep(outbox_id, message, envelope)
-            for outbox_id, (_, message), envelope in zip(
-                ids[: len(steps)], steps, envelopes, strict=True
+            NextStep(outbox_id, message, envelope, _state_after(work, d))
+            for outbox_id, (_, message), envelope, (work, d) in zip(
+                ids[: len(steps)], steps, envelopes, continuing, strict=True
             )
         ]
         kept = list(zip(waiting_creates, ids[len(steps) :], strict=True))
@@ -353,4 +400,21 @@ def _step_message(topology: Topology, envelope: Envelope) -> tuple[OutboxMessage
         envelope.body.position,
         envelope.body.generation,
         envelope.traceparent,
+    )
+
+
+def _state_after(work: Work[H], decision: Decision) -> InstanceState:
+    """The instance as the write of `decision` leaves it (what state_of its row gives)."""
+    return InstanceState(
+        key=work.key,
+        module=work.module,
+        status=decision.status,
+        position=decision.position,
+        generation=work.generation,
+        attempt=decision.attempt,
+        waiting=decision.waiting,
+        mode=decision.mode,
+        end_status=decision.end_status,
+        error=decision.error,
+        state_bytes=decision.state_bytes,
     )

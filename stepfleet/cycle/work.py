@@ -48,8 +48,13 @@ class Work(Generic[H]):
     started_at: datetime | None = None
     """A resumed attempt: when its first run began (the step's recorded start)."""
     intent: int | None = None
-    """A create resumed as its first step: the outbox row of that step's message, written
-    when the create's row was, deleted by the write that finishes the step."""
+    """A create resumed as its first step (or a next step taken on by the worker that wrote
+    it): the outbox row of that step's message, deleted by the write that finishes the step."""
+    expected: InstanceState | None = None
+    """A next step taken on by the worker that wrote it: the instance as that write left it,
+    so its guest can run before the transaction (StepCycle._speculate)."""
+    early: Early[H] | None = None
+    """The run made before the transaction, kept for it if the instance has not moved."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +63,7 @@ class Work(Generic[H]):
     def renew(self) -> None:
         """Forget what a previous cycle learned (the instance may have moved since), keeping
         what a resumed attempt carries."""
-        self.record = self.state = self.replay = self.new_event = None
+        self.record = self.state = self.replay = self.new_event = self.early = None
         self.pending = ()
         self.created = False
 
@@ -106,6 +111,24 @@ class Rejected(Generic[H]):
 
 
 @dataclass(frozen=True, slots=True)
+class Early(Generic[H]):
+    """A run made before its transaction, over `replay` as it was then (`length` entries)."""
+
+    ran: Ran[H]
+    replay: CachedReplay
+    length: int
+
+    def still_holds(self, work: Work[H]) -> bool:
+        """Whether the locked instance is the one the run saw, so its outcome stands."""
+        return (
+            work.state is not None
+            and work.state == work.expected
+            and work.replay is self.replay
+            and len(self.replay.journal) == self.length
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class NextStep:
     """A step message a committed write asks for: its outbox row, the message to publish,
     and the same message as a parsed envelope (for a worker that takes it on itself)."""
@@ -113,6 +136,8 @@ class NextStep:
     outbox_id: int
     message: Outgoing
     envelope: Envelope
+    state: InstanceState
+    """The instance as the write left it."""
 
 
 @dataclass(slots=True)

@@ -85,8 +85,9 @@ class Fleet:
         body = CreateBody(version=SCHEMA_VERSION, params={"ops": list(ops)})
         return Work(None, Envelope(MessageKind.CREATE, TENANT, instance, self.digest, body))
 
-    async def run(self, work: Work[None]) -> None:
-        """Take the workflow to its end: resume after each call, follow each next step."""
+    async def run(self, work: Work[None], *, local: bool = False) -> None:
+        """Take the workflow to its end: resume after each call, follow each next step
+        (`local`: as the worker that wrote it takes it on, not through the broker)."""
         await self.store.put_module(TENANT, self.digest, self.wasm)
         queue = [work]
         while queue:
@@ -94,7 +95,13 @@ class Fleet:
             for suspended in result.suspended:
                 self.suspensions += 1
                 queue.append(await self.calls.answer(suspended))
-            for message in result.messages:
+            for step in result.next_steps:
+                if local:
+                    taken: Work[None] = Work(None, step.envelope)
+                    taken.intent, taken.expected = step.outbox_id, step.state
+                    queue.append(taken)
+                    continue
+                message = step.message
                 envelope = parse_envelope(message.headers, message.body, max_body_bytes=1 << 20)
                 queue.append(Work(None, envelope))
 
@@ -119,6 +126,55 @@ def fleet_of(playbook_wasm):
 
 def answer(number: int) -> str:
     return json.dumps({"status": 200, "body": f"answer-{number}"}, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("local", [False, True])
+async def test_a_next_step_run_here_waits_for_its_call_without_a_transaction(fleet_of, local):
+    gateway = FakeGateway()
+    fleet = fleet_of(gateway)
+    transactions, runs = count_transactions(fleet.store), count_runs(fleet.sandbox)
+    work = fleet.create(
+        "i-1",
+        {"op": "http", "name": "first", "url": URL + "/a"},
+        {"op": "do", "name": "middle"},
+        {"op": "http", "name": "last", "url": URL + "/b"},
+    )
+    await fleet.run(work, local=local)
+    assert await fleet.journal("i-1") == [
+        (0, EntryKind.STEP_SUCCEEDED, "first", answer(1)),
+        (1, EntryKind.STEP_SUCCEEDED, "middle", '{"step":"middle","attempt":1}'),
+        (2, EntryKind.STEP_SUCCEEDED, "last", answer(2)),
+    ]
+    # A create and three steps, two of them stopping at a call once: six runs either way.
+    # Taken on locally, the run of "last" that stops at its call opens no transaction, and
+    # the runs of "middle" and of the end, made before their transactions, are not repeated.
+    assert (len(transactions), len(runs)) == ((5, 6) if local else (6, 6))
+    if local:
+        assert fleet.store.outbox() == []  # each step's row went with the write that ran it
+
+
+def count_transactions(store: MemoryStore) -> list[None]:
+    opened: list[None] = []
+    transaction = store.transaction
+
+    def counted():
+        opened.append(None)
+        return transaction()
+
+    store.transaction = counted  # type: ignore[method-assign]
+    return opened
+
+
+def count_runs(sandbox: WasmSandbox) -> list[str]:
+    runs: list[str] = []
+    run = sandbox.run
+
+    def counted(job):
+        runs.append(job.digest)
+        return run(job)
+
+    sandbox.run = counted  # type: ignore[method-assign]
+    return runs
 
 
 async def test_each_call_suspends_the_step_and_the_journal_records_every_answer(fleet_of):
