@@ -34,6 +34,7 @@ import json
 import os
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class SlowServer:
         self._peak = 0
         self._total = 0
         self._answered = 0
+        self._arrivals: list[float] = []
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -91,7 +93,14 @@ class SlowServer:
         with self._lock:
             counts = (self._peak, self._total)
             self._peak, self._total = self._in_flight, 0
+            self._arrivals = []
         return counts
+
+    def spread_ms(self, first: int) -> float:
+        """Milliseconds from the first request to the `first`-th since `take_counts`."""
+        with self._lock:
+            arrivals = self._arrivals[:first]
+        return round((arrivals[-1] - arrivals[0]) * 1000, 1) if arrivals else 0.0
 
     def snapshot(self) -> tuple[int, int]:
         """(requests in flight now, requests answered or abandoned since the start); resets
@@ -137,6 +146,7 @@ class SlowServer:
 
     async def _answer_later(self) -> None:
         with self._lock:
+            self._arrivals.append(time.monotonic())
             self._in_flight += 1
             self._total += 1
             self._peak = max(self._peak, self._in_flight)
@@ -222,6 +232,7 @@ async def run_burst(
             await producer.create_batch(requests[offset : offset + 500])
         burst_published = datetime.now(UTC)
     done = await wait_final(deployment.url, ids)
+    spread = server.spread_ms(workflows)
     peak, total = server.take_counts()
     check_calls(done, calls)
     last = max(f.finished_at for f in done.values())
@@ -234,6 +245,7 @@ async def run_burst(
         "after_burst": rates(workflows, steps, (last - burst_published).total_seconds()),
         "from_first_publish": rates(workflows, steps, (last - first_publish).total_seconds()),
         "calls_in_flight_peak": peak,
+        "first_calls_spread_ms": spread,
         "calls_total": total,
         "latency_ms_p50": round(percentile(latencies, 0.50), 1),
         "latency_ms_p99": round(percentile(latencies, 0.99), 1),
