@@ -41,6 +41,14 @@ class ReplayCache:
         self._entries.move_to_end(key)
         return cached
 
+    def exactly(self, key: InstanceKey, generation: int, position: int) -> CachedReplay | None:
+        """Return the cached journal if it is exactly the instance's journal at `position`
+        (no more, no less); unlike `usable`, never drops an entry."""
+        cached = self._entries.get(key)
+        if cached is None or cached.generation != generation:
+            return None
+        return cached if len(cached.journal) == position else None
+
     def put(self, key: InstanceKey, replay: CachedReplay) -> None:
         """Remember an instance's journal, evicting the least recently used."""
         self._entries[key] = replay

@@ -156,8 +156,8 @@ class StepCycle:
             expected = work.expected
             if expected is None or work.answers or self._has_quotas(work.key.tenant):
                 continue
-            replay = self._replays.usable(work.key, expected.generation, expected.position)
-            if replay is None or len(replay.journal) != expected.position:
+            replay = self._replays.exactly(work.key, expected.generation, expected.position)
+            if replay is None:
                 continue
             work.state, work.replay = expected, replay
             early.append(work)
