@@ -6,8 +6,12 @@ it, and each workflow runs the playbook example with K `http` ops, one step per 
 burst of creates is published first; the clock runs from the end of the publish (and, also
 reported, from the first publish) to the last completion. Runs against the local services in a
 database and broker prefix of its own (see harness.py) and prints JSON, per worker count:
-workflows/s, steps/s, wall seconds, calls in flight (peak, seen by the server), total calls
-and create-to-complete latency p50/p99 (instances' created_at to finished_at).
+workflows/s, steps/s, wall seconds, calls in flight (peak, seen by the server), how long the
+burst's first calls took to start, total calls, create-to-complete latency p50/p99 (instances'
+created_at to finished_at) and where the workers' time went per delivery (bench/phases.py).
+The burst runs twice: the figures are the second run's, on the egress connection pool the first
+left, as a busy worker has it; `cold_pool` gives the first run's seconds, peak and spread, when
+each call of the burst had to open its connection.
 
     python bench/io_bound.py [--workflows 200] [--calls 1] [--workers 1,2] [--delay-ms 200]
         [--max-inflight N] [--concurrency 2] [--batch-size 64] [--log-level warning]
@@ -495,14 +499,23 @@ async def main() -> None:
             for count in [int(c) for c in args.workers.split(",")]:
                 workers = start_workers(count, env)
                 try:
-                    # Warm: connections, the compiled module, the egress pool.
+                    # Warm: connections, the compiled module, the caches.
                     await run_burst(deployment, server, WARMUP_WORKFLOWS, 1)
+                    # The same burst twice: first on an egress pool with a few connections
+                    # (each call of the burst opens one), then on the pool that burst left
+                    # (connections stay open 5 s), as a worker that is busy has it.
+                    cold = await run_burst(deployment, server, args.workflows, args.calls)
                     before = await snapshot(workers)
                     burst = await run_burst(deployment, server, args.workflows, args.calls)
                     after = await snapshot(workers)
                     report[f"load_{count}_workers"] = {
                         **burst,
                         "phases": per_delivery(before, after),
+                        "cold_pool": {
+                            "after_burst_seconds": cold["after_burst"]["seconds"],
+                            "calls_in_flight_peak": cold["calls_in_flight_peak"],
+                            "first_calls_spread_ms": cold["first_calls_spread_ms"],
+                        },
                     }
                 finally:
                     stop_workers(workers)
