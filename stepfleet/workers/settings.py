@@ -119,10 +119,11 @@ class Settings(BaseSettings):
     wake_resend_seconds: float = Field(default=30.0, gt=0)
     """A wake sent but not processed after this long is sent again."""
     outbox_relay_after_seconds: float = Field(default=10.0, gt=0)
-    local_steps: int = Field(default=256, ge=0)
+    local_steps: int = Field(default=1024, ge=0)
     """Next steps a worker process may take on itself at once instead of publishing them
     (0: publish every one). Each keeps its outbox row until its step is written, so a worker
-    that dies holding them leaves them to the outbox relay."""
+    that dies holding them leaves them to the outbox relay; keep the time they wait well under
+    outbox_relay_after_seconds, or the relay sends copies (harmless, but run twice)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
