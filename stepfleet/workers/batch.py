@@ -181,7 +181,7 @@ class BatchProcessor:
         for step in steps[:room]:
             delivery = _local_delivery(step.message)
             work: Work[Delivery] = Work(delivery, step.envelope)
-            work.intent = step.outbox_id
+            work.intent, work.expected = step.outbox_id, step.state
             self._resuming[id(delivery)] = work
             self._local.add(id(delivery))
             assert self._resume is not None

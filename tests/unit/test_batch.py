@@ -443,6 +443,63 @@ async def test_a_step_waiting_on_its_call_is_acked_only_once_its_step_is_written
     assert [e.value for e in detail.journal] == ['"answer-1"']
 
 
+def plain_then_calls(entries: Sequence[JournalEntry], attempt: int, answers) -> GuestReport:
+    """A step with no call, then a step that makes one, then the end."""
+    if not entries:
+        return GuestReport(StepSucceeded(0, "reserve", '"r"'))
+    if len(entries) == 2:
+        return GuestReport(Completed(2, entries[1].value))
+    if not answers:
+        request = HttpRequest("GET", "http://api.test/")
+        return GuestReport(CallRequested(1, "charge", request, (), deadline=float("inf")))
+    return GuestReport(StepSucceeded(1, "charge", json.dumps(answers[0].response.body)))
+
+
+async def test_a_local_next_step_waits_for_its_call_without_a_transaction():
+    fleet = Fleet()
+    gateway = OneAnswer()
+    fleet.processor = BatchProcessor(
+        store=fleet.store,
+        sandbox=FunctionSandbox({}, calling={MODULE: plain_then_calls}),
+        wasm_thread=None,
+        topology=TOPOLOGY,
+        publish=fleet.processor._publish,
+        max_message_bytes=64 * 1024,
+        clock=lambda: fleet.now,
+        caller=gateway,
+        resume=fleet.inbox.append,
+        local_steps=10,
+    )
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    [local] = fleet.inbox
+    fleet.inbox.clear()
+    opened: list[None] = []
+    transaction = fleet.store.transaction
+
+    def counted():
+        opened.append(None)
+        return transaction()
+
+    fleet.store.transaction = counted  # type: ignore[method-assign]
+    result = await fleet.processor.process([local])
+    assert (result.steps, opened) == (0, [])  # it ran up to its call, reading nothing
+    for _ in range(100):  # the call's task hands the delivery back
+        if fleet.inbox:
+            break
+        await asyncio.sleep(0.01)
+    assert fleet.inbox == [local]
+    fleet.inbox.clear()
+    result = await fleet.processor.process([local])
+    assert (result.steps, len(opened), gateway.calls) == (1, 1, 1)
+    [end] = fleet.inbox
+    await fleet.processor.process([end])
+    detail = await fleet.status("o-1")
+    assert detail.record.status is InstanceStatus.COMPLETE
+    assert [e.value for e in detail.journal] == ['"r"', '"answer-1"']
+    assert fleet.store.outbox() == []
+
+
 class SlicedSandbox(FunctionSandbox):
     """Records each run's thread and fuel; a run of HEAVY given no more than the inline slice
     runs out of fuel, as a long guest would."""
