@@ -1012,6 +1012,17 @@ async def test_a_header_value_goes_out_utf8_encoded(server, wire_server):
     assert wire_server.heads()[0][1][b"x-guest"] == "caf\xe9".encode()
 
 
+async def test_a_header_value_with_a_control_character_is_not_sent(server, wire_server):
+    url = f"http://127.0.0.1:{wire_server.port}/control"
+    async with opened(gateway_for(server, wire_server.port)) as gateway:
+        answer = await gateway.call(TENANT, get(url, headers={"X-Guest": "a\x01b"}), 3.0)
+    assert (answer.status, answer.error) == (
+        0,
+        "request failed (control character in a header value)",
+    )
+    assert wire_server.heads() == []
+
+
 async def test_a_body_sent_with_the_answer_to_head_is_an_invalid_response(server, wire_server):
     """HTTP forbids a body in the answer to HEAD; a server that sends one gets an error, not
     a guess at where its answer ends."""
