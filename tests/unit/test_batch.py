@@ -95,6 +95,7 @@ class Fleet:
         local_steps: int = 0,
         sandbox=None,
         wasm_thread=None,
+        caller=None,
     ) -> None:
         self.now = T0
         self.inbox: list = []
@@ -118,9 +119,20 @@ class Fleet:
             max_message_bytes=64 * 1024,
             clock=lambda: self.now,
             directory=directory,
+            caller=caller,
             resume=self.inbox.append,
             local_steps=local_steps,
         )
+
+    async def handed_back(self) -> list:
+        """Wait (up to 5 s) for a call's task to hand its delivery back; take the inbox."""
+        for _ in range(500):
+            if self.inbox:
+                break
+            await asyncio.sleep(0.01)
+        taken = list(self.inbox)
+        self.inbox.clear()  # in place: the processor appends to this very list
+        return taken
 
     async def push(self) -> None:
         await self.store.put_module(TENANT, MODULE, b"\0asm")
@@ -408,26 +420,14 @@ class OneAnswer:
 
 
 async def test_a_step_waiting_on_its_call_is_acked_only_once_its_step_is_written():
-    fleet = Fleet()
     gateway = OneAnswer()
-    back = asyncio.Event()
-    fleet.processor = BatchProcessor(
-        store=fleet.store,
-        sandbox=FunctionSandbox({}, calling={MODULE: calls_once}),
-        wasm_thread=None,
-        topology=TOPOLOGY,
-        publish=fleet.processor._publish,
-        max_message_bytes=64 * 1024,
-        clock=lambda: fleet.now,
-        caller=gateway,
-        resume=lambda _: back.set(),
-    )
+    fleet = Fleet(sandbox=FunctionSandbox({}, calling={MODULE: calls_once}), caller=gateway)
     await fleet.push()
     create = fleet.create("o-1")
     result = await fleet.processor.process([create])
     assert (result.steps, fleet.acks.acked) == (0, [])
     assert fleet.processor.holds(create)
-    await asyncio.wait_for(back.wait(), 5)  # the call's task hands the delivery back
+    assert await fleet.handed_back() == [create]  # the call's task hands the delivery back
     # A redelivered copy of the create comes first in the next batch: the resumed one is
     # deferred, and keeps its answer.
     copy = fleet.create("o-1")
@@ -456,18 +456,10 @@ def plain_then_calls(entries: Sequence[JournalEntry], attempt: int, answers) -> 
 
 
 async def test_a_local_next_step_waits_for_its_call_without_a_transaction():
-    fleet = Fleet()
     gateway = OneAnswer()
-    fleet.processor = BatchProcessor(
-        store=fleet.store,
+    fleet = Fleet(
         sandbox=FunctionSandbox({}, calling={MODULE: plain_then_calls}),
-        wasm_thread=None,
-        topology=TOPOLOGY,
-        publish=fleet.processor._publish,
-        max_message_bytes=64 * 1024,
-        clock=lambda: fleet.now,
         caller=gateway,
-        resume=fleet.inbox.append,
         local_steps=10,
     )
     await fleet.push()
@@ -484,12 +476,7 @@ async def test_a_local_next_step_waits_for_its_call_without_a_transaction():
     fleet.store.transaction = counted  # type: ignore[method-assign]
     result = await fleet.processor.process([local])
     assert (result.steps, opened) == (0, [])  # it ran up to its call, reading nothing
-    for _ in range(100):  # the call's task hands the delivery back
-        if fleet.inbox:
-            break
-        await asyncio.sleep(0.01)
-    assert fleet.inbox == [local]
-    fleet.inbox.clear()
+    assert await fleet.handed_back() == [local]
     result = await fleet.processor.process([local])
     assert (result.steps, len(opened), gateway.calls) == (1, 1, 1)
     [end] = fleet.inbox
