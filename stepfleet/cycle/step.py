@@ -38,9 +38,10 @@ from stepfleet.cycle.work import (
     Suspended,
     Work,
     errored,
+    state_after,
     write_of,
 )
-from stepfleet.engine import Decision, EngineLimits, InstanceState, decide, resolve_wait
+from stepfleet.engine import EngineLimits, decide, resolve_wait
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
     CallRequested,
@@ -251,7 +252,7 @@ class StepCycle:
             ],
         )
         next_steps = [
-            NextStep(outbox_id, message, envelope, _state_after(work, d))
+            NextStep(outbox_id, message, envelope, state_after(work, d))
             for outbox_id, (_, message), envelope, (work, d) in zip(
                 ids[: len(steps)], steps, envelopes, continuing, strict=True
             )
@@ -400,21 +401,4 @@ def _step_message(topology: Topology, envelope: Envelope) -> tuple[OutboxMessage
         envelope.body.position,
         envelope.body.generation,
         envelope.traceparent,
-    )
-
-
-def _state_after(work: Work[H], decision: Decision) -> InstanceState:
-    """The instance as the write of `decision` leaves it (what state_of its row gives)."""
-    return InstanceState(
-        key=work.key,
-        module=work.module,
-        status=decision.status,
-        position=decision.position,
-        generation=work.generation,
-        attempt=decision.attempt,
-        waiting=decision.waiting,
-        mode=decision.mode,
-        end_status=decision.end_status,
-        error=decision.error,
-        state_bytes=decision.state_bytes,
     )

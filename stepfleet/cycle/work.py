@@ -184,6 +184,23 @@ def state_of(record: InstanceRecord) -> InstanceState:
     )
 
 
+def state_after(work: Work[H], decision: Decision) -> InstanceState:
+    """The instance as the write of `decision` leaves it (what state_of its row gives)."""
+    return InstanceState(
+        key=work.key,
+        module=work.module,
+        status=decision.status,
+        position=decision.position,
+        generation=work.generation,
+        attempt=decision.attempt,
+        waiting=decision.waiting,
+        mode=decision.mode,
+        end_status=decision.end_status,
+        error=decision.error,
+        state_bytes=decision.state_bytes,
+    )
+
+
 def write_of(key: InstanceKey, decision: Decision) -> StepWrite:
     """The store write that records a decision."""
     return StepWrite(
