@@ -104,17 +104,28 @@ class FairInbox:
         self._classify(tenant)
         self._arrived.set()
 
-    async def take(self, most: int, wait_s: float) -> list[Delivery]:
+    async def take(self, most: int, wait_s: float, *, leave_light: int = 0) -> list[Delivery]:
         """Wait up to `wait_s` seconds for a delivery, then take up to `most` of what is
-        here, by weighted fair queuing over the tenants; [] when nothing came."""
-        if not self._size and not await self._wait(self._arrived, wait_s):
-            return []
+        here, by weighted fair queuing over the tenants; [] when nothing came.
+
+        Light tenants' deliveries are left to `take_light` while there are at most
+        `leave_light` of them: a batch of their own is done sooner than a large one.
+        """
+        deadline = time.monotonic() + wait_s
+        while self._size <= self._reserved(leave_light):
+            if not await self._wait(self._arrived, deadline - time.monotonic()):
+                return []
+        reserved = self._reserved(leave_light)
+        left: list[_Tenant] = []
         batch: list[Delivery] = []
         now = time.monotonic()
         while self._waiting and len(batch) < most:
             passed, _, tenant = heapq.heappop(self._waiting)
             tenant.scheduled = False
             if not tenant.queue:
+                continue
+            if reserved and tenant.light:
+                left.append(tenant)
                 continue
             # An entry older than the tenant's pass (left while `take_light` emptied it)
             # counts from the pass.
@@ -124,7 +135,17 @@ class FairInbox:
             tenant.passed = start + 1.0 / max(self._weight(tenant.name), 1)
             if tenant.queue:
                 self._schedule(tenant)
+        for tenant in left:
+            self._schedule(tenant)
         return batch
+
+    def _reserved(self, leave_light: int) -> int:
+        """Deliveries `take` leaves to `take_light`: the light tenants' (at least one each),
+        unless there are more than `leave_light`."""
+        if len(self._light) > leave_light:
+            return 0
+        waiting = sum(len(tenant.queue) for tenant in self._light.values())
+        return waiting if waiting <= leave_light else 0
 
     def _schedule(self, tenant: _Tenant) -> None:
         self._order += 1
@@ -174,6 +195,8 @@ class FairInbox:
 
     @staticmethod
     async def _wait(event: asyncio.Event, wait_s: float) -> bool:
+        if wait_s <= 0:
+            return False
         event.clear()
         try:
             await asyncio.wait_for(event.wait(), wait_s)

@@ -228,7 +228,9 @@ class Worker:
     async def _pipeline(self, index: int) -> None:
         """Wait for one delivery, then take whatever else is already here, up to a batch."""
         while not self._drained():
-            batch = await self._inbox.take(self.settings.batch_size, wait_s=0.2)
+            batch = await self._inbox.take(
+                self.settings.batch_size, wait_s=0.2, leave_light=_LIGHT_BATCH
+            )
             if batch:
                 await self._process_with_retry(batch)
 

@@ -87,3 +87,22 @@ async def test_a_tenant_whose_backlog_shrinks_becomes_light():
     assert await inbox.take_light(10, wait_s=0) == []
     await inbox.take(2, wait_s=0)
     assert [d.headers["n"] for d in await inbox.take_light(10, wait_s=0)] == [2, 3]
+
+
+async def test_take_leaves_a_few_light_deliveries_to_take_light():
+    inbox = FairInbox(light_limit=2)
+    for n in range(10):
+        inbox.put_nowait(make("flood", n))
+    inbox.put_nowait(make("calm", 0))
+    batch = await inbox.take(100, wait_s=0, leave_light=4)
+    # The flood's tail counts as light once it is that short: it is left too.
+    assert [d.headers["n"] for d in batch] == list(range(8))
+    assert {d.routing_key for d in batch} == {"flood.step"}
+    # Only light deliveries left: take waits (and gives up), take_light gets them.
+    assert await inbox.take(100, wait_s=0.01, leave_light=4) == []
+    light = await inbox.take_light(4, wait_s=0)
+    assert sorted(d.routing_key for d in light) == ["calm.step", "flood.step", "flood.step"]
+    # More light deliveries than a light batch: take shares them out as usual.
+    for tenant in ("a", "b", "c"):
+        inbox.put_nowait(make(tenant, 0))
+    assert len(await inbox.take(100, wait_s=0, leave_light=2)) == 3
