@@ -173,6 +173,10 @@ def worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop)
         await node.run()
+        # Stopped and drained: a later SIGTERM (the kubelet's, after the pre-stop hook saw
+        # `stopped`) must not cut the rest of the exit short.
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     run(go())
 
