@@ -709,3 +709,15 @@ def test_worker_metrics_are_scraped(build: str) -> None:
             monitor["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
         )
         assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_the_images_default_module_cache_is_where_the_manifests_mount_it() -> None:
+    """The image's XDG_CACHE_HOME puts the default cache where the worker's volume is."""
+    runtime = _dockerfile_stages()[-1]
+    env = " ".join(arguments for name, arguments in runtime if name == "ENV")
+    (cache_home,) = re.findall(r"\bXDG_CACHE_HOME=(\S+)", env)
+    objects = render("overlays/example")
+    configured = environment(objects, container(objects, "stepfleet-worker", "worker"))
+    assert Path(cache_home) / "stepfleet" / "modules" == Path(
+        configured["STEPFLEET_MODULE_CACHE_DIR"]
+    )
