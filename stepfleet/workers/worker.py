@@ -179,6 +179,7 @@ class Worker:
             )
             archiving = asyncio.create_task(self.archiver.run(), name="dead-letter-archive")
             timers = asyncio.create_task(self._timers(), name="timers")
+            beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -205,7 +206,7 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            for task in (relay, timers, archiving, moving):
+            for task in (relay, timers, archiving, beat, moving):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -362,7 +363,6 @@ class Worker:
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + self.settings.retention_check_seconds
         next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
-        next_beat = loop.time()
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
@@ -374,9 +374,6 @@ class Worker:
                 self.health.store_ok_at = time.time()
                 if self.broker.connected:
                     self.health.broker_ok_at = time.time()
-                if loop.time() >= next_beat:
-                    next_beat = loop.time() + _HEALTH_EVERY_SECONDS
-                    self._report()
                 if loop.time() >= next_tenants:
                     next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
                     await self._load_tenants()
@@ -390,6 +387,13 @@ class Worker:
             except Exception:
                 # A background loop must outlive any one failure; the next poll tries again.
                 log.exception("timers_failed")
+
+    async def _heartbeat(self) -> None:
+        """Rewrite the health file every 2 s while the event loop runs, draining included:
+        liveness reads its age, readiness also when PostgreSQL and RabbitMQ last answered."""
+        while True:
+            await asyncio.sleep(_HEALTH_EVERY_SECONDS)
+            self._report()
 
     async def _fire_due_timers(self) -> None:
         while True:
