@@ -45,8 +45,16 @@ async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
 async def _key(store: PgStore, instance_id: str, tenant: str | None) -> InstanceKey:
     found = await store.find_instances(instance_id, tenant)
     if not found:
+        held = await store.held_events(InstanceKey(tenant, instance_id)) if tenant else []
         raise ControlError(
-            f"no instance {instance_id!r}" + (f" for tenant {tenant}" if tenant else "")
+            f"no instance {instance_id!r}"
+            + (f" for tenant {tenant}" if tenant else "")
+            + (
+                f" (not created yet: {len(held)} event(s) for it held until "
+                f"{_iso(max(h.expires_at for h in held))} for its create)"
+                if held
+                else ""
+            )
         )
     if len(found) > 1:
         tenants = ", ".join(record.key.tenant for record, _ in found)
@@ -83,6 +91,11 @@ def _ms(entry: JournalEntry) -> float | None:
     return round((entry.finished_at - entry.started_at).total_seconds() * 1000, 3)
 
 
+def _compensating(record: InstanceRecord) -> bool:
+    """Whether compensations are running now (never true once the instance is final)."""
+    return bool(record.mode) and not record.status.is_final
+
+
 def _status_json(detail: InstanceDetail) -> dict[str, Any]:
     record = detail.record
     waiting = record.waiting
@@ -97,7 +110,7 @@ def _status_json(detail: InstanceDetail) -> dict[str, Any]:
         "position": record.position,
         "attempt": record.attempt,
         "generation": record.generation,
-        "compensating": bool(record.mode),
+        "compensating": _compensating(record),
         "waiting": None
         if waiting is None
         else {
@@ -141,7 +154,7 @@ def _print_status(detail: InstanceDetail) -> None:
     record = detail.record
     echo = say
     echo(f"instance  {shown(record.key.tenant)}/{shown(record.key.instance_id)}")
-    compensating = record.mode and not record.status.is_final
+    compensating = _compensating(record)
     echo(f"status    {record.status.value}" + ("  (running compensations)" if compensating else ""))
     echo(f"module    {record.module}")
     if record.waiting is not None:

@@ -19,6 +19,8 @@ from stepfleet.store.port import StepStore, StepTx
 from stepfleet.store.records import (
     AuditEntry,
     DueTimer,
+    EarlyEvent,
+    HeldEvent,
     InstanceDetail,
     InstanceRecord,
     NewEvent,
@@ -35,6 +37,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetterStore",
     "DueTimer",
+    "EarlyEvent",
+    "HeldEvent",
     "InstanceDetail",
     "InstanceRecord",
     "LetterFilter",

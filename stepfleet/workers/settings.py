@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     (0: publish every one). Each keeps its outbox row until its step is written, so a worker
     that dies holding them leaves them to the outbox relay; keep the time they wait well under
     outbox_relay_after_seconds, or the relay sends copies (harmless, but run twice)."""
+    early_event_seconds: float = Field(default=600.0, ge=0)
+    """How long an event for an instance that does not exist yet is held for its create;
+    then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -149,7 +149,7 @@ async def test_cross_tenant_instances_and_modules_are_out_of_reach(
     other, other_credentials = await tenant()
     digest = digest_of(order_wasm)
     await store.put_module(owner, digest, order_wasm)
-    await start_worker()
+    await start_worker(early_event_seconds=0)  # dead-letter events for no instance at once
     instance_id = f"mine-{uuid.uuid4().hex[:8]}"
     owner_channel = await connect(owner_credentials)
     await publish(
