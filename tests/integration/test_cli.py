@@ -21,6 +21,7 @@ from tests.wasm_bombs import CALLS_BODY, guest
 pytestmark = pytest.mark.services
 
 ORDER = EXAMPLES / "order" / "order.wasm"
+FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
 
 
 @pytest.fixture
@@ -307,3 +308,45 @@ async def test_tenant_text_reaches_the_terminal_escaped(
     shown = await asyncio.to_thread(cli, "dlq", "show", str(letter.id))
     assert_inert(shown.stdout)
     assert json.loads(shown.stdout)["headers"]["x-instance-id"] == HOSTILE
+
+
+async def test_status_agrees_on_compensations_and_names_held_events(
+    cli, store, start_worker, playbook_wasm
+):
+    """An errored instance whose rollbacks all ran is not `compensating` in either view; an
+    id not created yet is unknown to status, which names the events held for it."""
+    tenant = f"comp-{uuid.uuid4().hex[:8]}"
+    playbook = EXAMPLES / "playbook" / "playbook.wasm"
+    digest = (
+        await asyncio.to_thread(cli, "module", "push", str(playbook), "--tenant", tenant)
+    ).stdout.strip()
+    await start_worker()
+    instance_id = f"comp-{uuid.uuid4().hex[:8]}"
+    ops = [
+        {"op": "do", "name": "a", "rollback": True},
+        {"op": "fail", "message": "out of luck"},
+    ]
+    await asyncio.to_thread(
+        cli, "create", "--tenant", tenant, "--module", digest,
+        "--params", json.dumps({"ops": ops}), "--id", instance_id,
+    )  # fmt: skip
+    record, _ = await wait_for_status(store, InstanceKey(tenant, instance_id), FINAL)
+    assert record.status is InstanceStatus.ERRORED
+    shown = json.loads((await asyncio.to_thread(cli, "status", instance_id, "--json")).stdout)
+    assert shown["compensating"] is False
+    assert "compensated" in [e["kind"] for e in shown["journal"]]
+    assert (
+        "running compensations" not in (await asyncio.to_thread(cli, "status", instance_id)).stdout
+    )
+
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    sent = await asyncio.to_thread(cli, "event", later, "--tenant", tenant, "--type", "go")
+    assert sent.exit_code == 0, sent.output
+
+    async def held() -> bool:
+        return bool(await store.held_events(InstanceKey(tenant, later)))
+
+    await wait_until(held, "the event to be held for its create")
+    unknown = await asyncio.to_thread(cli, "status", later, "--tenant", tenant)
+    assert unknown.exit_code == 1
+    assert "not created yet: 1 event(s) for it held until" in unknown.output
