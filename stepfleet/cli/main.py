@@ -20,7 +20,7 @@ from stepfleet.cli.modules import check_push, register_module_commands
 from stepfleet.cli.tenants import tenant_app
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.sandbox import CompileFailed, InvalidModule
-from stepfleet.schemas import is_digest, is_tenant
+from stepfleet.schemas import TenantLimits, is_digest, is_tenant
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.workers.health import judge
@@ -74,17 +74,21 @@ def module_push(
     config = settings()
     wasm = file.read_bytes()
 
-    async def own_limit() -> int | None:
+    async def own_limits() -> TenantLimits | None:
         store = PgStore(config.database_url, pool_size=1)
         try:
             record = await store.tenants.get(tenant)
-            return record.limits.module_bytes if record else None
+            return record.limits if record else None
         finally:
             await store.close()
 
     limits = config.sandbox_limits()
-    if (module_bytes := run(own_limit())) is not None:
-        limits = dataclasses.replace(limits, module_bytes=module_bytes)
+    if (own := run(own_limits())) is not None:
+        limits = dataclasses.replace(
+            limits,
+            module_bytes=own.module_bytes or limits.module_bytes,
+            memory_bytes=own.memory_bytes or limits.memory_bytes,
+        )
     try:
         digest = check_push(config, limits, wasm)
     except (InvalidModule, CompileFailed) as exc:

@@ -21,8 +21,9 @@ Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
 def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
     """Check a module as a push does; return its digest.
 
-    It is compiled fresh, in a child process under the compile limits, and must pass the ABI
-    checks. When the module cache directory exists (a worker of this user runs on this host),
+    It is compiled fresh, in a child process under the compile limits, must pass the ABI
+    checks, and must be able to start within `limits` (the tenant's memory limit, the table
+    and instance limits of every run). When the module cache directory exists (a worker of this user runs on this host),
     the compiled artifact is left there, so that worker does not compile the module again.
 
     Raises:
@@ -39,6 +40,7 @@ def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
     sandbox = WasmSandbox(limits, module_cache=cache)
     try:
         sandbox.load(digest, wasm, sandbox.compiler.artifact(digest, wasm, fresh=True))
+        sandbox.check_fits(digest, limits.memory_bytes)
     finally:
         sandbox.close()
     return digest

@@ -19,7 +19,7 @@ from stepfleet.sandbox.module_cache import CompiledModuleCache
 from stepfleet.sandbox.port import GuestRun
 from stepfleet.sandbox.run_state import RunState
 from stepfleet.sandbox.wasi_imports import WasiImports
-from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line
+from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line, set_run_limits
 from stepfleet.schemas import GuestCrashed, GuestOutcome, GuestReport, RunOutcome, StepFailed
 
 log = structlog.get_logger("stepfleet.sandbox")
@@ -75,7 +75,7 @@ class WasmSandbox(WasmEngine):
         fuel = job.fuel_per_run or self.limits.fuel_per_run
         memory_cap = job.memory_bytes or self.limits.memory_bytes
         store.set_fuel(fuel)
-        store.set_limits(memory_size=memory_cap, instances=1, tables=4, memories=1)
+        set_run_limits(store, memory_cap, self.limits.table_elements)
         memory: wasmtime.Memory | None = None
 
         def report(outcome: RunOutcome) -> GuestReport:
@@ -83,7 +83,10 @@ class WasmSandbox(WasmEngine):
 
         try:
             self._ticker.set_deadline(store, self.limits.run_timeout_ms)
-            instance = pre.instantiate(store)
+            try:
+                instance = pre.instantiate(store)
+            except wasmtime.WasmtimeError as exc:  # its memory or tables are over the limits
+                return report(GuestCrashed(f"module cannot start: {first_line(exc)}"))
             exports = instance.exports(store)
             memory_export = exports["memory"]
             assert isinstance(memory_export, wasmtime.Memory)
