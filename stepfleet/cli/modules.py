@@ -3,17 +3,17 @@ of `module push`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, say, settings, shown
-from stepfleet.control import Control, ControlError, ModuleMoves, MoveCheck, Verdict
-from stepfleet.sandbox import CompiledModuleCache, SandboxLimits, WasmSandbox
 from stepfleet.schemas import InstanceKey, digest_of, is_digest
-from stepfleet.store import PgStore
-from stepfleet.workers.settings import Settings
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.control import MoveCheck
+    from stepfleet.sandbox import SandboxLimits
+    from stepfleet.workers.settings import Settings
 
 Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
 
@@ -30,6 +30,8 @@ def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
         InvalidModule: refused; CompileLimitExceeded names the compile limit it breached.
         CompileFailed: the compiler process failed for a reason that is not the module's.
     """
+    from stepfleet.sandbox import CompiledModuleCache, WasmSandbox
+
     directory = config.module_cache_dir
     cache = (
         CompiledModuleCache.open(directory, config.module_cache_bytes, config.module_cache_key)
@@ -70,6 +72,10 @@ def move(
     Each instance's journal is replayed against the new code first; only those that replay
     cleanly are moved unless --force. Exits 1 when some instance would not replay.
     """
+    from stepfleet.control import ControlError, ModuleMoves, Verdict
+    from stepfleet.sandbox import WasmSandbox
+    from stepfleet.store import PgStore
+
     _digest(to, "--to")
     if from_module is not None:
         _digest(from_module, "--from")
@@ -106,6 +112,10 @@ def move(
 
 
 def _bulk(tenant: str, digest: str, *, resume: bool) -> list[InstanceKey]:
+    from stepfleet.broker import Broker
+    from stepfleet.control import Control
+    from stepfleet.store import PgStore
+
     config = settings()
     topology = config.topology()
 

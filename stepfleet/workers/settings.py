@@ -11,7 +11,6 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepfleet.broker import Topology
-from stepfleet.broker.cluster import broker_urls
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
 
@@ -149,12 +148,16 @@ class Settings(BaseSettings):
     @property
     def vhost(self) -> str:
         """The RabbitMQ virtual host of STEPFLEET_AMQP_URL ("/" when the URL names none)."""
+        from stepfleet.broker.cluster import broker_urls  # aio-pika: only when asked
+
         path = urlsplit(broker_urls(self.amqp_url)[0]).path
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def broker_user(self) -> str:
         """The user the fleet connects to RabbitMQ as (the first URL's)."""
+        from stepfleet.broker.cluster import broker_urls  # aio-pika: only when asked
+
         return unquote(urlsplit(broker_urls(self.amqp_url)[0]).username or "guest")
 
     @property
