@@ -1,10 +1,14 @@
 """CLI start-up: how long `stepfleet` takes before it does anything, per command.
 
 Each case runs in a new interpreter --repeat times; prints the median and the fastest, in
-milliseconds, as JSON. `status` is pointed at a port where nothing listens, so it measures
-start-up, settings and the failed connect, not a query. No services needed.
+milliseconds, as JSON. The commands run as `python -m stepfleet ...`. `status` is pointed at a
+port where nothing listens, so it measures start-up, settings and the failed connect, not a
+query. No services needed.
 
     python bench/cli_startup.py [--repeat 10]
+
+To compare with another checkout, run it from a directory outside both with
+`PYTHONPATH=/path/to/other/checkout` (the current directory would come first on the path).
 """
 
 from __future__ import annotations
@@ -16,16 +20,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-STEPFLEET = str(Path(sys.executable).with_name("stepfleet"))
+STEPFLEET = [sys.executable, "-m", "stepfleet"]
 
 CASES = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "import stepfleet.cli.main": [sys.executable, "-c", "import stepfleet.cli.main"],
-    "stepfleet --help": [STEPFLEET, "--help"],
-    "stepfleet status --help": [STEPFLEET, "status", "--help"],
-    "stepfleet status ID (no database)": [STEPFLEET, "status", "nope", "--tenant", "acme"],
+    "stepfleet --help": [*STEPFLEET, "--help"],
+    "stepfleet status --help": [*STEPFLEET, "status", "--help"],
+    "stepfleet status ID (no database)": [*STEPFLEET, "status", "nope", "--tenant", "acme"],
     "import the worker's libraries": [
         sys.executable,
         "-c",
