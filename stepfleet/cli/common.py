@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
-from stepfleet.broker import BrokerError
-from stepfleet.sandbox import SandboxError
-from stepfleet.store import StoreError
-from stepfleet.workers.settings import Settings
+if TYPE_CHECKING:
+    from stepfleet.workers.settings import Settings
 
 T = TypeVar("T")
 
 
 def settings() -> Settings:
     """Read the settings from the environment (STEPFLEET_*)."""
+    from stepfleet.workers.settings import Settings  # pydantic-settings: not for --help
+
     return Settings()
 
 
@@ -64,15 +63,33 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+_SERVICE_ERRORS = (
+    ("stepfleet.store.errors", "StoreError", "PostgreSQL: "),
+    ("stepfleet.broker.errors", "BrokerError", "RabbitMQ: "),
+    ("stepfleet.sandbox.errors", "SandboxError", ""),
+)
+
+
+def _service_of(exc: Exception) -> str | None:
+    """The prefix of a service failure's line, or None for another error. Only the rooms a
+    command imported can have raised (commands import their libraries when they run)."""
+    for module, name, prefix in _SERVICE_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return prefix
+    return None
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning service failures into one clear line."""
+    import asyncio
+
     try:
         return asyncio.run(coro)
-    except StoreError as exc:
-        fail(f"PostgreSQL: {exc}")
-    except BrokerError as exc:
-        fail(f"RabbitMQ: {exc}")
-    except SandboxError as exc:
-        fail(str(exc))
+    except Exception as exc:
+        prefix = _service_of(exc)
+        if prefix is None:
+            raise
+        fail(prefix + str(exc))
     except KeyboardInterrupt:
         sys.exit(130)

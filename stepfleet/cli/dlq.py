@@ -6,18 +6,19 @@ import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.progress import Progress
 
-from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, json_text, run, say, settings, shown
-from stepfleet.control import Control, ControlError, DeadLetters
-from stepfleet.control.dead_letters import Outcome
 from stepfleet.schemas import InstanceKey
-from stepfleet.store import AuditEntry, DeadLetter, InstanceRecord, LetterFilter, PgStore
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.broker import Broker
+    from stepfleet.control import DeadLetters
+    from stepfleet.control.dead_letters import Outcome
+    from stepfleet.store import AuditEntry, DeadLetter, InstanceRecord, LetterFilter, PgStore
 
 T = TypeVar("T")
 
@@ -28,10 +29,28 @@ dlq_app = typer.Typer(
 Tenant = Annotated[str | None, typer.Option(help="Only this tenant's letters.")]
 Reason = Annotated[str | None, typer.Option(help="Only letters with this reason.")]
 Instance = Annotated[str | None, typer.Option("--instance", help="Only this instance id.")]
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time, with an offset (`+01:00`, `Z`) or without one, which is UTC."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an ISO 8601 time (e.g. 2026-11-22T10:00, 2026-11-22T10:00+01:00)"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+_TIME = "ISO 8601, e.g. 2026-11-22T10:00 or 2026-11-22T10:00+01:00; without an offset: UTC"
 Since = Annotated[
-    datetime | None, typer.Option(help="Archived at or after (ISO 8601, e.g. 2026-11-22T10:00).")
+    datetime | None,
+    typer.Option(parser=parse_time, metavar="TIME", help=f"Archived at or after TIME ({_TIME})."),
 ]
-Until = Annotated[datetime | None, typer.Option(help="Archived before (ISO 8601).")]
+Until = Annotated[
+    datetime | None,
+    typer.Option(parser=parse_time, metavar="TIME", help=f"Archived before TIME ({_TIME})."),
+]
 Replayed = Annotated[bool, typer.Option("--replayed", help="Include replayed letters.")]
 
 
@@ -45,6 +64,8 @@ def _filter(
     ids: tuple[int, ...] = (),
     limit: int | None = None,
 ) -> LetterFilter:
+    from stepfleet.store import LetterFilter
+
     return LetterFilter(
         ids=ids,
         tenant=tenant,
@@ -59,9 +80,15 @@ def _filter(
 
 @asynccontextmanager
 async def _services(*, publish: bool) -> AsyncIterator[tuple[PgStore, Broker | None]]:
+    from stepfleet.store import PgStore
+
     config = settings()
     store = PgStore(config.database_url, pool_size=1, retention_seconds=config.retention_seconds)
-    broker = Broker(config.amqp_url, config.topology()) if publish else None
+    broker = None
+    if publish:  # aio-pika only for the commands that publish
+        from stepfleet.broker import Broker
+
+        broker = Broker(config.amqp_url, config.topology())
     try:
         if broker is not None:
             await broker.connect(name="stepfleet-cli")
@@ -73,6 +100,8 @@ async def _services(*, publish: bool) -> AsyncIterator[tuple[PgStore, Broker | N
 
 
 def _go(work: Callable[[PgStore, Broker | None], Awaitable[T]], *, publish: bool = False) -> T:
+    from stepfleet.control import ControlError
+
     async def go() -> T:
         async with _services(publish=publish) as (store, broker):
             return await work(store, broker)
@@ -155,7 +184,7 @@ def show(letter_id: Annotated[int, typer.Argument(help="Letter id (from dlq list
     """Show one letter: reason, headers, body, delivery history and workflow context."""
     found = _go(
         lambda store, _: store.dead_letters.find(
-            LetterFilter(ids=(letter_id,), include_replayed=True)
+            _filter(None, None, None, None, None, replayed=True, ids=(letter_id,))
         )
     )
     if not found:
@@ -179,6 +208,10 @@ def _bulk(
     publish: bool,
 ) -> Outcome:
     """Run a replay or purge over `count` letters with a progress bar on a terminal."""
+    from rich.progress import Progress
+
+    from stepfleet.control import DeadLetters
+
     config = settings()
 
     async def work(store: PgStore, broker: Broker | None) -> Outcome:
@@ -278,6 +311,10 @@ def retry(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Run failed (errored) instances again from the step that failed, one or in bulk."""
+    from rich.progress import Progress
+
+    from stepfleet.control import Control, ControlError
+
     config = settings()
     topology = config.topology()
     if instance_id is None and tenant is None:

@@ -11,25 +11,16 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from pydantic import SecretStr
 
 from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.tenants import tenant_app
-from stepfleet.egress import (
-    HostError,
-    SealError,
-    check_key,
-    check_secret_header,
-    check_secret_value,
-    new_key,
-    normalize_host_entry,
-    seal_secret,
-)
 from stepfleet.schemas import is_tenant
-from stepfleet.store import PgStore, StoredSecret, TenantStore
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.store import StoredSecret, TenantStore
 
 T = TypeVar("T")
 
@@ -58,6 +49,8 @@ def _tenant(name: str) -> str:
 
 
 def _host(entry: str) -> str:
+    from stepfleet.egress import HostError, normalize_host_entry
+
     try:
         return normalize_host_entry(entry)
     except HostError as exc:
@@ -65,6 +58,8 @@ def _host(entry: str) -> str:
 
 
 async def _with_tenants(action: Callable[[TenantStore], Awaitable[T]]) -> T:
+    from stepfleet.store import PgStore
+
     store = PgStore(settings().database_url, pool_size=1)
     try:
         return await action(store.tenants)
@@ -82,6 +77,10 @@ def _require_tenant(tenant: str) -> None:
 
 def _secret_key() -> str:
     """STEPFLEET_SECRET_KEY, from the settings when they have it, else the environment."""
+    from pydantic import SecretStr
+
+    from stepfleet.egress import SealError, check_key
+
     value: object = getattr(settings(), "secret_key", None)
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
@@ -100,6 +99,8 @@ def _secret_key() -> str:
 
 def _read_value() -> str:
     """The secret value from a hidden prompt (a terminal) or standard input (anything else)."""
+    from stepfleet.egress import check_secret_value
+
     stdin = sys.stdin
     if stdin is not None and stdin.isatty():
         value = str(typer.prompt("Secret value", hide_input=True, confirmation_prompt=True))
@@ -171,6 +172,9 @@ def secret_set(
     The egress gateway adds `HEADER: value` to the tenant's calls to HOST and scrubs the value
     from every answer; nothing of the value is printed.
     """
+    from stepfleet.egress import check_secret_header, seal_secret
+    from stepfleet.store import StoredSecret
+
     tenant, entry = _tenant(tenant), _host(host)
     if not re.fullmatch(NAME_PATTERN, name):
         fail(f"{name!r} is not a secret name (1 to 64 letters, digits, _ . -)")
@@ -231,6 +235,8 @@ def secret_list(
 @secret_app.command("key")
 def secret_key() -> None:
     """Print a new random key for STEPFLEET_SECRET_KEY (a Fernet key)."""
+    from stepfleet.egress import new_key
+
     say(new_key())
 
 

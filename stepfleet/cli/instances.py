@@ -7,18 +7,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, json_text, run, say, settings, shown
-from stepfleet.client import EventRequest, Producer
-from stepfleet.control import Control, ControlError
-from stepfleet.sandbox import InvalidModule
 from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry, is_tenant
-from stepfleet.store import InstanceDetail, InstanceRecord, PgStore
-from stepfleet.workers.local import parse_event, run_locally
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.control import Control
+    from stepfleet.store import InstanceDetail, InstanceRecord, PgStore
 
 T = TypeVar("T")
 
@@ -28,10 +26,17 @@ InstanceId = Annotated[str, typer.Argument(help="Instance id.")]
 
 @asynccontextmanager
 async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
+    from stepfleet.control import Control
+    from stepfleet.store import PgStore
+
     config = settings()
     topology = config.topology()
     store = PgStore(config.database_url, pool_size=1, retention_seconds=config.retention_seconds)
-    broker = Broker(config.amqp_url, topology) if publish else None
+    broker = None
+    if publish:  # aio-pika only for the actions that publish
+        from stepfleet.broker import Broker
+
+        broker = Broker(config.amqp_url, topology)
     try:
         if broker is not None:
             await broker.connect(name="stepfleet-cli")
@@ -43,10 +48,20 @@ async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
 
 
 async def _key(store: PgStore, instance_id: str, tenant: str | None) -> InstanceKey:
+    from stepfleet.control import ControlError
+
     found = await store.find_instances(instance_id, tenant)
     if not found:
+        held = await store.held_events(InstanceKey(tenant, instance_id)) if tenant else []
         raise ControlError(
-            f"no instance {instance_id!r}" + (f" for tenant {tenant}" if tenant else "")
+            f"no instance {instance_id!r}"
+            + (f" for tenant {tenant}" if tenant else "")
+            + (
+                f" (not created yet: {len(held)} event(s) for it held until "
+                f"{_iso(max(h.expires_at for h in held))} for its create)"
+                if held
+                else ""
+            )
         )
     if len(found) > 1:
         tenants = ", ".join(record.key.tenant for record, _ in found)
@@ -63,6 +78,8 @@ def _act(
     *,
     publish: bool = True,
 ) -> T:
+    from stepfleet.control import ControlError
+
     async def go() -> T:
         async with _control(publish=publish) as (control, store):
             return await action(control, await _key(store, instance_id, tenant))
@@ -83,6 +100,11 @@ def _ms(entry: JournalEntry) -> float | None:
     return round((entry.finished_at - entry.started_at).total_seconds() * 1000, 3)
 
 
+def _compensating(record: InstanceRecord) -> bool:
+    """Whether compensations are running now (never true once the instance is final)."""
+    return bool(record.mode) and not record.status.is_final
+
+
 def _status_json(detail: InstanceDetail) -> dict[str, Any]:
     record = detail.record
     waiting = record.waiting
@@ -97,7 +119,7 @@ def _status_json(detail: InstanceDetail) -> dict[str, Any]:
         "position": record.position,
         "attempt": record.attempt,
         "generation": record.generation,
-        "compensating": bool(record.mode),
+        "compensating": _compensating(record),
         "waiting": None
         if waiting is None
         else {
@@ -141,7 +163,7 @@ def _print_status(detail: InstanceDetail) -> None:
     record = detail.record
     echo = say
     echo(f"instance  {shown(record.key.tenant)}/{shown(record.key.instance_id)}")
-    compensating = record.mode and not record.status.is_final
+    compensating = _compensating(record)
     echo(f"status    {record.status.value}" + ("  (running compensations)" if compensating else ""))
     echo(f"module    {record.module}")
     if record.waiting is not None:
@@ -278,6 +300,8 @@ def event(
     ] = None,
 ) -> None:
     """Send an event to an instance; print the event id."""
+    from stepfleet.client import EventRequest, Producer
+
     try:
         parsed = json.loads(payload)
     except ValueError as exc:
@@ -308,6 +332,9 @@ def run_local(
 
     Exits 0 when the workflow completes, 1 when it fails.
     """
+    from stepfleet.sandbox import InvalidModule
+    from stepfleet.workers.local import parse_event, run_locally
+
     try:
         parsed = json.dumps(json.loads(params), separators=(",", ":"))
         sent = [parse_event(text) for text in events or []]

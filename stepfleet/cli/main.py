@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
-from stepfleet.cli.modules import check_push, register_module_commands
+from stepfleet.cli.modules import register_module_commands
 from stepfleet.cli.orchestrators import register_orchestrator_commands
 from stepfleet.cli.tenants import tenant_app
-from stepfleet.client import CreateRequest, Producer
-from stepfleet.sandbox import CompileFailed, InvalidModule
 from stepfleet.schemas import is_digest, is_tenant
-from stepfleet.store import PgStore, StoreUnavailable
-from stepfleet.store.migrate import ensure_database, upgrade
-from stepfleet.workers.health import judge, judge_alive
-from stepfleet.workers.logs import configure_logging
-from stepfleet.workers.worker import Worker
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+if TYPE_CHECKING:
+    from stepfleet.schemas import TenantLimits
+
+# Each command imports the libraries it needs (SQLAlchemy, aio-pika, wasmtime, ...) when it
+# runs, so `--help` and the commands that need one service start quickly.
+
+# Plain help (no rich markup): flags show no `<bool>`, and rich is not imported to print it.
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, rich_markup_mode=None)
 module_app = typer.Typer(
     no_args_is_help=True, help="Tenant modules in the content-addressed store."
 )
@@ -43,6 +41,9 @@ register_orchestrator_commands(app)
 @app.command()
 def migrate() -> None:
     """Create the database if needed and apply every migration."""
+    from stepfleet.store import StoreUnavailable
+    from stepfleet.store.migrate import ensure_database, upgrade
+
     url = settings().database_url
     try:
         created = ensure_database(url)
@@ -55,6 +56,8 @@ def migrate() -> None:
 @app.command()
 def declare() -> None:
     """Declare the RabbitMQ exchanges, queues and bindings (idempotent)."""
+    from stepfleet.broker import Broker
+
     config = settings()
 
     async def go() -> None:
@@ -71,22 +74,30 @@ def module_push(
     tenant: Annotated[str, typer.Option(help="Tenant that may run this module.")],
 ) -> None:
     """Validate a module and store it; print its digest (pushing the same bytes is a no-op)."""
+    from stepfleet.cli.modules import check_push
+    from stepfleet.sandbox import CompileFailed, InvalidModule
+    from stepfleet.store import PgStore
+
     if not is_tenant(tenant):
         fail(f"{tenant!r} is not a tenant name (lower-case letters, digits, - and _)")
     config = settings()
     wasm = file.read_bytes()
 
-    async def own_limit() -> int | None:
+    async def own_limits() -> TenantLimits | None:
         store = PgStore(config.database_url, pool_size=1)
         try:
             record = await store.tenants.get(tenant)
-            return record.limits.module_bytes if record else None
+            return record.limits if record else None
         finally:
             await store.close()
 
     limits = config.sandbox_limits()
-    if (module_bytes := run(own_limit())) is not None:
-        limits = dataclasses.replace(limits, module_bytes=module_bytes)
+    if (own := run(own_limits())) is not None:
+        limits = dataclasses.replace(
+            limits,
+            module_bytes=own.module_bytes or limits.module_bytes,
+            memory_bytes=own.memory_bytes or limits.memory_bytes,
+        )
     try:
         digest = check_push(config, limits, wasm)
     except (InvalidModule, CompileFailed) as exc:
@@ -108,6 +119,8 @@ def module_push(
 @module_app.command("list")
 def module_list(tenant: Annotated[str, typer.Option(help="Tenant whose modules to list.")]) -> None:
     """List a tenant's modules, newest first."""
+    from stepfleet.store import PgStore
+
     config = settings()
 
     async def go() -> list[tuple[str, int, object]]:
@@ -134,6 +147,8 @@ def create(
     ] = None,
 ) -> None:
     """Publish a create message; print the instance id (the same id twice is one instance)."""
+    from stepfleet.client import CreateRequest, Producer
+
     try:
         parsed = json.loads(params)
     except ValueError as exc:
@@ -161,6 +176,11 @@ def worker(
     batch_size: Annotated[int | None, typer.Option(help="Deliveries per transaction.")] = None,
 ) -> None:
     """Run a worker until SIGTERM or SIGINT, then finish in-flight steps and exit 0."""
+    import asyncio
+
+    from stepfleet.workers.logs import configure_logging
+    from stepfleet.workers.worker import Worker
+
     overrides = {
         k: v for k, v in {"concurrency": concurrency, "batch_size": batch_size}.items() if v
     }
@@ -220,6 +240,8 @@ def health(
     For docker compose healthchecks and readiness probes; with --live, for liveness probes.
     Prints one line why.
     """
+    from stepfleet.workers.health import judge, judge_alive
+
     path = file or settings().health_file
     if path is None:
         fail("no health file: set STEPFLEET_HEALTH_FILE or pass --file")

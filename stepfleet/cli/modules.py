@@ -3,17 +3,17 @@ of `module push`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stepfleet.broker import Broker
 from stepfleet.cli.common import fail, run, say, settings, shown
-from stepfleet.control import Control, ControlError, ModuleMoves, MoveCheck, Verdict
-from stepfleet.sandbox import CompiledModuleCache, SandboxLimits, WasmSandbox
 from stepfleet.schemas import InstanceKey, digest_of, is_digest
-from stepfleet.store import PgStore
-from stepfleet.workers.settings import Settings
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.control import MoveCheck
+    from stepfleet.sandbox import SandboxLimits
+    from stepfleet.workers.settings import Settings
 
 Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
 
@@ -21,14 +21,17 @@ Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
 def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
     """Check a module as a push does; return its digest.
 
-    It is compiled fresh, in a child process under the compile limits, and must pass the ABI
-    checks. When the module cache directory exists (a worker of this user runs on this host),
+    It is compiled fresh, in a child process under the compile limits, must pass the ABI
+    checks, and must be able to start within `limits` (the tenant's memory limit, the table
+    and instance limits of every run). When the module cache directory exists (a worker of this user runs on this host),
     the compiled artifact is left there, so that worker does not compile the module again.
 
     Raises:
         InvalidModule: refused; CompileLimitExceeded names the compile limit it breached.
         CompileFailed: the compiler process failed for a reason that is not the module's.
     """
+    from stepfleet.sandbox import CompiledModuleCache, WasmSandbox
+
     directory = config.module_cache_dir
     cache = (
         CompiledModuleCache.open(directory, config.module_cache_bytes, config.module_cache_key)
@@ -39,6 +42,7 @@ def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
     sandbox = WasmSandbox(limits, module_cache=cache)
     try:
         sandbox.load(digest, wasm, sandbox.compiler.artifact(digest, wasm, fresh=True))
+        sandbox.check_fits(digest, limits.memory_bytes)
     finally:
         sandbox.close()
     return digest
@@ -68,6 +72,10 @@ def move(
     Each instance's journal is replayed against the new code first; only those that replay
     cleanly are moved unless --force. Exits 1 when some instance would not replay.
     """
+    from stepfleet.control import ControlError, ModuleMoves, Verdict
+    from stepfleet.sandbox import WasmSandbox
+    from stepfleet.store import PgStore
+
     _digest(to, "--to")
     if from_module is not None:
         _digest(from_module, "--from")
@@ -104,6 +112,10 @@ def move(
 
 
 def _bulk(tenant: str, digest: str, *, resume: bool) -> list[InstanceKey]:
+    from stepfleet.broker import Broker
+    from stepfleet.control import Control
+    from stepfleet.store import PgStore
+
     config = settings()
     topology = config.topology()
 

@@ -19,8 +19,6 @@ from typing import Annotated
 import typer
 
 from stepfleet.cli.common import fail, say, settings, shown
-from stepfleet.store import StoreUnavailable
-from stepfleet.store.migrate import head_revision, schema_revision
 
 _DRAIN_POLL_SECONDS = 0.2
 
@@ -34,6 +32,9 @@ def wait_schema(
     ] = 2.0,
 ) -> None:
     """Wait until the database schema is at this release's head revision; apply nothing."""
+    from stepfleet.store import StoreUnavailable
+    from stepfleet.store.migrate import head_revision, schema_revision
+
     url = settings().database_url
     head = head_revision()
     deadline = time.monotonic() + timeout

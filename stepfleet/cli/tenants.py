@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import ValidationError
 
-from stepfleet.broker.admin import BrokerAdmin, ProducerCredentials, producer_user
 from stepfleet.cli.common import fail, json_text, run, say, settings, shown
-from stepfleet.schemas import TenantLimits, is_tenant
-from stepfleet.store import PgStore, TenantRecord
+from stepfleet.schemas import is_tenant
+
+if TYPE_CHECKING:  # each command imports what it uses when it runs
+    from stepfleet.broker.admin import ProducerCredentials
+    from stepfleet.schemas import TenantLimits
+    from stepfleet.store import TenantRecord
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: producer users and limits.")
 
 
 def _limits(text: str) -> TenantLimits:
+    from pydantic import ValidationError
+
+    from stepfleet.schemas import TenantLimits
+
     try:
         return TenantLimits.model_validate_json(text)
     except ValidationError as exc:
@@ -40,6 +46,9 @@ def add(
     topology = config.topology()
 
     async def go() -> tuple[bool, ProducerCredentials | None]:
+        from stepfleet.broker.admin import BrokerAdmin, producer_user
+        from stepfleet.store import PgStore
+
         store = PgStore(config.database_url, pool_size=1)
         try:
             existing = await store.tenants.get(name)
@@ -80,6 +89,8 @@ def list_tenants() -> None:
     config = settings()
 
     async def go() -> list[TenantRecord]:
+        from stepfleet.store import PgStore
+
         store = PgStore(config.database_url, pool_size=1)
         try:
             return await store.tenants.all()
@@ -101,6 +112,8 @@ def set_limits(
     config = settings()
 
     async def go() -> bool:
+        from stepfleet.store import PgStore
+
         store = PgStore(config.database_url, pool_size=1)
         try:
             return await store.tenants.set_limits(name, parsed)

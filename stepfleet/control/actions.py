@@ -10,10 +10,11 @@ commit and publish loses nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
-from stepfleet.broker import Broker, Outgoing, Topology
+from stepfleet.broker import Outgoing, Topology
 from stepfleet.control.audit import operator_name
 from stepfleet.cycle.messages import step_message
 from stepfleet.schemas import InstanceKey, InstanceStatus, RunMode, Waiting, WaitKind
@@ -24,6 +25,9 @@ from stepfleet.store import (
     InstanceRecord,
     PgStore,
 )
+
+if TYPE_CHECKING:  # aio-pika: imported by whoever passes a connected broker
+    from stepfleet.broker import Broker
 
 log = structlog.get_logger("stepfleet.control")
 

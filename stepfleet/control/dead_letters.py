@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stepfleet.broker import Broker, Topology
+from stepfleet.broker import Topology
 from stepfleet.broker.topology import routing_key
 from stepfleet.control.audit import operator_name
 from stepfleet.cycle.messages import REPLAY_ID_HEADER, REPLAYED_FOR, from_outbox, is_reserved
 from stepfleet.schemas import DeadReason, Headers, MessageKind
 from stepfleet.store import AuditEntry, DeadLetter, LetterFilter, OutboxMessage, PgStore
+
+if TYPE_CHECKING:  # aio-pika: imported by whoever passes a connected broker
+    from stepfleet.broker import Broker
 
 log = structlog.get_logger("stepfleet.control")
 

@@ -9,6 +9,7 @@ an HTTP call (and is resumed by a later cycle) leaves no trace until it is decid
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Generic
@@ -21,13 +22,26 @@ from stepfleet.cycle.work import CycleResult, H, Rejected, Work, state_of
 from stepfleet.engine import Admit, Duplicate, InstanceState, Keep, Reject, admit, check_size
 from stepfleet.sandbox import ReplayJournal
 from stepfleet.schemas import CreateBody, DeadReason, EventBody, InstanceStatus
-from stepfleet.store import NewEvent
+from stepfleet.store import EarlyEvent, NewEvent, OutboxMessage
 from stepfleet.store.port import StepTx
 
 log = structlog.get_logger("stepfleet.worker")
 
 _OWNED_KEPT = 100_000
 """(tenant, module) pairs a worker remembers as pushed before it starts over."""
+
+
+LetterOf = Callable[[H, DeadReason, str], OutboxMessage]
+"""Builds the dead letter of a message (by its caller's handle) as an outbox row."""
+
+
+class EarlyHold(Generic[H]):
+    """How events for instances that do not exist yet are held: for `seconds`, with the
+    dead letter `letter_of` builds queued if their instance never comes."""
+
+    def __init__(self, seconds: float, letter_of: LetterOf[H]) -> None:
+        self.seconds = seconds
+        self.letter_of = letter_of
 
 
 def _json(value: object) -> str:
@@ -44,10 +58,14 @@ class Admission(Generic[H]):
         *,
         value_bytes: int,
         owned: set[tuple[str, str]] | None = None,
+        early: EarlyHold[H] | None = None,
     ) -> None:
         """`owned`: (tenant, digest) pairs known to be pushed, shared between batches (a
-        module, once pushed, is never taken back), added to as creates find more."""
+        module, once pushed, is never taken back), added to as creates find more. `early`:
+        how to hold events that come before their instance (None: dead-letter them at once,
+        `unknown-instance`)."""
         self._tx = tx
+        self._early = early
         self._result = result
         self._value_bytes = value_bytes
         self._owned = set() if owned is None else owned
@@ -63,6 +81,7 @@ class Admission(Generic[H]):
         records = await self._tx.lock_instances(w.key for w in live)
         admitted: list[Work[H]] = []
         events: list[tuple[Work[H], str, NewEvent | None, Reject | None]] = []
+        early: list[Work[H]] = []
         for work in live:
             record = records.get(work.key)
             body = work.envelope.body
@@ -96,6 +115,13 @@ class Admission(Generic[H]):
                 if isinstance(body, EventBody) and verdict.reason is DeadReason.INSTANCE_FINISHED:
                     # Or a repeat of the event that finished it: known_events tells.
                     events.append((work, body.event_id, None, verdict))
+                elif (
+                    isinstance(body, EventBody)
+                    and verdict.reason is DeadReason.UNKNOWN_INSTANCE
+                    and self._early is not None
+                    and self._early.seconds > 0
+                ):
+                    early.append(work)  # its create may not have committed yet
                 else:
                     self._reject(work, verdict.reason, verdict.detail)
             else:
@@ -104,7 +130,35 @@ class Admission(Generic[H]):
                     log.info("event_stored", event_type=event_type)
         if events:
             await self._sort_events(events, admitted)
+        if early:
+            await self._hold(early, now)
         return admitted
+
+    async def _hold(self, works: list[Work[H]], now: datetime) -> None:
+        """Hold events whose instance does not exist (yet), for their create to take."""
+        assert self._early is not None
+        hold = self._early
+        held: list[EarlyEvent] = []
+        for work in works:
+            body = work.envelope.body
+            assert isinstance(body, EventBody)
+            detail = (
+                f"no instance {work.key.instance_id!r} for this tenant: the event was held "
+                f"from {now.isoformat()} for {hold.seconds:g} s and its instance was not "
+                "created meanwhile"
+            )
+            event = NewEvent(work.key, body.event_id, body.type, self._payloads[id(work)])
+            letter = hold.letter_of(work.handle, DeadReason.UNKNOWN_INSTANCE, detail)
+            held.append(EarlyEvent(event, letter))
+        existing = await self._tx.hold_early_events(held, hold_seconds=hold.seconds)
+        for work in works:
+            with message_context(work):
+                if work.key in existing:
+                    self._result.again.append(work)
+                    log.info("early_event_retried", why="instance created meanwhile")
+                else:
+                    self._result.early.append(work)
+                    log.info("early_event_held", hold_seconds=hold.seconds)
 
     async def _sort_events(
         self,

@@ -169,6 +169,28 @@ def dead_letter(
     )
 
 
+def outbox_row(message: Outgoing) -> OutboxMessage:
+    """A message for another exchange (a dead letter) as an outbox row, for `from_outbox`.
+
+    Header values that are AMQP byte strings are kept as text (UTF-8, other bytes as `\\xNN`),
+    as the dead-letter archive keeps them."""
+    headers = dict(message.headers)
+    if message.message_id is not None:
+        headers[REPLAY_ID_HEADER] = message.message_id
+    return OutboxMessage(
+        routing_key=message.routing_key,
+        headers=json.dumps(headers, separators=(",", ":"), default=_json_text),
+        body=message.body,
+        exchange=message.exchange,
+    )
+
+
+def _json_text(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return repr(value)
+
+
 def _plain(value: object) -> object:
     """Keep header values AMQP can carry back; anything exotic becomes its repr."""
     if value is None or isinstance(value, str | bytes | int | float | bool):

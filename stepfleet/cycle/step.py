@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
 from stepfleet.broker import Outgoing, Topology
-from stepfleet.cycle.admission import Admission
+from stepfleet.cycle.admission import Admission, EarlyHold
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run
@@ -81,11 +82,15 @@ class StepCycle:
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
         gate: LightFirst | None = None,
+        early: EarlyHold[Any] | None = None,
     ) -> None:
         """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
         every one inline, for a process with one cycle at a time (`stepfleet run`, tests).
-        `gate` lets light tenants' batches go first (cycle/priority.py)."""
+        `gate` lets light tenants' batches go first (cycle/priority.py). `early`: how events
+        that come before their instance are held (None: they are dead-lettered
+        `unknown-instance` at once)."""
         self._store = store
+        self._early = early
         self.topology = topology
         self._value_bytes = value_bytes
         self._limits = limits or EngineLimits()
@@ -193,7 +198,9 @@ class StepCycle:
         the outbox rows kept for waiting creates, the runs and the parked writes."""
         async with self._store.transaction() as tx:
             now = self._clock()
-            admission = Admission(tx, result, value_bytes=self._value_bytes, owned=self._owned)
+            admission = Admission(
+                tx, result, value_bytes=self._value_bytes, owned=self._owned, early=self._early
+            )
             admitted = await admission.admit(works, now)
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
@@ -207,8 +214,10 @@ class StepCycle:
             ran = self._set_aside_calls(ran, result)
             for item in ran:
                 self._decide(item)
-            await self._take_waiting_events(tx, ran)
+            # Created first, so that the events held for the new instances are stored before
+            # their first runs' waits look for them.
             ran, held = await self._insert_created(tx, works, ran, held, result)
+            await self._take_waiting_events(tx, ran)
             events = admission.kept_events + [e for i in ran if (e := i.work.new_event)]
             if events:
                 await tx.insert_events(events)
@@ -313,6 +322,10 @@ class StepCycle:
                 for w in created
             ]
         )
+        if inserted:
+            adopted = await tx.adopt_early_events(sorted(inserted))
+            if adopted:
+                log.info("early_events_taken", count=adopted)
         lost = {w.key for w in created if w.key not in inserted}
         if not lost:
             return ran, held

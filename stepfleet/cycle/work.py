@@ -150,6 +150,11 @@ class CycleResult(Generic[H]):
     suspended: list[Suspended[H]] = field(default_factory=list)
     held: int = 0
     """Instances parked by their tenant's quotas instead of run."""
+    early: list[Work[H]] = field(default_factory=list)
+    """Events held for instances that do not exist yet (acknowledged: the store has them)."""
+    again: list[Work[H]] = field(default_factory=list)
+    """Events whose instance was created while this cycle ran: the caller hands them to a
+    later cycle (unacknowledged), which delivers them as usual."""
     next_steps: list[NextStep] = field(default_factory=list)
     """Step messages to send now that the transaction committed (each also in the outbox,
     until the broker confirmed it or the step it asks for is written)."""

@@ -92,15 +92,13 @@ class _Run:
         if isinstance(outcome, Nondeterministic):
             return self._nondeterministic(outcome)
         if isinstance(outcome, GuestCrashed):
+            where = outcome.where or f"the run failed at journal position {self.length}"
             if self.state.mode is RunMode.COMPENSATE:
                 return self._errored(
                     ErrorKind.CRASHED,
-                    f"{self.state.error}; compensations could not run: {outcome.message}",
+                    f"{self.state.error}; compensations could not run: {where}: {outcome.message}",
                 )
-            return self._failed(
-                ErrorKind.CRASHED,
-                f"step at journal position {self.length} failed: {outcome.message}",
-            )
+            return self._failed(ErrorKind.CRASHED, f"{where}: {outcome.message}")
         if isinstance(outcome, Completed | WorkflowFailed) and outcome.seq < self.length:
             return self._errored(
                 ErrorKind.NONDETERMINISM,

@@ -88,7 +88,9 @@ class HostImports:
         try:
             config = parse_step_config(text, max_ms=self._limits.max_sleep_ms)
         except ValueError as exc:
-            raise Violation(f"step {name!r} config: {exc}") from None
+            raise Violation(
+                f"step {name!r} config: {exc}", where=f"step {name!r} attempt {run.attempt} failed"
+            ) from None
         run.step = step = Step(seq, name, config, run.step_deadline)
         assert run.store is not None
         left_ms = int((step.deadline - time.monotonic()) * 1000)
@@ -148,7 +150,13 @@ class HostImports:
 
     def complete(self, caller: wasmtime.Caller, seq: int, op: int, ol: int) -> NoReturn:
         self._outside_step("complete")
-        raise Stop(Completed(seq, self._json_at(caller, op, ol, "workflow output")))
+        try:
+            output = self._json_at(caller, op, ol, "workflow output")
+        except Violation as exc:
+            raise Violation(
+                str(exc), exc.limit, where="the workflow's return value was refused"
+            ) from None
+        raise Stop(Completed(seq, output))
 
     def fail(self, caller: wasmtime.Caller, seq: int, mp: int, ml: int) -> NoReturn:
         self._outside_step("fail")

@@ -33,4 +33,6 @@ class SandboxLimits:
     run_timeout_ms: int = 600_000
     """Wall-clock bound on a whole run outside any step (replay is quick; fuel bounds CPU)."""
     host_calls_per_step: int = 10
+    table_elements: int = 100_000
+    """Elements all tables of one run may hold (8 bytes each, outside the memory limit)."""
     """HTTP calls (`http_request`) one step attempt may make; a run's GuestRun may override it."""

@@ -34,9 +34,11 @@ class Stop(BaseException):
 class Violation(Exception):
     """The guest broke the ABI (bad pointer, bad UTF-8, bad JSON, over a size limit)."""
 
-    def __init__(self, message: str, limit: str | None = None) -> None:
+    def __init__(self, message: str, limit: str | None = None, where: str | None = None) -> None:
         super().__init__(message)
         self.limit = limit
+        self.where = where
+        """What failed, when the host knows better than the run's state (see GuestCrashed)."""
 
 
 def define_imports(

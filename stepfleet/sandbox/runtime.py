@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 import wasmtime
@@ -18,7 +19,7 @@ from stepfleet.sandbox.module_cache import CompiledModuleCache
 from stepfleet.sandbox.port import GuestRun
 from stepfleet.sandbox.run_state import RunState
 from stepfleet.sandbox.wasi_imports import WasiImports
-from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line
+from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line, set_run_limits
 from stepfleet.schemas import GuestCrashed, GuestOutcome, GuestReport, RunOutcome, StepFailed
 
 log = structlog.get_logger("stepfleet.sandbox")
@@ -74,7 +75,7 @@ class WasmSandbox(WasmEngine):
         fuel = job.fuel_per_run or self.limits.fuel_per_run
         memory_cap = job.memory_bytes or self.limits.memory_bytes
         store.set_fuel(fuel)
-        store.set_limits(memory_size=memory_cap, instances=1, tables=4, memories=1)
+        set_run_limits(store, memory_cap, self.limits.table_elements)
         memory: wasmtime.Memory | None = None
 
         def report(outcome: RunOutcome) -> GuestReport:
@@ -82,7 +83,10 @@ class WasmSandbox(WasmEngine):
 
         try:
             self._ticker.set_deadline(store, self.limits.run_timeout_ms)
-            instance = pre.instantiate(store)
+            try:
+                instance = pre.instantiate(store)
+            except wasmtime.WasmtimeError as exc:  # its memory or tables are over the limits
+                return report(GuestCrashed(f"module cannot start: {first_line(exc)}"))
             exports = instance.exports(store)
             memory_export = exports["memory"]
             assert isinstance(memory_export, wasmtime.Memory)
@@ -100,12 +104,12 @@ class WasmSandbox(WasmEngine):
         except Stop as stop:
             return report(stop.outcome)
         except Violation as exc:
-            return report(GuestCrashed(str(exc), exc.limit))
+            return report(GuestCrashed(str(exc), exc.limit, exc.where or _where(run)))
         except wasmtime.Trap as trap:
             crash = self._crashed(trap, memory, store, fuel=fuel, memory_cap=memory_cap)
-            return report(self._in_step(run, crash))
+            return report(self._in_step(run, replace(crash, where=_where(run))))
         except wasmtime.WasmtimeError as exc:
-            return report(GuestCrashed(f"guest error: {exc}"))
+            return report(GuestCrashed(f"guest error: {exc}", where=_where(run)))
         except Exception as exc:
             # A host bug must cost this run only, never the worker's batch of other tenants.
             log.exception("guest_run_failed", tenant=job.tenant, module_digest=job.digest)
@@ -114,7 +118,7 @@ class WasmSandbox(WasmEngine):
             self._ticker.clear()
             run.store = None
             store.close()
-        return report(GuestCrashed("guest returned without an outcome"))
+        return report(GuestCrashed("guest returned without an outcome", where=_where(run)))
 
     @staticmethod
     def _in_step(run: RunState, crash: GuestCrashed) -> GuestOutcome:
@@ -140,7 +144,7 @@ class WasmSandbox(WasmEngine):
         limit = _TRAP_LIMITS.get(code) if code is not None else None
         if limit == "cpu":
             return GuestCrashed(
-                f"CPU limit exceeded: the step used all {fuel} units of fuel",
+                f"CPU limit exceeded: the run used all {fuel} units of fuel",
                 "cpu",
             )
         if limit == "timeout":
@@ -161,3 +165,11 @@ class WasmSandbox(WasmEngine):
                 "memory",
             )
         return GuestCrashed(f"guest trapped: {first_line(trap)}")
+
+
+def _where(run: RunState) -> str:
+    """What failed, by where the run stood: inside a step, or in the workflow's own code."""
+    step = run.step
+    if step is not None:
+        return f"step {step.name!r} attempt {run.attempt} failed"
+    return f"the workflow code failed between steps, at journal position {run.next_seq}"

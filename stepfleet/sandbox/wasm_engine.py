@@ -46,6 +46,31 @@ class WasmEngine:
         """Check size, imports, exports and ABI version, and that the module compiles."""
         self._check_abi_version(self._linker.instantiate_pre(self._compile(wasm)))
 
+    def check_fits(self, digest: str, memory_bytes: int) -> None:
+        """Refuse a loaded module that cannot start within a run's limits: its declared
+        memory minimum over `memory_bytes` (a tenant's limit, or the fleet's), its tables'
+        minimums over `limits.table_elements`, more than one memory or four tables.
+
+        Raises:
+            InvalidModule: what does not fit, and the limit.
+        """
+        store = wasmtime.Store(self._engine)
+        set_run_limits(store, memory_bytes, self.limits.table_elements)
+        store.set_fuel(1_000_000)
+        store.set_epoch_deadline(ticks(10_000))
+        try:
+            self._compiled[digest].instantiate(store)
+        except wasmtime.Trap:
+            pass  # it fits; a start function that traps is validate's and the run's to report
+        except wasmtime.WasmtimeError as exc:
+            raise InvalidModule(
+                f"module can never start: {first_line(exc)} (the limits: {memory_bytes} bytes "
+                f"= {memory_bytes // 65536} pages of memory, {self.limits.table_elements} "
+                "table elements, 1 memory, 4 tables)"
+            ) from None
+        finally:
+            store.close()
+
     def is_loaded(self, digest: str) -> bool:
         """Tell whether `digest` is compiled and cached (and mark it recently used)."""
         if digest in self._compiled:
@@ -135,6 +160,13 @@ class WasmEngine:
             raise InvalidModule(
                 f"module speaks guest ABI {version}, this host speaks {ABI_VERSION}"
             )
+
+
+def set_run_limits(store: wasmtime.Store, memory_bytes: int, table_elements: int) -> None:
+    """The resource limits of a guest run's store (and of `check_fits`)."""
+    store.set_limits(
+        memory_size=memory_bytes, table_elements=table_elements, instances=1, tables=4, memories=1
+    )
 
 
 def call_export(exports: Any, store: wasmtime.Store, name: str, *args: int) -> Any:

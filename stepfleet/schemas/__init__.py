@@ -2,66 +2,71 @@
 
 from __future__ import annotations
 
-from stepfleet.schemas.egress import AnsweredCall, HttpRequest, HttpResponse
-from stepfleet.schemas.identifiers import (
-    DIGEST_PATTERN,
-    INSTANCE_ID_PATTERN,
-    TENANT_PATTERN,
-    InstanceKey,
-    digest_of,
-    is_digest,
-    is_instance_id,
-    is_tenant,
-)
-from stepfleet.schemas.instance import (
-    DEFAULT_EVENT_TIMEOUT_MS,
-    DEFAULT_STEP_CONFIG,
-    Backoff,
-    RunMode,
-    StepConfig,
-    Waiting,
-    WaitKind,
-)
-from stepfleet.schemas.journal import (
-    REDACTED,
-    EntryFlags,
-    EntryKind,
-    FailedAttempt,
-    JournalEntry,
-)
-from stepfleet.schemas.messages import (
-    BODY_MODELS,
-    MAX_NAME_BYTES,
-    SCHEMA_VERSION,
-    CreateBody,
-    Envelope,
-    EventBody,
-    Headers,
-    InvalidMessage,
-    MessageKind,
-    StepBody,
-    WakeBody,
-    parse_envelope,
-)
-from stepfleet.schemas.outcomes import (
-    OPERATIONS,
-    CallRequested,
-    Completed,
-    EventAwaited,
-    GuestCrashed,
-    GuestOutcome,
-    GuestReport,
-    Nondeterministic,
-    Recorded,
-    RunOutcome,
-    SleepRequested,
-    StepFailed,
-    StepSucceeded,
-    WorkflowFailed,
-)
-from stepfleet.schemas.reasons import DeadReason, ErrorKind
-from stepfleet.schemas.status import InstanceStatus
-from stepfleet.schemas.tenancy import TenantLimits
+from typing import TYPE_CHECKING
+
+from stepfleet._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stepfleet.schemas.egress import AnsweredCall, HttpRequest, HttpResponse
+    from stepfleet.schemas.identifiers import (
+        DIGEST_PATTERN,
+        INSTANCE_ID_PATTERN,
+        TENANT_PATTERN,
+        InstanceKey,
+        digest_of,
+        is_digest,
+        is_instance_id,
+        is_tenant,
+    )
+    from stepfleet.schemas.instance import (
+        DEFAULT_EVENT_TIMEOUT_MS,
+        DEFAULT_STEP_CONFIG,
+        Backoff,
+        RunMode,
+        StepConfig,
+        Waiting,
+        WaitKind,
+    )
+    from stepfleet.schemas.journal import (
+        REDACTED,
+        EntryFlags,
+        EntryKind,
+        FailedAttempt,
+        JournalEntry,
+    )
+    from stepfleet.schemas.messages import (
+        BODY_MODELS,
+        MAX_NAME_BYTES,
+        SCHEMA_VERSION,
+        CreateBody,
+        Envelope,
+        EventBody,
+        Headers,
+        InvalidMessage,
+        MessageKind,
+        StepBody,
+        WakeBody,
+        parse_envelope,
+    )
+    from stepfleet.schemas.outcomes import (
+        OPERATIONS,
+        CallRequested,
+        Completed,
+        EventAwaited,
+        GuestCrashed,
+        GuestOutcome,
+        GuestReport,
+        Nondeterministic,
+        Recorded,
+        RunOutcome,
+        SleepRequested,
+        StepFailed,
+        StepSucceeded,
+        WorkflowFailed,
+    )
+    from stepfleet.schemas.reasons import DeadReason, ErrorKind
+    from stepfleet.schemas.status import InstanceStatus
+    from stepfleet.schemas.tenancy import TenantLimits
 
 __all__ = [
     "BODY_MODELS",
@@ -118,3 +123,62 @@ __all__ = [
     "is_tenant",
     "parse_envelope",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AnsweredCall": "stepfleet.schemas.egress",
+        "HttpRequest": "stepfleet.schemas.egress",
+        "HttpResponse": "stepfleet.schemas.egress",
+        "DIGEST_PATTERN": "stepfleet.schemas.identifiers",
+        "INSTANCE_ID_PATTERN": "stepfleet.schemas.identifiers",
+        "TENANT_PATTERN": "stepfleet.schemas.identifiers",
+        "InstanceKey": "stepfleet.schemas.identifiers",
+        "digest_of": "stepfleet.schemas.identifiers",
+        "is_digest": "stepfleet.schemas.identifiers",
+        "is_instance_id": "stepfleet.schemas.identifiers",
+        "is_tenant": "stepfleet.schemas.identifiers",
+        "DEFAULT_EVENT_TIMEOUT_MS": "stepfleet.schemas.instance",
+        "DEFAULT_STEP_CONFIG": "stepfleet.schemas.instance",
+        "Backoff": "stepfleet.schemas.instance",
+        "RunMode": "stepfleet.schemas.instance",
+        "StepConfig": "stepfleet.schemas.instance",
+        "Waiting": "stepfleet.schemas.instance",
+        "WaitKind": "stepfleet.schemas.instance",
+        "REDACTED": "stepfleet.schemas.journal",
+        "EntryFlags": "stepfleet.schemas.journal",
+        "EntryKind": "stepfleet.schemas.journal",
+        "FailedAttempt": "stepfleet.schemas.journal",
+        "JournalEntry": "stepfleet.schemas.journal",
+        "BODY_MODELS": "stepfleet.schemas.messages",
+        "MAX_NAME_BYTES": "stepfleet.schemas.messages",
+        "SCHEMA_VERSION": "stepfleet.schemas.messages",
+        "CreateBody": "stepfleet.schemas.messages",
+        "Envelope": "stepfleet.schemas.messages",
+        "EventBody": "stepfleet.schemas.messages",
+        "Headers": "stepfleet.schemas.messages",
+        "InvalidMessage": "stepfleet.schemas.messages",
+        "MessageKind": "stepfleet.schemas.messages",
+        "StepBody": "stepfleet.schemas.messages",
+        "WakeBody": "stepfleet.schemas.messages",
+        "parse_envelope": "stepfleet.schemas.messages",
+        "OPERATIONS": "stepfleet.schemas.outcomes",
+        "CallRequested": "stepfleet.schemas.outcomes",
+        "Completed": "stepfleet.schemas.outcomes",
+        "EventAwaited": "stepfleet.schemas.outcomes",
+        "GuestCrashed": "stepfleet.schemas.outcomes",
+        "GuestOutcome": "stepfleet.schemas.outcomes",
+        "GuestReport": "stepfleet.schemas.outcomes",
+        "Nondeterministic": "stepfleet.schemas.outcomes",
+        "Recorded": "stepfleet.schemas.outcomes",
+        "RunOutcome": "stepfleet.schemas.outcomes",
+        "SleepRequested": "stepfleet.schemas.outcomes",
+        "StepFailed": "stepfleet.schemas.outcomes",
+        "StepSucceeded": "stepfleet.schemas.outcomes",
+        "WorkflowFailed": "stepfleet.schemas.outcomes",
+        "DeadReason": "stepfleet.schemas.reasons",
+        "ErrorKind": "stepfleet.schemas.reasons",
+        "InstanceStatus": "stepfleet.schemas.status",
+        "TenantLimits": "stepfleet.schemas.tenancy",
+    },
+)

@@ -86,10 +86,15 @@ class GuestCrashed:
     """The run ended without a valid outcome: a trap, a breached limit or an ABI violation.
 
     `limit` names the breached limit (`cpu`, `memory`, `stack`, `output`, ...) or is None.
+    `where` says what failed, as the start of the instance's error: "step 'NAME' attempt N
+    failed", "the workflow code failed between steps, at journal position N", "the workflow's
+    return value was refused"; None when the run failed before any workflow code ran (a
+    module refused, a host error).
     """
 
     message: str
     limit: str | None = None
+    where: str | None = None
 
 
 GuestOutcome = (

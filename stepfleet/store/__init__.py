@@ -4,29 +4,34 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stepfleet.store.control import ControlTransaction
-from stepfleet.store.dead_letters import (
-    Archived,
-    DeadLetter,
-    DeadLetterStore,
-    LetterFilter,
-    NewDeadLetter,
-)
-from stepfleet.store.errors import StoreError, StoreUnavailable
-from stepfleet.store.memory import MemoryStore
-from stepfleet.store.pg import PgStore, StepTransaction
-from stepfleet.store.port import StepStore, StepTx
-from stepfleet.store.records import (
-    AuditEntry,
-    DueTimer,
-    InstanceDetail,
-    InstanceRecord,
-    NewEvent,
-    NewInstance,
-    OutboxMessage,
-    StepWrite,
-)
-from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
+from stepfleet._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stepfleet.store.control import ControlTransaction
+    from stepfleet.store.dead_letters import (
+        Archived,
+        DeadLetter,
+        DeadLetterStore,
+        LetterFilter,
+        NewDeadLetter,
+    )
+    from stepfleet.store.errors import StoreError, StoreUnavailable
+    from stepfleet.store.memory import MemoryStore
+    from stepfleet.store.pg import PgStore, StepTransaction
+    from stepfleet.store.port import StepStore, StepTx
+    from stepfleet.store.records import (
+        AuditEntry,
+        DueTimer,
+        EarlyEvent,
+        HeldEvent,
+        InstanceDetail,
+        InstanceRecord,
+        NewEvent,
+        NewInstance,
+        OutboxMessage,
+        StepWrite,
+    )
+    from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
 __all__ = [
     "Archived",
@@ -35,6 +40,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetterStore",
     "DueTimer",
+    "EarlyEvent",
+    "HeldEvent",
     "InstanceDetail",
     "InstanceRecord",
     "LetterFilter",
@@ -60,3 +67,36 @@ if TYPE_CHECKING:
 
     def _both_implement_the_port(memory: MemoryStore, pg: PgStore) -> list[StepStore]:
         return [memory, pg]
+
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ControlTransaction": "stepfleet.store.control",
+        "Archived": "stepfleet.store.dead_letters",
+        "DeadLetter": "stepfleet.store.dead_letters",
+        "DeadLetterStore": "stepfleet.store.dead_letters",
+        "LetterFilter": "stepfleet.store.dead_letters",
+        "NewDeadLetter": "stepfleet.store.dead_letters",
+        "StoreError": "stepfleet.store.errors",
+        "StoreUnavailable": "stepfleet.store.errors",
+        "MemoryStore": "stepfleet.store.memory",
+        "PgStore": "stepfleet.store.pg",
+        "StepTransaction": "stepfleet.store.pg",
+        "StepStore": "stepfleet.store.port",
+        "StepTx": "stepfleet.store.port",
+        "AuditEntry": "stepfleet.store.records",
+        "DueTimer": "stepfleet.store.records",
+        "EarlyEvent": "stepfleet.store.records",
+        "HeldEvent": "stepfleet.store.records",
+        "InstanceDetail": "stepfleet.store.records",
+        "InstanceRecord": "stepfleet.store.records",
+        "NewEvent": "stepfleet.store.records",
+        "NewInstance": "stepfleet.store.records",
+        "OutboxMessage": "stepfleet.store.records",
+        "StepWrite": "stepfleet.store.records",
+        "StoredSecret": "stepfleet.store.tenants",
+        "TenantRecord": "stepfleet.store.tenants",
+        "TenantStore": "stepfleet.store.tenants",
+    },
+)

@@ -31,7 +31,13 @@ from datetime import UTC, datetime, timedelta
 
 from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store.memory_tx import LockKey, MemoryTransaction, Tables
-from stepfleet.store.records import DueTimer, InstanceDetail, InstanceRecord, OutboxMessage
+from stepfleet.store.records import (
+    DueTimer,
+    HeldEvent,
+    InstanceDetail,
+    InstanceRecord,
+    OutboxMessage,
+)
 
 _TIMED = frozenset(
     {InstanceStatus.QUEUED, InstanceStatus.RUNNING, InstanceStatus.SLEEPING, InstanceStatus.WAITING}
@@ -207,6 +213,35 @@ class MemoryStore:
         if ids:
             async with self.transaction() as tx:
                 await tx.delete_outbox(ids)
+
+    # -- early events ----------------------------------------------------------------------
+
+    async def expire_early_events(self, *, limit: int) -> int:
+        """Move the dead letters of early events whose hold ended to the outbox, dated when
+        each event arrived; return how many."""
+        now = self.clock()
+        expired = sorted(
+            (h.expires_at, key, event_id)
+            for key, rows in self.tables.early.items()
+            for event_id, h in rows.items()
+            if h.expires_at <= now and self.locks.holder(("key", *key)) is None
+        )[:limit]
+        for _, key, event_id in expired:
+            held = self.tables.early[key].pop(event_id)
+            if not self.tables.early[key]:
+                del self.tables.early[key]
+            self.tables.outbox[self.next_outbox_id()] = (held.early.letter, held.received_at)
+        return len(expired)
+
+    async def held_events(self, key: InstanceKey) -> list[HeldEvent]:
+        """The early events held for an instance that does not exist (yet), oldest first."""
+        rows = sorted(
+            self.tables.early.get(key, {}).items(), key=lambda r: (r[1].received_at, r[0])
+        )
+        return [
+            HeldEvent(event_id, h.early.event.type, h.received_at, h.expires_at)
+            for event_id, h in rows
+        ]
 
     @asynccontextmanager
     async def claim_outbox(

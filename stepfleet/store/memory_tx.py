@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 from stepfleet.schemas import FailedAttempt, InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store.errors import IntegrityViolation, StoreError
 from stepfleet.store.records import (
+    EarlyEvent,
     InstanceRecord,
     NewEvent,
     NewInstance,
@@ -64,6 +65,17 @@ class Tables:
     """Each message with its created_at."""
     rates: dict[str, tuple[float, datetime]] = field(default_factory=dict)
     """Each tenant's token bucket: tokens and when they were counted."""
+    early: dict[InstanceKey, dict[str, Held]] = field(default_factory=dict)
+    """Early events held for instances that do not exist yet, by event id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """An early event row: the event, its dead letter, when it came and when its hold ends."""
+
+    early: EarlyEvent
+    received_at: datetime
+    expires_at: datetime
 
 
 def _merged(
@@ -95,6 +107,7 @@ class MemoryTransaction:
         self._db = store.tables
         self._new = Tables()
         self._deleted_outbox: set[int] = set()
+        self._adopted: set[InstanceKey] = set()
         self._failure: StoreError | None = None
 
     # -- life ------------------------------------------------------------------------------
@@ -122,6 +135,9 @@ class MemoryTransaction:
         self._db.outbox.update(self._new.outbox)
         for i in self._deleted_outbox:
             self._db.outbox.pop(i, None)
+        for key in self._adopted:
+            self._db.early.pop(key, None)
+        _lay_over(self._db.early, self._new.early)
 
     # -- what this transaction sees ----------------------------------------------------------
 
@@ -271,6 +287,41 @@ class MemoryTransaction:
                 taken[key] = (event.payload, at)
                 break
         return taken
+
+    async def hold_early_events(
+        self, early: Sequence[EarlyEvent], *, hold_seconds: float
+    ) -> set[InstanceKey]:
+        """Hold events whose instance does not exist; return the keys whose instance exists
+        after all. A lock per instance key ("key", tenant, id) stands for PgStore's advisory
+        lock, shared with `adopt_early_events`."""
+        self._check()
+        await self._lock(("key", *e.event.key) for e in early)
+        existing = {e.event.key for e in early if self._instance(e.event.key) is not None}
+        ends = self.now + timedelta(seconds=hold_seconds)
+        for e in early:
+            key = e.event.key
+            if key in existing or e.event.event_id in self._db.early.get(key, {}):
+                continue
+            self._new.early.setdefault(key, {}).setdefault(
+                e.event.event_id, Held(e, self.now, ends)
+            )
+        return existing
+
+    async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
+        """Store the events held for instances this transaction has just created."""
+        self._check()
+        await self._lock(("key", *k) for k in keys)
+        adopted = 0
+        for key in keys:
+            held = {**self._db.early.get(key, {}), **self._new.early.pop(key, {})}
+            self._adopted.add(key)
+            events = self._new.events.setdefault(key, {})
+            for event_id, h in held.items():
+                if event_id in self._events(key):
+                    continue
+                events[event_id] = Event(h.early.event.type, h.early.event.payload, h.received_at)
+                adopted += 1
+        return adopted
 
     async def write_batch(
         self,

@@ -15,7 +15,13 @@ from stepfleet.store import statements as sql
 from stepfleet.store.control import ControlTransaction
 from stepfleet.store.dead_letters import DeadLetterStore
 from stepfleet.store.errors import translated
-from stepfleet.store.records import DueTimer, InstanceDetail, InstanceRecord, OutboxMessage
+from stepfleet.store.records import (
+    DueTimer,
+    HeldEvent,
+    InstanceDetail,
+    InstanceRecord,
+    OutboxMessage,
+)
 from stepfleet.store.rows import (
     delete_outbox,
     journal_of,
@@ -197,6 +203,22 @@ class PgStore:
         query = query.order_by(instances.c.created_at.desc(), instances.c.id).limit(limit)
         async with translated(), self._engine.connect() as connection:
             return [record_from_row(row) for row in await connection.execute(query)]
+
+    async def expire_early_events(self, *, limit: int) -> int:
+        """Queue the dead letters of held early events whose hold has ended, in the outbox
+        (dated when each event arrived, so the relay's next pass publishes them); return how
+        many."""
+        async with translated(), self._engine.begin() as connection:
+            result = await connection.execute(sql.EXPIRE_EARLY_EVENTS, {"limit": limit})
+            return len(result.all())
+
+    async def held_events(self, key: InstanceKey) -> list[HeldEvent]:
+        """The events held for an instance that does not exist (yet), oldest first."""
+        async with translated(), self._engine.connect() as connection:
+            result = await connection.execute(
+                sql.HELD_EVENTS, {"tenant": key.tenant, "id": key.instance_id}
+            )
+            return [HeldEvent(r.event_id, r.type, r.received_at, r.expires_at) for r in result]
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Forget messages whose publish the broker confirmed."""

@@ -16,6 +16,8 @@ from typing import Protocol
 from stepfleet.schemas import InstanceKey, JournalEntry
 from stepfleet.store.records import (
     DueTimer,
+    EarlyEvent,
+    HeldEvent,
     InstanceDetail,
     InstanceRecord,
     NewEvent,
@@ -78,6 +80,17 @@ class StepTx(Protocol):
         """For each (instance, event type, position) wait, take the oldest stored event."""
         ...
 
+    async def hold_early_events(
+        self, early: Sequence[EarlyEvent], *, hold_seconds: float
+    ) -> set[InstanceKey]:
+        """Hold events whose instance does not exist; return the keys whose instance exists
+        after all (created and committed meanwhile), whose events are not held."""
+        ...
+
+    async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
+        """Store the events held for instances this transaction has just created."""
+        ...
+
     async def write_batch(
         self,
         writes: Sequence[StepWrite],
@@ -116,6 +129,14 @@ class StepStore(Protocol):
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Forget messages whose publish the broker confirmed."""
+        ...
+
+    async def expire_early_events(self, *, limit: int) -> int:
+        """Move the dead letters of early events whose hold ended to the outbox."""
+        ...
+
+    async def held_events(self, key: InstanceKey) -> list[HeldEvent]:
+        """The early events held for an instance that does not exist (yet)."""
         ...
 
     def claim_outbox(

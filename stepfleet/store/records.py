@@ -88,6 +88,27 @@ class NewEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlyEvent:
+    """An event for an instance that does not exist yet: held until its create takes it.
+
+    `letter` is the dead letter (`unknown-instance`) queued in the outbox if the instance
+    does not come before the hold ends."""
+
+    event: NewEvent
+    letter: OutboxMessage
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEvent:
+    """An early event as `stepfleet status` shows it: held until its instance's create."""
+
+    event_id: str
+    type: str
+    received_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class DueTimer:
     """A parked instance whose timer is due: what its wake message must name."""
 

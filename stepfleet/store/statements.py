@@ -158,6 +158,81 @@ INSERT_EVENTS = text(
     """
 )
 
+# Early events (events for instances that do not exist yet) and the creates that take them
+# serialise on one transaction-level advisory lock per instance key: whichever commits first,
+# the other sees it (see docs/architecture.md, *Early events*).
+LOCK_INSTANCE_KEYS = text(
+    """
+    SELECT count(pg_advisory_xact_lock(hashtextextended(k.tenant || '/' || k.id, 7)))
+    FROM (SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])) AS u(tenant, id)
+          ORDER BY 1, 2) AS k
+    """
+)
+
+EXISTING_INSTANCES = text(
+    """
+    SELECT tenant, id FROM instances
+    WHERE (tenant, id) IN (
+        SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))
+    """
+)
+
+HOLD_EARLY_EVENTS = text(
+    """
+    INSERT INTO early_events (tenant, instance_id, event_id, type, payload, expires_at,
+                              letter_exchange, letter_routing_key, letter_headers, letter_body)
+    SELECT t, i, e, ty, p, now() + make_interval(secs => :hold), x, rk, h, b
+    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:event_ids AS text[]),
+                CAST(:types AS text[]), CAST(:payloads AS text[]), CAST(:exchanges AS text[]),
+                CAST(:keys AS text[]), CAST(:headers AS text[]), CAST(:bodies AS bytea[]))
+         AS n(t, i, e, ty, p, x, rk, h, b)
+    ON CONFLICT ON CONSTRAINT pk_early_events DO NOTHING
+    """
+)
+
+# The instances were just inserted by this transaction: their held events become stored
+# events, in arrival order, for the first waits of their types.
+ADOPT_EARLY_EVENTS = text(
+    """
+    WITH taken AS (
+        DELETE FROM early_events
+        WHERE (tenant, instance_id) IN (
+            SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])))
+        RETURNING tenant, instance_id, event_id, type, payload, received_at
+    )
+    INSERT INTO events (tenant, instance_id, event_id, type, payload, received_at)
+    SELECT tenant, instance_id, event_id, type, payload, received_at FROM taken
+    ON CONFLICT ON CONSTRAINT pk_events DO NOTHING
+    RETURNING tenant, instance_id
+    """
+)
+
+# Held events whose hold ended: their dead letters go to the outbox, dated when the event
+# arrived, so the next pass of the outbox relay publishes them.
+EXPIRE_EARLY_EVENTS = text(
+    """
+    WITH gone AS (
+        DELETE FROM early_events WHERE (tenant, instance_id, event_id) IN (
+            SELECT tenant, instance_id, event_id FROM early_events
+            WHERE expires_at <= now()
+            ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING letter_exchange, letter_routing_key, letter_headers, letter_body, received_at
+    )
+    INSERT INTO outbox (exchange, routing_key, headers, body, created_at)
+    SELECT letter_exchange, letter_routing_key, letter_headers, letter_body, received_at
+    FROM gone
+    RETURNING id
+    """
+)
+
+HELD_EVENTS = text(
+    """
+    SELECT event_id, type, received_at, expires_at FROM early_events
+    WHERE tenant = :tenant AND instance_id = :id
+    ORDER BY received_at, event_id
+    """
+)
+
 CLAIM_OUTBOX = text(
     """
     SELECT id, exchange, routing_key, headers, body FROM outbox

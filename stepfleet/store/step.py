@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from stepfleet.schemas import InstanceKey, JournalEntry, Waiting
 from stepfleet.store import statements as sql
 from stepfleet.store.records import (
+    EarlyEvent,
     InstanceRecord,
     NewEvent,
     NewInstance,
@@ -151,6 +152,51 @@ class StepTransaction:
             },
         )
         return {InstanceKey(row.tenant, row.instance_id) for row in result}
+
+    async def hold_early_events(
+        self, early: Sequence[EarlyEvent], *, hold_seconds: float
+    ) -> set[InstanceKey]:
+        """Hold events whose instance does not exist, for `hold_seconds`; return the keys
+        whose instance exists after all (its create committed meanwhile): those are not held.
+
+        The instances' advisory locks (also taken by `adopt_early_events`) make this and a
+        create of the same instance serialise: a create that commits first is seen here, one
+        that commits later finds the held event.
+        """
+        if not early:
+            return set()
+        keys = split_keys(e.event.key for e in early)
+        await self._conn.execute(sql.LOCK_INSTANCE_KEYS, keys)
+        existing = {
+            InstanceKey(row.tenant, row.id)
+            for row in await self._conn.execute(sql.EXISTING_INSTANCES, keys)
+        }
+        held = [e for e in early if e.event.key not in existing]
+        if held:
+            await self._conn.execute(
+                sql.HOLD_EARLY_EVENTS,
+                {
+                    **split_keys(e.event.key for e in held),
+                    "event_ids": [e.event.event_id for e in held],
+                    "types": [e.event.type for e in held],
+                    "payloads": [e.event.payload for e in held],
+                    "exchanges": [e.letter.exchange or "" for e in held],
+                    "keys": [e.letter.routing_key for e in held],
+                    "headers": [e.letter.headers for e in held],
+                    "bodies": [e.letter.body for e in held],
+                    "hold": hold_seconds,
+                },
+            )
+        return existing
+
+    async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
+        """Turn the events held for instances this transaction has just inserted into stored
+        events (arrival times kept); return how many."""
+        if not keys:
+            return 0
+        split = split_keys(keys)
+        await self._conn.execute(sql.LOCK_INSTANCE_KEYS, split)
+        return len((await self._conn.execute(sql.ADOPT_EARLY_EVENTS, split)).all())
 
     async def take_events(
         self, waits: Sequence[tuple[InstanceKey, str, int]]

@@ -222,6 +222,27 @@ events = Table(
     ),
 )
 
+# Events that arrived before their instance existed (its create not yet committed): held
+# until the create takes them, or until expires_at, when their dead letter goes to the outbox.
+early_events = Table(
+    "early_events",
+    metadata,
+    Column("tenant", Text, nullable=False),
+    Column("instance_id", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    # The dead letter published if the instance never comes (an outbox row's columns).
+    Column("letter_exchange", Text, nullable=False),
+    Column("letter_routing_key", Text, nullable=False),
+    Column("letter_headers", Text, nullable=False),
+    Column("letter_body", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("tenant", "instance_id", "event_id"),
+    Index(None, "expires_at"),
+)
+
 outbox = Table(
     "outbox",
     metadata,

@@ -18,9 +18,10 @@ import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery, Outgoing, Topology
 from stepfleet.broker.topology import routing_key
+from stepfleet.cycle.admission import EarlyHold
 from stepfleet.cycle.calls import Caller, CallScheduler
 from stepfleet.cycle.directory import TenantDirectory
-from stepfleet.cycle.messages import dead_letter
+from stepfleet.cycle.messages import dead_letter, outbox_row
 from stepfleet.cycle.step import StepCycle, utcnow
 from stepfleet.cycle.work import CycleResult, NextStep, Suspended, Work
 from stepfleet.engine import EngineLimits
@@ -76,6 +77,7 @@ class BatchProcessor:
         tenant_inflight: int = 250,
         resume: Callable[[Delivery], None] | None = None,
         local_steps: int = 0,
+        early_event_seconds: float = 0.0,
     ) -> None:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
         whose step's call was answered (or a next step taken on locally) to the worker's
@@ -96,6 +98,9 @@ class BatchProcessor:
             directory=directory,
             clock=clock,
             on_wake_due=on_wake_due,
+            early=EarlyHold(
+                early_event_seconds, lambda d, r, t: outbox_row(dead_letter(topology, d, r, t))
+            ),
         )
         self.confirmed_outbox: list[int] = []
         """Outbox ids whose publish was confirmed; deleted by the next transaction."""
@@ -139,6 +144,7 @@ class BatchProcessor:
         dead += [self._dead(r.work.handle, r.reason, r.detail) for r in cycle.rejected]
         self._count(result, cycle, dead)
         waiting = {id(s.work.handle) for s in cycle.suspended}
+        result.deferred += [w.handle for w in cycle.again]  # their instance exists now
         deferred = {id(d) for d in result.deferred}  # a resumed one keeps its answers
         for delivery in deliveries:
             if id(delivery) not in waiting and id(delivery) not in deferred:

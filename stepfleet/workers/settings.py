@@ -11,7 +11,6 @@ from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepfleet.broker import Topology
-from stepfleet.broker.cluster import broker_urls
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
 
@@ -132,6 +131,9 @@ class Settings(BaseSettings):
     (0: publish every one). Each keeps its outbox row until its step is written, so a worker
     that dies holding them leaves them to the outbox relay; keep the time they wait well under
     outbox_relay_after_seconds, or the relay sends copies (harmless, but run twice)."""
+    early_event_seconds: float = Field(default=600.0, ge=0)
+    """How long an event for an instance that does not exist yet is held for its create;
+    then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -154,12 +156,16 @@ class Settings(BaseSettings):
     @property
     def vhost(self) -> str:
         """The RabbitMQ virtual host of STEPFLEET_AMQP_URL ("/" when the URL names none)."""
+        from stepfleet.broker.cluster import broker_urls  # aio-pika: only when asked
+
         path = urlsplit(broker_urls(self.amqp_url)[0]).path
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
     def broker_user(self) -> str:
         """The user the fleet connects to RabbitMQ as (the first URL's)."""
+        from stepfleet.broker.cluster import broker_urls  # aio-pika: only when asked
+
         return unquote(urlsplit(broker_urls(self.amqp_url)[0]).username or "guest")
 
     @property

@@ -113,6 +113,7 @@ class Worker:
             tenant_inflight=settings.tenant_inflight,
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
+            early_event_seconds=settings.early_event_seconds,
         )
         self._side_lanes = SideLanes(
             self.topology,
@@ -417,6 +418,8 @@ class Worker:
                 await self._flush_confirmed()
                 if tick % 5:
                     continue
+                if expired := await self.store.expire_early_events(limit=500):
+                    log.info("early_events_expired", count=expired)
                 async with self.store.claim_outbox(
                     older_than_seconds=self.settings.outbox_relay_after_seconds, limit=500
                 ) as claimed:

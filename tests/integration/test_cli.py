@@ -21,6 +21,7 @@ from tests.wasm_bombs import CALLS_BODY, guest
 pytestmark = pytest.mark.services
 
 ORDER = EXAMPLES / "order" / "order.wasm"
+FINAL = {InstanceStatus.COMPLETE, InstanceStatus.ERRORED, InstanceStatus.TERMINATED}
 
 
 @pytest.fixture
@@ -254,6 +255,53 @@ async def test_a_tenant_module_size_limit_applies_at_push(cli, store):
     assert "the limit is 1024" in refused.output
 
 
+def sized_guest(pages: int, table: int = 0) -> bytes:
+    """A guest that completes at once, with `pages` of memory and `table` table elements."""
+    import wasmtime
+
+    return wasmtime.wat2wasm(
+        f"""
+        (module
+          (import "stepfleet" "complete" (func $complete (param i32 i32 i32)))
+          (memory (export "memory") {pages})
+          (table {table} funcref)
+          (func (export "sf_abi_version") (result i32) i32.const 2)
+          (func (export "sf_alloc") (param i32) (result i32) i32.const 1024)
+          (func (export "sf_run") (param i32 i32) i32.const 0 i32.const 16 i32.const 2
+            call $complete)
+          (data (i32.const 16) "{{}}"))
+        """
+    )
+
+
+async def test_push_refuses_a_module_that_can_never_start_within_the_limits(cli, store, tmp_path):
+    """A memory minimum over the tenant's memory limit (or the fleet's), or tables over the
+    run's table limit, is refused at push with the limit named; the same module fits a
+    tenant whose limit is larger."""
+    small = f"tiny-{uuid.uuid4().hex[:8]}"
+    await store.tenants.add(small, None, TenantLimits(memory_bytes=2 * 65536))
+    other = f"roomy-{uuid.uuid4().hex[:8]}"
+    cases = {
+        "huge.wasm": (sized_guest(60_000), "memory minimum size of 60000 pages"),
+        "tables.wasm": (sized_guest(1, table=200_000), "table minimum size of 200000 elements"),
+    }
+    for name, (wasm, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(wasm)
+        refused = await asyncio.to_thread(cli, "module", "push", str(path), "--tenant", other)
+        assert refused.exit_code == 1, refused.output
+        assert "can never start" in refused.output
+        assert expected in refused.output
+    three = tmp_path / "three.wasm"
+    three.write_bytes(sized_guest(3))
+    refused = await asyncio.to_thread(cli, "module", "push", str(three), "--tenant", small)
+    assert refused.exit_code == 1
+    assert "131072 bytes = 2 pages of memory" in refused.output
+    assert await store.tenant_modules(small) == []
+    fits = await asyncio.to_thread(cli, "module", "push", str(three), "--tenant", other)
+    assert fits.exit_code == 0, fits.output
+
+
 HOSTILE = "\x1b]52;c;c3RlcGZsZWV0\x07\x1b[2J\x9b31m\u202eboom\r\x7f"
 """Text a tenant chooses that a terminal would act on: an OSC clipboard write, a screen
 clear, a C1 CSI, a bidi override, a carriage return and DEL."""
@@ -307,3 +355,45 @@ async def test_tenant_text_reaches_the_terminal_escaped(
     shown = await asyncio.to_thread(cli, "dlq", "show", str(letter.id))
     assert_inert(shown.stdout)
     assert json.loads(shown.stdout)["headers"]["x-instance-id"] == HOSTILE
+
+
+async def test_status_agrees_on_compensations_and_names_held_events(
+    cli, store, start_worker, playbook_wasm
+):
+    """An errored instance whose rollbacks all ran is not `compensating` in either view; an
+    id not created yet is unknown to status, which names the events held for it."""
+    tenant = f"comp-{uuid.uuid4().hex[:8]}"
+    playbook = EXAMPLES / "playbook" / "playbook.wasm"
+    digest = (
+        await asyncio.to_thread(cli, "module", "push", str(playbook), "--tenant", tenant)
+    ).stdout.strip()
+    await start_worker()
+    instance_id = f"comp-{uuid.uuid4().hex[:8]}"
+    ops = [
+        {"op": "do", "name": "a", "rollback": True},
+        {"op": "fail", "message": "out of luck"},
+    ]
+    await asyncio.to_thread(
+        cli, "create", "--tenant", tenant, "--module", digest,
+        "--params", json.dumps({"ops": ops}), "--id", instance_id,
+    )  # fmt: skip
+    record, _ = await wait_for_status(store, InstanceKey(tenant, instance_id), FINAL)
+    assert record.status is InstanceStatus.ERRORED
+    shown = json.loads((await asyncio.to_thread(cli, "status", instance_id, "--json")).stdout)
+    assert shown["compensating"] is False
+    assert "compensated" in [e["kind"] for e in shown["journal"]]
+    assert (
+        "running compensations" not in (await asyncio.to_thread(cli, "status", instance_id)).stdout
+    )
+
+    later = f"later-{uuid.uuid4().hex[:8]}"
+    sent = await asyncio.to_thread(cli, "event", later, "--tenant", tenant, "--type", "go")
+    assert sent.exit_code == 0, sent.output
+
+    async def held() -> bool:
+        return bool(await store.held_events(InstanceKey(tenant, later)))
+
+    await wait_until(held, "the event to be held for its create")
+    unknown = await asyncio.to_thread(cli, "status", later, "--tenant", tenant)
+    assert unknown.exit_code == 1
+    assert "not created yet: 1 event(s) for it held until" in unknown.output

@@ -328,7 +328,8 @@ async def test_a_producer_cannot_forge_who_sent_an_expired_letter(
 async def test_a_tenants_own_letter_is_replayed_and_checked_again_as_its_producer(
     settings, topology, broker, store, raw, start_worker, tenant, connect, playbook_wasm
 ):
-    """An event the victim's own producer sent too early (unknown-instance) is replayed once
+    """An event the victim's own producer sent too early (held, then unknown-instance: its
+    dead letter comes through the outbox as a worker's own) is replayed once
     the instance exists, as the victim's producer's message (x-replayed-for), and the worker
     checks it as such. A message the fleet publishes for another tenant's producer is refused
     by the worker, whatever the archive said."""
@@ -336,7 +337,7 @@ async def test_a_tenants_own_letter_is_replayed_and_checked_again_as_its_produce
     _, other_credentials = await tenant()
     digest = digest_of(playbook_wasm)
     await store.put_module(owner, digest, playbook_wasm)
-    await start_worker()
+    await start_worker(early_event_seconds=0.5)  # held half a second, then dead-lettered
     key = InstanceKey(owner, f"late-{uuid.uuid4().hex[:8]}")
     event_headers = {
         "x-tenant": owner,

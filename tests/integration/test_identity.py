@@ -149,7 +149,7 @@ async def test_cross_tenant_instances_and_modules_are_out_of_reach(
     other, other_credentials = await tenant()
     digest = digest_of(order_wasm)
     await store.put_module(owner, digest, order_wasm)
-    await start_worker()
+    await start_worker(early_event_seconds=0)  # dead-letter events for no instance at once
     instance_id = f"mine-{uuid.uuid4().hex[:8]}"
     owner_channel = await connect(owner_credentials)
     await publish(
@@ -219,7 +219,12 @@ async def test_the_broker_refuses_what_a_producer_user_may_not_do(
 @pytest.mark.parametrize(
     ("limits", "module", "expected"),
     [
-        (TenantLimits(fuel_per_run=1_000_000), "loop", "the step used all 1000000 units of fuel"),
+        (
+            TenantLimits(fuel_per_run=1_000_000),
+            "loop",
+            "the workflow code failed between steps, at journal position 0: "
+            "CPU limit exceeded: the run used all 1000000 units of fuel",
+        ),
         (TenantLimits(memory_bytes=2 * 65536), "membomb", "131072"),
     ],
     ids=["cpu", "memory"],

@@ -30,6 +30,7 @@ from stepfleet.schemas import (
     digest_of,
 )
 from stepfleet.store import (
+    EarlyEvent,
     MemoryStore,
     NewEvent,
     NewInstance,
@@ -448,6 +449,57 @@ async def test_a_rolled_back_take_leaves_the_event(contract: Contract) -> None:
 
 
 # -- limits --------------------------------------------------------------------------------
+
+
+def _early(key: InstanceKey, event_id: str) -> EarlyEvent:
+    letter = OutboxMessage("t.event", '{"x-dead-reason":"unknown-instance"}', b"{}", "dead")
+    return EarlyEvent(NewEvent(key, event_id, "go", '"early"'), letter)
+
+
+async def test_early_events_are_held_until_their_create_takes_them(contract: Contract) -> None:
+    """Events held for an instance that does not exist become its stored events when a
+    create inserts it (arrival order kept); for an existing instance nothing is held."""
+    (existing,) = await contract.create("there")
+    key = contract.key("soon")
+    async with contract.store.transaction() as tx:
+        found = await tx.hold_early_events(
+            [_early(key, "e1"), _early(existing, "e9")], hold_seconds=60
+        )
+    assert found == {existing}
+    async with contract.store.transaction() as tx:
+        await tx.hold_early_events([_early(key, "e2"), _early(key, "e1")], hold_seconds=60)
+    assert [h.event_id for h in await contract.store.held_events(key)] == ["e1", "e2"]
+    assert await contract.store.held_events(existing) == []
+    async with contract.store.transaction() as tx:
+        await tx.create_instances([NewInstance(key, contract.module, "{}")])
+        assert await tx.adopt_early_events([key]) == 2
+        taken = await tx.take_events([(key, "go", 0)])
+    assert taken[key][0] == '"early"'
+    assert await contract.store.held_events(key) == []
+    detail = await contract.store.detail(key)
+    assert detail is not None
+    assert detail.pending_events == 1
+
+
+async def test_a_create_committed_during_a_hold_is_seen_by_it(contract: Contract) -> None:
+    """A create that commits while an event's transaction waits to hold it is seen by the
+    hold (the event is then not held), so no event is left behind by the race."""
+    key = contract.key("racing")
+    created = asyncio.Event()
+
+    async def hold() -> set[InstanceKey]:
+        await created.wait()
+        async with contract.store.transaction() as tx:
+            return await tx.hold_early_events([_early(key, "e1")], hold_seconds=60)
+
+    task = asyncio.create_task(hold())
+    async with contract.store.transaction() as tx:
+        await tx.create_instances([NewInstance(key, contract.module, "{}")])
+        await tx.adopt_early_events([key])
+        created.set()
+        await asyncio.sleep(0.05)
+    assert await task == {key}
+    assert await contract.store.held_events(key) == []
 
 
 async def test_grant_slots_shares_the_cap_between_transactions(contract: Contract) -> None:

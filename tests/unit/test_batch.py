@@ -15,6 +15,7 @@ import pytest
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.directory import TenantDirectory
+from stepfleet.cycle.messages import from_outbox
 from stepfleet.cycle.runner import SLICE_FUEL
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import (
@@ -96,6 +97,7 @@ class Fleet:
         sandbox=None,
         wasm_thread=None,
         caller=None,
+        early_event_seconds: float = 0.0,
     ) -> None:
         self.now = T0
         self.inbox: list = []
@@ -122,6 +124,7 @@ class Fleet:
             caller=caller,
             resume=self.inbox.append,
             local_steps=local_steps,
+            early_event_seconds=early_event_seconds,
         )
 
     async def handed_back(self) -> list:
@@ -301,6 +304,51 @@ async def test_bad_messages_are_dead_lettered_and_the_rest_of_the_batch_commits(
     reasons = sorted(m.headers["x-dead-reason"] for m in fleet.dead())
     assert reasons == ["bad-body", "bad-header", "unknown-module"]
     assert len(fleet.acks.acked) == 4
+
+
+async def test_an_event_before_its_create_is_held_and_taken_by_the_first_wait():
+    """An event for an instance that does not exist yet is held (acknowledged, no dead
+    letter); the create that comes later stores it, and the first run's wait takes it in the
+    create's own transaction."""
+    fleet = Fleet(guest=waits_for_go, early_event_seconds=60)
+    await fleet.push()
+    early = await fleet.processor.process([fleet.event("o-1", "e-1", {"ok": True})])
+    assert (early.dead_letters, len(fleet.acks.acked)) == (0, 1)
+    [held] = await fleet.store.held_events(InstanceKey(TENANT, "o-1"))
+    assert (held.event_id, held.type) == ("e-1", "go")
+    assert held.expires_at == fleet.now + timedelta(seconds=60)
+    await fleet.processor.process([fleet.create("o-1")])
+    await fleet.forward()
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (
+        InstanceStatus.COMPLETE,
+        '{"ok":true}',
+    )
+    assert [e.kind for e in detail.journal] == [EntryKind.EVENT_RECEIVED]
+    assert await fleet.store.held_events(InstanceKey(TENANT, "o-1")) == []
+    assert not fleet.dead()
+
+
+async def test_an_event_whose_instance_never_comes_is_dead_lettered_after_the_hold():
+    """A held event whose create never comes gets its unknown-instance letter queued in the
+    outbox once the hold ends, with the event's body, message id and the worker's headers."""
+    fleet = Fleet(early_event_seconds=60)
+    message = fleet.event("ghost", "e-1", {})
+    await fleet.processor.process([message])
+    assert await fleet.store.expire_early_events(limit=10) == 0
+    fleet.now += timedelta(seconds=61)
+    assert await fleet.store.expire_early_events(limit=10) == 1
+    [(_, row)] = fleet.store.outbox()
+    letter = from_outbox(TOPOLOGY, row, user_id="fleet")
+    assert letter.exchange == TOPOLOGY.dead_letter_exchange
+    assert letter.headers["x-dead-reason"] == "unknown-instance"
+    assert "held" in letter.headers["x-dead-detail"]
+    assert (letter.body, letter.message_id, letter.user_id) == (
+        message.body,
+        message.message_id,
+        None,
+    )
+    assert await fleet.store.held_events(InstanceKey(TENANT, "ghost")) == []
 
 
 async def test_an_event_for_no_instance_is_dead_lettered():

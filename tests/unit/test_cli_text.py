@@ -53,3 +53,34 @@ def test_json_text_is_inert_and_exact():
     text = json_text(value, indent=2)
     assert inert(text, layout=True)
     assert json.loads(text) == value
+
+
+def test_dlq_times_take_an_offset_and_read_a_bare_time_as_utc():
+    """`--since`/`--until` accept ISO 8601 with an offset; a time without one is UTC."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    import typer
+
+    from stepfleet.cli.dlq import parse_time
+
+    assert parse_time("2026-11-22T10:00") == datetime(2026, 11, 22, 10, tzinfo=UTC)
+    assert parse_time("2026-11-22T10:00Z") == datetime(2026, 11, 22, 10, tzinfo=UTC)
+    plus_one = parse_time("2026-11-22T10:00+01:00")
+    assert plus_one.utcoffset() == timedelta(hours=1)
+    assert plus_one == datetime(2026, 11, 22, 9, tzinfo=UTC)
+    assert parse_time("2026-11-22") == datetime(2026, 11, 22, tzinfo=UTC)
+    assert parse_time("2026-11-22T10:00-05:00").tzinfo == timezone(timedelta(hours=-5))
+    with pytest.raises(typer.BadParameter, match="not an ISO 8601 time"):
+        parse_time("yesterday")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "--help"], ["dlq", "list", "--help"]])
+def test_help_shows_flags_without_a_type(args):
+    """Flags (`--help`, `--json`, `--replayed`) are shown bare, not as `--help <bool>`."""
+    from typer.testing import CliRunner
+
+    from stepfleet.cli.main import app
+
+    shown_help = CliRunner().invoke(app, args).output
+    assert "--help" in shown_help
+    assert "<bool>" not in shown_help

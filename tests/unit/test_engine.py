@@ -289,10 +289,14 @@ def test_outcome_at_the_wrong_position_is_an_abi_violation():
 
 
 def test_crash_outside_a_step_errors_the_instance():
-    decision = run(journal("a"), GuestCrashed("guest trapped: unreachable"))
+    """The error says what failed, as the sandbox saw it; without that, where the run stood."""
+    between = "the workflow code failed between steps, at journal position 1"
+    decision = run(journal("a"), GuestCrashed("guest trapped: unreachable", where=between))
     assert decision.status is InstanceStatus.ERRORED
-    assert decision.error == "step at journal position 1 failed: guest trapped: unreachable"
+    assert decision.error == f"{between}: guest trapped: unreachable"
     assert decision.error_kind is ErrorKind.CRASHED
+    unplaced = run(journal("a"), GuestCrashed("host error: KeyError"))
+    assert unplaced.error == "the run failed at journal position 1: host error: KeyError"
 
 
 # -- retries -----------------------------------------------------------------------------

@@ -381,6 +381,13 @@ def test_json_the_host_refuses(sandbox, output, message):
     assert crash_message(run_guest(sandbox, complete_with(output))) == message
 
 
+def test_a_refused_return_value_is_named_as_such(sandbox):
+    """The error of a bad return value says the return value failed, not a step."""
+    outcome = run_guest(sandbox, complete_with("NaN")).outcome
+    assert isinstance(outcome, GuestCrashed)
+    assert outcome.where == "the workflow's return value was refused"
+
+
 # -- NUL and UTF-8 -------------------------------------------------------------------------
 
 
@@ -615,7 +622,11 @@ def test_a_run_spinning_before_any_step_is_stopped_at_the_run_timeout():
         report = run_guest(short, guest(SPIN))
     finally:
         short.close()
-    assert report.outcome == GuestCrashed("the run took longer than 150 ms", "timeout")
+    assert report.outcome == GuestCrashed(
+        "the run took longer than 150 ms",
+        "timeout",
+        "the workflow code failed between steps, at journal position 0",
+    )
 
 
 def test_after_stopping_a_spinning_step_the_sandbox_runs_guests_normally(roomy, order_wasm):
