@@ -23,7 +23,8 @@ import asyncio
 import heapq
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from stepfleet.broker import Delivery
 
@@ -71,6 +72,7 @@ class FairInbox:
         self._now = 0.0
         """Virtual time: the pass of the tenant served last."""
         self._size = 0
+        self._serving_light = 0
         self._forget_past = 4096
         self.waited = 0.0
         """Seconds the deliveries taken so far waited here, summed."""
@@ -109,7 +111,8 @@ class FairInbox:
         here, by weighted fair queuing over the tenants; [] when nothing came.
 
         Light tenants' deliveries are left to `take_light` while there are at most
-        `leave_light` of them: a batch of their own is done sooner than a large one.
+        `leave_light` of them and no light batch is being served (`serving_light`): a batch
+        of their own is done sooner than a large one.
         """
         deadline = time.monotonic() + wait_s
         while self._size <= self._reserved(leave_light):
@@ -139,10 +142,22 @@ class FairInbox:
             self._schedule(tenant)
         return batch
 
+    @contextmanager
+    def serving_light(self) -> Iterator[None]:
+        """While the block runs (a batch `take_light` took), `take` leaves nothing to
+        `take_light`: a light batch that takes long (a module compiling, a lock) must not
+        hold up the light deliveries that come meanwhile."""
+        self._serving_light += 1
+        self._arrived.set()  # `take`s waiting for such deliveries may have them now
+        try:
+            yield
+        finally:
+            self._serving_light -= 1
+
     def _reserved(self, leave_light: int) -> int:
         """Deliveries `take` leaves to `take_light`: the light tenants' (at least one each),
-        unless there are more than `leave_light`."""
-        if len(self._light) > leave_light:
+        unless there are more than `leave_light` or a light batch is being served."""
+        if self._serving_light or len(self._light) > leave_light:
             return 0
         waiting = sum(len(tenant.queue) for tenant in self._light.values())
         return waiting if waiting <= leave_light else 0

@@ -162,8 +162,12 @@ class Worker:
                 await self.broker.consume(queue, self._on_delivery, prefetch=per_lane)
                 for queue in self.topology.work_queues
             ]
+            # A side lane holds one heavy tenant's work: two batches of it in hand are enough,
+            # and keep what a stopping worker must finish small.
             cancels += [
-                await self.broker.consume(queue, self._on_side_delivery, prefetch=per_lane)
+                await self.broker.consume(
+                    queue, self._on_side_delivery, prefetch=2 * self.settings.batch_size
+                )
                 for queue in self.topology.side_queues
             ]
             moving = asyncio.create_task(self._side_lanes.run(), name="side-lanes")
@@ -243,7 +247,7 @@ class Worker:
         while not self._drained():
             batch = await self._inbox.take_light(_LIGHT_BATCH, wait_s=0.2)
             if batch:
-                with gate.light():
+                with gate.light(), self._inbox.serving_light():
                     await self._process_with_retry(batch)
 
     async def _process_with_retry(self, batch: list[Delivery]) -> None:

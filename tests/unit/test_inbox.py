@@ -106,3 +106,15 @@ async def test_take_leaves_a_few_light_deliveries_to_take_light():
     for tenant in ("a", "b", "c"):
         inbox.put_nowait(make(tenant, 0))
     assert len(await inbox.take(100, wait_s=0, leave_light=2)) == 3
+
+
+async def test_take_leaves_nothing_to_take_light_while_a_light_batch_is_served():
+    """A light batch that takes long (a module compiling) must not hold up the light
+    deliveries that come meanwhile: the other pipelines take them."""
+    inbox = FairInbox(light_limit=2)
+    inbox.put_nowait(make("first", 0))
+    assert len(await inbox.take_light(4, wait_s=0)) == 1
+    with inbox.serving_light():
+        inbox.put_nowait(make("second", 0))
+        batch = await inbox.take(100, wait_s=0, leave_light=4)
+    assert [d.routing_key for d in batch] == ["second.step"]
