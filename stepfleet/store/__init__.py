@@ -11,6 +11,7 @@ from stepfleet.store.dead_letters import (
     DeadLetterStore,
     LetterFilter,
     NewDeadLetter,
+    Stalled,
 )
 from stepfleet.store.errors import StoreError, StoreUnavailable
 from stepfleet.store.memory import MemoryStore
@@ -24,7 +25,9 @@ from stepfleet.store.records import (
     NewEvent,
     NewInstance,
     OutboxMessage,
+    Stall,
     StepWrite,
+    Unmoved,
 )
 from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
@@ -44,6 +47,8 @@ __all__ = [
     "NewInstance",
     "OutboxMessage",
     "PgStore",
+    "Stall",
+    "Stalled",
     "StepStore",
     "StepTransaction",
     "StepTx",
@@ -53,6 +58,7 @@ __all__ = [
     "StoredSecret",
     "TenantRecord",
     "TenantStore",
+    "Unmoved",
 ]
 
 
