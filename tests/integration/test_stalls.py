@@ -23,6 +23,7 @@ from stepfleet.cycle.messages import DEAD_LETTER_ID, step_message
 from stepfleet.engine import due_us
 from stepfleet.schemas import InstanceKey, InstanceStatus
 from stepfleet.store import InstanceRecord, LetterFilter
+from stepfleet.workers.sweep import StallSweep
 from tests.conftest import capture_logs
 from tests.integration.conftest import logged, wait_for_status, wait_until
 
@@ -278,9 +279,10 @@ async def test_the_sweep_never_journals_a_step_twice_under_concurrent_workers(
     topology, broker, store, control, lanes, start_worker, playbook
 ):
     """Forty instances restarted with no worker running; their step messages are purged,
-    and copies are published again for half of them (still queued when the sweep looks).
-    Two workers sweeping every half second (one at a time) and consuming: every instance
-    completes with each step journaled once."""
+    and copies are published again for half of them. Two sweeps at once publish each
+    instance's step once (so half of them have two step messages queued), then two workers
+    sweeping every half second (one at a time) consume: every instance completes with each
+    step journaled once."""
     first = await start_worker(local_steps=0)
     tenant = f"sweep{uuid.uuid4().hex[:8]}"
     ops = (*DO_TWO, {"op": "do", "name": "c"})
@@ -298,6 +300,14 @@ async def test_the_sweep_never_journals_a_step_twice_under_concurrent_workers(
         copies.append(step_message(topology, key, record.module, 0, record.generation)[1])
     await broker.publish_many(copies)
     await asyncio.sleep(1.2)  # older than the sweep's threshold: every one is a candidate
+    # Two sweeps at once before any worker consumes: one at a time, each instance once, so
+    # the twenty with a copy still queued now have two step messages.
+    sweeps = [
+        StallSweep(store, topology, broker.publish_many, stall_after_seconds=1.0, every_seconds=1)
+        for _ in range(2)
+    ]
+    first_pass = await asyncio.gather(*(sweep.sweep() for sweep in sweeps))
+    assert sum(first_pass) == len(keys), first_pass
     workers = [
         await start_worker(name=f"w{i}", stall_after_seconds=1.0, outbox_relay_after_seconds=0.5)
         for i in range(2)
@@ -309,6 +319,8 @@ async def test_the_sweep_never_journals_a_step_twice_under_concurrent_workers(
     await wait_until(all_complete, "every instance completing", timeout=60)
     report = await journal_report(store, tenant)
     swept = [worker.sweep.swept for worker in workers]
-    print("\nsweep under two workers:", json.dumps({**report, "swept_per_worker": swept}))
+    print(
+        "\nsweep under two workers:",
+        json.dumps({**report, "first_pass": first_pass, "swept_per_worker": swept}),
+    )
     assert report == {"complete": 40, "entries": 120, "repeated_steps": 0}
-    assert sum(worker.sweep.swept for worker in workers) >= 20
