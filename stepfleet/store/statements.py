@@ -189,22 +189,23 @@ DUE_TIMERS = text(
 # worker that does not get it sweeps next time). Live instances not parked on a timer, not
 # marked stalled, with no outbox row (the relay owns those) and neither progress nor a sweep
 # for :age seconds; the rows are locked SKIP LOCKED (a row locked is being moved right now).
+# NOT IN over the outbox's non-NULL keys is planned as one hashed subplan, not a scan of the
+# outbox per candidate.
 SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
 
 SWEEP_STALLED = text(
     """
-    WITH pending AS (
-        SELECT DISTINCT headers::json ->> 'x-tenant' AS tenant,
-                        headers::json ->> 'x-instance-id' AS id
-        FROM outbox
-    ),
-    found AS (
+    WITH found AS (
         SELECT i.tenant, i.id FROM instances AS i
         WHERE i.wait_kind IS NULL AND i.status IN ('queued', 'running')
           AND i.updated_at < now() - make_interval(secs => :age)
           AND (i.swept_at IS NULL OR i.swept_at < now() - make_interval(secs => :age))
           AND i.stalled_letter IS NULL
-          AND NOT EXISTS (SELECT 1 FROM pending AS p WHERE p.tenant = i.tenant AND p.id = i.id)
+          AND (i.tenant, i.id) NOT IN (
+              SELECT headers::json ->> 'x-tenant', headers::json ->> 'x-instance-id'
+              FROM outbox
+              WHERE headers::json ->> 'x-tenant' IS NOT NULL
+                AND headers::json ->> 'x-instance-id' IS NOT NULL)
         ORDER BY i.updated_at
         LIMIT :limit
         FOR UPDATE OF i SKIP LOCKED
