@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     """A live instance with no timer, no outbox row and no progress for this long is taken
     for one whose step message was lost: the stall sweep publishes its step again (a copy of
     a message still queued is acked without effect). Must exceed outbox_relay_after_seconds,
-    and should exceed the longest a step message may wait in a queue."""
+    and should exceed the longest a step message may wait in a queue and the longest step,
+    its HTTP calls included (docs/reliability.md)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
