@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,15 +18,18 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from stepfleet.broker import Outgoing
+from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.cli.main import app
+from stepfleet.client import CreateRequest, Producer
+from stepfleet.control import DeadLetters
 from stepfleet.cycle.messages import DEAD_LETTER_ID, step_message
 from stepfleet.engine import due_us
-from stepfleet.schemas import InstanceKey, InstanceStatus
+from stepfleet.schemas import InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import InstanceRecord, LetterFilter
 from stepfleet.workers.sweep import StallSweep
 from tests.conftest import capture_logs
 from tests.integration.conftest import logged, wait_for_status, wait_until
+from tests.integration.test_faults import spawn, worker_env
 
 pytestmark = pytest.mark.services
 
@@ -324,3 +328,74 @@ async def test_the_sweep_never_journals_a_step_twice_under_concurrent_workers(
         json.dumps({**report, "first_pass": first_pass, "swept_per_worker": swept}),
     )
     assert report == {"complete": 40, "entries": 120, "repeated_steps": 0}
+
+
+@pytest.mark.timeout(240)
+async def test_a_step_that_kills_every_worker_stalls_its_instance_until_replayed(
+    settings, store, start_worker, playbook_wasm, tmp_path
+):
+    """Worker processes die (SIGKILL) before the transaction of any batch that holds a step
+    message (crash point `step-before-commit`) and are restarted by a supervisor, until
+    RabbitMQ dead-letters the step at its delivery limit (2 here): a restarted worker archives
+    the letter and marks the instance stalled. A replay, by a worker without the crash point,
+    completes it and clears the mark."""
+    topology = Topology(f"{settings.prefix}-crash", 2, settings.lanes)
+    health = tmp_path / "worker.health"
+    env = worker_env(
+        settings,
+        STEPFLEET_PREFIX=topology.prefix,
+        STEPFLEET_DELIVERY_LIMIT="2",
+        STEPFLEET_LOCAL_STEPS="0",
+        STEPFLEET_CRASH_POINTS="step-before-commit:1",
+        STEPFLEET_HEALTH_FILE=str(health),
+    )
+    log = tmp_path / "workers.log"
+    tenant = f"crash{uuid.uuid4().hex[:8]}"
+    digest = digest_of(playbook_wasm)
+    await store.put_module(tenant, digest, playbook_wasm)
+    key = InstanceKey(tenant, f"poison-{uuid.uuid4().hex[:8]}")
+    worker = spawn(env, log)
+    restarts = 0
+    try:
+        await wait_until(health.exists, "the first worker ready", timeout=60)
+        async with Producer(settings.amqp_url, topology) as producer:
+            await producer.create(
+                CreateRequest(tenant, digest, {"ops": list(DO_TWO)}, key.instance_id)
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 150
+        while not (await _exists(store, key) and await _is_stalled(store, key)):
+            assert loop.time() < deadline, f"not stalled after {restarts} restarts"
+            if worker.poll() is not None:
+                worker = spawn(env, log)
+                restarts += 1
+            await asyncio.sleep(0.2)
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(worker.wait, 60)
+    crashes = log.read_text(errors="replace").count("stepfleet: crash point step-before-commit")
+    record = await record_of(store, key)
+    assert record.stalled is not None
+    assert record.stalled.reason == "delivery-limit"
+    assert (record.status, record.position) == (InstanceStatus.RUNNING, 1)
+    assert crashes >= 2
+    print("\ncrash loop:", json.dumps({"crashes": crashes, "worker_restarts": restarts}))
+
+    fleet = Broker(settings.amqp_url, topology)
+    await fleet.connect(name="stepfleet-tests-crash")
+    try:
+        await start_worker(prefix=topology.prefix, delivery_limit=2, local_steps=0)
+        replay = DeadLetters(store, fleet, topology, user_id=settings.broker_user)
+        outcome = await replay.replay(LetterFilter(stalled=True, instance_id=key.instance_id))
+        assert outcome.done == [record.stalled.letter_id]
+        await wait_for_status(store, key, {InstanceStatus.COMPLETE})
+        assert (await record_of(store, key)).stalled is None
+        assert [e.name for e in await store.journal(key)] == ["a", "b"]
+    finally:
+        await fleet.delete_topology()
+        await fleet.close()
+
+
+async def _exists(store, key: InstanceKey) -> bool:
+    return bool(await store.find_instances(key.instance_id, key.tenant))
