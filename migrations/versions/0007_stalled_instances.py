@@ -5,7 +5,9 @@ the stall sweep last republished an instance's step.
 a step or wake of a live instance, for the position the instance is at, is dead-lettered; any
 step the instance takes, a replay of that letter, and retry, terminate, restart and resume
 clear them. `swept_at` is when the stall sweep last republished the instance's step message.
-The partial index serves the sweep: live instances that are not parked on a timer.
+The partial index `ix_instances_unparked` serves the sweep: live instances that are not parked
+on a timer. It is keyed by the primary key's columns, not `updated_at`: a write from one step
+to the next changes none of its columns, so it stays a HOT update.
 
 Revision ID: 0007_stalled_instances
 Revises: 0006
@@ -32,7 +34,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_instances_unparked",
         "instances",
-        ["updated_at"],
+        ["tenant", "id"],
         postgresql_where=sa.text("wait_kind IS NULL AND status IN ('queued', 'running')"),
     )
     op.create_index(

@@ -165,10 +165,12 @@ instances = Table(
         "retain_until",
         postgresql_where=text("retain_until IS NOT NULL"),
     ),
-    # The stall sweep's candidates: live instances not parked on a timer.
+    # The stall sweep's candidates: live instances not parked on a timer. Keyed and filtered
+    # by columns a step-to-step write leaves alone (not updated_at), so those writes stay HOT.
     Index(
         "ix_instances_unparked",
-        "updated_at",
+        "tenant",
+        "id",
         postgresql_where=text("wait_kind IS NULL AND status IN ('queued', 'running')"),
     ),
     Index(
