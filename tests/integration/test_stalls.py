@@ -183,8 +183,8 @@ async def test_only_a_letter_for_where_the_instance_stands_marks_it(
 ):
     """Dead letters the fleet sent for a sleeping instance: a step (it sleeps), a wake of an
     earlier timer and one of an earlier attempt are stale and mark nothing, nor does a letter
-    for a finished instance; the wake of its current timer marks it. Terminating the
-    instance clears the mark."""
+    for a finished instance; the wake of its current timer marks it. Pausing the instance
+    keeps the mark, terminating it clears the mark."""
     await start_worker()
     sleeper = await playbook({"op": "sleep", "name": "nap", "ms": 3_600_000}, label="nap")
     done = await playbook(*DO_TWO, label="done")
@@ -234,6 +234,8 @@ async def test_only_a_letter_for_where_the_instance_stands_marks_it(
     assert record.stalled.reason == "unprocessable"
     assert record.status is InstanceStatus.SLEEPING
 
+    await control.pause(sleeper)
+    assert (await record_of(store, sleeper)).stalled == record.stalled  # a pause keeps it
     await control.terminate(sleeper)
     assert (await record_of(store, sleeper)).stalled is None
 
