@@ -10,7 +10,8 @@ and runs again, with its whole budget, on the guest thread, as do the batch's ru
 time budget. A module whose run overran is sent straight to the guest thread for
 `OVERRUN_MEMORY_SECONDS`. The event loop is therefore never held by guests for much longer than
 `INLINE_SECONDS` per batch, whatever the guests do, and keeps consuming, confirming and acking
-while long runs go on.
+while long runs go on. A heavy batch's inline runs also stop for a light tenant's batch
+(cycle/priority.py): the turn is given up until it is done, then the runs go on.
 
 wasmtime-py is not thread-safe (it keeps the exception a host import raised in a module-level
 global), so the two threads never drive the sandbox at once: the process's pipelines take turns
@@ -27,9 +28,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import datetime
+from functools import partial
 from typing import TypeVar
 
 from stepfleet.cycle.guest import ran_out_of_fuel, run_work, run_works
+from stepfleet.cycle.priority import LightFirst
 from stepfleet.cycle.work import H, Ran, Work
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import TenantLimits
@@ -53,8 +56,10 @@ class GuestRunner:
         guest_thread: Executor | None,
         limits: Callable[[str], TenantLimits],
         clock: Callable[[], datetime],
+        gate: LightFirst | None = None,
     ) -> None:
         self._sandbox = sandbox
+        self._gate = gate or LightFirst()
         self._thread = guest_thread
         self._limits = limits
         self._clock = clock
@@ -83,23 +88,33 @@ class GuestRunner:
         """Run every work's guest for its next outcome."""
         if self._thread is None:
             return run_works(self._sandbox, works, self._limits, self._clock)
-        async with self._turn:
-            ran, rest = self._run_inline(works)
-            if rest:
-                ran += await self._on_thread(
-                    lambda: run_works(self._sandbox, rest, self._limits, self._clock)
-                )
+        ran: list[Ran[H]] = []
+        while works:
+            async with self._turn:
+                done, works, stepping_aside = self._run_inline(works)
+                ran += done
+                if works and not stepping_aside:
+                    ran += await self._on_thread(partial(self._run_all, works))
+                    works = []
+            if works:
+                await self._gate.step_aside()
         return ran
 
-    def _run_inline(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]]]:
-        """Run what fits in the slices on this thread; return the runs and the works left."""
+    def _run_all(self, works: list[Work[H]]) -> list[Ran[H]]:
+        return run_works(self._sandbox, works, self._limits, self._clock)
+
+    def _run_inline(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]], bool]:
+        """Run what fits in the slices on this thread; return the runs, the works left, and
+        whether it stopped early for a light batch (see cycle/priority.py)."""
         if not works or not self._lock.acquire(blocking=False):
-            return [], works
+            return [], works, False
         ran: list[Ran[H]] = []
         rest: list[Work[H]] = []
         try:
             began = time.monotonic()
-            for work in works:
+            for index, work in enumerate(works):
+                if index and self._gate.pressing():  # one run at least: always progress
+                    return ran, rest + works[index:], True
                 now = time.monotonic()
                 overran = self._overran.get(work.module)
                 if now - began > INLINE_SECONDS or (
@@ -115,7 +130,7 @@ class GuestRunner:
                     ran.append(item)
         finally:
             self._lock.release()
-        return ran, rest
+        return ran, rest, False
 
     def _remember_overrun(self, module: str) -> None:
         now = time.monotonic()

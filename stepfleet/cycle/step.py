@@ -26,6 +26,7 @@ from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
 from stepfleet.cycle.phases import PhaseTimes
+from stepfleet.cycle.priority import LightFirst
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
@@ -79,9 +80,11 @@ class StepCycle:
         directory: TenantDirectory | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
+        gate: LightFirst | None = None,
     ) -> None:
         """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
-        every one inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
+        every one inline, for a process with one cycle at a time (`stepfleet run`, tests).
+        `gate` lets light tenants' batches go first (cycle/priority.py)."""
         self._store = store
         self.topology = topology
         self._value_bytes = value_bytes
@@ -92,7 +95,10 @@ class StepCycle:
         self._replays = ReplayCache()
         self._owned: set[tuple[str, str]] = set()
         """(tenant, module) pairs known to be pushed (see Admission)."""
-        self._guests = GuestRunner(sandbox, guest_thread, self.directory.limits, clock)
+        self.gate = gate or LightFirst()
+        self._guests = GuestRunner(
+            sandbox, guest_thread, self.directory.limits, clock, gate=self.gate
+        )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()
         """Time spent in transactions and guest runs (the driver adds its own phases)."""

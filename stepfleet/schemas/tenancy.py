@@ -27,6 +27,8 @@ class TenantLimits(BaseModel):
     """Steps of this tenant running at once across the whole fleet."""
     steps_per_second: Annotated[float, Field(gt=0)] | None = None
     """Sustained rate of steps across the fleet (bursts up to one second's worth)."""
+    weight: Annotated[int, Field(ge=1, le=1000)] | None = None
+    """The tenant's share of a worker's turns while tenants contend (1 by default)."""
 
     def merged(self, update: TenantLimits) -> TenantLimits:
         """These limits with every field `update` sets replaced."""
