@@ -52,6 +52,10 @@ Until = Annotated[
     typer.Option(parser=parse_time, metavar="TIME", help=f"Archived before TIME ({_TIME})."),
 ]
 Replayed = Annotated[bool, typer.Option("--replayed", help="Include replayed letters.")]
+Stalled = Annotated[
+    bool,
+    typer.Option("--stalled", help="Only letters that left their instance stalled (still marked)."),
+]
 
 
 def _filter(
@@ -63,10 +67,12 @@ def _filter(
     replayed: bool = False,
     ids: tuple[int, ...] = (),
     limit: int | None = None,
+    stalled: bool = False,
 ) -> LetterFilter:
     from stepfleet.store import LetterFilter
 
     return LetterFilter(
+        stalled=stalled,
         ids=ids,
         tenant=tenant,
         reason=reason,
@@ -159,11 +165,14 @@ def list_letters(
     since: Since = None,
     until: Until = None,
     replayed: Replayed = False,
+    stalled: Stalled = False,
     limit: Annotated[int, typer.Option(min=1)] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
     """List archived dead letters, oldest first."""
-    selected = _filter(tenant, reason, instance, since, until, replayed, limit=limit)
+    selected = _filter(
+        tenant, reason, instance, since, until, replayed, limit=limit, stalled=stalled
+    )
     letters = _go(lambda store, _: store.dead_letters.find(selected))
     for letter in letters:
         if as_json:
@@ -237,14 +246,25 @@ def replay(
     instance: Instance = None,
     since: Since = None,
     until: Until = None,
+    stalled: Stalled = False,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Publish letters again (with confirms), each at most once, by id or by filter."""
-    if not letter_ids and not any((tenant, reason, instance, since, until)):
-        fail("name letter ids or a filter (--tenant, --reason, --instance, --since, --until)")
+    if not letter_ids and not any((tenant, reason, instance, since, until, stalled)):
+        fail(
+            "name letter ids or a filter "
+            "(--tenant, --reason, --instance, --since, --until, --stalled)"
+        )
     # Letters named by id are looked at even when replayed already, to say so.
     selected = _filter(
-        tenant, reason, instance, since, until, bool(letter_ids), ids=tuple(letter_ids or ())
+        tenant,
+        reason,
+        instance,
+        since,
+        until,
+        bool(letter_ids),
+        ids=tuple(letter_ids or ()),
+        stalled=stalled,
     )
     count = _go(lambda store, _: store.dead_letters.count(selected))
     if letter_ids:

@@ -120,6 +120,13 @@ def _status_json(detail: InstanceDetail) -> dict[str, Any]:
         "attempt": record.attempt,
         "generation": record.generation,
         "compensating": _compensating(record),
+        "stalled": None
+        if record.stalled is None
+        else {
+            "letter": record.stalled.letter_id,
+            "reason": record.stalled.reason,
+            "at": _iso(record.stalled.at),
+        },
         "waiting": None
         if waiting is None
         else {
@@ -166,6 +173,12 @@ def _print_status(detail: InstanceDetail) -> None:
     compensating = _compensating(record)
     echo(f"status    {record.status.value}" + ("  (running compensations)" if compensating else ""))
     echo(f"module    {record.module}")
+    if record.stalled is not None:
+        stall = record.stalled
+        echo(
+            f"stalled   dead letter {stall.letter_id} ({shown(stall.reason)}) holds its next "
+            f"move since {_iso(stall.at)}: stepfleet dlq replay {stall.letter_id}"
+        )
     if record.waiting is not None:
         w = record.waiting
         what = f"event {w.event_type!r}" if w.event_type else w.kind.value
@@ -212,6 +225,9 @@ def list_instances(
     status_filter: Annotated[
         list[InstanceStatus] | None, typer.Option("--status", help="Only these statuses.")
     ] = None,
+    stalled: Annotated[
+        bool, typer.Option("--stalled", help="Only instances marked stalled by a dead letter.")
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
 ) -> None:
@@ -221,7 +237,9 @@ def list_instances(
 
     async def go() -> list[InstanceRecord]:
         async with _control(publish=False) as (control, _):
-            return await control.list_instances(tenant, statuses=status_filter or (), limit=limit)
+            return await control.list_instances(
+                tenant, statuses=status_filter or (), stalled=stalled, limit=limit
+            )
 
     for record in run(go()):
         if as_json:
@@ -234,13 +252,25 @@ def list_instances(
                         "position": record.position,
                         "created_at": _iso(record.created_at),
                         "error": record.error,
+                        "stalled": None
+                        if record.stalled is None
+                        else {
+                            "letter": record.stalled.letter_id,
+                            "reason": record.stalled.reason,
+                        },
                     }
                 )
             )
         else:
+            stall = record.stalled
             say(
                 f"{shown(record.key.instance_id):<40} {record.status.value:<10} "
                 f"{record.position:>6} entries  {_iso(record.created_at)}"
+                + (
+                    ""
+                    if stall is None
+                    else f"  stalled: letter {stall.letter_id} ({shown(stall.reason)})"
+                )
             )
 
 

@@ -67,11 +67,13 @@ class Control:
         *,
         statuses: Sequence[InstanceStatus] = (),
         module: str | None = None,
+        stalled: bool = False,
         limit: int = 100,
     ) -> list[InstanceRecord]:
-        """List a tenant's instances, newest first."""
+        """List a tenant's instances, newest first (with `stalled`, only those marked
+        stalled)."""
         return await self._store.list_instances(
-            tenant, statuses=statuses, module=module, limit=limit
+            tenant, statuses=statuses, module=module, stalled=stalled, limit=limit
         )
 
     # -- actions -------------------------------------------------------------------------
@@ -89,6 +91,7 @@ class Control:
                     waiting=record.waiting,
                     end_status=record.end_status,
                     error=record.error,
+                    keep_stall=True,
                 )
         log.info("instance_paused", tenant=key.tenant, instance=key.instance_id)
         return record

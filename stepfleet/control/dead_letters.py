@@ -104,6 +104,7 @@ class DeadLetters:
                 claimed = await tx.claim_letters(chunk, self.actor)
                 rows = [self._outbox_row(letter, routes[letter.id]) for letter in claimed]
                 ids = await tx.add_outbox(rows)
+                moving = await tx.clear_stalls([letter.id for letter in claimed])
                 if claimed:
                     await tx.audit(
                         AuditEntry(
@@ -114,6 +115,8 @@ class DeadLetters:
                             count=len(claimed),
                         )
                     )
+            for key in moving:
+                log.info("instance_unstalled", tenant=key.tenant, instance=key.instance_id)
             for letter_id in set(chunk) - {letter.id for letter in claimed}:
                 outcome.skipped[letter_id] = "already replayed"
             await self._publish(ids, rows)

@@ -116,6 +116,8 @@ def _version(value: Any, _: _Earlier) -> str:
 
 def _module(value: Any, earlier: _Earlier) -> str | None:
     text = _text(value, Headers.MODULE)
+    if not text:  # an empty string counts as missing, as for every header
+        text = None
     if text is None:
         if earlier.data.get("kind") is MessageKind.CREATE:
             raise _refuse(

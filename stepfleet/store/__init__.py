@@ -14,6 +14,7 @@ if TYPE_CHECKING:
         DeadLetterStore,
         LetterFilter,
         NewDeadLetter,
+        Stalled,
     )
     from stepfleet.store.errors import StoreError, StoreUnavailable
     from stepfleet.store.memory import MemoryStore
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
         NewEvent,
         NewInstance,
         OutboxMessage,
+        Stall,
         StepWrite,
+        Unmoved,
     )
     from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
 
@@ -51,6 +54,8 @@ __all__ = [
     "NewInstance",
     "OutboxMessage",
     "PgStore",
+    "Stall",
+    "Stalled",
     "StepStore",
     "StepTransaction",
     "StepTx",
@@ -60,6 +65,7 @@ __all__ = [
     "StoredSecret",
     "TenantRecord",
     "TenantStore",
+    "Unmoved",
 ]
 
 
@@ -78,6 +84,7 @@ __getattr__ = lazy_exports(
         "DeadLetterStore": "stepfleet.store.dead_letters",
         "LetterFilter": "stepfleet.store.dead_letters",
         "NewDeadLetter": "stepfleet.store.dead_letters",
+        "Stalled": "stepfleet.store.dead_letters",
         "StoreError": "stepfleet.store.errors",
         "StoreUnavailable": "stepfleet.store.errors",
         "MemoryStore": "stepfleet.store.memory",
@@ -94,7 +101,9 @@ __getattr__ = lazy_exports(
         "NewEvent": "stepfleet.store.records",
         "NewInstance": "stepfleet.store.records",
         "OutboxMessage": "stepfleet.store.records",
+        "Stall": "stepfleet.store.records",
         "StepWrite": "stepfleet.store.records",
+        "Unmoved": "stepfleet.store.records",
         "StoredSecret": "stepfleet.store.tenants",
         "TenantRecord": "stepfleet.store.tenants",
         "TenantStore": "stepfleet.store.tenants",

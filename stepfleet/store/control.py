@@ -31,6 +31,9 @@ _UPDATE = text(
         wait_timeout_ms = :wait_timeout_ms, wake_at = :wake_at, wake_sent_at = NULL,
         mode = :mode, end_status = :end_status, output = :output, error = :error,
         updated_at = now(),
+        stalled_letter = CASE WHEN :keep_stall THEN stalled_letter END,
+        stalled_reason = CASE WHEN :keep_stall THEN stalled_reason END,
+        stalled_at = CASE WHEN :keep_stall THEN stalled_at END,
         finished_at = CASE WHEN :status IN ('complete', 'errored', 'terminated')
                            THEN now() END,
         retain_until = CASE WHEN :status IN ('complete', 'errored', 'terminated')
@@ -127,6 +130,15 @@ _AUDIT = text(
 
 _DELETE = text("DELETE FROM instances WHERE tenant = :tenant AND id = :id")
 
+# A replayed letter takes its instance's stall with it: the instance gets its message again.
+_CLEAR_STALLS = text(
+    """
+    UPDATE instances SET stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL
+    WHERE stalled_letter = ANY(CAST(:ids AS bigint[]))
+    RETURNING tenant, id
+    """
+)
+
 
 class ControlTransaction:
     """One operator action on one instance, under its row lock."""
@@ -153,9 +165,11 @@ class ControlTransaction:
         end_status: InstanceStatus | None = None,
         output: str | None = None,
         error: str | None = None,
+        keep_stall: bool = False,
     ) -> None:
         """Write the instance's new state; unnamed fields keep their value, output and error
-        are replaced."""
+        are replaced. A stall mark is cleared unless `keep_stall` (the action sends the
+        instance on, or ends it)."""
         await self._conn.execute(
             _UPDATE,
             {
@@ -174,6 +188,7 @@ class ControlTransaction:
                 "output": output,
                 "error": error,
                 "retention": self._retention,
+                "keep_stall": keep_stall,
             },
         )
 
@@ -254,6 +269,13 @@ class ControlTransaction:
     async def claim_letters(self, ids: Sequence[int], actor: str) -> list[DeadLetter]:
         """Mark dead letters replayed (those not replayed yet) and return them."""
         return await claim_for_replay(self._conn, ids, actor)
+
+    async def clear_stalls(self, letter_ids: Sequence[int]) -> list[InstanceKey]:
+        """Clear the stall marks these letters set; return the instances cleared."""
+        if not letter_ids:
+            return []
+        result = await self._conn.execute(_CLEAR_STALLS, {"ids": list(letter_ids)})
+        return [InstanceKey(row.tenant, row.id) for row in result]
 
     async def purge_letters(self, ids: Sequence[int]) -> int:
         """Delete archived dead letters; return how many."""

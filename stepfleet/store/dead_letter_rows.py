@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select
+from sqlalchemy import Select, select
 
-from stepfleet.store.tables import dead_letters
+from stepfleet.store.records import InstanceRecord
+from stepfleet.store.tables import dead_letters, instances
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,16 @@ class DeadLetter:
         return len(self.body) < self.body_size
 
 
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    """An instance the archive marked stalled: the letter, its archive id, and the instance as
+    it stood (at the position the letter was for)."""
+
+    letter: NewDeadLetter
+    letter_id: int
+    instance: InstanceRecord
+
+
 @dataclass(slots=True)
 class Archived:
     """What one `archive` call stored."""
@@ -92,6 +103,8 @@ class Archived:
     """Letters that were not in the archive yet."""
     stripped: list[NewDeadLetter] = field(default_factory=list)
     """New letters kept without body and headers: their tenant's archive was over its bound."""
+    stalled: list[Stalled] = field(default_factory=list)
+    """Instances marked stalled by these letters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +118,8 @@ class LetterFilter:
     since: datetime | None = None
     until: datetime | None = None
     include_replayed: bool = False
+    stalled: bool = False
+    """Only the letters that left their instance stalled (the instance is still marked)."""
     limit: int | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -121,6 +136,7 @@ def _fields(letter_filter: LetterFilter) -> dict[str, Any]:
         "since": letter_filter.since,
         "until": letter_filter.until,
         "include_replayed": letter_filter.include_replayed,
+        "stalled": letter_filter.stalled,
     }
 
 
@@ -211,6 +227,12 @@ def filtered(query: Select[Any], f: LetterFilter) -> Select[Any]:
         query = query.where(c.received_at < f.until)
     if not f.include_replayed:
         query = query.where(c.replayed_at.is_(None))
+    if f.stalled:
+        query = query.where(
+            c.id.in_(
+                select(instances.c.stalled_letter).where(instances.c.stalled_letter.is_not(None))
+            )
+        )
     return query
 
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, text, update
+from sqlalchemy import bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from stepfleet.schemas import InstanceKey, MessageKind
 from stepfleet.store.dead_letter_rows import (
     Archived,
     DeadLetter,
     LetterFilter,
     NewDeadLetter,
+    Stalled,
     account_name,
     filtered,
     headers_json,
@@ -31,8 +33,23 @@ from stepfleet.store.dead_letter_rows import (
     storable_text,
 )
 from stepfleet.store.errors import translated
-from stepfleet.store.records import AuditEntry
-from stepfleet.store.tables import audit_log, dead_letter_usage, dead_letters, tenants
+from stepfleet.store.records import AuditEntry, InstanceRecord
+from stepfleet.store.rows import record_from_row
+from stepfleet.store.tables import audit_log, dead_letter_usage, dead_letters, instances, tenants
+
+StallCheck = Callable[[NewDeadLetter, InstanceRecord], bool]
+"""Whether a letter held the next step of the instance as it stands now (the archiver's
+judge: the engine's admission says whether the letter would run if it were delivered now)."""
+
+_STALL_KINDS = frozenset({MessageKind.STEP.value, MessageKind.WAKE.value})
+
+_MARK_STALLED = text(
+    """
+    UPDATE instances SET stalled_letter = :letter, stalled_reason = :reason, stalled_at = now()
+    WHERE tenant = :tenant AND id = :id AND stalled_letter IS NULL
+    RETURNING stalled_at
+    """
+)
 
 # The instance a letter is about, as it stands when the letter is archived.
 _CONTEXT = text(
@@ -59,13 +76,19 @@ class DeadLetterStore:
         self._engine = engine
 
     async def archive(
-        self, letters: Sequence[NewDeadLetter], *, account_bytes: int | None = None
+        self,
+        letters: Sequence[NewDeadLetter],
+        *,
+        account_bytes: int | None = None,
+        stalls: StallCheck | None = None,
     ) -> Archived:
         """Store letters with their workflow context.
 
         `account_bytes` bounds what the letters of one account (tenant) keep of bodies and
         headers: past it a letter keeps its metadata, reason and routing headers only, and is
-        marked unreplayable.
+        marked unreplayable. With `stalls`, the same transaction locks the instances that
+        step and wake letters name and marks those the check finds stalled by their letter
+        (an instance already marked keeps its first letter).
         """
         if not letters:
             return Archived()
@@ -129,6 +152,7 @@ class DeadLetterStore:
             return Archived(
                 new=len(inserted),
                 stripped=[stripped[r.letter_key] for r in inserted if r.letter_key in stripped],
+                stalled=[] if stalls is None else await _mark_stalled(connection, safe, stalls),
             )
 
     async def find(self, letter_filter: LetterFilter) -> list[DeadLetter]:
@@ -189,6 +213,60 @@ async def purge(connection: AsyncConnection, ids: Sequence[int]) -> int:
     deleted = result.all()
     await _add_usage(connection, ((r.account, -1, -r.stored_bytes) for r in deleted))
     return len(deleted)
+
+
+async def _mark_stalled(
+    connection: AsyncConnection, letters: Sequence[NewDeadLetter], check: StallCheck
+) -> list[Stalled]:
+    """Mark the instances whose next step or wake is one of these letters (not replayed yet:
+    a redelivered letter finds its row from before)."""
+    named = [
+        letter
+        for letter in letters
+        if letter.kind in _STALL_KINDS and letter.tenant and letter.instance_id
+    ]
+    if not named:
+        return []
+    rows = await connection.execute(
+        select(dead_letters.c.letter_key, dead_letters.c.id).where(
+            dead_letters.c.letter_key.in_([letter.letter_key for letter in named]),
+            dead_letters.c.replayed_at.is_(None),
+        )
+    )
+    ids = {row.letter_key: row.id for row in rows}
+    keys = sorted({(letter.tenant or "", letter.instance_id or "") for letter in named})
+    locked = await connection.execute(
+        select(instances)
+        .where(tuple_(instances.c.tenant, instances.c.id).in_(keys))
+        .order_by(instances.c.tenant, instances.c.id)
+        .with_for_update()
+    )
+    records = {
+        (record.key.tenant, record.key.instance_id): record
+        for record in map(record_from_row, locked)
+    }
+    marked: list[Stalled] = []
+    for letter in named:
+        record = records.get((letter.tenant or "", letter.instance_id or ""))
+        letter_id = ids.get(letter.letter_key)
+        if record is None or letter_id is None or record.stalled is not None:
+            continue
+        if not check(letter, record):
+            continue
+        key: InstanceKey = record.key
+        result = await connection.execute(
+            _MARK_STALLED,
+            {
+                "letter": letter_id,
+                "reason": letter.reason,
+                "tenant": key.tenant,
+                "id": key.instance_id,
+            },
+        )
+        if result.first() is not None:
+            marked.append(Stalled(letter, letter_id, record))
+            records.pop((key.tenant, key.instance_id))
+    return marked
 
 
 async def _accounts(connection: AsyncConnection, letters: Sequence[NewDeadLetter]) -> list[str]:
@@ -268,6 +346,8 @@ __all__ = [
     "DeadLetterStore",
     "LetterFilter",
     "NewDeadLetter",
+    "StallCheck",
+    "Stalled",
     "claim_for_replay",
     "purge",
     "storable_text",

@@ -21,6 +21,7 @@ from stepfleet.store.records import (
     InstanceDetail,
     InstanceRecord,
     OutboxMessage,
+    Unmoved,
 )
 from stepfleet.store.rows import (
     delete_outbox,
@@ -32,7 +33,10 @@ from stepfleet.store.step import StepTransaction
 from stepfleet.store.tables import instances, modules, step_attempts, tenant_modules
 from stepfleet.store.tenants import TenantStore
 
-__all__ = ["PgStore", "StepTransaction"]
+__all__ = ["SWEEP_LOCK_KEY", "PgStore", "StepTransaction"]
+
+SWEEP_LOCK_KEY = int.from_bytes(b"sf-sweep", "big")
+"""The advisory lock (per database) that lets one worker at a time sweep for stalls."""
 
 
 class PgStore:
@@ -89,6 +93,36 @@ class PgStore:
                     row.attempt,
                     row.generation,
                     row.wake_at,
+                )
+                for row in result
+            ]
+
+    @asynccontextmanager
+    async def claim_unmoved(
+        self, *, older_than_seconds: float, limit: int
+    ) -> AsyncIterator[list[Unmoved] | None]:
+        """Find live instances nothing moves: no timer, no outbox row, no stall mark, and
+        neither progress nor a sweep for `older_than_seconds`; mark them swept.
+
+        Yields None when another worker is sweeping (one at a time fleet-wide, by an advisory
+        lock held for the transaction). The caller publishes their step messages inside the
+        block; if that fails, nothing is marked swept.
+        """
+        async with translated(), self._engine.begin() as connection:
+            got = await connection.execute(sql.SWEEP_LOCK, {"key": SWEEP_LOCK_KEY})
+            if not got.scalar_one():
+                yield None
+                return
+            result = await connection.execute(
+                sql.SWEEP_STALLED, {"age": older_than_seconds, "limit": limit}
+            )
+            yield [
+                Unmoved(
+                    InstanceKey(row.tenant, row.id),
+                    row.module,
+                    row.position,
+                    row.generation,
+                    row.updated_at,
                 )
                 for row in result
             ]
@@ -192,10 +226,14 @@ class PgStore:
         *,
         statuses: Sequence[InstanceStatus] = (),
         module: str | None = None,
+        stalled: bool = False,
         limit: int = 100,
     ) -> list[InstanceRecord]:
-        """List a tenant's instances, newest first, optionally by status and module."""
+        """List a tenant's instances, newest first, optionally by status and module, or only
+        those marked stalled."""
         query = select(instances).where(instances.c.tenant == tenant)
+        if stalled:
+            query = query.where(instances.c.stalled_letter.is_not(None))
         if statuses:
             query = query.where(instances.c.status.in_([s.value for s in statuses]))
         if module is not None:

@@ -26,6 +26,18 @@ class NewInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class Stall:
+    """Why a live instance has nothing to move it: the dead letter that held its next step."""
+
+    letter_id: int
+    """The archived letter (`stepfleet dlq show ID`); replaying it moves the instance on."""
+    reason: str
+    """The letter's reason (`delivery-limit`, `unprocessable`, ...)."""
+    at: datetime | None = None
+    """When the archiver marked the instance."""
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """An instance row without its params and journal."""
 
@@ -45,6 +57,8 @@ class InstanceRecord:
     updated_at: datetime | None = None
     finished_at: datetime | None = None
     retain_until: datetime | None = None
+    stalled: Stall | None = None
+    """Set when a dead letter left the instance with nothing to move it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +132,18 @@ class DueTimer:
     attempt: int
     generation: int
     wake_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Unmoved:
+    """A live instance the stall sweep found with nothing to move it: the step message it
+    needs names this position and generation."""
+
+    key: InstanceKey
+    module: str
+    position: int
+    generation: int
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from stepfleet.schemas import (
     Waiting,
     WaitKind,
 )
-from stepfleet.store.records import InstanceRecord
+from stepfleet.store.records import InstanceRecord, Stall
 from stepfleet.store.tables import journal, modules
 
 STATE_COLUMNS = """tenant, id, module, status, position, generation, attempt, wait_kind, wait_name,
@@ -94,6 +94,11 @@ def record_from_row(row: Any) -> InstanceRecord:
         updated_at=mapping.get("updated_at"),
         finished_at=mapping.get("finished_at"),
         retain_until=mapping.get("retain_until"),
+        stalled=None
+        if mapping.get("stalled_letter") is None
+        else Stall(
+            mapping["stalled_letter"], mapping["stalled_reason"] or "", mapping["stalled_at"]
+        ),
     )
 
 

@@ -86,6 +86,7 @@ WRITE_BATCH = text(
             wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
             mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
             state_bytes = u.state_bytes, updated_at = now(),
+            stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
             finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
                                THEN now() END,
             retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
@@ -247,6 +248,7 @@ DUE_TIMERS = text(
     WITH due AS (
         SELECT tenant, id FROM instances
         WHERE wake_at <= now() AND status IN ('queued', 'running', 'sleeping', 'waiting')
+          AND stalled_letter IS NULL
           AND (wake_sent_at IS NULL OR wake_sent_at < now() - make_interval(secs => :resend))
         ORDER BY wake_at
         LIMIT :limit
@@ -255,6 +257,37 @@ DUE_TIMERS = text(
     UPDATE instances AS i SET wake_sent_at = now()
     FROM due WHERE i.tenant = due.tenant AND i.id = due.id
     RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation, i.wake_at
+    """
+)
+
+# The stall sweep, one worker at a time fleet-wide (a transaction-scoped advisory lock; a
+# worker that does not get it sweeps next time). Live instances not parked on a timer, not
+# marked stalled, with no outbox row (the relay owns those) and neither progress nor a sweep
+# for :age seconds; the rows are locked SKIP LOCKED (a row locked is being moved right now).
+# NOT IN over the outbox's non-NULL keys is planned as one hashed subplan, not a scan of the
+# outbox per candidate.
+SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+
+SWEEP_STALLED = text(
+    """
+    WITH found AS (
+        SELECT i.tenant, i.id FROM instances AS i
+        WHERE i.wait_kind IS NULL AND i.status IN ('queued', 'running')
+          AND i.updated_at < now() - make_interval(secs => :age)
+          AND (i.swept_at IS NULL OR i.swept_at < now() - make_interval(secs => :age))
+          AND i.stalled_letter IS NULL
+          AND (i.tenant, i.id) NOT IN (
+              SELECT headers::json ->> 'x-tenant', headers::json ->> 'x-instance-id'
+              FROM outbox
+              WHERE headers::json ->> 'x-tenant' IS NOT NULL
+                AND headers::json ->> 'x-instance-id' IS NOT NULL)
+        ORDER BY i.updated_at
+        LIMIT :limit
+        FOR UPDATE OF i SKIP LOCKED
+    )
+    UPDATE instances AS i SET swept_at = now()
+    FROM found WHERE i.tenant = found.tenant AND i.id = found.id
+    RETURNING i.tenant, i.id, i.module, i.position, i.generation, i.updated_at
     """
 )
 

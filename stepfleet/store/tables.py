@@ -145,6 +145,14 @@ instances = Table(
     Column("retention_seconds", Integer),
     Column("finished_at", DateTime(timezone=True)),
     Column("retain_until", DateTime(timezone=True)),
+    # Marked by the dead-letter archiver: the letter (dead_letters.id) that left the live
+    # instance with nothing to move it, and its reason; cleared by any step the instance
+    # takes, by a replay of that letter and by retry, terminate, restart and resume.
+    Column("stalled_letter", BigInteger),
+    Column("stalled_reason", Text),
+    Column("stalled_at", DateTime(timezone=True)),
+    # When the stall sweep last republished the instance's step message.
+    Column("swept_at", DateTime(timezone=True)),
     PrimaryKeyConstraint("tenant", "id"),
     ForeignKeyConstraint(["module"], ["modules.digest"]),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),
@@ -156,6 +164,19 @@ instances = Table(
         "ix_instances_retain_until",
         "retain_until",
         postgresql_where=text("retain_until IS NOT NULL"),
+    ),
+    # The stall sweep's candidates: live instances not parked on a timer. Keyed and filtered
+    # by columns a step-to-step write leaves alone (not updated_at), so those writes stay HOT.
+    Index(
+        "ix_instances_unparked",
+        "tenant",
+        "id",
+        postgresql_where=text("wait_kind IS NULL AND status IN ('queued', 'running')"),
+    ),
+    Index(
+        "ix_instances_stalled_letter",
+        "stalled_letter",
+        postgresql_where=text("stalled_letter IS NOT NULL"),
     ),
 )
 

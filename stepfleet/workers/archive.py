@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery
-from stepfleet.store import Archived, NewDeadLetter, PgStore, StoreUnavailable
+from stepfleet.cycle.work import state_of
+from stepfleet.engine import Admit, admit
+from stepfleet.schemas import InvalidMessage, MessageKind, parse_envelope
+from stepfleet.store import Archived, InstanceRecord, NewDeadLetter, PgStore, StoreUnavailable
 from stepfleet.workers.dead_letter_records import ArchivePolicy, letter_of, minimal_letter
 from stepfleet.workers.logs import first_line
 
@@ -45,6 +49,8 @@ class DeadLetterArchiver:
         """Letters archived without body and headers (their tenant's archive was full)."""
         self.minimal = 0
         """Letters the database refused as they were, archived as minimal records."""
+        self.stalled = 0
+        """Instances this archiver marked stalled."""
 
     async def on_delivery(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(delivery)
@@ -69,7 +75,7 @@ class DeadLetterArchiver:
         letters = [self._letter(d) for d in batch]
         try:
             archived = await self._store.dead_letters.archive(
-                letters, account_bytes=self._policy.account_bytes
+                letters, account_bytes=self._policy.account_bytes, stalls=self._stalls
             )
         except StoreUnavailable as exc:  # keep serving: the queue keeps what was not archived
             log.warning("dead_letters_not_archived", count=len(batch), error=str(exc))
@@ -108,7 +114,9 @@ class DeadLetterArchiver:
         """Archive one letter, else a minimal record of it; None: not even that."""
         bound = self._policy.account_bytes
         try:
-            return await self._store.dead_letters.archive([letter], account_bytes=bound)
+            return await self._store.dead_letters.archive(
+                [letter], account_bytes=bound, stalls=self._stalls
+            )
         except StoreUnavailable:
             raise
         except Exception as exc:
@@ -166,9 +174,46 @@ class DeadLetterArchiver:
             log.exception("dead_letter_unreadable")
             return minimal_letter(delivery, self._policy, exc)
 
+    def _stalls(self, letter: NewDeadLetter, instance: InstanceRecord) -> bool:
+        """Whether the letter held the instance's next move: a step or wake the fleet sent
+        (through the internal exchange, which producers cannot write to) that the engine
+        would run if it were delivered now. A stale copy (an older position, generation,
+        attempt or timer), a letter for a paused or finished instance, and anything a
+        producer sent never mark an instance."""
+        if letter.first_exchange != self._policy.topology.internal_exchange:
+            return False
+        try:
+            envelope = parse_envelope(
+                letter.headers, letter.body, max_body_bytes=self._policy.max_body_bytes
+            )
+        except InvalidMessage:
+            return False
+        if envelope.kind not in (MessageKind.STEP, MessageKind.WAKE):
+            return False
+        if (envelope.tenant, envelope.instance_id) != (
+            instance.key.tenant,
+            instance.key.instance_id,
+        ):
+            return False
+        verdict = admit(envelope, state_of(instance), created_now=False, now=datetime.now(UTC))
+        return isinstance(verdict, Admit)
+
     def _note(self, letters: list[NewDeadLetter], archived: Archived) -> None:
         self.archived += archived.new
         self.stripped += len(archived.stripped)
+        self.stalled += len(archived.stalled)
+        for stalled in archived.stalled:
+            instance = stalled.instance
+            log.warning(
+                "instance_stalled",
+                tenant=instance.key.tenant,
+                instance=instance.key.instance_id,
+                module_digest=instance.module,
+                position=instance.position,
+                letter=stalled.letter_id,
+                reason=stalled.letter.reason,
+                kind=stalled.letter.kind,
+            )
         for letter in archived.stripped:
             log.warning(
                 "dead_letter_body_not_kept",

@@ -135,6 +135,8 @@ class BatchProcessor:
             fresh = [w for w in works if id(w.handle) not in self._resuming]
             checked = {id(w) for w in self._check_routing(await self._verify(fresh, dead), dead)}
             works = [w for w in works if id(w.handle) in self._resuming or id(w) in checked]
+        if any(w.envelope.kind is MessageKind.STEP for w in works):
+            self._crash.reach("step-before-commit")
         confirmed, self.confirmed_outbox = self.confirmed_outbox, []
         try:
             cycle = await self.cycle.run(works, confirmed_outbox=confirmed)

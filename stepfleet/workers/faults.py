@@ -3,7 +3,10 @@ point of the per-step path, with a given probability.
 
 Off unless STEPFLEET_CRASH_POINTS names points, e.g. `after-commit:0.02,after-publish:0.02`.
 The points are the windows a real crash can hit: after the transaction commits but before
-the next messages are published, and after publishing but before the acks.
+the next messages are published, and after publishing but before the acks; and
+`step-before-commit`, before the transaction of a batch that holds a step message: a step
+that kills every worker that takes it (memory, a host bug), until RabbitMQ dead-letters it at
+its delivery limit.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import random
 import signal
 import sys
 
-POINTS = ("after-commit", "after-publish")
+POINTS = ("after-commit", "after-publish", "step-before-commit")
 
 
 def parse(spec: str) -> dict[str, float]:

@@ -37,6 +37,11 @@ class Health:
     steps: int = 0
     cpu_seconds: float = 0.0
     """CPU time of the process so far (all threads)."""
+    stalls_swept: int = 0
+    """Live instances nothing moved whose step message this worker's stall sweep published
+    again (workers/sweep.py)."""
+    instances_stalled: int = 0
+    """Instances this worker's dead-letter archiver marked stalled."""
     phases: dict[str, float] = field(default_factory=dict)
     """Where its time went (stepfleet/cycle/phases.py): summed seconds and counts."""
 
@@ -68,7 +73,11 @@ def judge(path: Path, *, max_age: float, now: float | None = None) -> tuple[bool
     for service, seen in (("PostgreSQL", health.store_ok_at), ("RabbitMQ", health.broker_ok_at)):
         if now - seen > max_age:
             return False, f"worker {health.name} has not reached {service} for {now - seen:.0f}s"
-    return True, f"worker {health.name} (pid {health.pid}) ready, {health.steps} steps"
+    return True, (
+        f"worker {health.name} (pid {health.pid}) ready, {health.steps} steps, "
+        f"{health.stalls_swept} unmoved instances republished, "
+        f"{health.instances_stalled} marked stalled"
+    )
 
 
 def judge_alive(path: Path, *, max_age: float, now: float | None = None) -> tuple[bool, str]:

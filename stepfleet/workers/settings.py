@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stepfleet.broker import Topology
@@ -134,10 +134,32 @@ class Settings(BaseSettings):
     early_event_seconds: float = Field(default=600.0, ge=0)
     """How long an event for an instance that does not exist yet is held for its create;
     then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""
+    stall_after_seconds: float = Field(default=300.0, gt=0)
+    """A live instance with no timer, no outbox row and no progress for this long is taken
+    for one whose step message was lost: the stall sweep publishes its step again (a copy of
+    a message still queued is acked without effect). Must exceed outbox_relay_after_seconds,
+    and should exceed the longest a step message may wait in a queue and the longest step,
+    its HTTP calls included (docs/reliability.md)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _sweep_after_relay(self) -> Settings:
+        if self.stall_after_seconds <= self.outbox_relay_after_seconds:
+            raise ValueError(
+                f"stall_after_seconds ({self.stall_after_seconds}) must be more than "
+                f"outbox_relay_after_seconds ({self.outbox_relay_after_seconds}): an instance "
+                "with an outbox row is the relay's to move"
+            )
+        return self
+
+    @property
+    def stall_sweep_seconds(self) -> float:
+        """How often each worker tries the stall sweep: a quarter of stall_after_seconds,
+        between 0.5 s and 60 s."""
+        return min(max(self.stall_after_seconds / 4, 0.5), 60.0)
 
     @property
     def prefetch(self) -> int:

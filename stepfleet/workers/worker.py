@@ -28,6 +28,7 @@ from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.side_lanes import SideLanes
+from stepfleet.workers.sweep import StallSweep
 from stepfleet.workers.tenants import ProducerCheck
 
 log = structlog.get_logger("stepfleet.worker")
@@ -128,6 +129,13 @@ class Worker:
         self.steps_done = 0
         self.wakes_sent = 0
         self.archiver = DeadLetterArchiver(self.store, ArchivePolicy.of(settings))
+        self.sweep = StallSweep(
+            self.store,
+            self.topology,
+            self._publish,
+            stall_after_seconds=settings.stall_after_seconds,
+            every_seconds=settings.stall_sweep_seconds,
+        )
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 
@@ -185,6 +193,7 @@ class Worker:
             archiving = asyncio.create_task(self.archiver.run(), name="dead-letter-archive")
             timers = asyncio.create_task(self._timers(), name="timers")
             beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
+            sweeping = asyncio.create_task(self.sweep.run(), name="stall-sweep")
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -211,7 +220,7 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            for task in (relay, timers, archiving, beat, moving):
+            for task in (relay, timers, archiving, beat, moving, sweeping):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -332,6 +341,8 @@ class Worker:
             self.health.state = state
         self.health.steps = self.steps_done
         self.health.cpu_seconds = time.process_time()
+        self.health.stalls_swept = self.sweep.swept
+        self.health.instances_stalled = self.archiver.stalled
         phases = self._processor.cycle.phases
         phases.inbox_wait = self._inbox.waited
         self.health.phases = phases.as_dict()

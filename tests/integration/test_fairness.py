@@ -170,10 +170,12 @@ async def test_weighted_tenants_share_a_worker_by_their_weights(
         await store.put_module(tenant, digest, playbook_wasm)
     params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c", "d", "e", "f")]}
     async with Producer(settings.amqp_url, topology) as producer:
-        for tenant in (light, heavy):
-            flood = [CreateRequest(tenant, digest, params, f"{tenant}-{i}") for i in range(1500)]
-            for offset in range(0, len(flood), 500):
-                await producer.create_batch(flood[offset : offset + 500])
+        for offset in range(0, 1500, 100):  # both floods side by side, in every lane they use
+            for tenant in (light, heavy):
+                await producer.create_batch(
+                    [CreateRequest(tenant, digest, params, f"{tenant}-{i}")
+                     for i in range(offset, offset + 100)]
+                )  # fmt: skip
     await start_worker()
 
     async def journal_rows(tenant: str) -> int:
@@ -184,11 +186,19 @@ async def test_weighted_tenants_share_a_worker_by_their_weights(
                 )
             ).scalar_one()
 
-    async def enough_done() -> bool:
-        return await journal_rows(heavy) + await journal_rows(light) >= 3000
+    async def both_going() -> bool:
+        return min(await journal_rows(heavy), await journal_rows(light)) >= 100
 
-    await wait_until(enough_done, "3,000 steps done", timeout=120)
-    done_light, done_heavy = await journal_rows(light), await journal_rows(heavy)
+    await wait_until(both_going, "both tenants' steps running", timeout=120)
+    before = {t: await journal_rows(t) for t in (light, heavy)}
+
+    async def window_done() -> bool:
+        done = [await journal_rows(t) - before[t] for t in (light, heavy)]
+        return sum(done) >= 2000
+
+    await wait_until(window_done, "2,000 more steps done", timeout=120)
+    done_light = await journal_rows(light) - before[light]
+    done_heavy = await journal_rows(heavy) - before[heavy]
     assert done_light > 0
     assert done_heavy > 1.5 * done_light, (done_heavy, done_light)
 

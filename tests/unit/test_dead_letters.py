@@ -336,7 +336,7 @@ class Refusing:
         self.down = down
         self.stored: list[NewDeadLetter] = []
 
-    async def archive(self, letters, *, account_bytes=None):
+    async def archive(self, letters, *, account_bytes=None, stalls=None):
         if self.down:
             raise StoreUnavailable("PostgreSQL is down")
         for letter in letters:

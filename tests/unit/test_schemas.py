@@ -98,6 +98,9 @@ REFUSALS = [
         _without(Headers.MODULE), CREATE_BODY, DeadReason.MISSING_HEADER, id="create-no-module"
     ),
     pytest.param(_with(x_tenant=""), CREATE_BODY, DeadReason.MISSING_HEADER, id="empty-tenant"),
+    pytest.param(
+        _with(x_module=""), CREATE_BODY, DeadReason.MISSING_HEADER, id="create-empty-module"
+    ),
     pytest.param(_with(x_kind="start"), CREATE_BODY, DeadReason.BAD_HEADER, id="unknown-kind"),
     pytest.param(
         _with(x_tenant="Acme"), CREATE_BODY, DeadReason.BAD_HEADER, id="upper-case-tenant"
@@ -385,7 +388,9 @@ def test_create_body_defaults_match_the_doc():
         pytest.param(
             _without(Headers.MODULE), CREATE_BODY, "header x-module is required on create", id="m"
         ),
-        pytest.param(_with(x_module=""), CREATE_BODY, "x-module '' is not a digest", id="module"),
+        pytest.param(
+            _with(x_module=""), CREATE_BODY, "header x-module is required on create", id="module"
+        ),
         pytest.param(_with(x_tenant=b"\xff"), CREATE_BODY, "header x-tenant is not UTF-8", id="u"),
         pytest.param(_with(x_tenant=None), CREATE_BODY, "header x-tenant is required", id="none"),
         pytest.param(
@@ -488,6 +493,7 @@ def _read_and_validated(headers: dict[str, Any]) -> tuple[Any, Any]:
         *(param.values[0] for param in REFUSALS),
         CREATE_HEADERS,
         _with(x_kind="event", x_module=None),
+        _with(x_kind="event", x_module=""),
         _with(traceparent="00-ab-cd-01", x_schema_version=1),
         _with(traceparent=b"\xff"),
         _with(traceparent=b"\xff", x_tenant="Acme"),
