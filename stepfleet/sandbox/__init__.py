@@ -7,12 +7,14 @@ from stepfleet.sandbox.compiler import ModuleCompiler
 from stepfleet.sandbox.errors import (
     CompileFailed,
     CompileLimitExceeded,
+    GuestProcessLost,
     InvalidModule,
     SandboxError,
 )
+from stepfleet.sandbox.guest_pool import GuestProcessPool
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, UnsafeCacheDirectory
-from stepfleet.sandbox.port import GuestRun, Sandbox
+from stepfleet.sandbox.port import GuestRun, LongRuns, Sandbox
 from stepfleet.sandbox.runtime import WasmSandbox
 
 __all__ = [
@@ -20,8 +22,11 @@ __all__ = [
     "CompileFailed",
     "CompileLimitExceeded",
     "CompiledModuleCache",
+    "GuestProcessLost",
+    "GuestProcessPool",
     "GuestRun",
     "InvalidModule",
+    "LongRuns",
     "ModuleCompiler",
     "ReplayJournal",
     "Sandbox",
