@@ -1,4 +1,4 @@
-"""Where guests run: short runs on the event loop's own thread, long ones on the guest thread.
+"""Where guests run: short runs on the event loop's own thread, long ones in guest processes.
 
 A guest run on the guest thread pays for the hand-over and, worse, for the interpreter lock:
 every call between Python and wasmtime gives the lock up and waits to get it back from the busy
@@ -6,17 +6,23 @@ event loop, so a run of a few hundred microseconds took over a millisecond in a 
 Most runs are that short. So a batch first runs its guests on the loop's thread, each with at
 most `SLICE_FUEL` of fuel and all of them within `INLINE_SECONDS`; a run that needs more fuel is
 abandoned (a run has no effect until its batch is written, so nothing is lost but the slice)
-and runs again, with its whole budget, on the guest thread, as do the batch's runs past the
-time budget. A module whose run overran is sent straight to the guest thread for
+and runs again, with its whole budget, as a long run, as do the batch's runs past the time
+budget. A module whose run overran goes straight to the long runs for
 `OVERRUN_MEMORY_SECONDS`. The event loop is therefore never held by guests for much longer than
 `INLINE_SECONDS` per batch, whatever the guests do, and keeps consuming, confirming and acking
 while long runs go on.
 
+Long runs go to the worker's guest processes (`LongRuns`, sandbox/guest_pool.py) when it has
+them: a few processes of lower CPU priority, taken by the tenants in turn, so a tenant whose
+steps each burn seconds of CPU delays neither the short runs of the others (they go on inline
+meanwhile) nor, beyond one run per process, their long ones. Without guest processes, long
+runs go to the one guest thread.
+
 wasmtime-py is not thread-safe (it keeps the exception a host import raised in a module-level
 global), so the two threads never drive the sandbox at once: the process's pipelines take turns
-(an asyncio lock, held while a batch's guests run, inline or on the guest thread, and while a
-module loads), and a thread lock guards the sandbox itself in case a cancelled wait left the
-guest thread running.
+(an asyncio lock, held while a batch's guests run inline or on the guest thread, and while a
+module loads, but not while its runs wait for the guest processes), and a thread lock guards
+the sandbox itself in case a cancelled wait left the guest thread running.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from datetime import datetime
 from typing import TypeVar
 
-from stepfleet.cycle.guest import ran_out_of_fuel, run_work, run_works
-from stepfleet.cycle.work import H, Ran, Work
-from stepfleet.sandbox import Sandbox
-from stepfleet.schemas import TenantLimits
+from stepfleet.cycle.guest import ran_out_of_fuel, run_work, run_works, work_run
+from stepfleet.cycle.work import Apart, H, Ran, Work
+from stepfleet.sandbox import LongRuns, Sandbox
+from stepfleet.schemas import GuestReport, TenantLimits
 
 T = TypeVar("T")
 
@@ -44,8 +50,8 @@ OVERRUN_MEMORY_SECONDS = 60.0
 
 
 class GuestRunner:
-    """Runs guests for one process's cycles; `guest_thread` None runs every guest inline
-    (a process with one cycle at a time: `stepfleet run`, tests)."""
+    """Runs guests for one process's cycles; `guest_thread` and `processes` None run every
+    guest inline (a process with one cycle at a time: `stepfleet run`, tests)."""
 
     def __init__(
         self,
@@ -53,9 +59,11 @@ class GuestRunner:
         guest_thread: Executor | None,
         limits: Callable[[str], TenantLimits],
         clock: Callable[[], datetime],
+        processes: LongRuns | None = None,
     ) -> None:
         self._sandbox = sandbox
         self._thread = guest_thread
+        self._processes = processes
         self._limits = limits
         self._clock = clock
         self._lock = threading.Lock()
@@ -81,15 +89,52 @@ class GuestRunner:
 
     async def run(self, works: list[Work[H]]) -> list[Ran[H]]:
         """Run every work's guest for its next outcome."""
-        if self._thread is None:
-            return run_works(self._sandbox, works, self._limits, self._clock)
+        ran, apart = await self._run(works, set_apart=False)
+        assert not apart
+        return ran
+
+    async def run_or_set_apart(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Apart[H]]]:
+        """Run the works' guests; with guest processes, return the long runs of works not set
+        apart before as going on apart (`Apart`) instead of waiting for them."""
+        return await self._run(works, set_apart=True)
+
+    async def _run(
+        self, works: list[Work[H]], *, set_apart: bool
+    ) -> tuple[list[Ran[H]], list[Apart[H]]]:
+        if self._thread is None and self._processes is None:
+            return run_works(self._sandbox, works, self._limits, self._clock), []
         async with self._turn:
             ran, rest = self._run_inline(works)
-            if rest:
+            if rest and self._processes is None:
                 ran += await self._on_thread(
                     lambda: run_works(self._sandbox, rest, self._limits, self._clock)
                 )
-        return ran
+                return ran, []
+            # Queued while the turn is held: no module loads meanwhile.
+            now = self._clock()
+            long = [(w, now, self._submit(w)) for w in rest]
+        # The turn is free: other batches' short runs go on while these run.
+        apart: list[Apart[H]] = []
+        waited: list[tuple[Work[H], datetime, Future[GuestReport]]] = []
+        for work, began, future in long:
+            if set_apart and work.apart is None:
+                assert work.state is not None
+                assert work.replay is not None
+                length = len(work.replay.journal)
+                apart.append(Apart(work, future, work.state, length, work.started_at or began))
+            else:
+                waited.append((work, began, future))
+        if waited:
+            reports = await asyncio.gather(*(asyncio.wrap_future(f) for _, _, f in waited))
+            ran += [
+                Ran(work, report, work.started_at or began, self._clock())
+                for (work, began, _), report in zip(waited, reports, strict=True)
+            ]
+        return ran, apart
+
+    def _submit(self, work: Work[H]) -> Future[GuestReport]:
+        assert self._processes is not None
+        return self._processes.submit(work_run(work, self._limits))
 
     def _run_inline(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]]]:
         """Run what fits in the slices on this thread; return the runs and the works left."""

@@ -42,7 +42,7 @@ from stepfleet.cycle.work import (
     write_of,
 )
 from stepfleet.engine import EngineLimits, decide, resolve_wait
-from stepfleet.sandbox import Sandbox
+from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import (
     CallRequested,
     CreateBody,
@@ -74,14 +74,16 @@ class StepCycle:
         sandbox: Sandbox,
         topology: Topology,
         guest_thread: Executor | None = None,
+        guest_processes: LongRuns | None = None,
         value_bytes: int = 1024 * 1024,
         limits: EngineLimits | None = None,
         directory: TenantDirectory | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
     ) -> None:
-        """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
-        every one inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
+        """`guest_processes`, else `guest_thread`, runs the guest runs that are not short
+        (cycle/runner.py); both None run every one inline, for a process with one cycle at a
+        time (`stepfleet run`, tests)."""
         self._store = store
         self.topology = topology
         self._value_bytes = value_bytes
@@ -92,7 +94,9 @@ class StepCycle:
         self._replays = ReplayCache()
         self._owned: set[tuple[str, str]] = set()
         """(tenant, module) pairs known to be pushed (see Admission)."""
-        self._guests = GuestRunner(sandbox, guest_thread, self.directory.limits, clock)
+        self._guests = GuestRunner(
+            sandbox, guest_thread, self.directory.limits, clock, guest_processes
+        )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
@@ -193,10 +197,16 @@ class StepCycle:
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
             early = [w.early.ran for w in admitted if w.early and w.early.still_holds(w)]
+            early += [a.ran(now) for w in admitted if (a := w.apart) and a.holds(w)]
             taken = {id(item.work) for item in early}
             guest_began = time.monotonic()
             ran = refused + early
-            ran += await self._guests.run([w for w in admitted if id(w) not in taken])
+            done, result.apart = await self._guests.run_or_set_apart(
+                [w for w in admitted if id(w) not in taken]
+            )
+            ran += done
+            for apart in result.apart:
+                apart.work.apart = apart
             result.guest_seconds = time.monotonic() - guest_began
             ran = self._set_aside_calls(ran, result)
             for item in ran:
@@ -235,10 +245,12 @@ class StepCycle:
             for work, d in continuing
         ]
         steps = [_step_message(self.topology, envelope) for envelope in envelopes]
-        # A create whose first step waits on a call: its row is written now, with the step
+        # A create whose first step waits on a call, or whose first run goes on apart in a
+        # guest process: its row is written now, with the step
         # message that carries on after a crash (kept in the outbox, published only by the
         # relay if the attempt is never finished; the write that finishes it deletes it).
         waiting_creates = [s.work for s in result.suspended if s.work.created]
+        waiting_creates += [a.work for a in result.apart if a.work.created]
         intents = [
             step_message(self.topology, w.key, w.module, 0, 0, w.envelope.traceparent)[0]
             for w in waiting_creates
@@ -290,6 +302,7 @@ class StepCycle:
             {i.work.key for i in ran}
             | {w.key for w in held}
             | {s.work.key for s in result.suspended}
+            | {a.work.key for a in result.apart}
         )
         created = sorted((w for w in works if w.created and w.key in writing), key=lambda w: w.key)
         if not created:
@@ -310,12 +323,17 @@ class StepCycle:
         lost = {w.key for w in created if w.key not in inserted}
         if not lost:
             return ran, held
-        for work in [i.work for i in ran] + [s.work for s in result.suspended]:
+        for work in (
+            [i.work for i in ran]
+            + [s.work for s in result.suspended]
+            + [a.work for a in result.apart]
+        ):
             if work.key in lost:
                 result.duplicates.append(work)
                 with message_context(work):
                     log.info("duplicate_ignored", kind="create", why="instance already exists")
         result.suspended = [s for s in result.suspended if s.work.key not in lost]
+        result.apart = [a for a in result.apart if a.work.key not in lost]
         return [i for i in ran if i.work.key not in lost], [w for w in held if w.key not in lost]
 
     async def error_instance(self, key: InstanceKey, message: str) -> bool:
