@@ -152,14 +152,21 @@ class StepCycle:
 
         A run that stops at an HTTP call needs nothing from the store (nothing of it is
         written), so it waits for its call without a transaction at all; the run that resumes
-        it goes through admission as usual. Any other run is kept for the transaction, which
+        it goes through admission as usual; a run that goes long is set apart (cycle/runner.py)
+        and taken by the transaction of the cycle its work comes back to, if the instance has
+        not moved. Any other run is kept for the transaction, which
         uses it if the locked instance is still the one the run saw. Tenants with running-step
         or rate limits are left to the transaction, where those are counted.
         """
         early: list[Work[H]] = []
         for work in works:
             expected = work.expected
-            if expected is None or work.answers or self._has_quotas(work.key.tenant):
+            if (
+                expected is None
+                or work.answers
+                or work.apart is not None
+                or self._has_quotas(work.key.tenant)
+            ):
                 continue
             replay = self._replays.exactly(work.key, expected.generation, expected.position)
             if replay is None:
@@ -169,15 +176,18 @@ class StepCycle:
         if not early:
             return works
         began = time.monotonic()
-        ran = await self._guests.run(early)
+        ran, apart = await self._guests.run_or_set_apart(early)
         self.phases.guest += time.monotonic() - began
+        for going in apart:  # nothing to write until its run is done: no transaction yet
+            going.work.apart = going
+            result.apart.append(going)
         for item in self._set_aside_calls(ran, result):
             replay = item.work.replay
             assert replay is not None
             item.work.early = Early(item, replay, len(replay.journal))
         for work in early:
             work.state = work.replay = None  # the transaction's admission sets them again
-        waiting = {id(s.work) for s in result.suspended}
+        waiting = {id(s.work) for s in result.suspended} | {id(a.work) for a in result.apart}
         return [w for w in works if id(w) not in waiting]
 
     def _has_quotas(self, tenant: str) -> bool:
@@ -201,12 +211,13 @@ class StepCycle:
             taken = {id(item.work) for item in early}
             guest_began = time.monotonic()
             ran = refused + early
-            done, result.apart = await self._guests.run_or_set_apart(
+            done, apart = await self._guests.run_or_set_apart(
                 [w for w in admitted if id(w) not in taken]
             )
             ran += done
-            for apart in result.apart:
-                apart.work.apart = apart
+            for going in apart:
+                going.work.apart = going
+            result.apart += apart
             result.guest_seconds = time.monotonic() - guest_began
             ran = self._set_aside_calls(ran, result)
             for item in ran:

@@ -566,6 +566,31 @@ async def test_a_long_run_goes_on_apart_while_another_tenants_short_run_complete
     ]
 
 
+async def test_a_local_next_step_that_goes_long_is_set_apart_before_any_transaction():
+    sandbox = SlicedSandbox()
+    long_runs = HeldLongRuns(sandbox)
+    long_runs.release.set()
+    fleet = Fleet(sandbox=sandbox, guest_processes=long_runs, local_steps=10)
+    await fleet.store.put_module(TENANT, HEAVY, b"\0asm")
+    heavy = fleet.message("create", "h-1", {"version": 1, "params": {}}, **{"x-module": HEAVY})
+    try:
+        assert (await fleet.processor.process([heavy])).steps == 0
+        # Back come: the create, the local step 2, step 2 once run, step 3, step 3 once run.
+        for _ in range(5):
+            [delivery] = await fleet.handed_back()
+            await fleet.processor.process([delivery])
+    finally:
+        long_runs.close()
+    detail = await fleet.store.detail(InstanceKey(TENANT, "h-1"))
+    assert detail is not None
+    assert detail.record.status is InstanceStatus.COMPLETE
+    assert [e.name for e in detail.journal] == ["reserve", "charge"]
+    # One long run per step, each taken by the cycle its delivery came back to.
+    assert len(long_runs.jobs) == 3
+    assert fleet.store.outbox() == []
+    assert fleet.published == []
+
+
 async def journal(fleet: Fleet, tenant: str, instance: str) -> list[str]:
     detail = await fleet.store.detail(InstanceKey(tenant, instance))
     assert detail is not None
