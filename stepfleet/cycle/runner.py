@@ -6,8 +6,9 @@ event loop, so a run of a few hundred microseconds took over a millisecond in a 
 Most runs are that short. So a batch first runs its guests on the loop's thread, each with at
 most `SLICE_FUEL` of fuel and all of them within `INLINE_SECONDS`; a run that needs more fuel is
 abandoned (a run has no effect until its batch is written, so nothing is lost but the slice)
-and runs again, with its whole budget, as a long run, as do the batch's runs past the time
-budget. A module whose run overran goes straight to the long runs for
+and runs again, with its whole budget, as a long run. The batch's runs past the time budget
+run inline too, after the loop has had its turn (with guest processes), or as long runs
+(on the guest thread). A module whose run overran goes straight to the long runs for
 `OVERRUN_MEMORY_SECONDS`. The event loop is therefore never held by guests for much longer than
 `INLINE_SECONDS` per batch, whatever the guests do, and keeps consuming, confirming and acking
 while long runs go on.
@@ -103,16 +104,29 @@ class GuestRunner:
     ) -> tuple[list[Ran[H]], list[Apart[H]]]:
         if self._thread is None and self._processes is None:
             return run_works(self._sandbox, works, self._limits, self._clock), []
-        async with self._turn:
-            ran, rest = self._run_inline(works)
-            if rest and self._processes is None:
-                ran += await self._on_thread(
-                    lambda: run_works(self._sandbox, rest, self._limits, self._clock)
-                )
-                return ran, []
-            # Queued while the turn is held: no module loads meanwhile.
-            now = self._clock()
-            long = [(w, now, self._submit(w)) for w in rest]
+        ran: list[Ran[H]]
+        if self._processes is None:
+            async with self._turn:
+                ran, long_works, late = self._run_inline(works)
+                left = {id(w) for w in long_works + late}
+                rest = [w for w in works if id(w) in left]
+                if rest:
+                    ran += await self._on_thread(
+                        lambda: run_works(self._sandbox, rest, self._limits, self._clock)
+                    )
+            return ran, []
+        # With guest processes, only runs that need more than a slice go there: those left
+        # for lack of time run inline too, after the loop has had its turn.
+        ran = []
+        long: list[tuple[Work[H], datetime, Future[GuestReport]]] = []
+        while works:
+            async with self._turn:
+                done, long_works, works = self._run_inline(works)
+                ran += done
+                # Queued while the turn is held: no module loads meanwhile.
+                now = self._clock()
+                long += [(w, now, self._submit(w)) for w in long_works]
+            await asyncio.sleep(0 if done or long_works else 0.005)
         # The turn is free: other batches' short runs go on while these run.
         apart: list[Apart[H]] = []
         waited: list[tuple[Work[H], datetime, Future[GuestReport]]] = []
@@ -136,31 +150,36 @@ class GuestRunner:
         assert self._processes is not None
         return self._processes.submit(work_run(work, self._limits))
 
-    def _run_inline(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]]]:
-        """Run what fits in the slices on this thread; return the runs and the works left."""
+    def _run_inline(
+        self, works: list[Work[H]]
+    ) -> tuple[list[Ran[H]], list[Work[H]], list[Work[H]]]:
+        """Run what fits in the slices on this thread; return the runs, the works that need
+        more than a slice (long) and those left for lack of time (late)."""
         if not works or not self._lock.acquire(blocking=False):
-            return [], works
+            return [], [], works
         ran: list[Ran[H]] = []
-        rest: list[Work[H]] = []
+        long: list[Work[H]] = []
+        late: list[Work[H]] = []
         try:
             began = time.monotonic()
             for work in works:
                 now = time.monotonic()
                 overran = self._overran.get(work.module)
-                if now - began > INLINE_SECONDS or (
-                    overran is not None and now - overran < OVERRUN_MEMORY_SECONDS
-                ):
-                    rest.append(work)
+                if overran is not None and now - overran < OVERRUN_MEMORY_SECONDS:
+                    long.append(work)
+                    continue
+                if now - began > INLINE_SECONDS:
+                    late.append(work)
                     continue
                 item = run_work(self._sandbox, work, self._limits, self._clock, fuel_cap=SLICE_FUEL)
                 if ran_out_of_fuel(item.report):
                     self._remember_overrun(work.module)
-                    rest.append(work)
+                    long.append(work)
                 else:
                     ran.append(item)
         finally:
             self._lock.release()
-        return ran, rest
+        return ran, long, late
 
     def _remember_overrun(self, module: str) -> None:
         now = time.monotonic()
