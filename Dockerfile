@@ -50,11 +50,18 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links=/wheels stepfleet \
     && /opt/venv/bin/stepfleet --help > /dev/null
 
+# The only places the worker writes: the compiled-module cache (below XDG_CACHE_HOME, so the
+# default STEPFLEET_MODULE_CACHE_DIR is /var/cache/stepfleet/modules) and its health file in
+# /tmp. With a read-only root file system, mount writable volumes on both (Kubernetes:
+# deploy/kubernetes/base/worker-deployment.yaml).
+ENV XDG_CACHE_HOME=/var/cache
+
 RUN groupadd --system --gid 10001 stepfleet \
     && useradd --system --uid 10001 --gid stepfleet --home-dir /app --no-create-home \
         --shell /usr/sbin/nologin stepfleet \
-    && mkdir -p /app \
-    && chown stepfleet:stepfleet /app
+    && mkdir -p /app /var/cache/stepfleet \
+    && chown stepfleet:stepfleet /app /var/cache/stepfleet \
+    && chmod 0700 /var/cache/stepfleet
 
 # The example tenant modules (committed .wasm builds plus their sources and READMEs, ~55 KB),
 # so a fresh deployment can be tried without the host toolchain:

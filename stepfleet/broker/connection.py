@@ -134,6 +134,14 @@ class Broker:
                     name, durable=True, arguments=topo.work_queue_arguments()
                 )
                 await work.bind(lanes, "1")  # equal weights
+            side = await channel.declare_exchange(
+                topo.side_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            for index, name in enumerate(topo.side_queues):
+                side_queue = await channel.declare_queue(
+                    name, durable=True, arguments=topo.work_queue_arguments()
+                )
+                await side_queue.bind(side, str(index))
             dead_queue = await channel.declare_queue(
                 topo.dead_letter_queue, durable=True, arguments=topo.dead_letter_queue_arguments()
             )
@@ -149,12 +157,13 @@ class Broker:
         """Delete every queue and exchange of this prefix (tests and teardown only)."""
         channel = self._channel()
         topo = self.topology
-        for queue in (*topo.work_queues, topo.dead_letter_queue):
+        for queue in (*topo.work_queues, *topo.side_queues, topo.dead_letter_queue):
             await channel.queue_delete(queue)
         exchanges = (
             topo.ingress_exchange,
             topo.internal_exchange,
             topo.lanes_exchange,
+            topo.side_exchange,
             topo.dead_letter_exchange,
         )
         for exchange in exchanges:

@@ -16,6 +16,8 @@ class Topology:
     delivery_limit: int = 20
     lanes: int = 8
     """Work queues; each message goes to one of them by a hash of its routing key."""
+    side_lanes: int = 16
+    """Work queues a worker moves a heavy tenant's deliveries to (workers/side_lanes.py)."""
 
     @property
     def ingress_exchange(self) -> str:
@@ -42,6 +44,17 @@ class Topology:
     def work_queues(self) -> list[str]:
         """The lanes: quorum queues every worker consumes, one consumer each."""
         return [f"{self.prefix}.work.{lane}" for lane in range(self.lanes)]
+
+    @property
+    def side_exchange(self) -> str:
+        """Direct exchange into the side lanes, bound with each one's index as the key."""
+        return f"{self.prefix}.side"
+
+    @property
+    def side_queues(self) -> list[str]:
+        """The side lanes: quorum queues every worker consumes, like the lanes, holding the
+        deliveries workers moved out of the lanes for tenants over their share."""
+        return [f"{self.prefix}.side.{lane}" for lane in range(self.side_lanes)]
 
     def lanes_exchange_arguments(self) -> dict[str, Any]:
         """None: the exchange hashes the routing key, which broker topic permissions confine

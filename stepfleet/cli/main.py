@@ -17,13 +17,14 @@ from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
 from stepfleet.cli.instances import register_instance_commands
 from stepfleet.cli.modules import check_push, register_module_commands
+from stepfleet.cli.orchestrators import register_orchestrator_commands
 from stepfleet.cli.tenants import tenant_app
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.sandbox import CompileFailed, InvalidModule
 from stepfleet.schemas import is_digest, is_tenant
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.store.migrate import ensure_database, upgrade
-from stepfleet.workers.health import judge
+from stepfleet.workers.health import judge, judge_alive
 from stepfleet.workers.logs import configure_logging
 from stepfleet.workers.worker import Worker
 
@@ -36,6 +37,7 @@ app.add_typer(tenant_app, name="tenant")
 register_module_commands(module_app)
 register_egress_commands(app)
 register_operations_commands(app)
+register_orchestrator_commands(app)
 
 
 @app.command()
@@ -171,6 +173,10 @@ def worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop)
         await node.run()
+        # Stopped and drained: a later SIGTERM (the kubelet's, after the pre-stop hook saw
+        # `stopped`) must not cut the rest of the exit short.
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     run(go())
 
@@ -200,15 +206,24 @@ def health(
     max_age: Annotated[
         float, typer.Option(help="Seconds since the worker last reached its services.")
     ] = 15.0,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Liveness: only ask that the worker still rewrites the file (within --max-age)"
+            " and has not stopped, whether or not its services answer.",
+        ),
+    ] = False,
 ) -> None:
     """Exit 0 if the worker on this host is ready and reaching PostgreSQL and RabbitMQ.
 
-    For docker compose healthchecks and orchestrators' exec probes; prints one line why.
+    For docker compose healthchecks and readiness probes; with --live, for liveness probes.
+    Prints one line why.
     """
     path = file or settings().health_file
     if path is None:
         fail("no health file: set STEPFLEET_HEALTH_FILE or pass --file")
-    healthy, why = judge(path, max_age=max_age)
+    healthy, why = (judge_alive if live else judge)(path, max_age=max_age)
     say(shown(why))
     if not healthy:
         raise typer.Exit(1)

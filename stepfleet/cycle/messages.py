@@ -112,7 +112,14 @@ REPLAYED_FOR = "x-replayed-for"
 the original. ProducerCheck checks that user, and trusts the header only on a message whose
 verified user_id is the fleet's own."""
 
-_RESERVED_PREFIXES = ("x-dead-", "x-original-", "x-first-death-", "x-last-death-")
+MOVED_KEY = "x-moved-key"
+MOVED_EXCHANGE = "x-moved-exchange"
+MOVED_USER = "x-moved-user"
+"""On a message a worker moved from a lane to a side lane (workers/side_lanes.py): its original
+routing key, exchange and user_id. Trusted only on a side lane's message whose verified user_id
+is the fleet's own."""
+
+_RESERVED_PREFIXES = ("x-dead-", "x-original-", "x-first-death-", "x-last-death-", "x-moved-")
 _RESERVED = frozenset(
     {"x-death", "x-delivery-count", DEAD_LETTER_ID, REPLAYED_FOR, REPLAY_ID_HEADER}
     | set(SENDER_SELECTED)

@@ -11,7 +11,8 @@ run inline too, after the loop has had its turn (with guest processes), or as lo
 (on the guest thread). A module whose run overran goes straight to the long runs for
 `OVERRUN_MEMORY_SECONDS`. The event loop is therefore never held by guests for much longer than
 `INLINE_SECONDS` per batch, whatever the guests do, and keeps consuming, confirming and acking
-while long runs go on.
+while long runs go on. A heavy batch's inline runs also stop for a light tenant's batch
+(cycle/priority.py): the turn is given up until it is done, then the runs go on.
 
 Long runs go to the worker's guest processes (`LongRuns`, sandbox/guest_pool.py) when it has
 them: a few processes of lower CPU priority, taken by the tenants in turn, so a tenant whose
@@ -34,9 +35,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from datetime import datetime
+from functools import partial
 from typing import TypeVar
 
 from stepfleet.cycle.guest import ran_out_of_fuel, run_work, run_works, work_run
+from stepfleet.cycle.priority import LightFirst
 from stepfleet.cycle.work import Apart, H, Ran, Work
 from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import GuestReport, TenantLimits
@@ -60,9 +63,11 @@ class GuestRunner:
         guest_thread: Executor | None,
         limits: Callable[[str], TenantLimits],
         clock: Callable[[], datetime],
+        gate: LightFirst | None = None,
         processes: LongRuns | None = None,
     ) -> None:
         self._sandbox = sandbox
+        self._gate = gate or LightFirst()
         self._thread = guest_thread
         self._processes = processes
         self._limits = limits
@@ -104,29 +109,34 @@ class GuestRunner:
     ) -> tuple[list[Ran[H]], list[Apart[H]]]:
         if self._thread is None and self._processes is None:
             return run_works(self._sandbox, works, self._limits, self._clock), []
-        ran: list[Ran[H]]
+        ran: list[Ran[H]] = []
         if self._processes is None:
-            async with self._turn:
-                ran, long_works, late = self._run_inline(works)
-                left = {id(w) for w in long_works + late}
-                rest = [w for w in works if id(w) in left]
-                if rest:
-                    ran += await self._on_thread(
-                        lambda: run_works(self._sandbox, rest, self._limits, self._clock)
-                    )
+            while works:
+                async with self._turn:
+                    done, long_works, late, stepping_aside = self._run_inline(works)
+                    ran += done
+                    left = {id(w) for w in long_works + late}
+                    works = [w for w in works if id(w) in left]
+                    if works and not stepping_aside:
+                        ran += await self._on_thread(partial(self._run_all, works))
+                        works = []
+                if works:
+                    await self._gate.step_aside()
             return ran, []
         # With guest processes, only runs that need more than a slice go there: those left
         # for lack of time run inline too, after the loop has had its turn.
-        ran = []
         long: list[tuple[Work[H], datetime, Future[GuestReport]]] = []
         while works:
             async with self._turn:
-                done, long_works, works = self._run_inline(works)
+                done, long_works, works, stepping_aside = self._run_inline(works)
                 ran += done
                 # Queued while the turn is held: no module loads meanwhile.
                 now = self._clock()
                 long += [(w, now, self._submit(w)) for w in long_works]
-            await asyncio.sleep(0 if done or long_works else 0.005)
+            if stepping_aside:
+                await self._gate.step_aside()
+            elif works:
+                await asyncio.sleep(0 if done or long_works else 0.005)
         # The turn is free: other batches' short runs go on while these run.
         apart: list[Apart[H]] = []
         waited: list[tuple[Work[H], datetime, Future[GuestReport]]] = []
@@ -146,23 +156,29 @@ class GuestRunner:
             ]
         return ran, apart
 
+    def _run_all(self, works: list[Work[H]]) -> list[Ran[H]]:
+        return run_works(self._sandbox, works, self._limits, self._clock)
+
     def _submit(self, work: Work[H]) -> Future[GuestReport]:
         assert self._processes is not None
         return self._processes.submit(work_run(work, self._limits))
 
     def _run_inline(
         self, works: list[Work[H]]
-    ) -> tuple[list[Ran[H]], list[Work[H]], list[Work[H]]]:
+    ) -> tuple[list[Ran[H]], list[Work[H]], list[Work[H]], bool]:
         """Run what fits in the slices on this thread; return the runs, the works that need
-        more than a slice (long) and those left for lack of time (late)."""
+        more than a slice (long), those left for lack of time or for a light batch (late),
+        and whether it stopped early for a light batch (see cycle/priority.py)."""
         if not works or not self._lock.acquire(blocking=False):
-            return [], [], works
+            return [], [], works, False
         ran: list[Ran[H]] = []
         long: list[Work[H]] = []
         late: list[Work[H]] = []
         try:
             began = time.monotonic()
-            for work in works:
+            for index, work in enumerate(works):
+                if index and self._gate.pressing():  # one run at least: always progress
+                    return ran, long, late + works[index:], True
                 now = time.monotonic()
                 overran = self._overran.get(work.module)
                 if overran is not None and now - overran < OVERRUN_MEMORY_SECONDS:
@@ -179,7 +195,7 @@ class GuestRunner:
                     ran.append(item)
         finally:
             self._lock.release()
-        return ran, long, late
+        return ran, long, late, False
 
     def _remember_overrun(self, module: str) -> None:
         now = time.monotonic()

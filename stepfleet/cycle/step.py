@@ -26,6 +26,7 @@ from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.modules import ModuleLoader
 from stepfleet.cycle.phases import PhaseTimes
+from stepfleet.cycle.priority import LightFirst
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
@@ -80,10 +81,12 @@ class StepCycle:
         directory: TenantDirectory | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
+        gate: LightFirst | None = None,
     ) -> None:
         """`guest_processes`, else `guest_thread`, runs the guest runs that are not short
         (cycle/runner.py); both None run every one inline, for a process with one cycle at a
-        time (`stepfleet run`, tests)."""
+        time (`stepfleet run`, tests). `gate` lets light tenants' batches go first
+        (cycle/priority.py)."""
         self._store = store
         self.topology = topology
         self._value_bytes = value_bytes
@@ -94,8 +97,14 @@ class StepCycle:
         self._replays = ReplayCache()
         self._owned: set[tuple[str, str]] = set()
         """(tenant, module) pairs known to be pushed (see Admission)."""
+        self.gate = gate or LightFirst()
         self._guests = GuestRunner(
-            sandbox, guest_thread, self.directory.limits, clock, guest_processes
+            sandbox,
+            guest_thread,
+            self.directory.limits,
+            clock,
+            gate=self.gate,
+            processes=guest_processes,
         )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()

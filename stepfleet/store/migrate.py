@@ -68,3 +68,23 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    """Return the newest schema revision this release's migrations know."""
+    from alembic.script import ScriptDirectory
+
+    heads = ScriptDirectory.from_config(alembic_config("postgresql://")).get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"the migrations have {len(heads)} heads: {sorted(heads)}")
+    return str(heads[0])
+
+
+def schema_revision(url: str) -> str | None:
+    """`current_revision`, with every failure to ask turned into StoreUnavailable."""
+    try:
+        return current_revision(url)
+    except Exception as exc:
+        raise StoreUnavailable(
+            f"cannot read the schema revision at {make_url(url).render_as_string()}: {exc}"
+        ) from exc

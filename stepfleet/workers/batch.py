@@ -124,6 +124,8 @@ class BatchProcessor:
         Raises:
             StoreUnavailable: nothing was committed or acked; the caller retries the batch.
         """
+        gate = self.cycle.gate
+        await gate.step_aside()
         result = BatchResult()
         phases = self.cycle.phases
         phases.batches += 1
@@ -160,6 +162,7 @@ class BatchProcessor:
             self._run_apart(apart)
         self._crash.reach("after-commit")
         published = self._continue_locally(cycle.next_steps)
+        await gate.step_aside()
         with phases.timing("publish"):
             await self._publish([step.message for step in published] + dead)
         self._crash.reach("after-publish")

@@ -20,7 +20,13 @@ from decimal import Decimal
 from typing import Any
 
 from stepfleet.broker import Delivery, Topology
-from stepfleet.cycle.messages import DEAD_LETTER_ID, REPLAYED_FOR
+from stepfleet.cycle.messages import (
+    DEAD_LETTER_ID,
+    MOVED_EXCHANGE,
+    MOVED_KEY,
+    MOVED_USER,
+    REPLAYED_FOR,
+)
 from stepfleet.schemas import Headers
 from stepfleet.store import NewDeadLetter
 from stepfleet.workers.logs import first_line
@@ -153,10 +159,15 @@ def _origin(delivery: Delivery, headers: Mapping[str, Any], policy: ArchivePolic
             # not vouched for, so it can only ever be replayed as that publisher's message.
             return _Origin("rabbitmq", why, detail, delivery.routing_key, delivery.user_id or None)
         replayed_for = _text(headers.get(REPLAYED_FOR))
-        sender = policy.fleet_user
+        routing_key, sender = delivery.routing_key, policy.fleet_user
+        if first_death == topology.side_exchange and MOVED_KEY in headers:
+            # Moved to a side lane by a worker, which recorded where it came from.
+            routing_key = _text(headers.get(MOVED_KEY)) or routing_key
+            first_death = _text(headers.get(MOVED_EXCHANGE))
+            sender = _text(headers.get(MOVED_USER)) or policy.fleet_user
         if first_death == topology.ingress_exchange and replayed_for:
-            sender = replayed_for
-        return _Origin("rabbitmq", why, detail, delivery.routing_key, sender, first_death)
+            sender = replayed_for if sender == policy.fleet_user else sender
+        return _Origin("rabbitmq", why, detail, routing_key, sender, first_death)
     # Published straight to the dead-letter exchange by someone who is not the fleet (or by a
     # worker older than this archiver): nothing in it is vouched for.
     who = f"broker user {delivery.user_id!r}" if delivery.user_id else "a publisher without user_id"

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(default=20, ge=2)
     lanes: int = Field(default=8, ge=1, le=256)
     """Work queues tenants are spread over; fixed for a deployment (see docs/protocol.md)."""
+    side_lanes: int = Field(default=16, ge=0, le=256)
+    """Work queues a worker moves a tenant's deliveries to while that tenant holds more than
+    its share of the worker (see tenant_backlog); 0 moves none."""
+    tenant_backlog: int = Field(default=64, ge=1)
+    """Deliveries of one tenant waiting in a worker process before it moves that tenant's
+    further deliveries out of the lanes into a side lane, so the lanes keep moving for the
+    others. Keep it well below a lane's prefetch (`lane_prefetch`), or a lane's window fills
+    with one tenant before any is moved."""
 
     max_message_bytes: int = Field(default=1024 * 1024 + 4096, ge=1024)
     dead_letter_tenant_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
@@ -145,7 +153,7 @@ class Settings(BaseSettings):
 
     def topology(self) -> Topology:
         """The broker objects these settings name."""
-        return Topology(self.prefix, self.delivery_limit, self.lanes)
+        return Topology(self.prefix, self.delivery_limit, self.lanes, self.side_lanes)
 
     @property
     def vhost(self) -> str:

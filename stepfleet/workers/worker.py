@@ -33,6 +33,7 @@ from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
 from stepfleet.workers.settings import Settings
+from stepfleet.workers.side_lanes import SideLanes
 from stepfleet.workers.tenants import ProducerCheck
 
 log = structlog.get_logger("stepfleet.worker")
@@ -43,6 +44,7 @@ _TRIES_ALONE = 3
 _TIMERS_PER_CLAIM = 500
 _TENANTS_REFRESH_SECONDS = 10.0
 _HEALTH_EVERY_SECONDS = 2.0
+_LIGHT_BATCH = 16
 
 # wasmtime-py is not thread-safe: it even keeps the exception a host import raised in a
 # module-level global until the guest call returns. So every guest run of a process, whatever
@@ -70,7 +72,7 @@ class Worker:
         self._owns_broker = broker is None
         self.store = store or PgStore(
             settings.database_url,
-            pool_size=settings.concurrency + 1,
+            pool_size=settings.concurrency + 2,
             retention_seconds=settings.retention_seconds,
         )
         self.broker = broker or Broker(settings.amqp_url, self.topology)
@@ -90,7 +92,7 @@ class Worker:
             call_timeout_s=settings.egress_timeout_seconds,
             max_response_bytes=settings.value_bytes,
         )
-        self._inbox = FairInbox()
+        self._inbox = FairInbox(self._weight)
         sandbox = sandbox or WasmSandbox(
             settings.sandbox_limits(),
             module_cache=CompiledModuleCache.open(
@@ -129,6 +131,13 @@ class Worker:
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
         )
+        self._side_lanes = SideLanes(
+            self.topology,
+            self._inbox,
+            self._publish,
+            backlog=settings.tenant_backlog,
+            fleet_user=self._user,
+        )
         self.health = Health(pid=os.getpid(), name=name)
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -138,11 +147,18 @@ class Worker:
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 
+    def _weight(self, tenant: str) -> int:
+        return self.tenants.limits(tenant).weight or 1
+
     async def _publish(self, messages: Sequence[Outgoing]) -> None:
         await self.broker.publish_many(messages)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        self._inbox.put_nowait(delivery)
+        if not self._side_lanes.take(delivery):
+            self._inbox.put_nowait(delivery)
+
+    async def _on_side_delivery(self, delivery: Delivery) -> None:
+        self._inbox.put_nowait(self._side_lanes.restore(delivery))
 
     def stop(self) -> None:
         """Ask the worker to stop consuming, finish what it holds, and return from run()."""
@@ -162,10 +178,16 @@ class Worker:
                 await self.broker.consume(queue, self._on_delivery, prefetch=per_lane)
                 for queue in self.topology.work_queues
             ]
+            cancels += [
+                await self.broker.consume(queue, self._on_side_delivery, prefetch=per_lane)
+                for queue in self.topology.side_queues
+            ]
+            moving = asyncio.create_task(self._side_lanes.run(), name="side-lanes")
             pipelines = [
                 asyncio.create_task(self._pipeline(i), name=f"pipeline-{i}")
                 for i in range(self.settings.concurrency)
             ]
+            pipelines.append(asyncio.create_task(self._light_pipeline(), name="pipeline-light"))
             relay = asyncio.create_task(self._relay(), name="outbox-relay")
             cancels.append(
                 await self.broker.consume(
@@ -174,6 +196,7 @@ class Worker:
             )
             archiving = asyncio.create_task(self.archiver.run(), name="dead-letter-archive")
             timers = asyncio.create_task(self._timers(), name="timers")
+            beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -191,6 +214,7 @@ class Worker:
             self._report(state="stopping")
             for cancel in cancels:
                 await cancel()
+            await self._side_lanes.stop()
             # Deliveries already received are finished, not abandoned: the pipelines drain
             # the inbox and exit when it is empty.
             try:
@@ -199,7 +223,7 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            for task in (relay, timers, archiving):
+            for task in (relay, timers, archiving, beat, moving):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -216,22 +240,29 @@ class Worker:
                 await self.store.close()
             log.info("worker_stopped", worker=self.name, steps=self.steps_done)
 
-    async def _next_batch(self) -> list[Delivery] | None:
-        """Wait for one delivery, then take whatever else is already here, up to a batch."""
-        while True:
-            if (
-                self._stopping.is_set()
-                and self._inbox.empty()
-                and not self._processor.calls_in_flight
-            ):
-                return None
-            batch = await self._inbox.take(self.settings.batch_size, wait_s=0.2)
-            if batch:
-                return batch
+    def _drained(self) -> bool:
+        return (
+            self._stopping.is_set() and self._inbox.empty() and not self._processor.calls_in_flight
+        )
 
     async def _pipeline(self, index: int) -> None:
-        while (batch := await self._next_batch()) is not None:
-            await self._process_with_retry(batch)
+        """Wait for one delivery, then take whatever else is already here, up to a batch."""
+        while not self._drained():
+            batch = await self._inbox.take(
+                self.settings.batch_size, wait_s=0.2, leave_light=_LIGHT_BATCH
+            )
+            if batch:
+                await self._process_with_retry(batch)
+
+    async def _light_pipeline(self) -> None:
+        """Batches of light tenants' deliveries only (see workers/inbox.py), so that a tenant
+        asking less than its share never waits for a heavy tenant's large batches."""
+        gate = self._processor.cycle.gate
+        while not self._drained():
+            batch = await self._inbox.take_light(_LIGHT_BATCH, wait_s=0.2)
+            if batch:
+                with gate.light():
+                    await self._process_with_retry(batch)
 
     async def _process_with_retry(self, batch: list[Delivery]) -> None:
         backoff = 0.1
@@ -351,7 +382,6 @@ class Worker:
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + self.settings.retention_check_seconds
         next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
-        next_beat = loop.time()
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
@@ -363,9 +393,6 @@ class Worker:
                 self.health.store_ok_at = time.time()
                 if self.broker.connected:
                     self.health.broker_ok_at = time.time()
-                if loop.time() >= next_beat:
-                    next_beat = loop.time() + _HEALTH_EVERY_SECONDS
-                    self._report()
                 if loop.time() >= next_tenants:
                     next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
                     await self._load_tenants()
@@ -379,6 +406,13 @@ class Worker:
             except Exception:
                 # A background loop must outlive any one failure; the next poll tries again.
                 log.exception("timers_failed")
+
+    async def _heartbeat(self) -> None:
+        """Rewrite the health file every 2 s while the event loop runs, draining included:
+        liveness reads its age, readiness also when PostgreSQL and RabbitMQ last answered."""
+        while True:
+            await asyncio.sleep(_HEALTH_EVERY_SECONDS)
+            self._report()
 
     async def _fire_due_timers(self) -> None:
         while True:

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, WaitKind, digest_of
-from tests.integration.conftest import wait_for_status
+from tests.integration.conftest import wait_for_status, wait_until
 
 pytestmark = pytest.mark.services
 
@@ -107,6 +107,90 @@ async def test_a_flooding_tenant_does_not_hold_up_another(
             break
         await asyncio.sleep(0.05)
     assert drained == len(flood)
+
+
+async def count_complete(store, tenant: str) -> int:
+    async with store._engine.connect() as connection:
+        return (
+            await connection.execute(
+                text("SELECT count(*) FROM instances WHERE tenant = :t AND status = 'complete'"),
+                {"t": tenant},
+            )
+        ).scalar_one()
+
+
+async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
+    settings, topology, broker, store, start_worker, playbook_wasm
+):
+    """Tenant B's creates sit behind tenant A's flood in one lane; the worker moves A's
+    deliveries to side lanes, reaches B's and completes B's workflows while A's flood is
+    still queued, and then completes every one of A's too."""
+    flooder = tenant_name("flood")
+    lane = await lane_of(broker, topology, flooder)
+    other = tenant_name("calm")
+    while await lane_of(broker, topology, other) != lane:
+        other = tenant_name("calm")
+    digest = digest_of(playbook_wasm)
+    for tenant in (flooder, other):
+        await store.put_module(tenant, digest, playbook_wasm)
+    params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c")]}
+    async with Producer(settings.amqp_url, topology) as producer:
+        flood = [
+            CreateRequest(flooder, digest, params, f"f-{i}-{uuid.uuid4().hex[:6]}")
+            for i in range(2000)
+        ]
+        for offset in range(0, len(flood), 500):
+            await producer.create_batch(flood[offset : offset + 500])
+        calm = await producer.create_batch(
+            [CreateRequest(other, digest, params, f"c-{i}") for i in range(5)]
+        )
+    worker = await start_worker()
+    for instance_id in calm:  # order of completion is the point, not time: a long timeout
+        await wait_for_status(
+            store, InstanceKey(other, instance_id), {InstanceStatus.COMPLETE}, timeout=120
+        )
+    assert await count_complete(store, flooder) < len(flood), "B waited for all of A's flood"
+    assert worker._side_lanes.moved > 0
+
+    async def flood_done() -> bool:
+        return await count_complete(store, flooder) == len(flood)
+
+    await wait_until(flood_done, "the whole flood completing", timeout=180)
+
+
+async def test_weighted_tenants_share_a_worker_by_their_weights(
+    settings, topology, store, start_worker, playbook_wasm
+):
+    """Two tenants flood at once, with weights 1 and 3: both progress, and the heavier one
+    gets more steps done in the same window."""
+    light, heavy = tenant_name("w1"), tenant_name("w3")
+    digest = digest_of(playbook_wasm)
+    await store.tenants.add(heavy, None, TenantLimits(weight=3))
+    for tenant in (light, heavy):
+        await store.put_module(tenant, digest, playbook_wasm)
+    params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c", "d", "e", "f")]}
+    async with Producer(settings.amqp_url, topology) as producer:
+        for tenant in (light, heavy):
+            flood = [CreateRequest(tenant, digest, params, f"{tenant}-{i}") for i in range(1500)]
+            for offset in range(0, len(flood), 500):
+                await producer.create_batch(flood[offset : offset + 500])
+    await start_worker()
+
+    async def journal_rows(tenant: str) -> int:
+        async with store._engine.connect() as connection:
+            return (
+                await connection.execute(
+                    text("SELECT count(*) FROM journal WHERE tenant = :t"), {"t": tenant}
+                )
+            ).scalar_one()
+
+    async def enough_done() -> bool:
+        return await journal_rows(heavy) + await journal_rows(light) >= 3000
+
+    await wait_until(enough_done, "3,000 steps done", timeout=120)
+    done_light, done_heavy = await journal_rows(light), await journal_rows(heavy)
+    assert done_light > 0
+    assert done_heavy > 1.5 * done_light, (done_heavy, done_light)
 
 
 async def test_running_steps_cap_holds_across_workers(

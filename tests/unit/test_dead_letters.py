@@ -16,7 +16,13 @@ import pytest
 
 from stepfleet.broker import Delivery, Topology
 from stepfleet.cycle.directory import TenantDirectory
-from stepfleet.cycle.messages import REPLAYED_FOR, dead_letter
+from stepfleet.cycle.messages import (
+    MOVED_EXCHANGE,
+    MOVED_KEY,
+    MOVED_USER,
+    REPLAYED_FOR,
+    dead_letter,
+)
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import DeadReason, TenantLimits, parse_envelope
 from stepfleet.store import Archived, NewDeadLetter, StoreUnavailable, TenantRecord
@@ -256,6 +262,23 @@ def test_the_fleets_own_letters_say_who_sent_the_original():
     assert (crashed.source, crashed.reason) == ("rabbitmq", "delivery-limit")
     assert crashed.first_exchange == TOPOLOGY.internal_exchange
     assert crashed.account == "alice"
+
+    # A producer's create a worker moved to a side lane, which RabbitMQ then gave up on: it
+    # is the producer's create again, as it was in its lane.
+    moved = {
+        **event_headers(),
+        "x-kind": "create",
+        MOVED_KEY: "alice.create",
+        MOVED_EXCHANGE: TOPOLOGY.ingress_exchange,
+        MOVED_USER: ALICE,
+        "x-death": [rabbitmq_death(TOPOLOGY.side_queues[3], TOPOLOGY.side_exchange,
+                                   "delivery_limit")],
+        "x-first-death-exchange": TOPOLOGY.side_exchange,
+    }  # fmt: skip
+    side = letter_of(delivery(moved, user_id=FLEET, routing_key="3"), POLICY)
+    assert (side.source, side.reason) == ("rabbitmq", "delivery-limit")
+    assert (side.sender, side.first_exchange) == (ALICE, TOPOLOGY.ingress_exchange)
+    assert side.routing_key == "alice.create"
 
 
 def test_any_header_value_becomes_json_and_any_text_becomes_storable():
