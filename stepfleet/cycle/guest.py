@@ -41,6 +41,29 @@ def run_step(
 
     Called on the thread that drives the sandbox.
     """
+    job = guest_run(
+        state,
+        replay,
+        pending=pending,
+        limits=limits,
+        answers=answers,
+        step_deadline=step_deadline,
+        fuel_cap=fuel_cap,
+    )
+    return sandbox.run(job)
+
+
+def guest_run(
+    state: InstanceState,
+    replay: CachedReplay,
+    *,
+    pending: Sequence[JournalEntry] = (),
+    limits: TenantLimits | None = None,
+    answers: tuple[AnsweredCall, ...] = (),
+    step_deadline: float | None = None,
+    fuel_cap: int | None = None,
+) -> GuestRun:
+    """The run `run_step` performs (see there)."""
     journal = replay.journal
     buffer = encode_replay_buffer(
         state.key.instance_id,
@@ -54,7 +77,7 @@ def run_step(
     fuel = own.fuel_per_run
     if fuel_cap is not None and (fuel is None or fuel > fuel_cap):
         fuel = fuel_cap
-    job = GuestRun(
+    return GuestRun(
         state.module,
         buffer,
         len(journal) + len(pending),
@@ -62,11 +85,11 @@ def run_step(
         fuel_per_run=fuel,
         memory_bytes=own.memory_bytes,
         tenant=state.key.tenant,
+        instance=state.key.instance_id,
         host_calls_per_step=own.host_calls_per_step,
         answers=answers,
         step_deadline=step_deadline,
     )
-    return sandbox.run(job)
 
 
 def run_works(
@@ -104,6 +127,20 @@ def run_work(
         fuel_cap=fuel_cap,
     )
     return Ran(work, report, started_at, clock())
+
+
+def work_run(work: Work[Any], limits: Callable[[str], TenantLimits]) -> GuestRun:
+    """The run of one admitted work, with the tenant's whole budget."""
+    assert work.replay is not None
+    assert work.state is not None
+    return guest_run(
+        work.state,
+        work.replay,
+        pending=work.pending,
+        limits=limits(work.key.tenant),
+        answers=work.answers,
+        step_deadline=work.step_deadline,
+    )
 
 
 def ran_out_of_fuel(report: GuestReport) -> bool:

@@ -44,7 +44,7 @@ from stepfleet.cycle.work import (
     write_of,
 )
 from stepfleet.engine import EngineLimits, decide, resolve_wait
-from stepfleet.sandbox import Sandbox
+from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import (
     CallRequested,
     CreateBody,
@@ -76,6 +76,7 @@ class StepCycle:
         sandbox: Sandbox,
         topology: Topology,
         guest_thread: Executor | None = None,
+        guest_processes: LongRuns | None = None,
         value_bytes: int = 1024 * 1024,
         limits: EngineLimits | None = None,
         directory: TenantDirectory | None = None,
@@ -84,11 +85,11 @@ class StepCycle:
         gate: LightFirst | None = None,
         early: EarlyHold[Any] | None = None,
     ) -> None:
-        """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
-        every one inline, for a process with one cycle at a time (`stepfleet run`, tests).
-        `gate` lets light tenants' batches go first (cycle/priority.py). `early`: how events
-        that come before their instance are held (None: they are dead-lettered
-        `unknown-instance` at once)."""
+        """`guest_processes`, else `guest_thread`, runs the guest runs that are not short
+        (cycle/runner.py); both None run every one inline, for a process with one cycle at a
+        time (`stepfleet run`, tests). `gate` lets light tenants' batches go first
+        (cycle/priority.py). `early`: how events that come before their instance are held
+        (None: they are dead-lettered `unknown-instance` at once)."""
         self._store = store
         self._early = early
         self.topology = topology
@@ -102,7 +103,12 @@ class StepCycle:
         """(tenant, module) pairs known to be pushed (see Admission)."""
         self.gate = gate or LightFirst()
         self._guests = GuestRunner(
-            sandbox, guest_thread, self.directory.limits, clock, gate=self.gate
+            sandbox,
+            guest_thread,
+            self.directory.limits,
+            clock,
+            gate=self.gate,
+            processes=guest_processes,
         )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
         self.phases = PhaseTimes()
@@ -159,14 +165,21 @@ class StepCycle:
 
         A run that stops at an HTTP call needs nothing from the store (nothing of it is
         written), so it waits for its call without a transaction at all; the run that resumes
-        it goes through admission as usual. Any other run is kept for the transaction, which
+        it goes through admission as usual; a run that goes long is set apart (cycle/runner.py)
+        and taken by the transaction of the cycle its work comes back to, if the instance has
+        not moved. Any other run is kept for the transaction, which
         uses it if the locked instance is still the one the run saw. Tenants with running-step
         or rate limits are left to the transaction, where those are counted.
         """
         early: list[Work[H]] = []
         for work in works:
             expected = work.expected
-            if expected is None or work.answers or self._has_quotas(work.key.tenant):
+            if (
+                expected is None
+                or work.answers
+                or work.apart is not None
+                or self._has_quotas(work.key.tenant)
+            ):
                 continue
             replay = self._replays.exactly(work.key, expected.generation, expected.position)
             if replay is None:
@@ -176,15 +189,18 @@ class StepCycle:
         if not early:
             return works
         began = time.monotonic()
-        ran = await self._guests.run(early)
+        ran, apart = await self._guests.run_or_set_apart(early)
         self.phases.guest += time.monotonic() - began
+        for going in apart:  # nothing to write until its run is done: no transaction yet
+            going.work.apart = going
+            result.apart.append(going)
         for item in self._set_aside_calls(ran, result):
             replay = item.work.replay
             assert replay is not None
             item.work.early = Early(item, replay, len(replay.journal))
         for work in early:
             work.state = work.replay = None  # the transaction's admission sets them again
-        waiting = {id(s.work) for s in result.suspended}
+        waiting = {id(s.work) for s in result.suspended} | {id(a.work) for a in result.apart}
         return [w for w in works if id(w) not in waiting]
 
     def _has_quotas(self, tenant: str) -> bool:
@@ -206,10 +222,17 @@ class StepCycle:
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
             early = [w.early.ran for w in admitted if w.early and w.early.still_holds(w)]
+            early += [a.ran(now) for w in admitted if (a := w.apart) and a.holds(w)]
             taken = {id(item.work) for item in early}
             guest_began = time.monotonic()
             ran = refused + early
-            ran += await self._guests.run([w for w in admitted if id(w) not in taken])
+            done, apart = await self._guests.run_or_set_apart(
+                [w for w in admitted if id(w) not in taken]
+            )
+            ran += done
+            for going in apart:
+                going.work.apart = going
+            result.apart += apart
             result.guest_seconds = time.monotonic() - guest_began
             ran = self._set_aside_calls(ran, result)
             for item in ran:
@@ -250,10 +273,12 @@ class StepCycle:
             for work, d in continuing
         ]
         steps = [_step_message(self.topology, envelope) for envelope in envelopes]
-        # A create whose first step waits on a call: its row is written now, with the step
+        # A create whose first step waits on a call, or whose first run goes on apart in a
+        # guest process: its row is written now, with the step
         # message that carries on after a crash (kept in the outbox, published only by the
         # relay if the attempt is never finished; the write that finishes it deletes it).
         waiting_creates = [s.work for s in result.suspended if s.work.created]
+        waiting_creates += [a.work for a in result.apart if a.work.created]
         intents = [
             step_message(self.topology, w.key, w.module, 0, 0, w.envelope.traceparent)[0]
             for w in waiting_creates
@@ -305,6 +330,7 @@ class StepCycle:
             {i.work.key for i in ran}
             | {w.key for w in held}
             | {s.work.key for s in result.suspended}
+            | {a.work.key for a in result.apart}
         )
         created = sorted((w for w in works if w.created and w.key in writing), key=lambda w: w.key)
         if not created:
@@ -329,12 +355,17 @@ class StepCycle:
         lost = {w.key for w in created if w.key not in inserted}
         if not lost:
             return ran, held
-        for work in [i.work for i in ran] + [s.work for s in result.suspended]:
+        for work in (
+            [i.work for i in ran]
+            + [s.work for s in result.suspended]
+            + [a.work for a in result.apart]
+        ):
             if work.key in lost:
                 result.duplicates.append(work)
                 with message_context(work):
                     log.info("duplicate_ignored", kind="create", why="instance already exists")
         result.suspended = [s for s in result.suspended if s.work.key not in lost]
+        result.apart = [a for a in result.apart if a.work.key not in lost]
         return [i for i in ran if i.work.key not in lost], [w for w in held if w.key not in lost]
 
     async def error_instance(self, key: InstanceKey, message: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
@@ -55,6 +56,9 @@ class Work(Generic[H]):
     so its guest can run before the transaction (StepCycle._speculate)."""
     early: Early[H] | None = None
     """The run made before the transaction, kept for it if the instance has not moved."""
+    apart: Apart[H] | None = None
+    """A long run set apart by an earlier cycle (in a guest process, off its batch): taken by
+    the next cycle if the instance has not moved. Kept by `renew`; a work is set apart once."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,37 @@ class Suspended(Generic[H]):
 
     work: Work[H]
     call: CallRequested
+
+
+@dataclass(frozen=True, slots=True)
+class Apart(Generic[H]):
+    """A message whose guest run needs more than the inline slice, made in a guest process
+    while nothing of it is written (its batch goes on without it). Once `report` is done, the
+    work goes to a later cycle, which takes the run's outcome if the instance is still the one
+    the run saw (`holds`), or runs the guest again."""
+
+    work: Work[H]
+    report: Future[GuestReport]
+    state: InstanceState
+    length: int
+    """Journal entries the run saw."""
+    started_at: datetime
+
+    def holds(self, work: Work[H]) -> bool:
+        """Whether the locked instance is the one the run saw and the run has its outcome."""
+        return (
+            work.state is not None
+            and work.state == self.state
+            and work.replay is not None
+            and len(work.replay.journal) == self.length
+            and self.report.done()
+            and not self.report.cancelled()
+            and self.report.exception() is None
+        )
+
+    def ran(self, finished_at: datetime) -> Ran[H]:
+        """The run, for the cycle that takes it (`holds` first)."""
+        return Ran(self.work, self.report.result(), self.started_at, finished_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +183,8 @@ class CycleResult(Generic[H]):
     rejected: list[Rejected[H]] = field(default_factory=list)
     duplicates: list[Work[H]] = field(default_factory=list)
     suspended: list[Suspended[H]] = field(default_factory=list)
+    apart: list[Apart[H]] = field(default_factory=list)
+    """Runs going on in a guest process, off the batch: nothing of them was written."""
     held: int = 0
     """Instances parked by their tenant's quotas instead of run."""
     early: list[Work[H]] = field(default_factory=list)

@@ -12,12 +12,14 @@ if TYPE_CHECKING:
     from stepfleet.sandbox.errors import (
         CompileFailed,
         CompileLimitExceeded,
+        GuestProcessLost,
         InvalidModule,
         SandboxError,
     )
+    from stepfleet.sandbox.guest_pool import GuestProcessPool
     from stepfleet.sandbox.limits import SandboxLimits
     from stepfleet.sandbox.module_cache import CompiledModuleCache, UnsafeCacheDirectory
-    from stepfleet.sandbox.port import GuestRun, Sandbox
+    from stepfleet.sandbox.port import GuestRun, LongRuns, Sandbox
     from stepfleet.sandbox.runtime import WasmSandbox
 
 __all__ = [
@@ -25,8 +27,11 @@ __all__ = [
     "CompileFailed",
     "CompileLimitExceeded",
     "CompiledModuleCache",
+    "GuestProcessLost",
+    "GuestProcessPool",
     "GuestRun",
     "InvalidModule",
+    "LongRuns",
     "ModuleCompiler",
     "ReplayJournal",
     "Sandbox",
@@ -46,12 +51,15 @@ __getattr__ = lazy_exports(
         "ModuleCompiler": "stepfleet.sandbox.compiler",
         "CompileFailed": "stepfleet.sandbox.errors",
         "CompileLimitExceeded": "stepfleet.sandbox.errors",
+        "GuestProcessLost": "stepfleet.sandbox.errors",
+        "GuestProcessPool": "stepfleet.sandbox.guest_pool",
         "InvalidModule": "stepfleet.sandbox.errors",
         "SandboxError": "stepfleet.sandbox.errors",
         "SandboxLimits": "stepfleet.sandbox.limits",
         "CompiledModuleCache": "stepfleet.sandbox.module_cache",
         "UnsafeCacheDirectory": "stepfleet.sandbox.module_cache",
         "GuestRun": "stepfleet.sandbox.port",
+        "LongRuns": "stepfleet.sandbox.port",
         "Sandbox": "stepfleet.sandbox.port",
         "WasmSandbox": "stepfleet.sandbox.runtime",
     },

@@ -27,3 +27,8 @@ class CompileLimitExceeded(InvalidModule):
 class CompileFailed(SandboxError):
     """The compiler process failed for a reason that is not the module's (it could not start,
     was killed from outside, or the host starved it past the wall-clock bound); try again."""
+
+
+class GuestProcessLost(SandboxError):
+    """A guest process was stopped from outside during a run: the run's outcome is unknown,
+    and its message must be processed again."""

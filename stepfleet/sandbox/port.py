@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,8 @@ class GuestRun:
     """The tenant's memory cap, when it differs from the sandbox's."""
     tenant: str = ""
     """Whose instance runs (named in the sandbox's own log lines)."""
+    instance: str = ""
+    """The instance that runs (named in a guest process's log lines)."""
     host_calls_per_step: int | None = None
     """HTTP calls one step may make; None: SandboxLimits.host_calls_per_step."""
     answers: tuple[AnsweredCall, ...] = ()
@@ -54,3 +57,16 @@ class Sandbox(Protocol):
     def run(self, job: GuestRun) -> GuestReport:
         """Run one guest to its outcome (or to an HTTP call it must wait for:
         `CallRequested`), with the values it recorded and its log lines."""
+
+
+class LongRuns(Protocol):
+    """Runs guests that need more than a short slice away from the process that drives the
+    sandbox (`guest_pool.GuestProcessPool`), so their CPU does not hold its other runs."""
+
+    def submit(self, job: GuestRun) -> Future[GuestReport]:
+        """Queue `job` behind its tenant's earlier long runs, its tenant taking turns with the
+        others; the future's result is its report (a crashed run if its process died).
+        Call it on the thread that drives the sandbox, once `job.digest` is loaded."""
+
+    def close(self) -> None:
+        """Stop the processes; queued runs are cancelled."""

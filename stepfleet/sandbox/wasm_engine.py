@@ -4,6 +4,7 @@ disk cache), checked against the guest ABI, and kept ready to instantiate."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
@@ -41,6 +42,8 @@ class WasmEngine:
         # Host imports are defined on it before any module is loaded: loading links them.
         self._linker = wasmtime.Linker(self._engine)
         self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._modules: dict[str, wasmtime.Module] = {}
+        """The modules behind `_compiled`'s entries, for `artifact_of`."""
 
     def validate(self, wasm: bytes) -> None:
         """Check size, imports, exports and ABI version, and that the module compiles."""
@@ -107,10 +110,37 @@ class WasmEngine:
         self._check_abi_version(pre)
         if self.module_cache is not None and fresh:
             self.module_cache.store(self._engine_fingerprint, digest, module)
+        self._keep(digest, module, pre)
+
+    def load_artifact(self, digest: str, artifact: bytes) -> None:
+        """Load, as `digest`, what `artifact_of` serialized in another process of this host.
+
+        Deserializing runs no validation: only the artifact of a module this process's parent
+        loaded itself (a guest process's) may come here.
+        """
+        module = self._deserialize(artifact)
+        pre = self._linker.instantiate_pre(module)
+        self._check_abi_version(pre)
+        self._keep(digest, module, pre)
+
+    def artifact_of(self, digest: str) -> Callable[[], bytes]:
+        """A function that serializes the loaded module `digest` (for `load_artifact`).
+
+        Call it on any thread: serializing a module touches no store and runs no host import.
+
+        Raises:
+            KeyError: the module is not loaded.
+        """
+        module = self._modules[digest]
+        return lambda: bytes(module.serialize())
+
+    def _keep(self, digest: str, module: wasmtime.Module, pre: wasmtime.InstancePre) -> None:
         self._compiled[digest] = pre
+        self._modules[digest] = module
         self._compiled.move_to_end(digest)
         while len(self._compiled) > self.limits.compiled_cache_entries:
-            self._compiled.popitem(last=False)
+            evicted, _ = self._compiled.popitem(last=False)
+            self._modules.pop(evicted, None)
 
     def _compile(self, wasm: bytes) -> wasmtime.Module:
         # A child process compiles, under the compile limits (sandbox/compiler.py).

@@ -9,6 +9,7 @@ journal position check turns the redelivery into a no-op.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from stepfleet.cycle.calls import Caller, CallScheduler
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import dead_letter, outbox_row
 from stepfleet.cycle.step import StepCycle, utcnow
-from stepfleet.cycle.work import CycleResult, NextStep, Suspended, Work
+from stepfleet.cycle.work import Apart, CycleResult, NextStep, Suspended, Work
 from stepfleet.engine import EngineLimits
-from stepfleet.sandbox import Sandbox
+from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import (
     DeadReason,
     InstanceKey,
@@ -62,6 +63,7 @@ class BatchProcessor:
         store: StepStore,
         sandbox: Sandbox,
         wasm_thread: Executor | None,
+        guest_processes: LongRuns | None = None,
         topology: Topology,
         publish: Callable[[Sequence[Outgoing]], Awaitable[None]],
         max_message_bytes: int,
@@ -93,6 +95,8 @@ class BatchProcessor:
             sandbox=sandbox,
             topology=topology,
             guest_thread=wasm_thread,
+            # A run set apart comes back through `resume`.
+            guest_processes=guest_processes if resume is not None else None,
             value_bytes=value_bytes,
             limits=limits,
             directory=directory,
@@ -114,6 +118,7 @@ class BatchProcessor:
         self._resuming: dict[int, Work[Delivery]] = {}
         """Deliveries whose step waits on a call (or its answer came): by id, their work."""
         self._calling: set[asyncio.Task[None]] = set()
+        self._apart: set[asyncio.Task[None]] = set()
         self._local_steps = local_steps if resume is not None else 0
         self._local: set[int] = set()
         """Next steps taken on locally and not written yet: their deliveries' ids."""
@@ -145,7 +150,7 @@ class BatchProcessor:
             raise
         dead += [self._dead(r.work.handle, r.reason, r.detail) for r in cycle.rejected]
         self._count(result, cycle, dead)
-        waiting = {id(s.work.handle) for s in cycle.suspended}
+        waiting = {id(s.work.handle) for s in cycle.suspended + cycle.apart}
         result.deferred += [w.handle for w in cycle.again]  # their instance exists now
         deferred = {id(d) for d in result.deferred}  # a resumed one keeps its answers
         for delivery in deliveries:
@@ -161,6 +166,8 @@ class BatchProcessor:
         # Nothing of theirs was written, so their calls need not wait for the publish.
         for suspended in cycle.suspended:
             self._call(suspended)
+        for apart in cycle.apart:
+            self._run_apart(apart)
         self._crash.reach("after-commit")
         published = self._continue_locally(cycle.next_steps)
         await gate.step_aside()
@@ -210,10 +217,28 @@ class BatchProcessor:
         return len(self._calling)
 
     async def close(self) -> None:
-        """Abandon the calls in flight: their deliveries are not acked, so they come again."""
-        for task in self._calling:
+        """Abandon the calls and guest-process runs in flight: their deliveries are not acked,
+        so they come again."""
+        tasks = self._calling | self._apart
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._calling, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _run_apart(self, apart: Apart[Delivery]) -> None:
+        """Wait off the batch for a long run in a guest process; then hand its delivery back
+        (a run that failed or was cancelled is made again by the cycle that takes it)."""
+        delivery = apart.work.handle
+        self._resuming[id(delivery)] = apart.work
+
+        async def wait() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(apart.report)
+            if self._resume is not None:
+                self._resume(delivery)
+
+        task = asyncio.create_task(wait(), name="guest-process-run")
+        self._apart.add(task)
+        task.add_done_callback(self._apart.discard)
 
     def _call(self, suspended: Suspended[Delivery]) -> None:
         """Make a suspended step's call off the batch; then hand its delivery back."""

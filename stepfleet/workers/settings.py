@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     and should exceed the longest a step message may wait in a queue and the longest step,
     its HTTP calls included (docs/reliability.md)."""
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+    guest_processes: int = Field(default=1, ge=0, le=16)
+    """Guest processes per worker process for long guest runs (those past the inline slice),
+    at a lower CPU priority, taken by the tenants in turn; 0 runs them on the one guest thread
+    (see docs/architecture.md, *The per-step path and its speed*)."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"

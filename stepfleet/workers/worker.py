@@ -16,7 +16,13 @@ from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, Publ
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.egress import EgressGateway, SealError, open_secrets
-from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmSandbox
+from stepfleet.sandbox import (
+    CompiledModuleCache,
+    CompileFailed,
+    GuestProcessPool,
+    Sandbox,
+    WasmSandbox,
+)
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers import faults
 from stepfleet.workers import health as health_file
@@ -88,18 +94,29 @@ class Worker:
             max_response_bytes=settings.value_bytes,
         )
         self._inbox = FairInbox(self._weight)
+        sandbox = sandbox or WasmSandbox(
+            settings.sandbox_limits(),
+            module_cache=CompiledModuleCache.open(
+                settings.module_cache_dir,
+                settings.module_cache_bytes,
+                settings.module_cache_key,
+            ),
+        )
+        self._guest_processes = (
+            GuestProcessPool(
+                sandbox,
+                settings.guest_processes,
+                log_level=settings.log_level,
+                log_format=settings.log_format,
+            )
+            if settings.guest_processes and isinstance(sandbox, WasmSandbox)
+            else None
+        )
         self._processor = BatchProcessor(
             store=self.store,
-            sandbox=sandbox
-            or WasmSandbox(
-                settings.sandbox_limits(),
-                module_cache=CompiledModuleCache.open(
-                    settings.module_cache_dir,
-                    settings.module_cache_bytes,
-                    settings.module_cache_key,
-                ),
-            ),
+            sandbox=sandbox,
             wasm_thread=_WASM_THREAD,
+            guest_processes=self._guest_processes,
             topology=self.topology,
             publish=self._publish,
             max_message_bytes=settings.max_message_bytes,
@@ -228,6 +245,8 @@ class Worker:
             await self._flush_confirmed()
         finally:
             self._report(state="stopped")
+            if self._guest_processes is not None:
+                self._guest_processes.close()
             await self.egress.aclose()
             if self._owns_broker:
                 await self.broker.close()

@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -40,6 +40,7 @@ from tests.conftest import capture_logs
 from tests.fakes import Acks, FunctionSandbox, delivery
 
 TENANT = "acme"
+OTHER = "beta"
 MODULE = "sha256:" + "ab" * 32
 TOPOLOGY = Topology("test")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -98,6 +99,7 @@ class Fleet:
         wasm_thread=None,
         caller=None,
         early_event_seconds: float = 0.0,
+        guest_processes=None,
     ) -> None:
         self.now = T0
         self.inbox: list = []
@@ -116,6 +118,7 @@ class Fleet:
             store=self.store,
             sandbox=sandbox or FunctionSandbox({MODULE: guest}),
             wasm_thread=wasm_thread,
+            guest_processes=guest_processes,
             topology=TOPOLOGY,
             publish=publish,
             max_message_bytes=64 * 1024,
@@ -551,6 +554,95 @@ class SlicedSandbox(FunctionSandbox):
 
 
 HEAVY = "sha256:" + "cd" * 32
+
+
+class HeldLongRuns:
+    """Long runs as guest processes take them, each on a thread of its own, held until
+    `release` is set (a run that burns seconds of CPU)."""
+
+    def __init__(self, sandbox: SlicedSandbox) -> None:
+        self.sandbox = sandbox
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.jobs: list = []
+
+    def submit(self, job):
+        future: Future[GuestReport] = Future()
+
+        def run() -> None:
+            self.started.set()
+            self.release.wait(30)
+            future.set_result(self.sandbox.run(job))
+
+        self.jobs.append(job)
+        threading.Thread(target=run, name="guest-process", daemon=True).start()
+        return future
+
+    def close(self) -> None:
+        self.release.set()
+
+
+async def test_a_long_run_goes_on_apart_while_another_tenants_short_run_completes():
+    """A's run overran its slice and went to the guest processes: its batch goes on without
+    it (nothing of it written, its delivery not acked), B's batch runs inline and is written,
+    and A's delivery comes back, once its run is done, for a cycle that takes the run."""
+    sandbox = SlicedSandbox()
+    long_runs = HeldLongRuns(sandbox)
+    fleet = Fleet(sandbox=sandbox, guest_processes=long_runs)
+    await fleet.store.put_module(TENANT, HEAVY, b"\0asm")
+    await fleet.store.put_module(OTHER, MODULE, b"\0asm")
+    heavy = fleet.message("create", "h-1", {"version": 1, "params": {}}, **{"x-module": HEAVY})
+    light = fleet.message("create", "b-1", {"version": 1, "params": {}}, **{"x-tenant": OTHER})
+    try:
+        assert (await fleet.processor.process([heavy])).steps == 0
+        assert fleet.processor.holds(heavy)
+        assert (await fleet.processor.process([light])).steps == 1
+        assert fleet.acks.acked == [light]
+        assert await journal(fleet, TENANT, "h-1") == []  # A's run is still going on
+        assert await journal(fleet, OTHER, "b-1") == ["reserve"]
+        long_runs.release.set()
+        [again] = await fleet.handed_back()
+    finally:
+        long_runs.close()
+    assert again is heavy
+    assert (await fleet.processor.process([again])).steps == 1
+    assert await journal(fleet, TENANT, "h-1") == ["reserve"]
+    assert fleet.acks.acked == [light, heavy]
+    # The run made apart was taken, not made again.
+    assert [(job.tenant, job.digest, job.fuel_per_run) for job in long_runs.jobs] == [
+        (TENANT, HEAVY, None)
+    ]
+
+
+async def test_a_local_next_step_that_goes_long_is_set_apart_before_any_transaction():
+    sandbox = SlicedSandbox()
+    long_runs = HeldLongRuns(sandbox)
+    long_runs.release.set()
+    fleet = Fleet(sandbox=sandbox, guest_processes=long_runs, local_steps=10)
+    await fleet.store.put_module(TENANT, HEAVY, b"\0asm")
+    heavy = fleet.message("create", "h-1", {"version": 1, "params": {}}, **{"x-module": HEAVY})
+    try:
+        assert (await fleet.processor.process([heavy])).steps == 0
+        # Back come: the create, the local step 2, step 2 once run, step 3, step 3 once run.
+        for _ in range(5):
+            [delivery] = await fleet.handed_back()
+            await fleet.processor.process([delivery])
+    finally:
+        long_runs.close()
+    detail = await fleet.store.detail(InstanceKey(TENANT, "h-1"))
+    assert detail is not None
+    assert detail.record.status is InstanceStatus.COMPLETE
+    assert [e.name for e in detail.journal] == ["reserve", "charge"]
+    # One long run per step, each taken by the cycle its delivery came back to.
+    assert len(long_runs.jobs) == 3
+    assert fleet.store.outbox() == []
+    assert fleet.published == []
+
+
+async def journal(fleet: Fleet, tenant: str, instance: str) -> list[str]:
+    detail = await fleet.store.detail(InstanceKey(tenant, instance))
+    assert detail is not None
+    return [e.name for e in detail.journal]
 
 
 async def test_short_runs_stay_on_the_loop_thread_and_long_ones_run_again_on_the_guest_thread():
