@@ -288,7 +288,11 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
         engine = create_engine(deployment.url)
         workers = start_workers(args.workers, deployment.env)
         try:
-            async with Producer(AMQP, deployment.topology) as producer:
+            # Each tenant publishes on a connection of its own, as two producers would.
+            async with (
+                Producer(AMQP, deployment.topology) as producer,
+                Producer(AMQP, deployment.topology) as a_producer,
+            ):
                 with engine.connect() as b_db, engine.connect() as a_db:
                     digest = deployment.digest
                     await sequential(producer, b_db, b, digest, 10)  # warm: connections, module
@@ -296,7 +300,7 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
                         producer, b_db, b, digest, args.b_idle, give_up_s=args.b_timeout
                     )
                     a_flood = asyncio.create_task(
-                        flood(producer, a_db, a, digest, args.flood_steps // 3)
+                        flood(a_producer, a_db, a, digest, args.flood_steps // 3)
                     )
                     loaded = await sequential(
                         producer,
