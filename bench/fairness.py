@@ -12,7 +12,8 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
   where B lands against A: `apart` (neither of B's create and step lanes is one of A's),
   `same-create` (B's creates share A's create lane) and `same-step` (B's steps share A's step or
   create lane). Each placement gets a deployment of its own; printed for each: B's idle and
-  flood p50/p99 and their ratio, and A's throughput (workflows/s from its first publish to its
+  flood p50/p99 and their ratio (`b_started_during_flood_ms`: only the workflows that started
+  before the flood was complete), and A's throughput (workflows/s from its first publish to its
   last completion) with B against A's flood alone, run first in a deployment of its own. `worst`
   is the placement with the highest p99 ratio, and the lowest throughput ratio.
 - `--hog`: tenant A's `--hogs` instances each run one step that spins until its CPU budget
@@ -163,9 +164,9 @@ async def sequential(
 ) -> Runs:
     """Run workflows one after another, at least `minimum` and while `busy()`. A workflow not
     complete after `give_up_s` seconds counts as taking that long, and the next one starts."""
-    runs = Runs([], 0, 0)
+    runs = Runs([], [], 0)
     while len(runs.latencies) < minimum or busy():
-        runs.during += busy()
+        runs.busy.append(busy())
         request = order(tenant, digest, len(runs.latencies))
         begin = datetime.now(UTC)
         await producer.create(request)
@@ -193,15 +194,20 @@ async def sequential(
 
 @dataclass
 class Runs:
-    """B's workflows: their latencies (ms), how many started while A was busy, how many were
-    still not complete after the timeout (counted as taking the timeout)."""
+    """B's workflows: their latencies (ms), whether each started while A was busy, how many
+    were still not complete after the timeout (counted as taking the timeout)."""
 
     latencies: list[float]
-    during: int
+    busy: list[bool]
     timeouts: int
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         return {**ms(self.latencies), "timeouts": self.timeouts}
+
+    def while_busy(self) -> dict[str, float]:
+        """The latencies of the workflows that started while A was busy."""
+        during = [value for value, busy in zip(self.latencies, self.busy, strict=True) if busy]
+        return ms(during) if during else {"runs": 0}
 
 
 async def publish_flood(producer: Producer, tenant: str, digest: str, workflows: int) -> None:
@@ -322,7 +328,8 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
         "a_lanes": vars(a_lanes),
         "b_lanes": vars(b_lanes),
         "b_idle_ms": idle_ms,
-        "b_flood_ms": {**flood_ms, "started_during_flood": loaded.during},
+        "b_flood_ms": flood_ms,
+        "b_started_during_flood_ms": loaded.while_busy(),
         "ratio_p50": round(flood_ms["p50"] / idle_ms["p50"], 2),
         "ratio_p99": round(flood_ms["p99"] / idle_ms["p99"], 2),
         "a_with_b": a_with_b,
