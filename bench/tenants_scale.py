@@ -12,9 +12,10 @@ bench reads:
 - each worker process's resident memory (`VmRSS` in /proc/<pid>/status), and its peak
   (`VmHWM`) at the end.
 
-Printed for each count, as JSON: those figures before the workflows (workers started and idle
-for 3 s), their maximum while the workflows ran and at the end, the seconds the workflows took,
-and the PostgreSQL rows the run inserted, updated and deleted in the deployment's database
+Printed for each count, as JSON: those figures before the workflows (1 s after every worker
+consumes every work queue), their maximum while the workflows ran and at the end, the seconds
+from the first publish to the last completion (the first run also compiles the module), and
+the PostgreSQL rows the run inserted, updated and deleted in the deployment's database
 (`pg_stat_database`, read after the workers exited, so that their counts are flushed).
 
     python bench/tenants_scale.py [--tenants 10,1000,10000] [--fraction 1.0] [--workers 2]
@@ -66,6 +67,20 @@ def queue_count(prefix: str) -> int:
     pattern = urllib.parse.quote("^" + prefix.replace(".", r"\.") + r"\.")
     found = _get(f"/api/queues?page=1&page_size=100&name={pattern}&use_regex=true&columns=name")
     return int(found["filtered_count"])
+
+
+async def consuming(prefix: str, consumers: int) -> None:
+    """Wait (at most 60 s) until each of the deployment's work queues has `consumers`
+    consumers: the workers are up, their tenants loaded."""
+    pattern = urllib.parse.quote("^" + prefix.replace(".", r"\.") + r"\.work\.")
+    for _ in range(120):
+        found = _get(
+            f"/api/queues?page=1&page_size=500&name={pattern}&use_regex=true&columns=name,consumers"
+        )
+        if found["items"] and all(q.get("consumers", 0) >= consumers for q in found["items"]):
+            return
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"the workers did not consume {prefix}'s work queues within 60 s")
 
 
 def broker_mib() -> float:
@@ -125,7 +140,8 @@ async def one_count(tenants: int, fraction: float, workers_count: int) -> dict[s
         prefix = deployment.topology.prefix
         workers = start_workers(workers_count, deployment.env)
         try:
-            await asyncio.sleep(3)
+            await consuming(prefix, workers_count)
+            await asyncio.sleep(1)
             idle = sample(prefix, workers)
             seconds, peak = await run_all(deployment, running, workers)
             end = sample(prefix, workers)
