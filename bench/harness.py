@@ -1,7 +1,7 @@
 """A throwaway deployment for benchmarks: its own database and broker prefix, removed after.
 
 async with bench_deployment(module) as deployment:
-    await deployment.push("acme")
+    await deployment.push("acme")          # or populate(names): thousands of tenants at once
     workers = start_workers(2, deployment.env)
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +63,35 @@ class Deployment:
         """Give a tenant its own limits (workers read them when they start)."""
         store = PgStore(self.url, pool_size=1)
         try:
-            await store.tenants.add(tenant, None, limits)
+            if not await store.tenants.add(tenant, None, limits):
+                await store.tenants.set_limits(tenant, limits)
         finally:
             await store.close()
+
+    async def populate(self, tenants: Sequence[str]) -> None:
+        """Make these tenants known to the fleet, each with the module pushed: tenant rows and
+        module rows inserted in two statements, so that 10,000 tenants take a second."""
+        await self.push(tenants[0])  # stores the module itself
+        engine = create_engine(self.url)
+        try:
+            with engine.begin() as connection:
+                names = {"names": list(tenants), "digest": self.digest}
+                connection.execute(
+                    text(
+                        "INSERT INTO tenants (name) SELECT unnest(CAST(:names AS text[])) "
+                        "ON CONFLICT DO NOTHING"
+                    ),
+                    names,
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO tenant_modules (tenant, digest) "
+                        "SELECT unnest(CAST(:names AS text[])), :digest ON CONFLICT DO NOTHING"
+                    ),
+                    names,
+                )
+        finally:
+            engine.dispose()
 
 
 @asynccontextmanager

@@ -50,10 +50,16 @@ def start_workers(count: int, env: dict[str, str]) -> list[subprocess.Popen[byte
 
 
 def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each worker; one still running 60 s later is killed, and said so on stderr."""
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
     for worker in workers:
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            print(f"worker {worker.pid} still ran 60 s after SIGTERM: killed", file=sys.stderr)
+            worker.kill()
+            worker.wait()
 
 
 async def completion_times(store_url: str, ids: list[str]) -> dict[str, datetime]:
