@@ -62,6 +62,7 @@ from stepfleet.schemas.outcomes import (
 from stepfleet.schemas.reasons import DeadReason, ErrorKind
 from stepfleet.schemas.status import InstanceStatus
 from stepfleet.schemas.tenancy import TenantLimits
+from stepfleet.schemas.trace_context import TRACEPARENT_PATTERN, read_traceparent
 
 __all__ = [
     "BODY_MODELS",
@@ -74,6 +75,7 @@ __all__ = [
     "REDACTED",
     "SCHEMA_VERSION",
     "TENANT_PATTERN",
+    "TRACEPARENT_PATTERN",
     "AnsweredCall",
     "Backoff",
     "CallRequested",
@@ -117,4 +119,5 @@ __all__ = [
     "is_instance_id",
     "is_tenant",
     "parse_envelope",
+    "read_traceparent",
 ]
