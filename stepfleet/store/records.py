@@ -45,6 +45,8 @@ class InstanceRecord:
     updated_at: datetime | None = None
     finished_at: datetime | None = None
     retain_until: datetime | None = None
+    traceparent: str | None = None
+    """The trace context of the delivery that last wrote the state (continued by wakes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,8 @@ class StepWrite:
     error: str | None = None
     state_bytes: int = 0
     failed_attempt: FailedAttempt | None = None
+    traceparent: str | None = None
+    """The writing delivery's trace context; None keeps the row's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,8 @@ class DueTimer:
     attempt: int
     generation: int
     wake_at: datetime
+    traceparent: str | None = None
+    """The instance's trace context, for the wake to continue its trace."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from stepfleet.store.records import InstanceRecord
 from stepfleet.store.tables import journal, modules
 
 STATE_COLUMNS = """tenant, id, module, status, position, generation, attempt, wait_kind, wait_name,
-    wait_event, wait_timeout_ms, wake_at, mode, end_status, state_bytes, error"""
+    wait_event, wait_timeout_ms, wake_at, mode, end_status, state_bytes, error, traceparent"""
 
 # The oldest stored event of the type each wait asks for, taken for the wait's position.
 _TAKE_EVENTS = text(
@@ -94,6 +94,7 @@ def record_from_row(row: Any) -> InstanceRecord:
         updated_at=mapping.get("updated_at"),
         finished_at=mapping.get("finished_at"),
         retain_until=mapping.get("retain_until"),
+        traceparent=mapping.get("traceparent"),
     )
 
 

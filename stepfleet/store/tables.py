@@ -145,6 +145,9 @@ instances = Table(
     Column("retention_seconds", Integer),
     Column("finished_at", DateTime(timezone=True)),
     Column("retain_until", DateTime(timezone=True)),
+    # The W3C trace context of the delivery that last wrote the state: a wake or an operator's
+    # step message continues the instance's trace with it.
+    Column("traceparent", Text),
     PrimaryKeyConstraint("tenant", "id"),
     ForeignKeyConstraint(["module"], ["modules.digest"]),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),
