@@ -29,6 +29,7 @@ from stepfleet.cycle.phases import PhaseTimes
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
+from stepfleet.cycle.tracing import carried, open_spans
 from stepfleet.cycle.work import (
     CycleResult,
     Early,
@@ -42,6 +43,7 @@ from stepfleet.cycle.work import (
     write_of,
 )
 from stepfleet.engine import EngineLimits, decide, resolve_wait
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
     CallRequested,
@@ -79,9 +81,11 @@ class StepCycle:
         directory: TenantDirectory | None = None,
         clock: Callable[[], datetime] = utcnow,
         on_wake_due: Callable[[datetime], None] | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         """`guest_thread` runs the guest runs that are not short (cycle/runner.py); None runs
-        every one inline, for a process with one cycle at a time (`stepfleet run`, tests)."""
+        every one inline, for a process with one cycle at a time (`stepfleet run`, tests).
+        `observer` gets the phase times, module loads and delivery spans."""
         self._store = store
         self.topology = topology
         self._value_bytes = value_bytes
@@ -93,8 +97,9 @@ class StepCycle:
         self._owned: set[tuple[str, str]] = set()
         """(tenant, module) pairs known to be pushed (see Admission)."""
         self._guests = GuestRunner(sandbox, guest_thread, self.directory.limits, clock)
-        self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
-        self.phases = PhaseTimes()
+        self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread, observer)
+        self._observer = observer
+        self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
 
     async def run(
@@ -117,12 +122,13 @@ class StepCycle:
         began = time.monotonic()
         try:
             next_steps, intents, ran, held = await self._transaction(
-                works, result, confirmed_outbox
+                works, result, confirmed_outbox, began
             )
         finally:
-            spent = time.monotonic() - began
-            self.phases.guest += result.guest_seconds
-            self.phases.transaction += spent - result.guest_seconds
+            ended = time.monotonic()
+            result.transaction = (began, ended)
+            self.phases.add("guest", result.guest_seconds)
+            self.phases.add("transaction", ended - began - result.guest_seconds)
         # Committed: a create whose first step waits on a call goes on as that step.
         for work, intent in intents:
             work.intent = intent
@@ -132,10 +138,11 @@ class StepCycle:
                 work.key.instance_id,
                 work.module,
                 StepBody(position=0, generation=0),
-                work.envelope.traceparent,
+                carried(work),
             )
         result.ran = ran
         result.held = len(held)
+        result.held_keys = {w.key for w in held}
         result.next_steps = next_steps
         self._remember(ran)
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
@@ -166,7 +173,7 @@ class StepCycle:
             return works
         began = time.monotonic()
         ran = await self._guests.run(early)
-        self.phases.guest += time.monotonic() - began
+        self.phases.add("guest", time.monotonic() - began)
         for item in self._set_aside_calls(ran, result):
             replay = item.work.replay
             assert replay is not None
@@ -181,7 +188,11 @@ class StepCycle:
         return bool(own.running_steps or own.steps_per_second)
 
     async def _transaction(
-        self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
+        self,
+        works: list[Work[H]],
+        result: CycleResult[H],
+        confirmed_outbox: Sequence[int],
+        began: float,
     ) -> tuple[list[NextStep], list[tuple[Work[H], int]], list[Ran[H]], list[StepWrite]]:
         """The transaction of `run`: from admission to the write; returns the next steps,
         the outbox rows kept for waiting creates, the runs and the parked writes."""
@@ -189,6 +200,7 @@ class StepCycle:
             now = self._clock()
             admission = Admission(tx, result, value_bytes=self._value_bytes, owned=self._owned)
             admitted = await admission.admit(works, now)
+            open_spans(self._observer, works, began)  # the rows are locked: their traces known
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
@@ -230,7 +242,7 @@ class StepCycle:
                 work.key.instance_id,
                 work.module,
                 StepBody(position=d.position, generation=work.generation),
-                work.envelope.traceparent,
+                carried(work),
             )
             for work, d in continuing
         ]
@@ -240,11 +252,12 @@ class StepCycle:
         # relay if the attempt is never finished; the write that finishes it deletes it).
         waiting_creates = [s.work for s in result.suspended if s.work.created]
         intents = [
-            step_message(self.topology, w.key, w.module, 0, 0, w.envelope.traceparent)[0]
+            step_message(self.topology, w.key, w.module, 0, 0, carried(w))[0]
             for w in waiting_creates
         ]
         ids = await tx.write_batch(
-            [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
+            [write_of(i.work.key, d, carried(i.work)) for i in ran if (d := i.decision) is not None]
+            + held,
             [row for row, _ in steps] + intents,
             confirmed_outbox=[
                 *confirmed_outbox,

@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 from stepfleet.broker import Outgoing
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.engine import Decision, InstanceState
+from stepfleet.observe import Span
 from stepfleet.schemas import (
     AnsweredCall,
     CallRequested,
@@ -55,6 +56,8 @@ class Work(Generic[H]):
     so its guest can run before the transaction (StepCycle._speculate)."""
     early: Early[H] | None = None
     """The run made before the transaction, kept for it if the instance has not moved."""
+    span: Span | None = None
+    """This pass's delivery span, when tracing (cycle/tracing.py); closed with its batch."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +153,10 @@ class CycleResult(Generic[H]):
     suspended: list[Suspended[H]] = field(default_factory=list)
     held: int = 0
     """Instances parked by their tenant's quotas instead of run."""
+    held_keys: set[InstanceKey] = field(default_factory=set)
+    """Those instances."""
+    transaction: tuple[float, float] | None = None
+    """When its transaction began and ended (monotonic seconds), if it had one."""
     next_steps: list[NextStep] = field(default_factory=list)
     """Step messages to send now that the transaction committed (each also in the outbox,
     until the broker confirmed it or the step it asks for is written)."""
@@ -201,8 +208,8 @@ def state_after(work: Work[H], decision: Decision) -> InstanceState:
     )
 
 
-def write_of(key: InstanceKey, decision: Decision) -> StepWrite:
-    """The store write that records a decision."""
+def write_of(key: InstanceKey, decision: Decision, traceparent: str | None = None) -> StepWrite:
+    """The store write that records a decision (and the trace context that made it)."""
     return StepWrite(
         key=key,
         status=decision.status,
@@ -216,6 +223,7 @@ def write_of(key: InstanceKey, decision: Decision) -> StepWrite:
         error=decision.error,
         state_bytes=decision.state_bytes,
         failed_attempt=decision.failed_attempt,
+        traceparent=traceparent,
     )
 
 

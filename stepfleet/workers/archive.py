@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 
 import structlog
 
 from stepfleet.broker import BrokerUnavailable, Delivery
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.store import Archived, NewDeadLetter, PgStore, StoreUnavailable
 from stepfleet.workers.dead_letter_records import ArchivePolicy, letter_of, minimal_letter
 from stepfleet.workers.logs import first_line
@@ -33,9 +35,12 @@ _HOLD_MAX = 50
 class DeadLetterArchiver:
     """Takes deliveries from the dead-letter queue and archives them in batches."""
 
-    def __init__(self, store: PgStore, policy: ArchivePolicy) -> None:
+    def __init__(
+        self, store: PgStore, policy: ArchivePolicy, observer: Observer = NO_OBSERVER
+    ) -> None:
         self._store = store
         self._policy = policy
+        self._observer = observer
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._held: set[asyncio.Task[None]] = set()
         self.archived = 0
@@ -168,6 +173,9 @@ class DeadLetterArchiver:
 
     def _note(self, letters: list[NewDeadLetter], archived: Archived) -> None:
         self.archived += archived.new
+        if self._observer.counting:
+            label = self._observer.tenant
+            self._observer.archived(Counter((label(x.tenant or ""), x.reason) for x in letters))
         self.stripped += len(archived.stripped)
         for letter in archived.stripped:
             log.warning(

@@ -9,6 +9,7 @@ journal position check turns the redelivery into a no-op.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from stepfleet.cycle.messages import dead_letter
 from stepfleet.cycle.step import StepCycle, utcnow
 from stepfleet.cycle.work import CycleResult, NextStep, Suspended, Work
 from stepfleet.engine import EngineLimits
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.sandbox import Sandbox
 from stepfleet.schemas import (
     DeadReason,
@@ -35,6 +37,7 @@ from stepfleet.schemas import (
 from stepfleet.store.port import StepStore
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.logs import first_line
+from stepfleet.workers.observing import batch_done
 from stepfleet.workers.tenants import ProducerCheck
 
 log = structlog.get_logger("stepfleet.worker")
@@ -76,11 +79,13 @@ class BatchProcessor:
         tenant_inflight: int = 250,
         resume: Callable[[Delivery], None] | None = None,
         local_steps: int = 0,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
         whose step's call was answered (or a next step taken on locally) to the worker's
         inbox; `local_steps`: next steps this process may hold for itself at once instead of
-        publishing them (0: publish every one)."""
+        publishing them (0: publish every one); `observer` gets the batch's metrics and
+        spans."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
@@ -96,7 +101,9 @@ class BatchProcessor:
             directory=directory,
             clock=clock,
             on_wake_due=on_wake_due,
+            observer=observer,
         )
+        self._observer = observer
         self.confirmed_outbox: list[int] = []
         """Outbox ids whose publish was confirmed; deleted by the next transaction."""
         directory = self.cycle.directory
@@ -104,6 +111,7 @@ class BatchProcessor:
             caller,
             max_in_flight=max_inflight,
             tenant_cap=lambda t: directory.limits(t).calls_in_flight or tenant_inflight,
+            observer=observer,
         )
         self._resume = resume
         self._resuming: dict[int, Work[Delivery]] = {}
@@ -119,6 +127,7 @@ class BatchProcessor:
         Raises:
             StoreUnavailable: nothing was committed or acked; the caller retries the batch.
         """
+        began = time.monotonic()
         result = BatchResult()
         phases = self.cycle.phases
         phases.batches += 1
@@ -153,13 +162,24 @@ class BatchProcessor:
             self._call(suspended)
         self._crash.reach("after-commit")
         published = self._continue_locally(cycle.next_steps)
-        with phases.timing("publish"):
+        with phases.timing("publish") as publishing:
             await self._publish([step.message for step in published] + dead)
         self._crash.reach("after-publish")
         result.outbox_ids = [step.outbox_id for step in published]
         self.confirmed_outbox += result.outbox_ids
-        with phases.timing("ack"):
+        with phases.timing("ack") as acking:
             await _ack_all(deliveries, deferred | waiting)
+        batch_done(
+            self._observer,
+            deliveries,
+            works,
+            cycle,
+            deferred,
+            local_steps=len(cycle.next_steps) - len(published),
+            began=began,
+            published=publishing if published or dead else None,
+            acked=acking,
+        )
         return result
 
     def stop_continuing(self) -> None:

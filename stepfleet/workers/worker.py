@@ -16,6 +16,8 @@ from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, Publ
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.egress import EgressGateway, SealError, open_secrets
+from stepfleet.observe import NO_OBSERVER, Observer
+from stepfleet.observe.instruments import Instruments, metrics, otlp_traces
 from stepfleet.sandbox import CompiledModuleCache, CompileFailed, Sandbox, WasmSandbox
 from stepfleet.store import PgStore, StoreUnavailable
 from stepfleet.workers import faults
@@ -55,7 +57,9 @@ class Worker:
         broker: Broker | None = None,
         sandbox: Sandbox | None = None,
         name: str = "worker",
+        traces: Observer | None = None,
     ) -> None:
+        """`traces` replaces the traces the OpenTelemetry variables configure (tests)."""
         self.settings = settings
         self.name = name
         self.topology = settings.topology()
@@ -85,6 +89,15 @@ class Worker:
             max_response_bytes=settings.value_bytes,
         )
         self._inbox = FairInbox()
+        self.metrics = (
+            metrics(settings.metric_tenants) if settings.metrics_port is not None else None
+        )
+        self.metrics_port: int | None = None
+        """The port /metrics is served on, once the worker runs (None: no metrics)."""
+        traces = traces or otlp_traces()
+        self.observer: Observer = (
+            Instruments(self.metrics, traces) if self.metrics or traces else NO_OBSERVER
+        )
         self._processor = BatchProcessor(
             store=self.store,
             sandbox=sandbox
@@ -111,13 +124,16 @@ class Worker:
             tenant_inflight=settings.tenant_inflight,
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
+            observer=self.observer,
         )
         self.health = Health(pid=os.getpid(), name=name)
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.steps_done = 0
         self.wakes_sent = 0
-        self.archiver = DeadLetterArchiver(self.store, ArchivePolicy.of(settings))
+        self.archiver = DeadLetterArchiver(
+            self.store, ArchivePolicy.of(settings), observer=self.observer
+        )
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 
@@ -133,6 +149,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until stop(): the pipelines, the outbox relay, then a graceful drain."""
+        self._serve_metrics()
         if self._owns_broker:
             await self.broker.connect(name=f"stepfleet-{self.name}")
         try:
@@ -190,12 +207,33 @@ class Worker:
             await self._flush_confirmed()
         finally:
             self._report(state="stopped")
+            self.observer.close()
             await self.egress.aclose()
             if self._owns_broker:
                 await self.broker.close()
             if self._owns_store:
                 await self.store.close()
             log.info("worker_stopped", worker=self.name, steps=self.steps_done)
+
+    def _serve_metrics(self) -> None:
+        """Serve /metrics when STEPFLEET_METRICS_PORT is set.
+
+        Raises:
+            OSError: the port cannot be bound (the worker does not start).
+        """
+        if self.metrics is None or self.settings.metrics_port is None:
+            return
+        processor, inbox = self._processor, self._inbox
+        self.metrics.watch(calls_in_flight=lambda: processor.calls.in_flight, inbox=inbox.qsize)
+        self.metrics_port = self.metrics.serve(
+            self.settings.metrics_port, self.settings.metrics_host
+        )
+        log.info(
+            "metrics_serving",
+            worker=self.name,
+            host=self.settings.metrics_host,
+            port=self.metrics_port,
+        )
 
     async def _next_batch(self) -> list[Delivery] | None:
         """Wait for one delivery, then take whatever else is already here, up to a batch."""
@@ -206,8 +244,10 @@ class Worker:
                 and not self._processor.calls_in_flight
             ):
                 return None
+            waited = self._inbox.waited
             batch = await self._inbox.take(self.settings.batch_size, wait_s=0.2)
             if batch:
+                self.observer.phase("inbox", (self._inbox.waited - waited) / len(batch))
                 return batch
 
     async def _pipeline(self, index: int) -> None:
@@ -347,6 +387,9 @@ class Worker:
                 if loop.time() >= next_beat:
                     next_beat = loop.time() + _HEALTH_EVERY_SECONDS
                     self._report()
+                    if self.observer.counting:
+                        due, waiting = await self.store.backlog()
+                        self.observer.backlog(timers_due=due, outbox_waiting=waiting)
                 if loop.time() >= next_tenants:
                     next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
                     await self._load_tenants()
@@ -367,6 +410,9 @@ class Worker:
                 limit=_TIMERS_PER_CLAIM, resend_after_seconds=self.settings.wake_resend_seconds
             )
             if due:
+                if self.observer.counting:
+                    now = datetime.now(UTC)
+                    self.observer.timers_fired([(now - t.wake_at).total_seconds() for t in due])
                 await self.broker.publish_many([wake_message(self.topology, t) for t in due])
                 self.wakes_sent += len(due)
                 log.debug("wakes_sent", count=len(due))
