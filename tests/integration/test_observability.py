@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from stepfleet.broker import Broker
 from stepfleet.client import CreateRequest, EventRequest, Producer, create_message
+from stepfleet.control import Control
 from stepfleet.observe.tracing import DELIVERY_SPAN, Traces
 from stepfleet.schemas import EntryKind, InstanceKey, InstanceStatus, digest_of
 from stepfleet.store import PgStore
@@ -261,3 +262,38 @@ async def test_a_bad_traceparent_starts_a_trace_and_costs_nothing(
     assert {s.context.trace_id for s in spans} == {spans[0].context.trace_id}
     assert spans[1].parent is not None
     assert spans[1].parent.span_id == spans[0].context.span_id
+
+
+async def test_an_operator_restart_continues_the_instance_trace(
+    run_worker: Callable[..., Any],
+    settings: Settings,
+    store: PgStore,
+    control: Control,
+    playbook_wasm: bytes,
+):
+    """The step message an operator action queues carries the trace context the instance row
+    keeps: the restarted instance's next delivery is the child of the last one before it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    await run_worker(traces=Traces(provider))
+    tenant = "traced"
+    digest = digest_of(playbook_wasm)
+    await store.put_module(tenant, digest, playbook_wasm)
+    ops = [{"op": "do", "name": "a"}, {"op": "sleep", "name": "week", "ms": 7 * 86_400_000}]
+    key = await _create(
+        settings, tenant, digest, ops, traceparent=f"00-{TRACE_ID}-{PRODUCER_PARENT}-01"
+    )
+    await wait_for_status(store, key, {InstanceStatus.SLEEPING}, 20)
+    await wait_until(lambda: len(_spans(exporter, key.instance_id)) >= 2, "two delivery spans")
+    await control.restart(key)
+    await wait_until(lambda: len(_spans(exporter, key.instance_id)) >= 4, "four delivery spans")
+    spans = sorted(_spans(exporter, key.instance_id), key=lambda s: s.start_time or 0)
+    assert [(s.attributes or {}).get("stepfleet.kind") for s in spans[:3]] == [
+        "create",
+        "step",
+        "step",
+    ]
+    assert {s.context.trace_id for s in spans} == {int(TRACE_ID, 16)}
+    assert spans[2].parent is not None
+    assert spans[2].parent.span_id == spans[1].context.span_id
