@@ -70,6 +70,9 @@ class Traces(Observer):
     ) -> None:
         assert isinstance(span, _Open)
         otel = span.otel
+        if not otel.is_recording():  # not sampled: no attributes, no children
+            otel.end(end_time=end_ns)
+            return
         otel.set_attributes(attributes)
         context = trace.set_span_in_context(otel)
         for child in children:
