@@ -9,7 +9,8 @@ processes, plus the unloaded latency of one workflow at a time.
 
 `--metrics-ab N` instead runs N pairs of bursts on one worker process, each pair once with
 metrics off and once with them on (STEPFLEET_METRICS_PORT set, /metrics scraped every
-second), a fresh worker each time, and prints both sides' workflows/s and their ratio.
+second), in the order off-on, on-off, off-on, ..., a fresh worker each time, and prints both
+sides' workflows/s and their ratio.
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ async def metrics_ab(
     runs: dict[str, list[float]] = {"off": [], "on": []}
     cpu: dict[str, list[float]] = {"off": [], "on": []}
     scrapes: list[int] = []
-    for _ in range(pairs):
-        for mode in ("off", "on"):
+    for pair in range(pairs):
+        # off-on, then on-off: a machine that slows down (or speeds up) during the run
+        # weighs on both sides alike.
+        for mode in ("off", "on") if pair % 2 == 0 else ("on", "off"):
             port = free_port()
             own = {**env, "STEPFLEET_METRICS_PORT": str(port)} if mode == "on" else env
             workers = start_workers(1, own)
