@@ -6,6 +6,11 @@ workflows/s, steps/s and create-to-complete latency p50/p99, for one and for sev
 processes, plus the unloaded latency of one workflow at a time.
 
     python bench/throughput.py [--workflows 2000] [--workers 1,2] [--log-level warning]
+
+`--metrics-ab N` instead runs N pairs of bursts on one worker process, each pair once with
+metrics off and once with them on (STEPFLEET_METRICS_PORT set, /metrics scraped every
+second), in the order off-on, on-off, off-on, ..., a fresh worker each time, and prints both
+sides' workflows/s and their ratio.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import urllib.request
 import uuid
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -147,6 +155,71 @@ async def run_unloaded(url: str, topology: Topology, digest: str, count: int) ->
     }
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def scrape_every_second(port: int, scrapes: list[int]) -> None:
+    """Scrape /metrics as Prometheus would (more often than its default 15 s)."""
+
+    def scrape() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return len(answer.read())
+
+    while True:
+        await asyncio.sleep(1.0)
+        with suppress(OSError):
+            scrapes.append(await asyncio.to_thread(scrape))
+
+
+async def metrics_ab(
+    url: str, topology: Topology, digest: str, workflows: int, pairs: int, env: dict[str, str]
+) -> dict[str, object]:
+    """Bursts on one worker, alternately with metrics off and on; workflows/s of each."""
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    scrapes: list[int] = []
+    for pair in range(pairs):
+        # off-on, then on-off: a machine that slows down (or speeds up) during the run
+        # weighs on both sides alike.
+        for mode in ("off", "on") if pair % 2 == 0 else ("on", "off"):
+            port = free_port()
+            own = {**env, "STEPFLEET_METRICS_PORT": str(port)} if mode == "on" else env
+            workers = start_workers(1, own)
+            scraper = None
+            try:
+                await run_load(url, topology, digest, 50)  # warm: connections, compiled module
+                if mode == "on":
+                    scraper = asyncio.create_task(scrape_every_second(port, scrapes))
+                before = await snapshot(workers)
+                load = await run_load(url, topology, digest, workflows)
+                after = await snapshot(workers)
+            finally:
+                if scraper is not None:
+                    scraper.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await scraper
+                stop_workers(workers)
+            runs[mode].append(load["workflows_per_s"])
+            deliveries = after.get("deliveries", 0) - before.get("deliveries", 0)
+            cpu[mode].append(
+                round((after["cpu_seconds"] - before["cpu_seconds"]) / deliveries * 1000, 4)
+            )
+    off, on = statistics.mean(runs["off"]), statistics.mean(runs["on"])
+    return {
+        "workflows": workflows,
+        "workflows_per_s_off": runs["off"],
+        "workflows_per_s_on": runs["on"],
+        "cpu_ms_per_delivery_off": cpu["off"],
+        "cpu_ms_per_delivery_on": cpu["on"],
+        "scrapes": len(scrapes),
+        "scrape_bytes": scrapes[-1] if scrapes else 0,
+        "on_vs_off": round(on / off, 4),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", type=int, default=2000)
@@ -155,6 +228,9 @@ async def main() -> None:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--metrics-ab", type=int, default=0, metavar="PAIRS", help="metrics off/on pairs"
+    )
     args = parser.parse_args()
 
     run_id = uuid.uuid4().hex[:8]
@@ -192,7 +268,11 @@ async def main() -> None:
         },
     }
     try:
-        for count in [int(c) for c in args.workers.split(",")]:
+        if args.metrics_ab:
+            report["metrics_ab_1_worker"] = await metrics_ab(
+                url, topology, digest, args.workflows, args.metrics_ab, env
+            )
+        for count in [int(c) for c in args.workers.split(",") if not args.metrics_ab]:
             workers = start_workers(count, env)
             try:
                 await run_load(url, topology, digest, 50)  # warm: connections, compiled module

@@ -283,6 +283,7 @@ class Control:
             status=InstanceStatus.RUNNING,
             position=position,
             generation=record.generation + 1,
+            traceparent=record.traceparent,
         )
         await tx.update(
             again,
@@ -299,8 +300,14 @@ class Control:
     ) -> tuple[list[int], list[Outgoing]]:
         if not needed:
             return [], []
+        # The instance's own trace context: the step continues its trace.
         row, message = step_message(
-            self._topology, record.key, record.module, record.position, record.generation
+            self._topology,
+            record.key,
+            record.module,
+            record.position,
+            record.generation,
+            record.traceparent,
         )
         return await tx.add_outbox([row]), [message]
 

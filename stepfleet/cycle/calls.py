@@ -20,6 +20,7 @@ import structlog
 
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.work import H, Suspended, Work
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.schemas import AnsweredCall, HttpRequest, HttpResponse
 
 log = structlog.get_logger("stepfleet.worker")
@@ -89,10 +90,12 @@ class CallScheduler:
         *,
         max_in_flight: int,
         tenant_cap: Callable[[str], int],
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._caller = caller
         self._slots = _Slots(max_in_flight)
         self._tenant_cap = tenant_cap
+        self._observer = observer
 
     @property
     def in_flight(self) -> int:
@@ -103,11 +106,13 @@ class CallScheduler:
         work, call = suspended.work, suspended.call
         tenant = work.key.tenant
         await self._slots.take(tenant, self._tenant_cap(tenant))
+        began = time.monotonic()
         try:
             with message_context(work, step=call.name, position=call.seq):
                 answer = await self._call(tenant, call.name, call.request, call.deadline)
         finally:
             await self._slots.give(tenant)
+        self._observer.call(tenant, time.monotonic() - began)
         work.answers = (*call.answered, AnsweredCall(call.request, answer))
         work.step_deadline = call.deadline
         return work

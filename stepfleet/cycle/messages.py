@@ -49,10 +49,11 @@ def step_message(
 
 def wake_message(topology: Topology, timer: DueTimer) -> Outgoing:
     """Build the message that ends a due timer's wait (published straight, not via the outbox:
-    the timer row itself is the durable record, and an unprocessed wake is sent again)."""
+    the timer row itself is the durable record, and an unprocessed wake is sent again); it
+    carries the instance's trace context."""
     key = timer.key
     headers = Headers.table(
-        MessageKind.WAKE, key.tenant, key.instance_id, timer.module, check=False
+        MessageKind.WAKE, key.tenant, key.instance_id, timer.module, timer.traceparent, check=False
     )
     body = b'{"version":%d,"position":%d,"attempt":%d,"generation":%d,"due_us":%d}' % (
         SCHEMA_VERSION,

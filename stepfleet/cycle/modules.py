@@ -17,6 +17,7 @@ from typing import TypeVar
 import structlog
 
 from stepfleet.cycle.work import H, Ran, Work
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.sandbox import CompileLimitExceeded, InvalidModule, Sandbox
 from stepfleet.schemas import GuestCrashed, GuestReport
 from stepfleet.store.port import StepTx
@@ -31,15 +32,23 @@ OnGuestThread = Callable[[Callable[[], T]], Awaitable[T]]
 class ModuleLoader:
     """Loads modules into one sandbox; shared by every cycle of a process."""
 
-    def __init__(self, sandbox: Sandbox, on_guest_thread: OnGuestThread[None]) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        on_guest_thread: OnGuestThread[None],
+        observer: Observer = NO_OBSERVER,
+    ) -> None:
         self._sandbox = sandbox
         self._on_guest_thread = on_guest_thread
+        self._observer = observer
 
     async def load(
         self, tx: StepTx, admitted: list[Work[H]], now: datetime
     ) -> tuple[list[Work[H]], list[Ran[H]]]:
         """Load the modules `admitted` needs; return the works to run and the refused ones."""
-        missing = {w.module for w in admitted if not self._sandbox.is_loaded(w.module)}
+        needed = {w.module for w in admitted}
+        missing = {m for m in needed if not self._sandbox.is_loaded(m)}
+        self._observer.modules(len(needed) - len(missing), len(missing))
         if not missing:
             return admitted, []
         stored = await tx.module_bytes(missing)
@@ -76,7 +85,9 @@ class ModuleLoader:
                     error=str(exc),
                 )
             return GuestCrashed(f"module {digest} refused: {exc}", limit)
-        ms = round((time.perf_counter() - started) * 1000, 2)
+        seconds = time.perf_counter() - started
+        self._observer.module_loaded(seconds)
+        ms = round(seconds * 1000, 2)
         for tenant in tenants:
             log.info("module_loaded", tenant=tenant, module_digest=digest, ms=ms)
         return None

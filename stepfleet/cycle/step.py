@@ -31,6 +31,7 @@ from stepfleet.cycle.priority import LightFirst
 from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
+from stepfleet.cycle.tracing import carried, open_spans
 from stepfleet.cycle.work import (
     CycleResult,
     Early,
@@ -44,6 +45,7 @@ from stepfleet.cycle.work import (
     write_of,
 )
 from stepfleet.engine import EngineLimits, decide, resolve_wait
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import (
     CallRequested,
@@ -84,12 +86,14 @@ class StepCycle:
         on_wake_due: Callable[[datetime], None] | None = None,
         gate: LightFirst | None = None,
         early: EarlyHold[Any] | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         """`guest_processes`, else `guest_thread`, runs the guest runs that are not short
         (cycle/runner.py); both None run every one inline, for a process with one cycle at a
         time (`stepfleet run`, tests). `gate` lets light tenants' batches go first
         (cycle/priority.py). `early`: how events that come before their instance are held
-        (None: they are dead-lettered `unknown-instance` at once)."""
+        (None: they are dead-lettered `unknown-instance` at once). `observer` gets the phase
+        times, module loads and delivery spans."""
         self._store = store
         self._early = early
         self.topology = topology
@@ -110,8 +114,9 @@ class StepCycle:
             gate=self.gate,
             processes=guest_processes,
         )
-        self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread)
-        self.phases = PhaseTimes()
+        self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread, observer)
+        self._observer = observer
+        self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
 
     async def run(
@@ -134,12 +139,13 @@ class StepCycle:
         began = time.monotonic()
         try:
             next_steps, intents, ran, held = await self._transaction(
-                works, result, confirmed_outbox
+                works, result, confirmed_outbox, began
             )
         finally:
-            spent = time.monotonic() - began
-            self.phases.guest += result.guest_seconds
-            self.phases.transaction += spent - result.guest_seconds
+            ended = time.monotonic()
+            result.transaction = (began, ended)
+            self.phases.add("guest", result.guest_seconds)
+            self.phases.add("transaction", ended - began - result.guest_seconds)
         # Committed: a create whose first step waits on a call goes on as that step.
         for work, intent in intents:
             work.intent = intent
@@ -149,10 +155,11 @@ class StepCycle:
                 work.key.instance_id,
                 work.module,
                 StepBody(position=0, generation=0),
-                work.envelope.traceparent,
+                carried(work),
             )
         result.ran = ran
         result.held = len(held)
+        result.held_keys = {w.key for w in held}
         result.next_steps = next_steps
         self._remember(ran)
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
@@ -190,7 +197,7 @@ class StepCycle:
             return works
         began = time.monotonic()
         ran, apart = await self._guests.run_or_set_apart(early)
-        self.phases.guest += time.monotonic() - began
+        self.phases.add("guest", time.monotonic() - began)
         for going in apart:  # nothing to write until its run is done: no transaction yet
             going.work.apart = going
             result.apart.append(going)
@@ -208,7 +215,11 @@ class StepCycle:
         return bool(own.running_steps or own.steps_per_second)
 
     async def _transaction(
-        self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
+        self,
+        works: list[Work[H]],
+        result: CycleResult[H],
+        confirmed_outbox: Sequence[int],
+        began: float,
     ) -> tuple[list[NextStep], list[tuple[Work[H], int]], list[Ran[H]], list[StepWrite]]:
         """The transaction of `run`: from admission to the write; returns the next steps,
         the outbox rows kept for waiting creates, the runs and the parked writes."""
@@ -218,6 +229,7 @@ class StepCycle:
                 tx, result, value_bytes=self._value_bytes, owned=self._owned, early=self._early
             )
             admitted = await admission.admit(works, now)
+            open_spans(self._observer, works, began)  # the rows are locked: their traces known
             admitted, held = await apply_quotas(tx, self.directory, admitted, now)
             await load_replays(tx, self._replays, admitted)
             admitted, refused = await self._modules.load(tx, admitted, now)
@@ -268,7 +280,7 @@ class StepCycle:
                 work.key.instance_id,
                 work.module,
                 StepBody(position=d.position, generation=work.generation),
-                work.envelope.traceparent,
+                carried(work),
             )
             for work, d in continuing
         ]
@@ -280,11 +292,12 @@ class StepCycle:
         waiting_creates = [s.work for s in result.suspended if s.work.created]
         waiting_creates += [a.work for a in result.apart if a.work.created]
         intents = [
-            step_message(self.topology, w.key, w.module, 0, 0, w.envelope.traceparent)[0]
+            step_message(self.topology, w.key, w.module, 0, 0, carried(w))[0]
             for w in waiting_creates
         ]
         ids = await tx.write_batch(
-            [write_of(i.work.key, d) for i in ran if (d := i.decision) is not None] + held,
+            [write_of(i.work.key, d, carried(i.work)) for i in ran if (d := i.decision) is not None]
+            + held,
             [row for row, _ in steps] + intents,
             confirmed_outbox=[
                 *confirmed_outbox,

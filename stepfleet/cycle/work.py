@@ -10,6 +10,7 @@ from typing import Generic, TypeVar
 from stepfleet.broker import Outgoing
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.engine import Decision, InstanceState
+from stepfleet.observe import Span
 from stepfleet.schemas import (
     AnsweredCall,
     CallRequested,
@@ -59,6 +60,8 @@ class Work(Generic[H]):
     apart: Apart[H] | None = None
     """A long run set apart by an earlier cycle (in a guest process, off its batch): taken by
     the next cycle if the instance has not moved. Kept by `renew`; a work is set apart once."""
+    span: Span | None = None
+    """This pass's delivery span, when tracing (cycle/tracing.py); closed with its batch."""
     key: InstanceKey = field(init=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +195,10 @@ class CycleResult(Generic[H]):
     again: list[Work[H]] = field(default_factory=list)
     """Events whose instance was created while this cycle ran: the caller hands them to a
     later cycle (unacknowledged), which delivers them as usual."""
+    held_keys: set[InstanceKey] = field(default_factory=set)
+    """Those instances."""
+    transaction: tuple[float, float] | None = None
+    """When its transaction began and ended (monotonic seconds), if it had one."""
     next_steps: list[NextStep] = field(default_factory=list)
     """Step messages to send now that the transaction committed (each also in the outbox,
     until the broker confirmed it or the step it asks for is written)."""
@@ -243,8 +250,8 @@ def state_after(work: Work[H], decision: Decision) -> InstanceState:
     )
 
 
-def write_of(key: InstanceKey, decision: Decision) -> StepWrite:
-    """The store write that records a decision."""
+def write_of(key: InstanceKey, decision: Decision, traceparent: str | None = None) -> StepWrite:
+    """The store write that records a decision (and the trace context that made it)."""
     return StepWrite(
         key=key,
         status=decision.status,
@@ -258,6 +265,7 @@ def write_of(key: InstanceKey, decision: Decision) -> StepWrite:
         error=decision.error,
         state_bytes=decision.state_bytes,
         failed_attempt=decision.failed_attempt,
+        traceparent=traceparent,
     )
 
 

@@ -79,7 +79,8 @@ class WasmSandbox(WasmEngine):
         memory: wasmtime.Memory | None = None
 
         def report(outcome: RunOutcome) -> GuestReport:
-            return GuestReport(outcome, tuple(run.recorded), run.logs)
+            used = 0 if run.store is None else fuel - store.get_fuel()  # None: store closed
+            return GuestReport(outcome, tuple(run.recorded), run.logs, used)
 
         try:
             self._ticker.set_deadline(store, self.limits.run_timeout_ms)

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from stepfleet.schemas.reasons import DeadReason, ErrorKind
     from stepfleet.schemas.status import InstanceStatus
     from stepfleet.schemas.tenancy import TenantLimits
+    from stepfleet.schemas.trace_context import TRACEPARENT_PATTERN, read_traceparent
 
 __all__ = [
     "BODY_MODELS",
@@ -79,6 +80,7 @@ __all__ = [
     "REDACTED",
     "SCHEMA_VERSION",
     "TENANT_PATTERN",
+    "TRACEPARENT_PATTERN",
     "AnsweredCall",
     "Backoff",
     "CallRequested",
@@ -122,6 +124,7 @@ __all__ = [
     "is_instance_id",
     "is_tenant",
     "parse_envelope",
+    "read_traceparent",
 ]
 
 __getattr__ = lazy_exports(
@@ -180,5 +183,7 @@ __getattr__ = lazy_exports(
         "ErrorKind": "stepfleet.schemas.reasons",
         "InstanceStatus": "stepfleet.schemas.status",
         "TenantLimits": "stepfleet.schemas.tenancy",
+        "TRACEPARENT_PATTERN": "stepfleet.schemas.trace_context",
+        "read_traceparent": "stepfleet.schemas.trace_context",
     },
 )

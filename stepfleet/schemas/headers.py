@@ -26,6 +26,7 @@ from stepfleet.schemas.identifiers import (
     is_tenant,
 )
 from stepfleet.schemas.reasons import DeadReason
+from stepfleet.schemas.trace_context import TRACEPARENT_PATTERN, read_traceparent
 
 SCHEMA_VERSION: Final = 1
 MAX_NAME_BYTES: Final = 256
@@ -130,7 +131,16 @@ def _module(value: Any, earlier: _Earlier) -> str | None:
 
 
 def _traceparent(value: Any, _: _Earlier) -> str | None:
-    return _text(value, Headers.TRACEPARENT)
+    """A W3C trace context in its version-00 form, or None: a value that is none (not text,
+    not UTF-8, not the W3C format) is dropped, never refused (schemas/trace_context.py)."""
+    if type(value) is bytes:
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            return None
+    if type(value) is not str:
+        return None
+    return read_traceparent(value)
 
 
 def _no_sender_selected(headers: Any) -> Any:
@@ -224,8 +234,10 @@ class Headers(BaseModel):
         str | None,
         Field(
             alias=TRACEPARENT,
-            description="Optional W3C trace context, "
-            "copied onto every message the instance causes.",
+            description="Optional W3C trace context (version 00 is what workers send). "
+            "Workers continue the trace on every message the instance causes; a value that "
+            "is not a W3C traceparent is ignored, never refused.",
+            json_schema_extra={"pattern": TRACEPARENT_PATTERN},
         ),
         BeforeValidator(_traceparent),
     ] = None
@@ -236,13 +248,10 @@ class Headers(BaseModel):
         return _no_sender_selected(headers)
 
     @classmethod
-    def read(cls, headers: Mapping[str, Any]) -> tuple[dict[str, Any], InvalidMessage | None]:
+    def read(cls, headers: Mapping[str, Any]) -> dict[str, Any]:
         """Validate a received header table the fast way, for parse_envelope: the fields' own
         validators, called in field order as `model_validate` calls them, without the cost of
-        building a model (a test checks that the two agree).
-
-        Returns the values by field name and, apart, the refusal of a traceparent that is not
-        text (its value then None): parse_envelope gives that one only after the body's checks.
+        building a model (a test checks that the two agree). Returns the values by field name.
 
         Raises:
             InvalidMessage: the first rule the other headers break.
@@ -253,15 +262,12 @@ class Headers(BaseModel):
             raise _invalid(error) from None
         fields: dict[str, Any] = {}
         earlier = _Read(fields)
-        late = None
         for name, alias, check in _CHECKS:
             try:
                 fields[name] = check(headers.get(alias), earlier)
             except PydanticCustomError as error:
-                if name != "traceparent":
-                    raise _invalid(error) from None
-                fields[name], late = None, _invalid(error)
-        return fields, late
+                raise _invalid(error) from None
+        return fields
 
     @classmethod
     def table(
@@ -276,7 +282,8 @@ class Headers(BaseModel):
     ) -> dict[str, str]:
         """The header table of a message to send, in the order it is published; an absent
         module and an empty traceparent are left out. `check=False` skips validation, for
-        values the fleet read back from its own store (they arrived validated).
+        values the fleet read back from its own store (they arrived validated); with it, a
+        traceparent that is not a W3C trace context is refused too (a worker would drop it).
 
         Raises:
             ValueError: a value breaks a rule; the text is the detail a worker would give the
@@ -290,6 +297,10 @@ class Headers(BaseModel):
         if traceparent:
             headers[cls.TRACEPARENT] = traceparent
         if check:
+            if traceparent and read_traceparent(traceparent) != traceparent:
+                raise ValueError(
+                    f"traceparent {traceparent[:80]!r} is not a version-00 W3C trace context"
+                )
             try:
                 cls.model_validate(headers)
             except ValidationError as exc:

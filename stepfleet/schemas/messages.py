@@ -125,7 +125,7 @@ def parse_envelope(headers: Mapping[str, Any], body: bytes, *, max_body_bytes: i
     Raises:
         InvalidMessage: the message can never be processed; it belongs in the dead-letter queue.
     """
-    fields, late = Headers.read(headers)
+    fields = Headers.read(headers)
     if len(body) > max_body_bytes:
         raise InvalidMessage(
             DeadReason.TOO_LARGE, f"body is {len(body)} bytes, the limit is {max_body_bytes}"
@@ -137,8 +137,6 @@ def parse_envelope(headers: Mapping[str, Any], body: bytes, *, max_body_bytes: i
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise InvalidMessage(DeadReason.BAD_BODY, f"{kind} body: {where}: {first['msg']}") from None
-    if late is not None:
-        raise late
     assert isinstance(parsed, CreateBody | StepBody | WakeBody | EventBody)
     return Envelope(
         kind=kind,

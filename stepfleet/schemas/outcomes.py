@@ -146,3 +146,5 @@ class GuestReport:
     outcome: RunOutcome
     recorded: tuple[Recorded, ...] = ()
     logs: list[tuple[int, str]] = field(default_factory=list)
+    fuel_used: int = 0
+    """Fuel the run consumed (0 when not measured)."""

@@ -167,7 +167,9 @@ class MemoryStore:
         for wake_at, key in due:
             row = self.tables.instances[key] = replace(self.tables.instances[key], wake_sent_at=now)
             r = row.record
-            timers.append(DueTimer(key, r.module, r.position, r.attempt, r.generation, wake_at))
+            timers.append(
+                DueTimer(key, r.module, r.position, r.attempt, r.generation, wake_at, r.traceparent)
+            )
         return timers
 
     # -- reads ---------------------------------------------------------------------------

@@ -401,6 +401,7 @@ class MemoryTransaction:
             updated_at=self.now,
             finished_at=self.now if final else None,
             retain_until=self.now + timedelta(seconds=keep) if final else None,
+            traceparent=w.traceparent or row.record.traceparent,
         )
         return replace(row, record=record, wake_sent_at=None)
 

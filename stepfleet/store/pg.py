@@ -93,6 +93,7 @@ class PgStore:
                     row.attempt,
                     row.generation,
                     row.wake_at,
+                    row.traceparent,
                 )
                 for row in result
             ]
@@ -126,6 +127,13 @@ class PgStore:
                 )
                 for row in result
             ]
+
+    async def backlog(self) -> tuple[int, int]:
+        """Return the timers past due whose instance has not taken its wake yet, and the
+        outbox rows not deleted yet."""
+        async with translated(), self._engine.connect() as connection:
+            row = (await connection.execute(sql.BACKLOG)).one()
+            return int(row.timers_due), int(row.outbox_waiting)
 
     async def delete_expired(self, *, limit: int) -> int:
         """Delete up to `limit` finished instances past their retention; return how many."""

@@ -59,6 +59,8 @@ class InstanceRecord:
     retain_until: datetime | None = None
     stalled: Stall | None = None
     """Set when a dead letter left the instance with nothing to move it."""
+    traceparent: str | None = None
+    """The trace context of the delivery that last wrote the state (continued by wakes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class StepWrite:
     error: str | None = None
     state_bytes: int = 0
     failed_attempt: FailedAttempt | None = None
+    traceparent: str | None = None
+    """The writing delivery's trace context; None keeps the row's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,8 @@ class DueTimer:
     attempt: int
     generation: int
     wake_at: datetime
+    traceparent: str | None = None
+    """The instance's trace context, for the wake to continue its trace."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from stepfleet.store.records import InstanceRecord, Stall
 from stepfleet.store.tables import journal, modules
 
 STATE_COLUMNS = """tenant, id, module, status, position, generation, attempt, wait_kind, wait_name,
-    wait_event, wait_timeout_ms, wake_at, mode, end_status, state_bytes, error"""
+    wait_event, wait_timeout_ms, wake_at, mode, end_status, state_bytes, error, traceparent"""
 
 # The oldest stored event of the type each wait asks for, taken for the wait's position.
 _TAKE_EVENTS = text(
@@ -99,6 +99,7 @@ def record_from_row(row: Any) -> InstanceRecord:
         else Stall(
             mapping["stalled_letter"], mapping["stalled_reason"] or "", mapping["stalled_at"]
         ),
+        traceparent=mapping.get("traceparent"),
     )
 
 

@@ -87,6 +87,7 @@ WRITE_BATCH = text(
             mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
             state_bytes = u.state_bytes, updated_at = now(),
             stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
+            traceparent = coalesce(u.traceparent, i.traceparent),
             finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
                                THEN now() END,
             retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
@@ -98,9 +99,11 @@ WRITE_BATCH = text(
                     CAST(:wait_events AS text[]), CAST(:wait_timeouts AS bigint[]),
                     CAST(:wake_ats AS timestamptz[]), CAST(:modes AS smallint[]),
                     CAST(:end_statuses AS text[]), CAST(:outputs AS text[]),
-                    CAST(:errors AS text[]), CAST(:state_bytes AS bigint[]))
+                    CAST(:errors AS text[]), CAST(:state_bytes AS bigint[]),
+                    CAST(:traceparents AS text[]))
              AS u(tenant, id, status, position, attempt, wait_kind, wait_name, wait_event,
-                  wait_timeout_ms, wake_at, mode, end_status, output, error, state_bytes)
+                  wait_timeout_ms, wake_at, mode, end_status, output, error, state_bytes,
+                  traceparent)
         WHERE i.tenant = u.tenant AND i.id = u.id
     )
     INSERT INTO outbox (routing_key, headers, body)
@@ -256,7 +259,20 @@ DUE_TIMERS = text(
     )
     UPDATE instances AS i SET wake_sent_at = now()
     FROM due WHERE i.tenant = due.tenant AND i.id = due.id
-    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation, i.wake_at
+    RETURNING i.tenant, i.id, i.module, i.position, i.attempt, i.generation, i.wake_at,
+              i.traceparent
+    """
+)
+
+# What waits in the database, for the worker's gauges: timers past due whose instance has not
+# taken its wake yet (sent or not), and outbox rows not deleted yet.
+BACKLOG = text(
+    """
+    SELECT
+        (SELECT count(*) FROM instances
+         WHERE wake_at <= now() AND status IN ('queued', 'running', 'sleeping', 'waiting'))
+            AS timers_due,
+        (SELECT count(*) FROM outbox) AS outbox_waiting
     """
 )
 

@@ -277,6 +277,7 @@ def _batch_params(
         "outputs": [w.output for w in writes],
         "errors": [w.error for w in writes],
         "state_bytes": [w.state_bytes for w in writes],
+        "traceparents": [w.traceparent for w in writes],
         "keys": [m.routing_key for m in outbox],
         "headers": [m.headers for m in outbox],
         "bodies": [m.body for m in outbox],

@@ -153,6 +153,9 @@ instances = Table(
     Column("stalled_at", DateTime(timezone=True)),
     # When the stall sweep last republished the instance's step message.
     Column("swept_at", DateTime(timezone=True)),
+    # The W3C trace context of the delivery that last wrote the state: a wake or an operator's
+    # step message continues the instance's trace with it.
+    Column("traceparent", Text),
     PrimaryKeyConstraint("tenant", "id"),
     ForeignKeyConstraint(["module"], ["modules.digest"]),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from datetime import UTC, datetime
 
 import structlog
@@ -18,6 +19,7 @@ import structlog
 from stepfleet.broker import BrokerUnavailable, Delivery
 from stepfleet.cycle.work import state_of
 from stepfleet.engine import Admit, admit
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.schemas import InvalidMessage, MessageKind, parse_envelope
 from stepfleet.store import Archived, InstanceRecord, NewDeadLetter, PgStore, StoreUnavailable
 from stepfleet.workers.dead_letter_records import ArchivePolicy, letter_of, minimal_letter
@@ -37,9 +39,12 @@ _HOLD_MAX = 50
 class DeadLetterArchiver:
     """Takes deliveries from the dead-letter queue and archives them in batches."""
 
-    def __init__(self, store: PgStore, policy: ArchivePolicy) -> None:
+    def __init__(
+        self, store: PgStore, policy: ArchivePolicy, observer: Observer = NO_OBSERVER
+    ) -> None:
         self._store = store
         self._policy = policy
+        self._observer = observer
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self._held: set[asyncio.Task[None]] = set()
         self.archived = 0
@@ -200,6 +205,9 @@ class DeadLetterArchiver:
 
     def _note(self, letters: list[NewDeadLetter], archived: Archived) -> None:
         self.archived += archived.new
+        if self._observer.counting:
+            label = self._observer.tenant
+            self._observer.archived(Counter((label(x.tenant or ""), x.reason) for x in letters))
         self.stripped += len(archived.stripped)
         self.stalled += len(archived.stalled)
         for stalled in archived.stalled:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from stepfleet.cycle.messages import dead_letter, outbox_row
 from stepfleet.cycle.step import StepCycle, utcnow
 from stepfleet.cycle.work import Apart, CycleResult, NextStep, Suspended, Work
 from stepfleet.engine import EngineLimits
+from stepfleet.observe import NO_OBSERVER, Observer
 from stepfleet.sandbox import LongRuns, Sandbox
 from stepfleet.schemas import (
     DeadReason,
@@ -37,6 +39,7 @@ from stepfleet.schemas import (
 from stepfleet.store.port import StepStore
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.logs import first_line
+from stepfleet.workers.observing import batch_done
 from stepfleet.workers.tenants import ProducerCheck
 
 log = structlog.get_logger("stepfleet.worker")
@@ -80,11 +83,13 @@ class BatchProcessor:
         resume: Callable[[Delivery], None] | None = None,
         local_steps: int = 0,
         early_event_seconds: float = 0.0,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
         whose step's call was answered (or a next step taken on locally) to the worker's
         inbox; `local_steps`: next steps this process may hold for itself at once instead of
-        publishing them (0: publish every one)."""
+        publishing them (0: publish every one); `observer` gets the batch's metrics and
+        spans."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
@@ -105,7 +110,9 @@ class BatchProcessor:
             early=EarlyHold(
                 early_event_seconds, lambda d, r, t: outbox_row(dead_letter(topology, d, r, t))
             ),
+            observer=observer,
         )
+        self._observer = observer
         self.confirmed_outbox: list[int] = []
         """Outbox ids whose publish was confirmed; deleted by the next transaction."""
         directory = self.cycle.directory
@@ -113,6 +120,7 @@ class BatchProcessor:
             caller,
             max_in_flight=max_inflight,
             tenant_cap=lambda t: directory.limits(t).calls_in_flight or tenant_inflight,
+            observer=observer,
         )
         self._resume = resume
         self._resuming: dict[int, Work[Delivery]] = {}
@@ -131,6 +139,7 @@ class BatchProcessor:
         """
         gate = self.cycle.gate
         await gate.step_aside()
+        began = time.monotonic()
         result = BatchResult()
         phases = self.cycle.phases
         phases.batches += 1
@@ -171,13 +180,24 @@ class BatchProcessor:
         self._crash.reach("after-commit")
         published = self._continue_locally(cycle.next_steps)
         await gate.step_aside()
-        with phases.timing("publish"):
+        with phases.timing("publish") as publishing:
             await self._publish([step.message for step in published] + dead)
         self._crash.reach("after-publish")
         result.outbox_ids = [step.outbox_id for step in published]
         self.confirmed_outbox += result.outbox_ids
-        with phases.timing("ack"):
+        with phases.timing("ack") as acking:
             await _ack_all(deliveries, deferred | waiting)
+        batch_done(
+            self._observer,
+            deliveries,
+            works,
+            cycle,
+            deferred,
+            local_steps=len(cycle.next_steps) - len(published),
+            began=began,
+            published=publishing if published or dead else None,
+            acked=acking,
+        )
         return result
 
     def stop_continuing(self) -> None:

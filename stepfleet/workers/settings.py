@@ -146,6 +146,17 @@ class Settings(BaseSettings):
     at a lower CPU priority, taken by the tenants in turn; 0 runs them on the one guest thread
     (see docs/architecture.md, *The per-step path and its speed*)."""
 
+    metrics_port: Annotated[int | None, BeforeValidator(_empty_is_none)] = Field(
+        default=None, ge=0, le=65535
+    )
+    """Where a worker serves Prometheus metrics at `/metrics`; unset: no metrics at all
+    (0: any free port, which the worker logs)."""
+    metrics_host: str = "0.0.0.0"  # noqa: S104 (a container's own interfaces)
+    """The address the metrics endpoint binds."""
+    metrics_tenants: str = ""
+    """Comma-separated tenants that get a `tenant` label value of their own in the metrics;
+    every other tenant is counted as `other`, so the series stay bounded."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
 
@@ -200,6 +211,11 @@ class Settings(BaseSettings):
         users = {u.strip() for u in self.platform_users.split(",") if u.strip()}
         users.add(self.broker_user)
         return frozenset(users)
+
+    @property
+    def metric_tenants(self) -> frozenset[str]:
+        """The tenants named in STEPFLEET_METRICS_TENANTS."""
+        return frozenset(t.strip() for t in self.metrics_tenants.split(",") if t.strip())
 
     @property
     def retention_seconds(self) -> int:

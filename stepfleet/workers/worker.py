@@ -16,6 +16,8 @@ from stepfleet.broker import Broker, BrokerUnavailable, Delivery, Outgoing, Publ
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import from_outbox, wake_message
 from stepfleet.egress import EgressGateway, SealError, open_secrets
+from stepfleet.observe import NO_OBSERVER, Observer
+from stepfleet.observe.instruments import Instruments, metrics, otlp_traces
 from stepfleet.sandbox import (
     CompiledModuleCache,
     CompileFailed,
@@ -64,7 +66,9 @@ class Worker:
         broker: Broker | None = None,
         sandbox: Sandbox | None = None,
         name: str = "worker",
+        traces: Observer | None = None,
     ) -> None:
+        """`traces` replaces the traces the OpenTelemetry variables configure (tests)."""
         self.settings = settings
         self.name = name
         self.topology = settings.topology()
@@ -94,6 +98,15 @@ class Worker:
             max_response_bytes=settings.value_bytes,
         )
         self._inbox = FairInbox(self._weight)
+        self.metrics = (
+            metrics(settings.metric_tenants) if settings.metrics_port is not None else None
+        )
+        self.metrics_port: int | None = None
+        """The port /metrics is served on, once the worker runs (None: no metrics)."""
+        traces = traces or otlp_traces()
+        self.observer: Observer = (
+            Instruments(self.metrics, traces) if self.metrics or traces else NO_OBSERVER
+        )
         sandbox = sandbox or WasmSandbox(
             settings.sandbox_limits(),
             module_cache=CompiledModuleCache.open(
@@ -132,6 +145,7 @@ class Worker:
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
             early_event_seconds=settings.early_event_seconds,
+            observer=self.observer,
         )
         self._side_lanes = SideLanes(
             self.topology,
@@ -145,7 +159,9 @@ class Worker:
         self.ready = asyncio.Event()
         self.steps_done = 0
         self.wakes_sent = 0
-        self.archiver = DeadLetterArchiver(self.store, ArchivePolicy.of(settings))
+        self.archiver = DeadLetterArchiver(
+            self.store, ArchivePolicy.of(settings), observer=self.observer
+        )
         self.sweep = StallSweep(
             self.store,
             self.topology,
@@ -175,6 +191,7 @@ class Worker:
 
     async def run(self) -> None:
         """Serve until stop(): the pipelines, the outbox relay, then a graceful drain."""
+        self._serve_metrics()
         if self._owns_broker:
             await self.broker.connect(name=f"stepfleet-{self.name}")
         try:
@@ -247,6 +264,7 @@ class Worker:
             self._report(state="stopped")
             if self._guest_processes is not None:
                 self._guest_processes.close()
+            self.observer.close()
             await self.egress.aclose()
             if self._owns_broker:
                 await self.broker.close()
@@ -259,13 +277,35 @@ class Worker:
             self._stopping.is_set() and self._inbox.empty() and not self._processor.calls_in_flight
         )
 
+    def _serve_metrics(self) -> None:
+        """Serve /metrics when STEPFLEET_METRICS_PORT is set.
+
+        Raises:
+            OSError: the port cannot be bound (the worker does not start).
+        """
+        if self.metrics is None or self.settings.metrics_port is None:
+            return
+        processor, inbox = self._processor, self._inbox
+        self.metrics.watch(calls_in_flight=lambda: processor.calls.in_flight, inbox=inbox.qsize)
+        self.metrics_port = self.metrics.serve(
+            self.settings.metrics_port, self.settings.metrics_host
+        )
+        log.info(
+            "metrics_serving",
+            worker=self.name,
+            host=self.settings.metrics_host,
+            port=self.metrics_port,
+        )
+
     async def _pipeline(self, index: int) -> None:
         """Wait for one delivery, then take whatever else is already here, up to a batch."""
         while not self._drained():
+            waited = self._inbox.waited
             batch = await self._inbox.take(
                 self.settings.batch_size, wait_s=0.2, leave_light=_LIGHT_BATCH
             )
             if batch:
+                self.observer.phase("inbox", (self._inbox.waited - waited) / len(batch))
                 await self._process_with_retry(batch)
 
     async def _light_pipeline(self) -> None:
@@ -273,8 +313,10 @@ class Worker:
         asking less than its share never waits for a heavy tenant's large batches."""
         gate = self._processor.cycle.gate
         while not self._drained():
+            waited = self._inbox.waited
             batch = await self._inbox.take_light(_LIGHT_BATCH, wait_s=0.2)
             if batch:
+                self.observer.phase("inbox", (self._inbox.waited - waited) / len(batch))
                 with gate.light(), self._inbox.serving_light():
                     await self._process_with_retry(batch)
 
@@ -398,6 +440,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         next_retention = loop.time() + self.settings.retention_check_seconds
         next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
+        next_backlog = loop.time()
         while True:
             self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
             while (remaining := self._timer_deadline - loop.time()) > 0:
@@ -409,6 +452,10 @@ class Worker:
                 self.health.store_ok_at = time.time()
                 if self.broker.connected:
                     self.health.broker_ok_at = time.time()
+                if self.observer.counting and loop.time() >= next_backlog:
+                    next_backlog = loop.time() + _HEALTH_EVERY_SECONDS
+                    due, waiting = await self.store.backlog()
+                    self.observer.backlog(timers_due=due, outbox_waiting=waiting)
                 if loop.time() >= next_tenants:
                     next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
                     await self._load_tenants()
@@ -436,6 +483,9 @@ class Worker:
                 limit=_TIMERS_PER_CLAIM, resend_after_seconds=self.settings.wake_resend_seconds
             )
             if due:
+                if self.observer.counting:
+                    now = datetime.now(UTC)
+                    self.observer.timers_fired([(now - t.wake_at).total_seconds() for t in due])
                 await self.broker.publish_many([wake_message(self.topology, t) for t in due])
                 self.wakes_sent += len(due)
                 log.debug("wakes_sent", count=len(due))

@@ -31,6 +31,7 @@ from stepfleet.schemas import (
 )
 from stepfleet.schemas.export import REGENERATE_COMMAND, json_schemas, main, write_schemas
 from stepfleet.schemas.messages import refusal
+from stepfleet.schemas.trace_context import read_traceparent
 from stepfleet.store import DueTimer
 from stepfleet.workers.settings import Settings
 
@@ -53,6 +54,8 @@ CREATE_BODY = b'{"version":1,"params":{"order_id":"A-1"}}'
 # `<!-- example: KIND -->` on the line before a ```json block says what the block is.
 _EXAMPLE = re.compile(r"<!-- example: ([a-z]+) -->\n```json\n(.*?)```", re.DOTALL)
 _JSON_BLOCK = re.compile(r"```json\n(.*?)```", re.DOTALL)
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _doc() -> str:
@@ -406,9 +409,6 @@ def test_create_body_defaults_match_the_doc():
             _with(traceparent=[1]), b"[1]", "create body: body: Input should be an object", id="t1"
         ),
         pytest.param(
-            _with(traceparent=[1]), CREATE_BODY, "header traceparent must be a string", id="t2"
-        ),
-        pytest.param(
             {k.removeprefix("x-").replace("-", "_"): v for k, v in CREATE_HEADERS.items()},
             CREATE_BODY,
             "header x-kind is required",
@@ -418,8 +418,8 @@ def test_create_body_defaults_match_the_doc():
 )
 def test_parse_envelope_refusal_details(headers: dict[str, Any], body: bytes, detail: str):
     """The detail of a refusal names the first broken header, in the order a worker checks
-    them: sender-selected headers, kind, version, tenant, instance, module, then the body, and
-    last a traceparent that is not text."""
+    them: sender-selected headers, kind, version, tenant, instance, module, then the body (a
+    traceparent is never refused)."""
     with pytest.raises(InvalidMessage) as refused:
         parse_envelope(headers, body, max_body_bytes=LIMIT)
     assert refused.value.detail == detail
@@ -428,14 +428,14 @@ def test_parse_envelope_refusal_details(headers: dict[str, Any], body: bytes, de
 def test_headers_model_builds_what_parse_envelope_reads():
     """Headers.table gives the header table in its published order, and parse_envelope reads
     it back; an empty traceparent and an absent module are left out."""
-    wire = Headers.table(MessageKind.CREATE, "acme", "order-1", MODULE, "00-ab-cd-01")
-    assert list(wire.items()) == [*CREATE_HEADERS.items(), (Headers.TRACEPARENT, "00-ab-cd-01")]
+    wire = Headers.table(MessageKind.CREATE, "acme", "order-1", MODULE, TRACEPARENT)
+    assert list(wire.items()) == [*CREATE_HEADERS.items(), (Headers.TRACEPARENT, TRACEPARENT)]
     envelope = parse_envelope(wire, CREATE_BODY, max_body_bytes=LIMIT)
     assert (envelope.tenant, envelope.instance_id, envelope.module, envelope.traceparent) == (
         "acme",
         "order-1",
         MODULE,
-        "00-ab-cd-01",
+        TRACEPARENT,
     )
     event = Headers.table(MessageKind.EVENT, "acme", "order-1", traceparent="")
     assert list(event) == [Headers.TENANT, Headers.INSTANCE, Headers.KIND, Headers.SCHEMA_VERSION]
@@ -461,22 +461,27 @@ def test_producer_refuses_headers_with_the_dead_letter_detail(
 def test_step_and_wake_messages_carry_headers_parse_envelope_reads():
     """The step and wake builders' headers are the model's table, and they parse back."""
     key = InstanceKey("acme", "order-1")
-    row, step = step_message(Topology(), key, MODULE, 3, 0, "00-ab-cd-01")
+    row, step = step_message(Topology(), key, MODULE, 3, 0, TRACEPARENT)
     assert json.loads(row.headers) == step.headers
     assert list(step.headers) == [*CREATE_HEADERS, Headers.TRACEPARENT]
     parsed = parse_envelope(step.headers, step.body, max_body_bytes=LIMIT)
-    assert (parsed.kind, parsed.traceparent) == (MessageKind.STEP, "00-ab-cd-01")
+    assert (parsed.kind, parsed.traceparent) == (MessageKind.STEP, TRACEPARENT)
     timer = DueTimer(key, MODULE, 3, 1, 0, datetime.now(UTC))
     wake = wake_message(Topology(), timer)
     assert parse_envelope(wake.headers, wake.body, max_body_bytes=LIMIT).kind is MessageKind.WAKE
     assert Headers.TRACEPARENT not in wake.headers
+    traced = wake_message(
+        Topology(), DueTimer(key, MODULE, 3, 1, 0, datetime.now(UTC), TRACEPARENT)
+    )
+    assert parse_envelope(traced.headers, traced.body, max_body_bytes=LIMIT).traceparent == (
+        TRACEPARENT
+    )
 
 
 def _read_and_validated(headers: dict[str, Any]) -> tuple[Any, Any]:
     """What Headers.read and Headers.model_validate make of one header table."""
     try:
-        fields, late = Headers.read(headers)
-        read: Any = (fields, None) if late is None else ("refused", late.reason, late.detail)
+        read: Any = (Headers.read(headers), None)
     except InvalidMessage as refused:
         read = ("refused", refused.reason, refused.detail)
     try:
@@ -494,8 +499,10 @@ def _read_and_validated(headers: dict[str, Any]) -> tuple[Any, Any]:
         CREATE_HEADERS,
         _with(x_kind="event", x_module=None),
         _with(x_kind="event", x_module=""),
-        _with(traceparent="00-ab-cd-01", x_schema_version=1),
+        _with(traceparent=TRACEPARENT, x_schema_version=1),
+        _with(traceparent="00-ab-cd-01"),
         _with(traceparent=b"\xff"),
+        _with(traceparent=[1]),
         _with(traceparent=b"\xff", x_tenant="Acme"),
         {"tenant": "acme", "instance_id": "i", "kind": "event", "schema_version": "1"},
     ],
@@ -505,3 +512,39 @@ def test_fast_header_read_agrees_with_the_model(headers: dict[str, Any]):
     the Headers model does, with the same reason and detail."""
     read, validated = _read_and_validated(headers)
     assert read == validated
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [
+        pytest.param(TRACEPARENT, TRACEPARENT, id="version-00"),
+        pytest.param(TRACEPARENT.upper(), None, id="upper-case"),
+        pytest.param(TRACEPARENT + "-extra", None, id="00-with-more"),
+        pytest.param("ff" + TRACEPARENT[2:], None, id="version-ff"),
+        pytest.param("01" + TRACEPARENT[2:] + "-later", TRACEPARENT, id="later-version"),
+        pytest.param("01" + TRACEPARENT[2:] + "later", None, id="later-version-no-dash"),
+        pytest.param(f"00-{'0' * 32}-00f067aa0ba902b7-01", None, id="zero-trace"),
+        pytest.param(f"00-4bf92f3577b34da6a3ce929d0e0e4736-{'0' * 16}-01", None, id="zero-parent"),
+        pytest.param("00-ab-cd-01", None, id="short"),
+        pytest.param("", None, id="empty"),
+        pytest.param(TRACEPARENT + "-" + "x" * 600, None, id="huge"),
+    ],
+)
+def test_traceparent_is_read_as_the_w3c_recommendation_says(value: str, read: str | None):
+    """A traceparent is kept (in its version-00 form) only when it is a W3C trace context."""
+    assert read_traceparent(value) == read
+
+
+@pytest.mark.parametrize("value", ["00-ab-cd-01", b"\xff", [1], 7, TRACEPARENT.upper()])
+def test_a_bad_traceparent_is_dropped_not_refused(value: object):
+    """A message whose traceparent is not a W3C trace context is processed as if it had none:
+    the trace context is untrusted and never costs a message its delivery."""
+    envelope = parse_envelope(_with(traceparent=value), CREATE_BODY, max_body_bytes=LIMIT)
+    assert envelope.traceparent is None
+
+
+def test_producer_refuses_a_traceparent_workers_would_drop():
+    """The producer API refuses to send a trace context that workers would ignore."""
+    request = CreateRequest("acme", MODULE, instance_id="x", traceparent="00-ab-cd-01")
+    with pytest.raises(ValueError, match="is not a version-00 W3C trace context"):
+        create_message(Topology(), request)
