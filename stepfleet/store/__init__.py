@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from stepfleet.store.browse import AuditRow, Browse, InstanceCursor, StoredEvent
 from stepfleet.store.control import ControlTransaction
 from stepfleet.store.dead_letters import (
     Archived,
@@ -27,14 +28,18 @@ from stepfleet.store.records import (
     StepWrite,
 )
 from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
+from stepfleet.store.tokens import TokenRecord, TokenStore
 
 __all__ = [
     "Archived",
     "AuditEntry",
+    "AuditRow",
+    "Browse",
     "ControlTransaction",
     "DeadLetter",
     "DeadLetterStore",
     "DueTimer",
+    "InstanceCursor",
     "InstanceDetail",
     "InstanceRecord",
     "LetterFilter",
@@ -50,9 +55,12 @@ __all__ = [
     "StepWrite",
     "StoreError",
     "StoreUnavailable",
+    "StoredEvent",
     "StoredSecret",
     "TenantRecord",
     "TenantStore",
+    "TokenRecord",
+    "TokenStore",
 ]
 
 
