@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from stepfleet.broker import Broker
+from stepfleet.cli.api import register_api_commands
 from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
@@ -36,6 +37,7 @@ app.add_typer(tenant_app, name="tenant")
 register_module_commands(module_app)
 register_egress_commands(app)
 register_operations_commands(app)
+register_api_commands(app)
 
 
 @app.command()

@@ -19,6 +19,10 @@ OWNED = {
     "cryptography": "egress",
     "aiohttp": "egress",
     "yarl": "egress",
+    "fastapi": "api",
+    "starlette": "api",
+    "uvicorn": "api",
+    "jinja2": "api",
 }
 # Which of our rooms each room may import.
 MAY_IMPORT = {
@@ -35,6 +39,9 @@ MAY_IMPORT = {
     "cycle": {"schemas", "engine", "sandbox", "store", "broker"},
     "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress", "cycle"},
     "control": {"schemas", "engine", "sandbox", "store", "broker", "cycle"},
+    # The HTTP API and console: reads through the store, actions through control, worker
+    # health files and settings from workers, host checks from egress.
+    "api": {"schemas", "store", "broker", "control", "workers", "egress"},
     "cli": {
         "schemas",
         "engine",
@@ -46,6 +53,7 @@ MAY_IMPORT = {
         "client",
         "control",
         "egress",
+        "api",
     },
 }
 # engine is pure: no I/O modules at all.
