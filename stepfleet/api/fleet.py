@@ -198,16 +198,27 @@ class Fleet:
         """What the fleet is doing: workers, queues, instances, dead letters, steps/s."""
         tenant = principal.tenant
         window = 60.0
-        entries = await self.store.browse.journal_entries_since(window, tenant)
+        browse = self.store.browse
+        # Independent reads: asked at once, each on its own pooled connection.
+        entries, by_status, by_reason, queues = await asyncio.gather(
+            browse.journal_entries_since(window, tenant),
+            browse.status_counts(tenant),
+            browse.letters_by_reason(tenant),
+            self.queue_depths() if tenant is None else _nothing(),
+        )
         return {
             "tenant": tenant,
             "workers": [asdict(w) for w in self.workers()] if tenant is None else [],
-            "queues": await self.queue_depths() if tenant is None else None,
-            "instances_by_status": await self.store.browse.status_counts(tenant),
-            "dead_letters_by_reason": await self.store.browse.letters_by_reason(tenant),
+            "queues": queues,
+            "instances_by_status": by_status,
+            "dead_letters_by_reason": by_reason,
             "journal_entries_last_minute": entries,
             "steps_per_second": round(entries / window, 2),
         }
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _read_health(path: Path) -> Health | None:
