@@ -282,7 +282,8 @@ async def act(
         raise ApiError(404, f"no action {action!r}")
     fleet, principal = await _form_session(request, csrf, Role.OPERATOR)
     key = await fleet.instance_key(principal, tenant, instance_id)
-    control = fleet.control(principal, await fleet.broker())
+    broker = await fleet.broker()
+    control = fleet.control(principal, broker)
     work: Awaitable[Any] = (
         {
             "pause": control.pause,
@@ -298,12 +299,13 @@ async def act(
         )
     )
     try:
-        await fleet.act(work)
+        done = await fleet.act(work, broker=broker)
     except ApiError as exc:
         return _back(f"/instances/{tenant}/{instance_id}", f"{action} refused: {exc.message}")
     if action == "delete":
         return _back("/instances", f"{instance_id} deleted")
-    return _back(f"/instances/{tenant}/{instance_id}", f"{action}: done")
+    later = "" if done.published else " (RabbitMQ unreachable: the outbox relay sends its message)"
+    return _back(f"/instances/{tenant}/{instance_id}", f"{action}: done{later}")
 
 
 def _letter_filter(
@@ -397,7 +399,8 @@ async def replay(
     for letter_id in chosen:
         await fleet.letter(principal, letter_id)
     selected = LetterFilter(ids=tuple(chosen), tenant=principal.tenant, include_replayed=True)
-    done = await fleet.act(fleet.dead_letters(principal, await fleet.broker()).replay(selected))
+    broker = await fleet.broker()
+    done = await fleet.act(fleet.dead_letters(principal, broker).replay(selected), broker=broker)
     if done.value is None:
         return _back(back, "replay committed; the outbox relay publishes it")
     outcome = done.value

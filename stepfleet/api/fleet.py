@@ -145,11 +145,11 @@ class Fleet:
             actor=principal.name,
         )
 
-    async def act(self, work: Awaitable[T]) -> Done:
-        """Run an operator action: its refusal is a 409; a broker lost after its commit
-        leaves the publish to the outbox relay."""
+    async def act(self, work: Awaitable[T], *, broker: Broker | None) -> Done:
+        """Run an operator action whose messages go through `broker`: its refusal is a 409;
+        without a broker, or one lost after the commit, the outbox relay publishes them."""
         try:
-            return Done(await work)
+            return Done(await work, published=broker is not None)
         except ControlError as exc:
             raise ApiError(409, str(exc)) from None
         except BrokerError as exc:

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
 
+from stepfleet.api.auth import Principal
 from stepfleet.api.deps import FleetDep, Operator, Viewer
 from stepfleet.api.errors import ApiError
+from stepfleet.api.fleet import Fleet
 from stepfleet.api.views import (
     MAX_PAGE,
     ActionResult,
@@ -83,7 +85,7 @@ async def retry_failed(
     published = True
     for record in failed:
         try:
-            outcome = await fleet.act(control.retry(record.key))
+            outcome = await fleet.act(control.retry(record.key), broker=broker)
         except ApiError as exc:
             skipped[record.key.instance_id] = exc.message
             continue
@@ -105,16 +107,16 @@ async def show_instance(
 
 
 async def _action(
-    fleet: Any,
-    principal: Any,
+    fleet: Fleet,
+    principal: Principal,
     tenant: str,
     instance_id: str,
     name: str,
     action: Callable[[Control, InstanceKey], Awaitable[Any]],
 ) -> ActionResult:
     key = await fleet.instance_key(principal, tenant, instance_id)
-    control = fleet.control(principal, await fleet.broker())
-    done = await fleet.act(action(control, key))
+    broker = await fleet.broker()
+    done = await fleet.act(action(fleet.control(principal, broker), key), broker=broker)
     found = await fleet.store.find_instances(instance_id, tenant)
     return ActionResult(
         action=name,

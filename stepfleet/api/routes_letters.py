@@ -146,7 +146,8 @@ async def replay_letters(
     """Publish letters again, each at most once, to the exchange they came through (letters
     the producer check refused, or whose sender is unknown, are skipped with the reason)."""
     selected = await _selection(fleet, principal, chosen)
-    done = await fleet.act(fleet.dead_letters(principal, await fleet.broker()).replay(selected))
+    broker = await fleet.broker()
+    done = await fleet.act(fleet.dead_letters(principal, broker).replay(selected), broker=broker)
     outcome = done.value
     if outcome is None:  # published later by the outbox relay
         return LetterOutcome(done=[], skipped={}, published=False)
@@ -165,5 +166,5 @@ async def purge_letters(
 ) -> LetterOutcome:
     """Delete the selected letters from the archive for good."""
     selected = await _selection(fleet, principal, chosen)
-    done = await fleet.act(fleet.dead_letters(principal, None).purge(selected))
-    return LetterOutcome(done=done.value.done, skipped={}, published=True)
+    done = await fleet.act(fleet.dead_letters(principal, None).purge(selected), broker=None)
+    return LetterOutcome(done=done.value.done, skipped={}, published=True)  # nothing to publish

@@ -17,7 +17,7 @@ from stepfleet.api.tokens import issue_token
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, digest_of
 from stepfleet.store import LetterFilter, PgStore
 from tests.conftest import ORDER_PARAMS
-from tests.integration.conftest import wait_for_status
+from tests.integration.conftest import wait_for_status, wait_until
 from tests.integration.test_dead_letters import create_message
 from tests.integration.test_fleet import dead_letter_of
 from tests.integration.test_primitives import finished, reached
@@ -596,3 +596,37 @@ async def test_the_api_documents_itself(client):
     document = (await client.get("/api/v1/openapi.json")).json()
     assert "/api/v1/instances" in document["paths"]
     assert document["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+async def test_an_action_without_rabbitmq_is_published_by_the_outbox_relay(
+    settings, tokens, store, start_worker, playbook
+):
+    """With RabbitMQ unreachable from the API, a restart still commits; its step message waits
+    in the outbox and a worker's relay publishes it: the instance runs again."""
+    await start_worker()
+    key = await playbook({"op": "do", "name": "a"}, tenant=tokens.tenant_a)
+    await finished(store, key)
+    cut_off = create_app(
+        settings.model_copy(update={"amqp_url": "amqp://guest:guest@127.0.0.1:1/"})
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=cut_off), base_url="http://api.test"
+    ) as c:
+        answer = await c.post(
+            f"/api/v1/instances/{key.tenant}/{key.instance_id}/restart",
+            headers=bearer(tokens.operator),
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["published"] is False
+        listed = await c.get("/api/v1/instances", headers=bearer(tokens.viewer))
+        assert listed.status_code == 200  # reads need no broker
+        overview = await c.get("/api/v1/overview", headers=bearer(tokens.viewer))
+        assert overview.json()["queues"] is None
+    await cut_off.state.fleet.close()
+
+    async def ran_again() -> bool:
+        detail = await store.detail(key)
+        assert detail is not None
+        return detail.record.generation == 1 and detail.record.status is InstanceStatus.COMPLETE
+
+    await wait_until(ran_again, "the relayed restart", timeout=30)
