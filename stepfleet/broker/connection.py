@@ -262,3 +262,24 @@ class Broker:
     async def fetch(self, queue_name: str, *, limit: int) -> list[Delivery]:
         """Take up to `limit` waiting messages with basic.get; ack each to remove it."""
         return await fetch_waiting(self._channel(), queue_name, limit=limit)
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each lane and in the dead-letter queue (passive declares, on a
+        channel of their own: a queue that does not exist is left out)."""
+        if self._connection is None:
+            raise BrokerUnavailable("the broker is not connected")
+        names = [*self.topology.work_queues, self.topology.dead_letter_queue]
+        depths: dict[str, int] = {}
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+            for name in names:
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    channel = await self._connection.channel(publisher_confirms=False)
+                    continue
+                depths[name] = int(queue.declaration_result.message_count or 0)
+            await channel.close()
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"cannot read queue depths: {exc!r}") from exc
+        return depths

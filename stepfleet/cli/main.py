@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from stepfleet.cli.api import register_api_commands
 from stepfleet.cli.common import fail, run, say, settings, shown
 from stepfleet.cli.dlq import register_operations_commands
 from stepfleet.cli.egress import register_egress_commands
@@ -36,6 +37,7 @@ register_module_commands(module_app)
 register_egress_commands(app)
 register_operations_commands(app)
 register_orchestrator_commands(app)
+register_api_commands(app)
 
 
 @app.command()

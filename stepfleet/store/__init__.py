@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from stepfleet._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from stepfleet.store.browse import AuditRow, Browse, InstanceCursor, StoredEvent
     from stepfleet.store.control import ControlTransaction
     from stepfleet.store.dead_letters import (
         Archived,
@@ -35,16 +36,20 @@ if TYPE_CHECKING:
         Unmoved,
     )
     from stepfleet.store.tenants import StoredSecret, TenantRecord, TenantStore
+    from stepfleet.store.tokens import TokenRecord, TokenStore
 
 __all__ = [
     "Archived",
     "AuditEntry",
+    "AuditRow",
+    "Browse",
     "ControlTransaction",
     "DeadLetter",
     "DeadLetterStore",
     "DueTimer",
     "EarlyEvent",
     "HeldEvent",
+    "InstanceCursor",
     "InstanceDetail",
     "InstanceRecord",
     "LetterFilter",
@@ -62,9 +67,12 @@ __all__ = [
     "StepWrite",
     "StoreError",
     "StoreUnavailable",
+    "StoredEvent",
     "StoredSecret",
     "TenantRecord",
     "TenantStore",
+    "TokenRecord",
+    "TokenStore",
     "Unmoved",
 ]
 
@@ -78,6 +86,10 @@ if TYPE_CHECKING:
 __getattr__ = lazy_exports(
     __name__,
     {
+        "AuditRow": "stepfleet.store.browse",
+        "Browse": "stepfleet.store.browse",
+        "InstanceCursor": "stepfleet.store.browse",
+        "StoredEvent": "stepfleet.store.browse",
         "ControlTransaction": "stepfleet.store.control",
         "Archived": "stepfleet.store.dead_letters",
         "DeadLetter": "stepfleet.store.dead_letters",
@@ -107,5 +119,7 @@ __getattr__ = lazy_exports(
         "StoredSecret": "stepfleet.store.tenants",
         "TenantRecord": "stepfleet.store.tenants",
         "TenantStore": "stepfleet.store.tenants",
+        "TokenRecord": "stepfleet.store.tokens",
+        "TokenStore": "stepfleet.store.tokens",
     },
 )

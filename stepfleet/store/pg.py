@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from stepfleet.schemas import FailedAttempt, InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store import statements as sql
+from stepfleet.store.browse import Browse
 from stepfleet.store.control import ControlTransaction
 from stepfleet.store.dead_letters import DeadLetterStore
 from stepfleet.store.errors import translated
@@ -32,6 +33,7 @@ from stepfleet.store.rows import (
 from stepfleet.store.step import StepTransaction
 from stepfleet.store.tables import instances, modules, step_attempts, tenant_modules
 from stepfleet.store.tenants import TenantStore
+from stepfleet.store.tokens import TokenStore
 
 __all__ = ["SWEEP_LOCK_KEY", "PgStore", "StepTransaction"]
 
@@ -55,6 +57,8 @@ class PgStore:
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
         self.dead_letters = DeadLetterStore(self._engine)
+        self.browse = Browse(self._engine)
+        self.tokens = TokenStore(self._engine)
 
     async def close(self) -> None:
         """Close every pooled connection."""

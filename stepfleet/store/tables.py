@@ -162,6 +162,9 @@ instances = Table(
     CheckConstraint("position >= 0", name="position"),
     CheckConstraint("wait_kind IN ('sleep', 'retry', 'event', 'throttle')", name="wait_kind"),
     Index(None, "tenant", "status"),
+    # The API's and console's listings, newest first, paged by cursor (migration 0010).
+    Index(None, "tenant", "created_at", "id"),
+    Index(None, "created_at", "tenant", "id"),
     Index("ix_instances_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
     Index(
         "ix_instances_retain_until",
@@ -201,6 +204,9 @@ journal = Table(
     ForeignKeyConstraint(
         ["tenant", "instance_id"], ["instances.tenant", "instances.id"], ondelete="CASCADE"
     ),
+    # Steps per second over the last minute (the console's overview): BRIN, a few pages for
+    # the whole journal, since rows arrive in time order.
+    Index(None, "finished_at", postgresql_using="brin"),
 )
 
 step_attempts = Table(
@@ -347,4 +353,20 @@ audit_log = Table(
     Column("count", Integer, nullable=False, server_default="1"),
     Column("detail", Text, nullable=False, server_default=""),
     Index(None, "at"),
+)
+
+# Tokens of the HTTP API and console (migration 0010): the secret's SHA-256 only.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("name", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("tenant", Text),
+    Column("secret_sha256", Text, nullable=False),
+    _now(),
+    Column("revoked_at", DateTime(timezone=True)),
+    Column("last_used_at", DateTime(timezone=True)),
+    PrimaryKeyConstraint("name"),
+    UniqueConstraint("secret_sha256"),
+    CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="role"),
 )

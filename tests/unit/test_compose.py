@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from stepfleet.api.settings import ApiSettings
 from stepfleet.workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,8 +171,10 @@ def test_healthchecks_use_the_services_own_tools(services: dict[str, dict[str, A
 
 
 def test_stepfleet_variables_are_settings_fields(services: dict[str, dict[str, Any]]) -> None:
-    """Every STEPFLEET_* variable a service sets names a field of Settings."""
+    """Every STEPFLEET_* variable a service sets names a field of Settings (or, STEPFLEET_API_*,
+    of ApiSettings)."""
     fields = {name.upper() for name in Settings.model_fields}
+    fields |= {f"API_{name.upper()}" for name in ApiSettings.model_fields}
     seen = 0
     for name, service in services.items():
         for variable in _environment(service):
@@ -189,7 +192,7 @@ def test_variables_all_have_defaults() -> None:
         assert match["op"] in ("-", ":-"), f"${{{match['name']}}} has no default"
 
 
-@pytest.mark.parametrize("name", ["migrate", "worker"])
+@pytest.mark.parametrize("name", ["migrate", "worker", "api"])
 def test_default_environment_builds_valid_settings(
     services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -410,3 +413,105 @@ def test_worker_healthcheck_is_stepfleet_health(services):
     """The worker is healthy when `stepfleet health` says so (ready, services reached)."""
     test = _as_list(services["worker"]["healthcheck"]["test"])
     assert test[:3] == ["CMD", "stepfleet", "health"]
+
+
+# ------------------------------------------------------------------ the API and observability
+
+DEPLOY = ROOT / "deploy"
+METRICS = {
+    "stepfleet_deliveries_total",
+    "stepfleet_steps_total",
+    "stepfleet_step_phase_seconds",
+    "stepfleet_batch_size",
+    "stepfleet_dead_letters_total",
+    "stepfleet_outbox_waiting",
+    "stepfleet_timer_lateness_seconds",
+    "stepfleet_http_calls_in_flight",
+}
+
+
+def test_api_serves_on_all_addresses_of_its_container(services, monkeypatch):
+    """The api service runs `stepfleet api` on the image, listening on 0.0.0.0:8080, published
+    on the host's loopback only, after migrate, with the fleet's own settings."""
+    api = services["api"]
+    assert _as_list(api.get("command")) == ["api"]
+    assert api.get("image") == services["worker"].get("image")
+    assert _depends_on(api).get("migrate") == "service_completed_successfully"
+    environment = {k: _interpolate(v) for k, v in _environment(api).items()}
+    for variable in list(ApiSettings.model_fields):
+        monkeypatch.delenv("STEPFLEET_API_" + variable.upper(), raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    settings = ApiSettings()
+    assert settings.host == "0.0.0.0"  # noqa: S104 (inside its container)
+    assert settings.port == 8080
+    ports = [_interpolate(str(p)) for p in api.get("ports", [])]
+    assert ports == ["127.0.0.1:8080:8080"]
+    worker = _environment(services["worker"])
+    for variable in ("DATABASE_URL", "AMQP_URL", "PREFIX", "DELIVERY_LIMIT"):
+        assert environment[ENV_PREFIX + variable] == _interpolate(worker[ENV_PREFIX + variable])
+
+
+def test_api_healthcheck_asks_healthz(services):
+    """The api container is healthy while GET /healthz on its own port answers."""
+    check = services["api"]["healthcheck"]
+    test = _as_list(check["test"])
+    assert test[0] == "CMD"
+    assert "http://127.0.0.1:8080/healthz" in " ".join(test)
+
+
+def test_observability_is_an_optional_profile(services):
+    """Prometheus and Grafana start only with --profile observability; nothing else needs them."""
+    for name in ("prometheus", "grafana"):
+        assert services[name].get("profiles") == ["observability"], name
+    for name, service in services.items():
+        if name not in ("prometheus", "grafana"):
+            assert not service.get("profiles"), name
+            assert not {"prometheus", "grafana"} & set(_depends_on(service)), name
+
+
+def _mounted(service: dict[str, Any], target: str) -> Path:
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if rest.split(":")[0] == target:
+            return (ROOT / source).resolve()
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def test_prometheus_scrapes_every_worker(services):
+    """Prometheus's configuration is mounted from deploy/ and finds the workers by the compose
+    service name, so every replica is scraped."""
+    config_file = _mounted(services["prometheus"], "/etc/prometheus/prometheus.yml")
+    assert config_file.is_relative_to(DEPLOY)
+    config = yaml.safe_load(config_file.read_text())
+    [job] = config["scrape_configs"]
+    [sd] = job["dns_sd_configs"]
+    assert sd["names"] == ["worker"]
+    assert isinstance(sd["port"], int)
+
+
+def test_grafana_is_provisioned_with_the_dashboard(services):
+    """Grafana gets its Prometheus data source and the stepfleet dashboard from deploy/grafana,
+    and the dashboard charts every metric the workers export."""
+    grafana = services["grafana"]
+    provisioning = _mounted(grafana, "/etc/grafana/provisioning")
+    dashboards = _mounted(grafana, "/var/lib/grafana/dashboards")
+    assert provisioning == (DEPLOY / "grafana" / "provisioning").resolve()
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "stepfleet.yml").read_text())[
+        "providers"
+    ]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboard = json.loads((dashboards / "stepfleet.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set(re.findall(r"stepfleet_[a-z_]+", " ".join(expressions)))
+    used = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
+    assert used == METRICS
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == source["uid"]
+        for target in panel["targets"]:
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]

@@ -23,6 +23,7 @@ import yaml
 
 from stepfleet.broker import Topology
 from stepfleet.cli.main import app
+from stepfleet.api.settings import ApiSettings
 from stepfleet.workers.settings import Settings
 from tests.unit.test_compose import _dockerfile_stages, _last
 
@@ -34,10 +35,8 @@ BUILDS = ("base", *(f"overlays/{name}" for name in OVERLAYS))
 # Kubernetes releases the built-in kinds are validated against: the oldest still commonly run
 # and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")
-# Commands the manifests run that come with the HTTP API and metrics work rather than exist in
-# this CLI yet (`stepfleet api`; STEPFLEET_API_* and STEPFLEET_METRICS_* are its settings).
-CONTRACT_COMMANDS = {"api"}
-CONTRACT_VARIABLES = {"API_HOST", "API_PORT", "METRICS_PORT", "METRICS_HOST"}
+# The API's own settings (STEPFLEET_API_*) live in ApiSettings, not the worker's Settings.
+API_VARIABLES = {f"API_{name.upper()}" for name in ApiSettings.model_fields}
 API_PROBES = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
 # What the Secret holds; never a ConfigMap or an inline value.
 SECRET_VARIABLES = {
@@ -265,7 +264,7 @@ def test_containers_keep_the_images_entrypoint_and_run_its_commands(build: str) 
         for box in containers(spec):
             assert "command" not in box, box["name"]
             args = box["args"]
-            assert cli_command(args[0]) is not None or args[0] in CONTRACT_COMMANDS, args
+            assert cli_command(args[0]) is not None, args
             if cli_command(args[0]) is not None:
                 assert_runs_stepfleet(["stepfleet", *args])
             images.add(box["image"])
@@ -481,9 +480,8 @@ def test_the_base_has_no_secret_and_the_example_only_placeholders() -> None:
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_stepfleet_variables_are_settings(build: str) -> None:
-    """Every STEPFLEET_* variable set names a Settings field (or a setting of the API and
-    metrics contract)."""
-    fields = {name.upper() for name in Settings.model_fields} | CONTRACT_VARIABLES
+    """Every STEPFLEET_* variable set names a setting of the workers or of the API."""
+    fields = {name.upper() for name in Settings.model_fields} | API_VARIABLES
     objects = render(build)
     names: set[str] = set()
     for config in of_kind(objects, "ConfigMap") + of_kind(objects, "Secret"):

@@ -21,6 +21,10 @@ OWNED = {
     "yarl": "egress",
     "prometheus_client": "observe",
     "opentelemetry": "observe",
+    "fastapi": "api",
+    "starlette": "api",
+    "uvicorn": "api",
+    "jinja2": "api",
 }
 # Which of our rooms each room may import.
 MAY_IMPORT = {
@@ -39,6 +43,9 @@ MAY_IMPORT = {
     "cycle": {"schemas", "engine", "sandbox", "store", "broker", "observe"},
     "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress", "cycle", "observe"},
     "control": {"schemas", "engine", "sandbox", "store", "broker", "cycle"},
+    # The HTTP API and console: reads through the store, actions through control, worker
+    # health files and settings from workers, host checks from egress.
+    "api": {"schemas", "store", "broker", "control", "workers", "egress"},
     "cli": {
         "schemas",
         "engine",
@@ -51,6 +58,7 @@ MAY_IMPORT = {
         "control",
         "egress",
         "observe",
+        "api",
     },
 }
 # engine is pure: no I/O modules at all.
