@@ -4,7 +4,9 @@ shared lanes, so the tenants behind it in the same lane are reached at once.
 A lane is a first-in-first-out queue that several tenants share. A tenant that publishes
 20,000 messages puts them ahead of everything published after them in its lane, and no
 scheduling inside a worker can reach a message the broker has not delivered. So when a tenant
-already has `backlog` deliveries waiting in a worker's inbox, that worker moves the tenant's
+already has `backlog` deliveries waiting in a worker's inbox, and another tenant used the same
+lane in the last `SHARED_FOR_SECONDS` (10 minutes; a lane only one tenant uses has nobody behind
+the flood to let through, and moving would only cost that tenant), that worker moves its
 next creates, steps and wakes from the lane to one of the side lanes (quorum queues like the
 lanes, consumed by every worker, `STEPFLEET_SIDE_LANES`): published with a confirm, then acked
 in the lane. A move is a publish and an ack, far cheaper than running the step, so the lane
@@ -45,6 +47,8 @@ log = structlog.get_logger("stepfleet.worker")
 _MOVED = (MOVED_KEY, MOVED_EXCHANGE, MOVED_USER)
 _MOVABLE = frozenset({MessageKind.CREATE.value, MessageKind.STEP.value, MessageKind.WAKE.value})
 _MOST_PER_PUBLISH = 500
+SHARED_FOR_SECONDS = 600.0
+"""A lane counts as shared while another tenant used it this recently."""
 _HEAVY_FOR_SECONDS = 30.0
 """How long a tenant keeps its side lane after its last move."""
 
@@ -71,22 +75,41 @@ class SideLanes:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopped = False
+        self._seen: dict[str, dict[str, float]] = {}
+        """Per lane, the tenants this worker took deliveries of and when it last did."""
         self._lanes: dict[str, tuple[int, float]] = {}
         """Heavy tenants: their side lane and when they last had a delivery moved."""
         self.moved = 0
 
-    def take(self, delivery: Delivery) -> bool:
-        """Whether `delivery` (from a lane) is to be moved; if so, it will be (or, should the
+    def take(self, delivery: Delivery, lane: str) -> bool:
+        """Whether `delivery` (from `lane`) is to be moved; if so, it will be (or, should the
         move fail, handed to the inbox)."""
         if self._stopped or not self._topology.side_lanes:
             return False
         tenant, _, kind = delivery.routing_key.rpartition(".")
+        now = time.monotonic()
+        seen = self._seen.setdefault(lane, {})
+        seen[tenant] = now
         if kind not in _MOVABLE or self._inbox.waiting(tenant) < self._backlog:
+            return False
+        if not self._shared(seen, tenant, now):
             return False
         self._moving.append(delivery)
         self._idle.clear()
         self._to_move.set()
         return True
+
+    @staticmethod
+    def _shared(seen: dict[str, float], tenant: str, now: float) -> bool:
+        """Whether another tenant used the lane within `SHARED_FOR_SECONDS`: only then can
+        anyone be waiting behind this tenant there (forgetting those seen before)."""
+        shared = False
+        for other, at in list(seen.items()):
+            if now - at > SHARED_FOR_SECONDS:
+                del seen[other]
+            elif other != tenant:
+                shared = True
+        return shared
 
     def restore(self, delivery: Delivery) -> Delivery:
         """A side lane's delivery as it was in its lane (when the fleet moved it)."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -178,9 +178,12 @@ class Worker:
     async def _publish(self, messages: Sequence[Outgoing]) -> None:
         await self.broker.publish_many(messages)
 
-    async def _on_delivery(self, delivery: Delivery) -> None:
-        if not self._side_lanes.take(delivery):
-            self._inbox.put_nowait(delivery)
+    def _lane_handler(self, lane: str) -> Callable[[Delivery], Awaitable[None]]:
+        async def on_delivery(delivery: Delivery) -> None:
+            if not self._side_lanes.take(delivery, lane):
+                self._inbox.put_nowait(delivery)
+
+        return on_delivery
 
     async def _on_side_delivery(self, delivery: Delivery) -> None:
         self._inbox.put_nowait(self._side_lanes.restore(delivery))
@@ -201,7 +204,7 @@ class Worker:
             # at most its share, so other tenants' messages reach the inbox right away.
             per_lane = self.settings.lane_prefetch(self.topology.lanes)
             cancels = [
-                await self.broker.consume(queue, self._on_delivery, prefetch=per_lane)
+                await self.broker.consume(queue, self._lane_handler(queue), prefetch=per_lane)
                 for queue in self.topology.work_queues
             ]
             # A side lane holds one heavy tenant's work: two batches of it in hand are enough,

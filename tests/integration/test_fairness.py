@@ -122,9 +122,9 @@ async def count_complete(store, tenant: str) -> int:
 async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
     settings, topology, broker, store, start_worker, playbook_wasm
 ):
-    """Tenant B's creates sit behind tenant A's flood in one lane; the worker moves A's
-    deliveries to side lanes, reaches B's and completes B's workflows while A's flood is
-    still queued, and then completes every one of A's too."""
+    """Tenant B, which uses the lane too, has creates behind tenant A's flood in it; the
+    worker moves A's deliveries to side lanes, reaches B's and completes B's workflows while
+    A's flood is still queued, and then completes every one of A's too."""
     flooder = tenant_name("flood")
     lane = await lane_of(broker, topology, flooder)
     other = tenant_name("calm")
@@ -135,13 +135,14 @@ async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
         await store.put_module(tenant, digest, playbook_wasm)
     params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c")]}
     async with Producer(settings.amqp_url, topology) as producer:
+        calm = await producer.create_batch([CreateRequest(other, digest, params, "c-first")])
         flood = [
             CreateRequest(flooder, digest, params, f"f-{i}-{uuid.uuid4().hex[:6]}")
             for i in range(2000)
         ]
         for offset in range(0, len(flood), 500):
             await producer.create_batch(flood[offset : offset + 500])
-        calm = await producer.create_batch(
+        calm += await producer.create_batch(
             [CreateRequest(other, digest, params, f"c-{i}") for i in range(5)]
         )
     worker = await start_worker()

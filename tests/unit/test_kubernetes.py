@@ -21,9 +21,9 @@ import pytest
 import typer.main
 import yaml
 
+from stepfleet.api.settings import ApiSettings
 from stepfleet.broker import Topology
 from stepfleet.cli.main import app
-from stepfleet.api.settings import ApiSettings
 from stepfleet.workers.settings import Settings
 from tests.unit.test_compose import _dockerfile_stages, _last
 

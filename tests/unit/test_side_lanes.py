@@ -13,6 +13,7 @@ from stepfleet.workers.side_lanes import SideLanes
 from tests.fakes import Acks, delivery
 
 TOPOLOGY = Topology("t", side_lanes=4)
+LANE = "t.work.0"
 FLEET = "fleet-user"
 
 
@@ -49,11 +50,11 @@ async def test_a_tenant_over_its_backlog_has_its_next_deliveries_moved_and_resto
     for n in range(2):
         inbox.put_nowait(make(acks, "flood", "create", n))
     calm = make(acks, "calm", "create")
-    assert not lanes.take(calm)  # under its backlog: stays
+    assert not lanes.take(calm, LANE)  # under its backlog: stays
     over = [make(acks, "flood", kind, n) for n, kind in enumerate(("create", "step", "wake"))]
-    assert all(lanes.take(d) for d in over)
+    assert all(lanes.take(d, LANE) for d in over)
     event = make(acks, "flood", "event")
-    assert not lanes.take(event)  # events keep their order: never moved
+    assert not lanes.take(event, LANE)  # events keep their order: never moved
     await moved_through(lanes)
     assert acks.acked == over  # acked in the lane only once the copies were confirmed
     assert {m.exchange for m in published.messages} == {TOPOLOGY.side_exchange}
@@ -93,10 +94,11 @@ async def test_moved_headers_count_only_on_what_the_fleet_published():
 async def test_heavy_tenants_get_side_lanes_of_their_own():
     acks, inbox, published = Acks(), FairInbox(), Published()
     lanes = SideLanes(TOPOLOGY, inbox, published, backlog=1, fleet_user=FLEET)
+    assert not lanes.take(make(acks, "calm", "event"), LANE)  # the lane is shared
     tenants = [f"t{i}" for i in range(4)]
     for tenant in tenants:
         inbox.put_nowait(make(acks, tenant, "step"))
-        assert lanes.take(make(acks, tenant, "step", 1))
+        assert lanes.take(make(acks, tenant, "step", 1), LANE)
     await moved_through(lanes)
     assert len({m.routing_key for m in published.messages}) == 4
 
@@ -104,9 +106,10 @@ async def test_heavy_tenants_get_side_lanes_of_their_own():
 async def test_a_move_the_broker_refuses_leaves_the_delivery_to_be_processed_here():
     acks, inbox = Acks(), FairInbox()
     lanes = SideLanes(TOPOLOGY, inbox, Published(refuse=True), backlog=1, fleet_user=FLEET)
+    assert not lanes.take(make(acks, "calm", "event"), LANE)
     inbox.put_nowait(make(acks, "flood", "step"))
     refused = make(acks, "flood", "step", 1)
-    assert lanes.take(refused)
+    assert lanes.take(refused, LANE)
     await moved_through(lanes)
     assert acks.acked == []
     assert inbox.waiting("flood") == 2
@@ -117,7 +120,19 @@ async def test_nothing_is_moved_once_stopping_or_without_side_lanes():
     acks, inbox = Acks(), FairInbox()
     inbox.put_nowait(make(acks, "flood", "step"))
     none = SideLanes(Topology("t", side_lanes=0), inbox, Published(), backlog=1, fleet_user=FLEET)
-    assert not none.take(make(acks, "flood", "step", 1))
+    assert not none.take(make(acks, "flood", "step", 1), LANE)
     lanes = SideLanes(TOPOLOGY, inbox, Published(), backlog=1, fleet_user=FLEET)
     await lanes.stop()
-    assert not lanes.take(make(acks, "flood", "step", 1))
+    assert not lanes.take(make(acks, "flood", "step", 1), LANE)
+
+
+async def test_a_lane_only_the_flooding_tenant_uses_is_not_drained():
+    """Nobody waits behind the flood there: moving would only cost the flooding tenant."""
+    acks, inbox = Acks(), FairInbox()
+    lanes = SideLanes(TOPOLOGY, inbox, Published(), backlog=1, fleet_user=FLEET)
+    inbox.put_nowait(make(acks, "flood", "step"))
+    assert not lanes.take(make(acks, "flood", "step", 1), LANE)
+    assert not lanes.take(make(acks, "calm", "create"), "t.work.1")  # another lane
+    assert not lanes.take(make(acks, "flood", "step", 2), LANE)
+    assert not lanes.take(make(acks, "calm", "create"), LANE)  # now someone is behind it
+    assert lanes.take(make(acks, "flood", "step", 3), LANE)
