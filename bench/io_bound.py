@@ -52,7 +52,7 @@ from stepfleet.schemas import TenantLimits, digest_of
 from stepfleet.store import PgStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fairness import lanes_of, latencies
+from fairness import lanes_of
 from harness import AMQP, Deployment, bench_deployment
 from phases import per_delivery, snapshot
 from throughput import ORDER, percentile, start_workers, stop_workers
@@ -304,10 +304,12 @@ class Flood:
 
 async def neighbour_tenant(deployment: Deployment) -> str:
     """A tenant for B whose create and step lanes are not A's (as bench/fairness.py picks)."""
-    taken = await lanes_of(deployment.broker, deployment.topology, TENANT)
+    a = await lanes_of(deployment.broker, deployment.topology, TENANT)
+    taken = {a.create, a.step}
     for attempt in range(100):
         tenant = f"calm{attempt}"
-        if not await lanes_of(deployment.broker, deployment.topology, tenant) & taken:
+        b = await lanes_of(deployment.broker, deployment.topology, tenant)
+        if not {b.create, b.step} & taken:
             return tenant
     raise SystemExit("no tenant found whose lanes are not the flooder's")
 
@@ -328,6 +330,26 @@ async def run_one_at_a_time(
             latencies(deployment.url, tenant, {instance_id: published}), timeout=120
         )
     return measured
+
+
+async def latencies(url: str, tenant: str, published: dict[str, datetime]) -> list[float]:
+    """Milliseconds from each instance's publish to its completion (its updated_at)."""
+    engine = create_engine(url)
+    try:
+        while True:
+            with engine.connect() as connection:
+                rows = connection.execute(
+                    text(
+                        "SELECT id, updated_at FROM instances WHERE tenant = :t "
+                        "AND status = 'complete' AND id = ANY(:ids)"
+                    ),
+                    {"t": tenant, "ids": list(published)},
+                ).all()
+            if len(rows) == len(published):
+                return [(r.updated_at - published[r.id]).total_seconds() * 1000 for r in rows]
+            await asyncio.sleep(0.05)
+    finally:
+        engine.dispose()
 
 
 def p50_p99(values: list[float]) -> dict[str, float]:
