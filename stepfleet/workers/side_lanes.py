@@ -77,6 +77,7 @@ class SideLanes:
         self._stopped = False
         self._seen: dict[str, dict[str, float]] = {}
         """Per lane, the tenants this worker took deliveries of and when it last did."""
+        self._pruned_at = time.monotonic()
         self._lanes: dict[str, tuple[int, float]] = {}
         """Heavy tenants: their side lane and when they last had a delivery moved."""
         self.moved = 0
@@ -92,24 +93,22 @@ class SideLanes:
         seen[tenant] = now
         if kind not in _MOVABLE or self._inbox.waiting(tenant) < self._backlog:
             return False
-        if not self._shared(seen, tenant, now):
+        if not self._shared(lane, tenant, now):
             return False
         self._moving.append(delivery)
         self._idle.clear()
         self._to_move.set()
         return True
 
-    @staticmethod
-    def _shared(seen: dict[str, float], tenant: str, now: float) -> bool:
-        """Whether another tenant used the lane within `SHARED_FOR_SECONDS`: only then can
-        anyone be waiting behind this tenant there (forgetting those seen before)."""
-        shared = False
-        for other, at in list(seen.items()):
-            if now - at > SHARED_FOR_SECONDS:
-                del seen[other]
-            elif other != tenant:
-                shared = True
-        return shared
+    def _shared(self, lane: str, tenant: str, now: float) -> bool:
+        """Whether another tenant used the lane within `SHARED_FOR_SECONDS` (give or take the
+        second between two prunings): only then can anyone be waiting behind this tenant."""
+        if now - self._pruned_at > 1.0:
+            self._pruned_at = now
+            for seen in self._seen.values():
+                for other in [t for t, at in seen.items() if now - at > SHARED_FOR_SECONDS]:
+                    del seen[other]
+        return any(other != tenant for other in self._seen.get(lane, ()))
 
     def restore(self, delivery: Delivery) -> Delivery:
         """A side lane's delivery as it was in its lane (when the fleet moved it)."""
