@@ -32,6 +32,7 @@ from stepfleet.cycle.quotas import apply_quotas
 from stepfleet.cycle.replays import ReplayCache, load_replays
 from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.tracing import carried, open_spans
+from stepfleet.cycle.unchanged import Unchanged, UnchangedWrites
 from stepfleet.cycle.work import (
     CycleResult,
     Early,
@@ -116,6 +117,7 @@ class StepCycle:
         )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread, observer)
         self._observer = observer
+        self._unchanged = UnchangedWrites(store, topology, self.directory, observer, clock)
         self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
 
@@ -134,8 +136,14 @@ class StepCycle:
         for work in works:
             work.renew()
         works = await self._speculate(works, result)
+        unchanged = await self._write_unchanged(works, confirmed_outbox)
+        if unchanged is not None:
+            works, confirmed_outbox = unchanged.rest, ()
+            result.transaction = unchanged.span
         if not works and not confirmed_outbox:
-            return result  # every run waits for its call: nothing to read or write
+            if unchanged is not None:
+                self._committed(result, unchanged.ran, unchanged.next_steps, [], [])
+            return result  # every run was written already, or waits for its call
         began = time.monotonic()
         try:
             next_steps, intents, ran, held = await self._transaction(
@@ -143,9 +151,37 @@ class StepCycle:
             )
         finally:
             ended = time.monotonic()
-            result.transaction = (began, ended)
+            first = began if result.transaction is None else result.transaction[0]
+            result.transaction = (first, ended)
             self.phases.add("guest", result.guest_seconds)
             self.phases.add("transaction", ended - began - result.guest_seconds)
+        if unchanged is not None:
+            ran, next_steps = unchanged.ran + ran, unchanged.next_steps + next_steps
+        self._committed(result, ran, next_steps, intents, held)
+        return result
+
+    async def _write_unchanged(
+        self, works: list[Work[H]], confirmed_outbox: Sequence[int]
+    ) -> Unchanged[H] | None:
+        """Write the next steps whose rows are as this worker left them (cycle/unchanged.py);
+        None when there were none."""
+        if not any(w.early for w in works):
+            return None
+        began = time.monotonic()
+        try:
+            return await self._unchanged.write(works, confirmed_outbox)
+        finally:
+            self.phases.add("transaction", time.monotonic() - began)
+
+    def _committed(
+        self,
+        result: CycleResult[H],
+        ran: list[Ran[H]],
+        next_steps: list[NextStep],
+        intents: list[tuple[Work[H], int]],
+        held: list[StepWrite],
+    ) -> None:
+        """Fill `result` once everything of the cycle is committed."""
         # Committed: a create whose first step waits on a call goes on as that step.
         for work, intent in intents:
             work.intent = intent
@@ -164,7 +200,6 @@ class StepCycle:
         self._remember(ran)
         self._note_timers([d.waiting.wake_at for i in ran if (d := i.decision) and d.waiting])
         self._note_timers([w.waiting.wake_at for w in held if w.waiting])
-        return result
 
     async def _speculate(self, works: list[Work[H]], result: CycleResult[H]) -> list[Work[H]]:
         """Run before the transaction the guests of next steps this worker wrote itself, on

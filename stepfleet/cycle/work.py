@@ -84,7 +84,10 @@ class Work(Generic[H]):
 
     @property
     def generation(self) -> int:
-        return self.record.generation if self.record is not None else 0
+        """The instance's generation: its row's, else the state the run saw (0 for a create)."""
+        if self.record is not None:
+            return self.record.generation
+        return self.state.generation if self.state is not None else 0
 
 
 @dataclass(slots=True)

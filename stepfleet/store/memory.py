@@ -33,6 +33,7 @@ from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store.memory_tx import LockKey, MemoryTransaction, Tables
 from stepfleet.store.records import (
     DueTimer,
+    GuardedWrite,
     HeldEvent,
     InstanceDetail,
     InstanceRecord,
@@ -124,6 +125,31 @@ class MemoryStore:
             tx.commit()
         finally:
             await self.locks.release(tx)
+
+    async def write_unchanged(
+        self, writes: Sequence[GuardedWrite], *, confirmed_outbox: Sequence[int] = ()
+    ) -> dict[InstanceKey, int | None]:
+        """Apply the writes whose rows are still as expected (see StepStore.write_unchanged):
+        here, as PgStore's one statement does, in one transaction."""
+        if not writes and not confirmed_outbox:
+            return {}
+        async with self.transaction() as tx:
+            rows = await tx.lock_instances(g.write.key for g in writes)
+            applied = [
+                g for g in writes if (row := rows.get(g.write.key)) and g.expected.matches(row)
+            ]
+            queued = [g for g in applied if g.next_step is not None]
+            ids = await tx.write_batch(
+                [g.write for g in applied],
+                [g.next_step for g in queued if g.next_step is not None],
+                confirmed_outbox=[
+                    *confirmed_outbox,
+                    *(g.finishes for g in applied if g.finishes is not None),
+                ],
+            )
+        by_key: dict[InstanceKey, int | None] = {g.write.key: None for g in applied}
+        by_key.update(zip((g.write.key for g in queued), ids, strict=True))
+        return by_key
 
     # -- modules -------------------------------------------------------------------------
 

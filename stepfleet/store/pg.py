@@ -18,6 +18,7 @@ from stepfleet.store.dead_letters import DeadLetterStore
 from stepfleet.store.errors import translated
 from stepfleet.store.records import (
     DueTimer,
+    GuardedWrite,
     HeldEvent,
     InstanceDetail,
     InstanceRecord,
@@ -30,7 +31,7 @@ from stepfleet.store.rows import (
     module_bytes,
     record_from_row,
 )
-from stepfleet.store.step import StepTransaction
+from stepfleet.store.step import StepTransaction, guarded_params
 from stepfleet.store.tables import instances, modules, step_attempts, tenant_modules
 from stepfleet.store.tenants import TenantStore
 from stepfleet.store.tokens import TokenStore
@@ -54,6 +55,10 @@ class PgStore:
         self._engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True
         )
+        self._url, self._pool_size = url, pool_size
+        self._direct_engine: AsyncEngine | None = None
+        """Autocommit, without a ping per checkout: for single statements that are their
+        own transaction (write_unchanged); made on first use."""
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
         self.dead_letters = DeadLetterStore(self._engine)
@@ -63,6 +68,39 @@ class PgStore:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self._engine.dispose()
+        if self._direct_engine is not None:
+            await self._direct_engine.dispose()
+
+    def _direct(self) -> AsyncEngine:
+        if self._direct_engine is None:
+            # A connection that died since its last use fails its statement, which the
+            # caller retries (StoreUnavailable) on a fresh one: a ping would cost every
+            # statement a round trip to spare that rare retry.
+            self._direct_engine = create_async_engine(
+                self._url,
+                pool_size=self._pool_size,
+                max_overflow=4,
+                isolation_level="AUTOCOMMIT",
+            )
+        return self._direct_engine
+
+    async def write_unchanged(
+        self, writes: Sequence[GuardedWrite], *, confirmed_outbox: Sequence[int] = ()
+    ) -> dict[InstanceKey, int | None]:
+        """Apply the writes whose rows are still as expected, in one statement (its own
+        transaction); see StepStore.write_unchanged."""
+        if not writes and not confirmed_outbox:
+            return {}
+        params = guarded_params(writes, confirmed_outbox, self._retention)
+        async with translated(), self._direct().connect() as connection:
+            rows = (await connection.execute(sql.WRITE_UNCHANGED, params)).all()
+        applied = {InstanceKey(r.tenant, r.id) for r in rows if r.tenant is not None}
+        ids = iter(sorted(r.outbox_id for r in rows if r.tenant is None))
+        return {
+            g.write.key: next(ids) if g.next_step is not None else None
+            for g in writes
+            if g.write.key in applied
+        }
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[StepTransaction]:

@@ -17,6 +17,7 @@ from stepfleet.schemas import InstanceKey, JournalEntry
 from stepfleet.store.records import (
     DueTimer,
     EarlyEvent,
+    GuardedWrite,
     HeldEvent,
     InstanceDetail,
     InstanceRecord,
@@ -108,6 +109,18 @@ class StepStore(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[StepTx]:
         """Open one step transaction; it commits when the block ends without raising."""
+        ...
+
+    async def write_unchanged(
+        self, writes: Sequence[GuardedWrite], *, confirmed_outbox: Sequence[int] = ()
+    ) -> dict[InstanceKey, int | None]:
+        """Apply each write whose row is still its `expected` row, with its next step's
+        outbox row and the deletion of the outbox row it finishes, all at once; delete
+        `confirmed_outbox` whatever happens to the writes.
+
+        Returns, for each write applied, its next step's outbox id (None without one); a
+        write left out (its row moved on) changed nothing.
+        """
         ...
 
     async def put_module(self, tenant: str, digest: str, wasm: bytes) -> bool:

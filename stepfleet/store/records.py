@@ -95,6 +95,46 @@ class OutboxMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpectedRow:
+    """An instance row as the writer last left it: the columns a step's outcome depends on
+    (the engine's view of the instance)."""
+
+    key: InstanceKey
+    module: str
+    status: InstanceStatus
+    position: int
+    generation: int
+    attempt: int = 1
+    mode: RunMode = RunMode.FORWARD
+    end_status: InstanceStatus | None = None
+    error: str | None = None
+    state_bytes: int = 0
+
+    def matches(self, record: InstanceRecord) -> bool:
+        """Whether `record` is still this row (a parked row never is: it waits)."""
+        return (
+            record.waiting is None
+            and (record.key, record.module, record.status, record.position)
+            == (self.key, self.module, self.status, self.position)
+            and (record.generation, record.attempt, record.mode, record.end_status)
+            == (self.generation, self.attempt, self.mode, self.end_status)
+            and (record.error, record.state_bytes) == (self.error, self.state_bytes)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedWrite:
+    """A step's write made on the row as `expected` says, written only if the row is still
+    that: with the next step's outbox row, and the outbox row of the message it finishes
+    (kept for the relay until then)."""
+
+    write: StepWrite
+    expected: ExpectedRow
+    next_step: OutboxMessage | None = None
+    finishes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event for an instance; `consumed_seq` is set when it ends the instance's wait now."""
 

@@ -113,6 +113,86 @@ WRITE_BATCH = text(
     """
 )
 
+# WRITE_BATCH for next steps a worker runs on the instance as it left it, in one statement
+# and no transaction block: each write lands only where the row is still the expected one
+# (locked in key order, the guard re-checked on the latest row), with its journal entries,
+# its failed attempt, its next step's outbox row and the deletion of the row it finishes.
+# Rows come as JSON documents (jsonb_to_recordset): encoded in C rather than array by array,
+# and a short statement with few parameters, which psycopg converts once and caches.
+# Answers the keys written, then the new outbox ids in order (the rest of the row is NULL).
+WRITE_UNCHANGED = text(
+    """
+    WITH confirmed AS (DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))),
+    u AS MATERIALIZED (
+        SELECT * FROM jsonb_to_recordset(CAST(:writes AS jsonb)) AS u(
+            tenant text, id text, status text, position int, attempt int, wait_kind text,
+            wait_name text, wait_event text, wait_timeout_ms bigint, wake_at timestamptz,
+            mode smallint, end_status text, output text, error text, state_bytes bigint,
+            traceparent text, finishes bigint, x_module text, x_status text,
+            x_position int, x_generation int, x_attempt int, x_mode smallint,
+            x_end_status text, x_error text, x_state_bytes bigint)
+    ),
+    locked AS MATERIALIZED (
+        SELECT i.tenant, i.id FROM instances AS i JOIN u ON i.tenant = u.tenant AND i.id = u.id
+        WHERE (i.module, i.status, i.position, i.generation, i.attempt, i.mode, i.state_bytes)
+            = (u.x_module, u.x_status, u.x_position, u.x_generation, u.x_attempt, u.x_mode,
+               u.x_state_bytes)
+          AND i.end_status IS NOT DISTINCT FROM u.x_end_status
+          AND i.error IS NOT DISTINCT FROM u.x_error AND i.wait_kind IS NULL
+        ORDER BY i.tenant, i.id FOR UPDATE OF i
+    ),
+    entries AS (
+        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
+                             started_at, finished_at, flags)
+        SELECT e.* FROM jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(
+            tenant text, instance_id text, seq int, kind smallint, name text, value text,
+            attempt int, started_at timestamptz, finished_at timestamptz, flags smallint)
+        JOIN locked AS l ON l.tenant = e.tenant AND l.id = e.instance_id
+    ),
+    failures AS (
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT a.* FROM jsonb_to_recordset(CAST(:failures AS jsonb)) AS a(
+            tenant text, instance_id text, seq int, attempt int, name text, error text,
+            started_at timestamptz, finished_at timestamptz)
+        JOIN locked AS l ON l.tenant = a.tenant AND l.id = a.instance_id
+    ),
+    finished AS (
+        DELETE FROM outbox AS o USING u JOIN locked AS l ON l.tenant = u.tenant AND l.id = u.id
+        WHERE o.id = u.finishes
+    ),
+    states AS (
+        UPDATE instances AS i
+        SET status = u.status, position = u.position, attempt = u.attempt,
+            wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
+            wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
+            mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
+            state_bytes = u.state_bytes, updated_at = now(),
+            stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
+            traceparent = coalesce(u.traceparent, i.traceparent),
+            finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                               THEN now() END,
+            retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+                THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention))
+                END
+        FROM u JOIN locked AS l ON l.tenant = u.tenant AND l.id = u.id
+        WHERE i.tenant = u.tenant AND i.id = u.id
+    ),
+    queued AS (
+        INSERT INTO outbox (routing_key, headers, body)
+        SELECT n.key, n.headers, decode(n.body, 'base64')
+        FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS n(
+            tenant text, id text, key text, headers text, body text, ord int)
+        JOIN locked AS l ON l.tenant = n.tenant AND l.id = n.id
+        ORDER BY n.ord
+        RETURNING id
+    )
+    SELECT tenant, id, NULL::bigint AS outbox_id FROM locked
+    UNION ALL
+    SELECT NULL, NULL, id FROM queued
+    """
+)
+
 # Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
 # the slots, held by whichever workers' transactions run the tenant's steps right now.
 GRANT_SLOTS = text(

@@ -6,6 +6,8 @@ trips whatever its size.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -16,6 +18,7 @@ from stepfleet.schemas import InstanceKey, JournalEntry, Waiting
 from stepfleet.store import statements as sql
 from stepfleet.store.records import (
     EarlyEvent,
+    GuardedWrite,
     InstanceRecord,
     NewEvent,
     NewInstance,
@@ -281,4 +284,105 @@ def _batch_params(
         "keys": [m.routing_key for m in outbox],
         "headers": [m.headers for m in outbox],
         "bodies": [m.body for m in outbox],
+    }
+
+
+def guarded_params(
+    guarded: Sequence[GuardedWrite], confirmed: Sequence[int], retention: int
+) -> dict[str, Any]:
+    """The parameters of WRITE_UNCHANGED: the writes with their expected rows, their journal
+    entries, failed attempts and next steps' outbox rows, each as one JSON document."""
+    writes = [
+        {
+            "tenant": w.key.tenant,
+            "id": w.key.instance_id,
+            "status": w.status.value,
+            "position": w.position,
+            "attempt": w.attempt,
+            **_waiting_json(w.waiting),
+            "mode": int(w.mode),
+            "end_status": w.end_status.value if w.end_status else None,
+            "output": w.output,
+            "error": w.error,
+            "state_bytes": w.state_bytes,
+            "traceparent": w.traceparent,
+            "finishes": g.finishes,
+            "x_module": x.module,
+            "x_status": x.status.value,
+            "x_position": x.position,
+            "x_generation": x.generation,
+            "x_attempt": x.attempt,
+            "x_mode": int(x.mode),
+            "x_end_status": x.end_status.value if x.end_status else None,
+            "x_error": x.error,
+            "x_state_bytes": x.state_bytes,
+        }
+        for g in guarded
+        for w, x in [(g.write, g.expected)]
+    ]
+    entries = [
+        {
+            "tenant": w.key.tenant,
+            "instance_id": w.key.instance_id,
+            "seq": e.seq,
+            "kind": int(e.kind),
+            "name": e.name,
+            "value": e.value,
+            "attempt": e.attempt,
+            "started_at": _iso(e.started_at),
+            "finished_at": _iso(e.finished_at),
+            "flags": int(e.flags),
+        }
+        for w in (g.write for g in guarded)
+        for e in w.entries
+    ]
+    failures = [
+        {
+            "tenant": w.key.tenant,
+            "instance_id": w.key.instance_id,
+            "seq": f.seq,
+            "attempt": f.attempt,
+            "name": f.name,
+            "error": f.error,
+            "started_at": _iso(f.started_at),
+            "finished_at": _iso(f.finished_at),
+        }
+        for w in (g.write for g in guarded)
+        if (f := w.failed_attempt) is not None
+    ]
+    queued = [
+        {
+            "tenant": g.write.key.tenant,
+            "id": g.write.key.instance_id,
+            "key": n.routing_key,
+            "headers": n.headers,
+            "body": base64.b64encode(n.body).decode(),
+            "ord": ord_,
+        }
+        for ord_, g in enumerate(guarded)
+        if (n := g.next_step) is not None
+    ]
+    return {
+        "confirmed": list(confirmed),
+        "retention": retention,
+        "writes": json.dumps(writes),
+        "entries": json.dumps(entries),
+        "failures": json.dumps(failures),
+        "queued": json.dumps(queued),
+    }
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
+
+
+def _waiting_json(waiting: Waiting | None) -> dict[str, Any]:
+    """The waiting columns of an instance row, as JSON values."""
+    columns = _waiting_columns(waiting)
+    return {
+        "wait_kind": columns["kind"],
+        "wait_name": columns["name"],
+        "wait_event": columns["event"],
+        "wait_timeout_ms": columns["timeout"],
+        "wake_at": _iso(columns["wake_at"]),
     }

@@ -31,6 +31,8 @@ from stepfleet.schemas import (
 )
 from stepfleet.store import (
     EarlyEvent,
+    ExpectedRow,
+    GuardedWrite,
     MemoryStore,
     NewEvent,
     NewInstance,
@@ -319,6 +321,96 @@ async def test_a_journal_position_is_written_once(contract: Contract) -> None:
     assert detail.journal == [entry(0)]
     assert detail.record.status is InstanceStatus.RUNNING
     assert await pending_outbox(contract.store, label) == {}
+
+
+def expected(
+    key: InstanceKey, module: str, position: int, *, state_bytes: int, generation: int = 0
+) -> ExpectedRow:
+    """The row of a running instance as a worker's write left it."""
+    return ExpectedRow(
+        key, module, InstanceStatus.RUNNING, position, generation, state_bytes=state_bytes
+    )
+
+
+async def test_write_unchanged_writes_rows_still_as_expected(contract: Contract) -> None:
+    a, b = await contract.create("ua", "ub")
+    label = f"un{uuid.uuid4().hex[:8]}"
+    (held_a, held_b) = await contract.write(outbox=[message(label, 0), message(label, 1)])
+    (confirmed,) = await contract.write(outbox=[message(label, 2)])
+    failed = FailedAttempt(0, "step", 1, "boom", entry(0).started_at, entry(0).finished_at)
+    applied = await contract.store.write_unchanged(
+        [
+            GuardedWrite(
+                StepWrite(b, InstanceStatus.COMPLETE, 1, (entry(0),), output='"done"'),
+                expected(b, contract.module, 0, state_bytes=len('{"n": 1}')),
+                finishes=held_b,
+            ),
+            GuardedWrite(
+                StepWrite(a, InstanceStatus.RUNNING, 1, (entry(0),), failed_attempt=failed),
+                expected(a, contract.module, 0, state_bytes=len('{"n": 1}')),
+                next_step=message(label, 3),
+                finishes=held_a,
+            ),
+        ],
+        confirmed_outbox=[confirmed],
+    )
+    assert set(applied) == {a, b}
+    assert applied[b] is None
+    pending = await pending_outbox(contract.store, label)
+    assert pending == {applied[a]: message(label, 3)}
+    detail = await contract.store.detail(a)
+    assert detail is not None
+    assert (detail.record.status, detail.record.position) == (InstanceStatus.RUNNING, 1)
+    assert detail.journal == [entry(0)]
+    assert detail.attempts == [failed]
+    done = await contract.store.detail(b)
+    assert done is not None
+    assert (done.record.status, done.record.output) == (InstanceStatus.COMPLETE, '"done"')
+    assert done.record.retain_until is not None
+
+
+@pytest.mark.parametrize("moved", ["position", "paused", "generation", "parked"])
+async def test_write_unchanged_leaves_a_row_that_moved_on(contract: Contract, moved: str) -> None:
+    key, other = await contract.create("moved", "still")
+    label = f"mv{uuid.uuid4().hex[:8]}"
+    (held, other_held) = await contract.write(outbox=[message(label, 0), message(label, 1)])
+    size = len('{"n": 1}')
+    guess = expected(key, contract.module, 0, state_bytes=size)
+    if moved == "position":
+        await contract.write(
+            StepWrite(key, InstanceStatus.RUNNING, 1, (entry(0),), state_bytes=size)
+        )
+    elif moved == "paused":
+        await contract.write(StepWrite(key, InstanceStatus.PAUSED, 0, state_bytes=size))
+    elif moved == "generation":
+        guess = expected(key, contract.module, 0, state_bytes=size, generation=1)
+    else:
+        wake_at = contract.now() + timedelta(hours=1)
+        await contract.write(parked(key, wake_at, InstanceStatus.RUNNING))
+        guess = expected(key, contract.module, 1, state_bytes=0)
+    before = await contract.store.detail(key)
+    applied = await contract.store.write_unchanged(
+        [
+            GuardedWrite(
+                StepWrite(key, InstanceStatus.RUNNING, 2, (entry(0, "x"), entry(1, "x"))),
+                guess,
+                next_step=message(label, 2),
+                finishes=held,
+            ),
+            GuardedWrite(
+                StepWrite(other, InstanceStatus.RUNNING, 1, (entry(0),), state_bytes=size),
+                expected(other, contract.module, 0, state_bytes=size),
+                next_step=message(label, 3),
+                finishes=other_held,
+            ),
+        ]
+    )
+    assert set(applied) == {other}
+    assert await contract.store.detail(key) == before
+    assert set((await pending_outbox(contract.store, label)).values()) == {
+        message(label, 0),
+        message(label, 3),
+    }
 
 
 # -- the outbox ----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from stepfleet.schemas import (
     TenantLimits,
     WaitKind,
 )
-from stepfleet.store import MemoryStore, StoreUnavailable, TenantRecord
+from stepfleet.store import MemoryStore, StepWrite, StoreUnavailable, TenantRecord
 from stepfleet.workers.batch import BatchProcessor
 from tests.conftest import capture_logs
 from tests.fakes import Acks, FunctionSandbox, delivery
@@ -238,6 +238,79 @@ async def test_a_next_step_with_room_runs_here_without_a_publish_and_its_row_goe
     assert [e.name for e in detail.journal] == ["reserve", "charge"]
     assert (fleet.store.outbox(), fleet.steps(), fleet.inbox) == ([], [], [])
     assert fleet.acks.acked == [create]
+
+
+async def test_a_local_next_step_is_written_by_one_guarded_write():
+    fleet = Fleet(local_steps=2)
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    guarded: list[list[str]] = []
+    write_unchanged = fleet.store.write_unchanged
+
+    async def watched(writes, **kwargs):
+        guarded.append([g.write.key.instance_id for g in writes])
+        return await write_unchanged(writes, **kwargs)
+
+    fleet.store.write_unchanged = watched  # type: ignore[method-assign]
+    for _ in range(2):
+        [local] = fleet.inbox
+        fleet.inbox.clear()
+        await fleet.processor.process([local])
+    assert guarded == [["o-1"], ["o-1"]]
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (InstanceStatus.COMPLETE, "2")
+    assert [e.name for e in detail.journal] == ["reserve", "charge"]
+    assert (fleet.store.outbox(), fleet.steps(), fleet.inbox) == ([], [], [])
+
+
+async def test_a_local_next_step_of_an_instance_paused_meanwhile_is_not_written():
+    fleet = Fleet(local_steps=1)
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    [local] = fleet.inbox
+    fleet.inbox.clear()
+    key = InstanceKey(TENANT, "o-1")
+    async with fleet.store.transaction() as tx:  # an operator's pause, between two steps
+        row = (await tx.lock_instances([key]))[key]
+        paused = StepWrite(
+            key,
+            InstanceStatus.PAUSED,
+            row.position,
+            attempt=row.attempt,
+            state_bytes=row.state_bytes,
+        )
+        await tx.write_batch([paused], [])
+    result = await fleet.processor.process([local])
+    assert (result.steps, result.duplicates) == (0, 1)
+    detail = await fleet.status("o-1")
+    assert detail.record.status is InstanceStatus.PAUSED
+    assert [e.name for e in detail.journal] == ["reserve"]
+    assert (fleet.inbox, fleet.steps()) == ([], [])
+
+
+def step_then_go(entries: Sequence[JournalEntry], attempt: int) -> GuestReport:
+    """Step "reserve", then wait for a "go" event, then complete with its payload."""
+    if not entries:
+        return GuestReport(StepSucceeded(0, "reserve", '"r"'))
+    if len(entries) == 1:
+        return GuestReport(EventAwaited(1, "approval", "go", 60_000))
+    return GuestReport(Completed(2, entries[1].value))
+
+
+async def test_a_local_next_step_that_begins_a_wait_takes_the_event_stored_before_it():
+    fleet = Fleet(guest=step_then_go, local_steps=2)
+    await fleet.push()
+    await fleet.processor.process([fleet.create("o-1")])
+    await fleet.processor.process([fleet.event("o-1", "e-1", {"ok": True})])  # kept for later
+    for _ in range(2):
+        [local] = fleet.inbox
+        fleet.inbox.clear()
+        await fleet.processor.process([local])
+    detail = await fleet.status("o-1")
+    assert (detail.record.status, detail.record.output) == (
+        InstanceStatus.COMPLETE,
+        '{"ok":true}',
+    )
 
 
 async def test_next_steps_past_the_room_or_after_stop_are_published():
