@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiormq
 import pytest
+import structlog
 from aiormq.abc import DeliveredMessage
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -34,6 +36,14 @@ BASE_DB = os.environ.get(
     "STEPFLEET_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 AMQP = os.environ.get("STEPFLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def logs_to_stderr() -> None:
+    """In-process workers log to the process's stderr, whatever a test swaps sys.stdout for:
+    a CLI command run in a test thread captures stdout, and a worker's line printed meanwhile
+    would land in the command's output."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__))
 
 
 @pytest.fixture(scope="session")
