@@ -55,10 +55,6 @@ class PgStore:
         self._engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True
         )
-        self._url, self._pool_size = url, pool_size
-        self._direct_engine: AsyncEngine | None = None
-        """Autocommit, without a ping per checkout: for single statements that are their
-        own transaction (write_unchanged); made on first use."""
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
         self.dead_letters = DeadLetterStore(self._engine)
@@ -68,21 +64,6 @@ class PgStore:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self._engine.dispose()
-        if self._direct_engine is not None:
-            await self._direct_engine.dispose()
-
-    def _direct(self) -> AsyncEngine:
-        if self._direct_engine is None:
-            # A connection that died since its last use fails its statement, which the
-            # caller retries (StoreUnavailable) on a fresh one: a ping would cost every
-            # statement a round trip to spare that rare retry.
-            self._direct_engine = create_async_engine(
-                self._url,
-                pool_size=self._pool_size,
-                max_overflow=4,
-                isolation_level="AUTOCOMMIT",
-            )
-        return self._direct_engine
 
     async def write_unchanged(
         self, writes: Sequence[GuardedWrite], *, confirmed_outbox: Sequence[int] = ()
@@ -92,7 +73,9 @@ class PgStore:
         if not writes and not confirmed_outbox:
             return {}
         params = guarded_params(writes, confirmed_outbox, self._retention)
-        async with translated(), self._direct().connect() as connection:
+        async with translated(), self._engine.connect() as connection:
+            # The statement is its own transaction: no BEGIN, no COMMIT round trips.
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
             rows = (await connection.execute(sql.WRITE_UNCHANGED, params)).all()
         applied = {InstanceKey(r.tenant, r.id) for r in rows if r.tenant is not None}
         ids = iter(sorted(r.outbox_id for r in rows if r.tenant is None))
