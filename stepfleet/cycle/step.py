@@ -206,22 +206,20 @@ class StepCycle:
         the instance as it wrote it; return the works that still need the transaction.
 
         A run that stops at an HTTP call needs nothing from the store (nothing of it is
-        written), so it waits for its call without a transaction at all; the run that resumes
-        it goes through admission as usual; a run that goes long is set apart (cycle/runner.py)
-        and taken by the transaction of the cycle its work comes back to, if the instance has
-        not moved. Any other run is kept for the transaction, which
-        uses it if the locked instance is still the one the run saw. Tenants with running-step
-        or rate limits are left to the transaction, where those are counted.
+        written), so it waits for its call without a transaction at all. The run that resumes
+        it runs here too, with the answers: kept if it ends the step, while one that asks for
+        another call goes through admission first (a pause or cancel committed while the last
+        call was in flight must stop it before the next). A run that goes long is set apart
+        (cycle/runner.py) and taken by the transaction of the cycle its work comes back to, if
+        the instance has not moved. Any other run is kept for the guarded write
+        (cycle/unchanged.py) or the transaction, which use it if the instance is still the one
+        the run saw. Tenants with running-step or rate limits are left to the transaction,
+        where those are counted.
         """
         early: list[Work[H]] = []
         for work in works:
             expected = work.expected
-            if (
-                expected is None
-                or work.answers
-                or work.apart is not None
-                or self._has_quotas(work.key.tenant)
-            ):
+            if expected is None or work.apart is not None or self._has_quotas(work.key.tenant):
                 continue
             replay = self._replays.exactly(work.key, expected.generation, expected.position)
             if replay is None:
@@ -236,7 +234,10 @@ class StepCycle:
         for going in apart:  # nothing to write until its run is done: no transaction yet
             going.work.apart = going
             result.apart.append(going)
-        for item in self._set_aside_calls(ran, result):
+        # A resumed attempt that asks for another call goes through admission first: a pause
+        # or cancel committed while its last call was in flight stops it before the next.
+        again = {id(i.work) for i in ran if i.work.answers and _calls(i)}
+        for item in self._set_aside_calls([i for i in ran if id(i.work) not in again], result):
             replay = item.work.replay
             assert replay is not None
             item.work.early = Early(item, replay, len(replay.journal))
@@ -486,6 +487,11 @@ class StepCycle:
                 if entry.seq == len(journal):
                     journal.append(entry)
             self._replays.put(work.key, work.replay)
+
+
+def _calls(item: Ran[Any]) -> bool:
+    """Whether the run stopped at an HTTP call."""
+    return isinstance(item.report.outcome, CallRequested)
 
 
 def _step_message(topology: Topology, envelope: Envelope) -> tuple[OutboxMessage, Outgoing]:

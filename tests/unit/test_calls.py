@@ -33,7 +33,7 @@ from stepfleet.schemas import (
     digest_of,
     parse_envelope,
 )
-from stepfleet.store import MemoryStore
+from stepfleet.store import MemoryStore, StepWrite
 from tests.conftest import capture_logs
 
 TENANT = "acme"
@@ -132,7 +132,7 @@ def answer(number: int) -> str:
 async def test_a_next_step_run_here_waits_for_its_call_without_a_transaction(fleet_of, local):
     gateway = FakeGateway()
     fleet = fleet_of(gateway)
-    transactions, runs = count_transactions(fleet.store), count_runs(fleet.sandbox)
+    (transactions, guarded), runs = count_writes(fleet.store), count_runs(fleet.sandbox)
     work = fleet.create(
         "i-1",
         {"op": "http", "name": "first", "url": URL + "/a"},
@@ -147,22 +147,68 @@ async def test_a_next_step_run_here_waits_for_its_call_without_a_transaction(fle
     ]
     # A create and three steps, two of them stopping at a call once: six runs either way.
     # Taken on locally, the run of "last" that stops at its call opens no transaction, and
-    # the runs of "middle" and of the end, made before their transactions, are not repeated.
-    assert (len(transactions), len(runs)) == ((5, 6) if local else (6, 6))
+    # "middle", the resumed "last" and the end, run before any transaction on the instance
+    # as the worker left it, are each written by one guarded write instead of a transaction.
+    assert (len(transactions), len(guarded), len(runs)) == ((2, 3, 6) if local else (6, 0, 6))
     if local:
         assert fleet.store.outbox() == []  # each step's row went with the write that ran it
 
 
-def count_transactions(store: MemoryStore) -> list[None]:
+async def test_a_resumed_attempt_that_asks_for_another_call_is_admitted_first(fleet_of):
+    gateway = FakeGateway()
+    fleet = fleet_of(gateway)
+    await fleet.store.put_module(TENANT, fleet.digest, fleet.wasm)
+    twice = {"op": "http", "name": "twice", "url": URL + "/a", "repeat": 2}
+    result = await fleet.cycle.run([fleet.create("i-1", {"op": "do", "name": "first"}, twice)])
+    [step] = result.next_steps
+    taken: Work[None] = Work(None, step.envelope)
+    taken.intent, taken.expected = step.outbox_id, step.state  # as the worker takes it on
+    [suspended] = (await fleet.cycle.run([taken])).suspended
+    resumed = await fleet.calls.answer(suspended)
+    key = InstanceKey(TENANT, "i-1")
+    async with fleet.store.transaction() as tx:  # an operator's pause while the call ran
+        row = (await tx.lock_instances([key]))[key]
+        paused = StepWrite(
+            key,
+            InstanceStatus.PAUSED,
+            row.position,
+            attempt=row.attempt,
+            state_bytes=row.state_bytes,
+        )
+        await tx.write_batch([paused], [])
+    result = await fleet.cycle.run([resumed])
+    assert (result.suspended, result.duplicates) == ([], [resumed])
+    assert len(gateway.calls) == 1  # the second call never went out
+    assert await fleet.journal("i-1") == [
+        (0, EntryKind.STEP_SUCCEEDED, "first", '{"step":"first","attempt":1}')
+    ]
+
+
+def count_writes(store: MemoryStore) -> tuple[list[None], list[None]]:
+    """Count the transactions a cycle opens and its guarded writes (MemoryStore makes each
+    guarded write in a transaction of its own, not counted as one)."""
     opened: list[None] = []
-    transaction = store.transaction
+    guarded: list[None] = []
+    transaction, write_unchanged = store.transaction, store.write_unchanged
+    within = False
 
     def counted():
-        opened.append(None)
+        if not within:
+            opened.append(None)
         return transaction()
 
+    async def counted_write(writes, **kwargs):
+        nonlocal within
+        guarded.append(None)
+        within = True
+        try:
+            return await write_unchanged(writes, **kwargs)
+        finally:
+            within = False
+
     store.transaction = counted  # type: ignore[method-assign]
-    return opened
+    store.write_unchanged = counted_write  # type: ignore[method-assign]
+    return opened, guarded
 
 
 def count_runs(sandbox: WasmSandbox) -> list[str]:
