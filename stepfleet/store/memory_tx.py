@@ -157,8 +157,10 @@ class MemoryTransaction:
     # -- the port ----------------------------------------------------------------------------
 
     async def create_instances(self, new: Sequence[NewInstance]) -> set[InstanceKey]:
-        """Insert instances that do not exist yet; return the keys actually inserted."""
+        """Insert instances that do not exist yet; return the keys actually inserted. Takes
+        the keys' locks shared with `hold_early_events` first, as PgStore does."""
         self._check()
+        await self._lock(("key", *n.key) for n in new)
         await self._lock(("instance", *n.key) for n in new)
         created: set[InstanceKey] = set()
         for n in new:

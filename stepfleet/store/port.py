@@ -36,7 +36,8 @@ class StepTx(Protocol):
     """
 
     async def create_instances(self, new: Sequence[NewInstance]) -> set[InstanceKey]:
-        """Insert instances that do not exist yet; return the keys actually inserted."""
+        """Insert instances that do not exist yet; return the keys actually inserted. Takes
+        the locks `hold_early_events` takes first, so that the two serialise."""
         ...
 
     async def lock_instances(
@@ -89,7 +90,8 @@ class StepTx(Protocol):
         ...
 
     async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
-        """Store the events held for instances this transaction has just created."""
+        """Store the events held for instances this transaction has just created (after
+        `create_instances`, which took the locks `hold_early_events` takes)."""
         ...
 
     async def write_batch(

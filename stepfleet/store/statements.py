@@ -6,13 +6,21 @@ from sqlalchemy import text
 
 from stepfleet.store.rows import STATE_COLUMNS
 
+# Takes the instances' advisory locks (LOCK_INSTANCE_KEYS's) first, in key order: a create
+# and the holding of an early event for the same instance serialise on them, and the
+# transaction's next statement (ADOPT_EARLY_EVENTS) sees every event held before.
 INSERT_INSTANCES = text(
     """
+    WITH keys AS MATERIALIZED (
+        SELECT count(pg_advisory_xact_lock(hashtextextended(k.tenant || '/' || k.id, 7)))
+        FROM (SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]))
+              AS u(tenant, id) ORDER BY 1, 2) AS k
+    )
     INSERT INTO instances (tenant, id, module, status, params, retention_seconds, state_bytes)
     SELECT t, i, m, 'running', p, r, octet_length(p)
     FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]),
                 CAST(:modules AS text[]), CAST(:params AS text[]), CAST(:retentions AS int[]))
-         AS n(t, i, m, p, r)
+         AS n(t, i, m, p, r) CROSS JOIN keys
     ON CONFLICT ON CONSTRAINT pk_instances DO NOTHING
     RETURNING tenant, id
     """

@@ -55,7 +55,8 @@ class StepTransaction:
         self._retention = retention_seconds
 
     async def create_instances(self, new: Sequence[NewInstance]) -> set[InstanceKey]:
-        """Insert instances that do not exist yet; return the keys actually inserted."""
+        """Insert instances that do not exist yet; return the keys actually inserted. Takes
+        the instances' advisory locks first (see `hold_early_events`)."""
         if not new:
             return set()
         result = await self._conn.execute(
@@ -162,7 +163,7 @@ class StepTransaction:
         """Hold events whose instance does not exist, for `hold_seconds`; return the keys
         whose instance exists after all (its create committed meanwhile): those are not held.
 
-        The instances' advisory locks (also taken by `adopt_early_events`) make this and a
+        The instances' advisory locks (also taken by `create_instances`) make this and a
         create of the same instance serialise: a create that commits first is seen here, one
         that commits later finds the held event.
         """
@@ -194,12 +195,11 @@ class StepTransaction:
 
     async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
         """Turn the events held for instances this transaction has just inserted into stored
-        events (arrival times kept); return how many."""
+        events (arrival times kept); return how many. `create_instances` took their locks, so
+        this statement sees every event held before."""
         if not keys:
             return 0
-        split = split_keys(keys)
-        await self._conn.execute(sql.LOCK_INSTANCE_KEYS, split)
-        return len((await self._conn.execute(sql.ADOPT_EARLY_EVENTS, split)).all())
+        return len((await self._conn.execute(sql.ADOPT_EARLY_EVENTS, split_keys(keys))).all())
 
     async def take_events(
         self, waits: Sequence[tuple[InstanceKey, str, int]]
