@@ -13,7 +13,12 @@ ADDRESS_SPACE = 1 << 32
 """Guest pointers and lengths are unsigned 32-bit; a range may not run past 4 GiB."""
 
 
-def exported_memory(caller: wasmtime.Caller) -> wasmtime.Memory:
+def exported_memory(
+    caller: wasmtime.Caller, known: wasmtime.Memory | None = None
+) -> wasmtime.Memory:
+    """The guest's memory: `known` (the run's, once instantiated), else its export."""
+    if known is not None:
+        return known
     memory = caller.get("memory")
     if not isinstance(memory, wasmtime.Memory):
         raise Violation("the module exports no memory")
@@ -36,12 +41,20 @@ def check_range(memory: wasmtime.Memory, store: Any, ptr: int, length: int, what
     return ptr
 
 
-def read_text(caller: wasmtime.Caller, ptr: int, length: int, limit: int, what: str) -> str:
-    """The UTF-8 text of `length` bytes at `ptr`, at most `limit` bytes of it."""
+def read_text(
+    caller: wasmtime.Caller,
+    ptr: int,
+    length: int,
+    limit: int,
+    what: str,
+    known: wasmtime.Memory | None = None,
+) -> str:
+    """The UTF-8 text of `length` bytes at `ptr`, at most `limit` bytes of it (`known`: the
+    run's memory, see exported_memory)."""
     length = u32(length)
     if length > limit:
         raise Violation(f"{what} is {length} bytes, the limit is {limit}", "output")
-    memory = exported_memory(caller)
+    memory = exported_memory(caller, known)
     ptr = check_range(memory, caller, ptr, length, what)
     try:
         return bytes(memory.read(caller, ptr, ptr + length)).decode()

@@ -70,6 +70,10 @@ class HostImports:
     def define(self, linker: wasmtime.Linker) -> None:
         define_imports(linker, HOST_MODULE, HOST_IMPORTS, self)
 
+    def _memory(self) -> wasmtime.Memory | None:
+        """The run's memory, when the run has it (see exported_memory)."""
+        return self._current_run().memory
+
     # -- steps ---------------------------------------------------------------------------
 
     def step_begin(
@@ -84,7 +88,11 @@ class HostImports:
                 f"guest ABI violation: step {name!r} begun at position {seq}, "
                 f"the next position is {run.next_seq}"
             )
-        text = read_text(caller, cp, cl, self._limits.value_bytes, "step config") if cl else ""
+        text = (
+            read_text(caller, cp, cl, self._limits.value_bytes, "step config", self._memory())
+            if cl
+            else ""
+        )
         try:
             config = parse_step_config(text, max_ms=self._limits.max_sleep_ms)
         except ValueError as exc:
@@ -182,7 +190,7 @@ class HostImports:
         length = u32(length)
         if not 1 <= length <= _MAX_RANDOM_BYTES:
             raise Violation(f"random asks for {length} bytes, allowed 1 to 256")
-        memory = exported_memory(caller)
+        memory = exported_memory(caller, self._memory())
         ptr = check_range(memory, caller, ptr, length, "random buffer")
         data = secrets.token_bytes(length)
         run = self._current_run()
@@ -191,7 +199,7 @@ class HostImports:
         memory.write(caller, data, ptr)
 
     def log(self, caller: wasmtime.Caller, level: int, mp: int, ml: int) -> None:
-        memory = exported_memory(caller)
+        memory = exported_memory(caller, self._memory())
         mp = check_range(memory, caller, mp, ml, "log line")
         logs = self._current_run().logs
         if len(logs) >= self._limits.log_lines_per_run:
@@ -204,7 +212,7 @@ class HostImports:
 
     def http_request(self, caller: wasmtime.Caller, rp: int, rl: int) -> int:
         step = self._in_step("http_request")
-        text = read_text(caller, rp, rl, self._limits.value_bytes, "http request")
+        text = read_text(caller, rp, rl, self._limits.value_bytes, "http request", self._memory())
         try:
             parse_guest_json(text)  # the host's bounds first: nesting, RFC 8259
         except ValueError as exc:
@@ -236,7 +244,7 @@ class HostImports:
                 f"guest ABI violation: http_response asked for {length} bytes, "
                 f"the answer is {len(answer)}"
             )
-        memory = exported_memory(caller)
+        memory = exported_memory(caller, self._memory())
         ptr = check_range(memory, caller, ptr, length, "http response buffer")
         memory.write(caller, answer, ptr)
         step.http_response = None
@@ -270,7 +278,7 @@ class HostImports:
         *,
         empty: bool = False,
     ) -> str:
-        name = read_text(caller, ptr, length, self._limits.name_bytes, what)
+        name = read_text(caller, ptr, length, self._limits.name_bytes, what, self._memory())
         if not name and not empty:
             raise Violation(f"{what} is empty")
         # Names are keys and labels everywhere downstream; a NUL has no place in them.
@@ -279,7 +287,7 @@ class HostImports:
         return name
 
     def _json_at(self, caller: wasmtime.Caller, ptr: int, length: int, what: str) -> str:
-        text = read_text(caller, ptr, length, self._limits.value_bytes, what)
+        text = read_text(caller, ptr, length, self._limits.value_bytes, what, self._memory())
         try:
             parse_guest_json(text)
         except JsonTooDeep as exc:
@@ -289,7 +297,11 @@ class HostImports:
         return text
 
     def _message_at(self, caller: wasmtime.Caller, ptr: int, length: int) -> str:
-        return no_nul(read_text(caller, ptr, length, self._limits.value_bytes, "error message"))
+        return no_nul(
+            read_text(
+                caller, ptr, length, self._limits.value_bytes, "error message", self._memory()
+            )
+        )
 
     def _begun(self, seq: int, name: str) -> Step:
         step = self._current_run().step

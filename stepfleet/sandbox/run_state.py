@@ -40,6 +40,7 @@ class RunState:
         "attempt",
         "host_calls_per_step",
         "logs",
+        "memory",
         "next_seq",
         "recorded",
         "step",
@@ -58,6 +59,9 @@ class RunState:
         step_deadline: float | None = None,
     ):
         self.store = store
+        self.memory: wasmtime.Memory | None = None
+        """The instance's exported memory, once instantiated: host imports use it instead of
+        looking it up through their caller at every call."""
         self.logs: list[tuple[int, str]] = []
         self.recorded: list[Recorded] = []
         self.next_seq = next_seq

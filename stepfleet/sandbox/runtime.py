@@ -91,7 +91,7 @@ class WasmSandbox(WasmEngine):
             exports = instance.exports(store)
             memory_export = exports["memory"]
             assert isinstance(memory_export, wasmtime.Memory)
-            memory = memory_export
+            run.memory = memory = memory_export
             initialize = exports.get("_initialize")
             if isinstance(initialize, wasmtime.Func):
                 initialize(store)
@@ -117,7 +117,7 @@ class WasmSandbox(WasmEngine):
             return report(GuestCrashed(f"host error: {type(exc).__name__}"))
         finally:
             self._ticker.clear()
-            run.store = None
+            run.store = run.memory = None
             store.close()
         return report(GuestCrashed("guest returned without an outcome", where=_where(run)))
 

@@ -41,7 +41,7 @@ class WasiImports:
         if fd not in (1, 2):
             return _EBADF
         limits = self._limits
-        memory = exported_memory(caller)
+        memory = exported_memory(caller, self._current_run().memory)
         # At most 64 iovs per call; wasi-libc writes the rest in the next call.
         count = min(u32(count), _MAX_FD_WRITE_IOVS)
         iovs = check_range(memory, caller, iovs, 8 * count, "fd_write iovs")
