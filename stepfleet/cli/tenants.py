@@ -67,7 +67,11 @@ def add(
         added = run(go())
     except ControlError as exc:
         fail(str(exc))
-    say(f"tenant {name} " + ("created" if added.created else "exists (producer password reset)"))
+    if added.created:
+        say(f"tenant {name} created")
+    else:
+        reset = " (producer password reset)" if added.credentials else " (nothing changed)"
+        say(f"tenant {name} exists{reset}")
     credentials = added.credentials
     if credentials is None:
         return

@@ -49,16 +49,17 @@ async def add_tenant(
         )
     credentials = await admin.add_producer(name) if admin is not None else None
     created = await store.tenants.add(name, wanted, limits)
-    async with store.control() as tx:
-        detail = (
-            f"producer user {wanted or '-'}, limits {limits.model_dump_json(exclude_none=True)}"
-        )
-        await tx.audit(
-            AuditEntry(
-                actor or operator_name(),
-                "tenant-add" if created else "tenant-reset-producer",
-                name,
-                detail=detail,
+    if created or credentials is not None:  # else nothing changed
+        detail = f"producer user {wanted or '-'}"
+        if created:
+            detail += f", limits {limits.model_dump_json(exclude_none=True)}"
+        async with store.control() as tx:
+            await tx.audit(
+                AuditEntry(
+                    actor or operator_name(),
+                    "tenant-add" if created else "tenant-reset-producer",
+                    name,
+                    detail=detail,
+                )
             )
-        )
     return NewTenant(name, created, credentials)
