@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pydantic import SecretStr
 
 from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
+from stepfleet.control.wasm_thread import on_wasm_thread
 from stepfleet.sandbox import (
     CompiledModuleCache,
     CompileFailed,
@@ -117,8 +117,7 @@ async def push_module(
             f"module is {len(wasm)} bytes, the limit is {limits.module_bytes}", too_large=True
         )
     try:
-        # Compiling takes a child process and seconds: off the event loop.
-        digest = await asyncio.to_thread(check_push, limits, wasm, cache)
+        digest = await on_wasm_thread(lambda: check_push(limits, wasm, cache))
     except CompileLimitExceeded as exc:
         raise ModuleRefused(str(exc), too_large=exc.limit == "module-size") from None
     except InvalidModule as exc:

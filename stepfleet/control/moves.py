@@ -12,6 +12,7 @@ import structlog
 
 from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
+from stepfleet.control.wasm_thread import on_wasm_thread
 from stepfleet.cycle.guest import run_step
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.engine import EngineLimits, InstanceState, decide
@@ -124,7 +125,7 @@ class ModuleMoves:
         if not self._sandbox.is_loaded(to):
             wasm = (await self._store.module_bytes([to]))[to]
             try:
-                self._sandbox.load(to, wasm)
+                await on_wasm_thread(lambda: self._sandbox.load(to, wasm))
             except InvalidModule as exc:
                 raise ControlError(f"module {to} cannot run here: {exc}") from None
 
@@ -145,7 +146,9 @@ class ModuleMoves:
             error=record.error,
         )
         # A dry run calls out to nobody: the step it reaches runs with no HTTP calls allowed.
-        report = run_step(self._sandbox, state, replay, limits=_NO_CALLS)
+        report = await on_wasm_thread(
+            lambda: run_step(self._sandbox, state, replay, limits=_NO_CALLS)
+        )
         now = datetime.now(UTC)
         decision = decide(
             state,
