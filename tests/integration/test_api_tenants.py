@@ -405,3 +405,35 @@ async def test_secrets_need_the_sealing_key(settings, tokens):
         )
         assert "STEPFLEET_SECRET_KEY" in error_of(answer, 503)["message"]
     await app.state.fleet.close()
+
+
+async def test_every_tenant_route_needs_a_token(client, tokens):
+    digest = "sha256:" + "a" * 64
+    base = f"/api/v1/tenants/{tokens.tenant_a}"
+    for method, path in (
+        ("POST", "/api/v1/tenants"),
+        ("GET", f"{base}/modules"),
+        ("POST", f"{base}/modules"),
+        ("POST", f"{base}/modules/{digest}/pause"),
+        ("POST", f"{base}/modules/{digest}/resume"),
+        ("POST", f"{base}/modules/moves"),
+        ("GET", f"{base}/secrets"),
+        ("PUT", f"{base}/secrets/k"),
+        ("DELETE", f"{base}/secrets/k"),
+    ):
+        for headers in ({}, bearer("sft_wrong")):
+            answer = await client.request(method, path, headers=headers)
+            assert error_of(answer, 401)["error"] == "unauthorized", (method, path)
+
+
+async def test_a_push_without_a_length_is_counted_against_the_limit(client, tokens):
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"\x00" * 8192
+
+    answer = await client.post(
+        f"/api/v1/tenants/{tokens.tenant_a}/modules",
+        content=chunks(),
+        headers={**bearer(tokens.admin), "content-type": "application/wasm"},
+    )
+    error_of(answer, 413)
