@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from stepfleet.api import console, routes_fleet, routes_instances, routes_letters
+from stepfleet.api import console, routes_fleet, routes_instances, routes_letters, routes_tenants
 from stepfleet.api.errors import error_body, install_error_handlers
 from stepfleet.api.fleet import Fleet
 from stepfleet.api.settings import ApiSettings
@@ -22,6 +23,7 @@ from stepfleet.store import StoreError
 from stepfleet.workers.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
+_MODULES = re.compile(routes_tenants.MODULES_PATH)
 VERSION = "1"
 
 
@@ -33,20 +35,24 @@ class TooLarge(HTTPException):
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes: by Content-Length before reading, and while
-    reading for a body that does not say its length."""
+    """Refuse request bodies over `limit` bytes (`module_limit` for module pushes): by
+    Content-Length before reading, and while reading for a body that does not say its
+    length."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, module_limit: int) -> None:
         self.app = app
         self.limit = limit
+        self.module_limit = module_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        push = scope.get("method") == "POST" and _MODULES.match(scope.get("path", ""))
+        limit = max(self.limit, self.module_limit) if push else self.limit
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                response = error_body(413, f"request body over {self.limit} bytes")
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                response = error_body(413, f"request body over {limit} bytes")
                 await response(scope, receive, send)
                 return
         seen = 0
@@ -56,8 +62,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise TooLarge(self.limit)
+                if seen > limit:
+                    raise TooLarge(limit)
             return message
 
         await self.app(scope, counted, send)
@@ -90,7 +96,7 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
     )
     app.state.fleet = fleet
     install_error_handlers(app, html=console.error_page)
-    app.add_middleware(BodyLimit, limit=api.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=api.max_body_bytes, module_limit=api.max_module_bytes)
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
     async def healthz() -> Health:
@@ -114,6 +120,7 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
 
     app.include_router(routes_instances.router)
     app.include_router(routes_letters.router)
+    app.include_router(routes_tenants.router)
     app.include_router(routes_fleet.router)
     app.include_router(console.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

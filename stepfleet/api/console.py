@@ -414,4 +414,5 @@ async def tenants(request: Request) -> Response:
     fleet, principal = await _session(request)
     rows = [tenant_summary(t) for t in await fleet.store.tenants.all() if principal.sees(t.name)]
     hosts = await fleet.store.tenants.allowed_hosts()
-    return _page(request, "tenants.html", principal, tenants=rows, hosts=hosts)
+    modules = {t.name: await fleet.store.tenant_modules(t.name) for t in rows}
+    return _page(request, "tenants.html", principal, tenants=rows, hosts=hosts, modules=modules)

@@ -24,6 +24,7 @@ _CODES = {
     405: "method-not-allowed",
     409: "conflict",
     413: "too-large",
+    415: "unsupported-media-type",
     422: "invalid",
     503: "unavailable",
 }

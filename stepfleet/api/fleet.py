@@ -18,7 +18,7 @@ from stepfleet.api.auth import Principal, Role, secret_hash
 from stepfleet.api.errors import ApiError
 from stepfleet.api.settings import ApiSettings
 from stepfleet.broker import Broker, BrokerError
-from stepfleet.control import Control, ControlError, DeadLetters
+from stepfleet.control import Control, ControlError, DeadLetters, ModuleCache
 from stepfleet.schemas import InstanceKey, is_instance_id, is_tenant
 from stepfleet.store import DeadLetter, PgStore
 from stepfleet.workers.health import Health, judge
@@ -134,6 +134,11 @@ class Fleet:
 
     def control(self, principal: Principal, broker: Broker | None) -> Control:
         return Control(self.store, broker, self.topology, actor=principal.name)
+
+    def module_cache(self) -> ModuleCache:
+        """Where a worker of this host keeps compiled modules: a push leaves its artifact."""
+        s = self.settings
+        return ModuleCache(s.module_cache_dir, s.module_cache_bytes, s.module_cache_key)
 
     def dead_letters(self, principal: Principal, broker: Broker | None) -> DeadLetters:
         return DeadLetters(

@@ -16,6 +16,8 @@ class ApiSettings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones are answered 413."""
+    max_module_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest module push accepted (its body); a tenant's module size limit applies too."""
     health_files: str = ""
     """A glob of worker health files the overview reads (e.g. a shared volume's
     `/run/stepfleet/*.health`); empty: the fleet's STEPFLEET_HEALTH_FILE alone."""

@@ -8,10 +8,17 @@ import json
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from stepfleet.api.errors import ApiError
-from stepfleet.schemas import INSTANCE_ID_PATTERN, TENANT_PATTERN, EntryFlags, EntryKind
+from stepfleet.schemas import (
+    DIGEST_PATTERN,
+    INSTANCE_ID_PATTERN,
+    TENANT_PATTERN,
+    EntryFlags,
+    EntryKind,
+    TenantLimits,
+)
 from stepfleet.store import (
     AuditRow,
     DeadLetter,
@@ -228,6 +235,95 @@ class TenantView(TenantSummary):
 
 class HostRequest(Closed):
     host: str = Field(min_length=1, max_length=300)
+
+
+class PushResult(BaseModel):
+    tenant: str
+    digest: str
+    size_bytes: int
+    new: bool = Field(description="False: the tenant had these bytes already (nothing changed).")
+
+
+class ModuleActionResult(BaseModel):
+    action: str
+    tenant: str
+    module: str
+    instances: list[str] = Field(description="Ids of the instances paused or resumed.")
+    published: bool
+
+
+class MoveRequest(Closed):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    to: str = Field(pattern=DIGEST_PATTERN, description="Digest to move the instances to.")
+    from_digest: str | None = Field(
+        default=None,
+        alias="from",
+        pattern=DIGEST_PATTERN,
+        description="Only instances on this digest (default: every live instance not on `to`).",
+    )
+    dry_run: bool = Field(
+        default=False, description="Replay every journal against `to` and report; change nothing."
+    )
+    force: bool = Field(default=False, description="Move instances whose replay fails too.")
+
+
+class MoveItem(BaseModel):
+    id: str
+    module: str = Field(description="The digest the instance was on.")
+    verdict: str = Field(description="compatible, nondeterministic or fails")
+    detail: str
+    moved: bool
+
+
+class MoveResult(BaseModel):
+    tenant: str
+    to: str
+    dry_run: bool
+    checked: int
+    not_compatible: int = Field(description="Instances whose replay does not match or fails.")
+    moved: int
+    items: list[MoveItem]
+
+
+class TenantRequest(Closed):
+    name: str = Field(pattern=TENANT_PATTERN)
+    producer: bool = Field(default=True, description="Create the RabbitMQ producer user.")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+
+class ProducerView(BaseModel):
+    user: str
+    password: str = Field(description="Shown once: it is stored nowhere but in RabbitMQ.")
+    vhost: str
+    exchange: str
+    routing_keys: list[str]
+
+
+class NewTenantView(TenantSummary):
+    created: bool = Field(description="False: it existed, and its producer password was reset.")
+    producer: ProducerView | None
+
+
+class SecretRequest(Closed):
+    host: str = Field(min_length=1, max_length=300)
+    header: str = Field(min_length=1, max_length=200)
+    value: SecretStr = Field(
+        min_length=1, max_length=8192, description="Never answered, logged or audited."
+    )
+
+
+class SecretItem(BaseModel):
+    tenant: str
+    name: str
+    host: str
+    header: str
+
+
+class SecretResult(SecretItem):
+    host_allowed: bool = Field(
+        description="Whether the host is on the tenant's allow list (unused until it is)."
+    )
 
 
 class TokenView(BaseModel):

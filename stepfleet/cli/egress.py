@@ -8,7 +8,6 @@ they reach PostgreSQL.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -23,8 +22,6 @@ if TYPE_CHECKING:  # each command imports what it uses when it runs
     from stepfleet.store import StoredSecret, TenantStore
 
 T = TypeVar("T")
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 secret_app = typer.Typer(
     no_args_is_help=True,
@@ -79,22 +76,16 @@ def _secret_key() -> str:
     """STEPFLEET_SECRET_KEY, from the settings when they have it, else the environment."""
     from pydantic import SecretStr
 
-    from stepfleet.egress import SealError, check_key
+    from stepfleet.control import SecretError, sealing_key
 
     value: object = getattr(settings(), "secret_key", None)
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     key = value if isinstance(value, str) and value else os.environ.get("STEPFLEET_SECRET_KEY", "")
-    if not key:
-        fail(
-            "STEPFLEET_SECRET_KEY is not set: make a key with `stepfleet secret key` and give "
-            "the same one to the workers"
-        )
     try:
-        check_key(key)
-    except SealError as exc:
-        fail(f"STEPFLEET_SECRET_KEY: {exc}")
-    return key
+        return sealing_key(key)
+    except SecretError as exc:
+        fail(str(exc))
 
 
 def _read_value() -> str:
@@ -172,28 +163,31 @@ def secret_set(
     The egress gateway adds `HEADER: value` to the tenant's calls to HOST and scrubs the value
     from every answer; nothing of the value is printed.
     """
-    from stepfleet.egress import check_secret_header, seal_secret
-    from stepfleet.store import StoredSecret
+    from stepfleet.control import ControlError, SecretSet, check_secret, set_secret
+    from stepfleet.store import PgStore
 
-    tenant, entry = _tenant(tenant), _host(host)
-    if not re.fullmatch(NAME_PATTERN, name):
-        fail(f"{name!r} is not a secret name (1 to 64 letters, digits, _ . -)")
+    tenant = _tenant(tenant)
     try:
-        check_secret_header(header)
-    except ValueError as exc:
+        entry = check_secret(name, host, header)
+    except ControlError as exc:
         fail(str(exc))
     key = _secret_key()
     _require_tenant(tenant)
     value = _read_value()
-    sealed = seal_secret(key, tenant, name, entry, header, value)
 
-    async def go(tenants: TenantStore) -> bool:
-        await tenants.put_secret(StoredSecret(tenant, name, entry, header, sealed))
-        return entry in (await tenants.allowed_hosts()).get(tenant, set())
+    async def go() -> SecretSet:
+        store = PgStore(settings().database_url, pool_size=1)
+        try:
+            return await set_secret(store, key, tenant, name, entry, header, value)
+        finally:
+            await store.close()
 
-    allowed = run(_with_tenants(go))
+    try:
+        stored = run(go())
+    except ControlError as exc:
+        fail(str(exc))
     say(f"secret {name} of {tenant} stored: sent to {shown(entry)} in the {shown(header)} header")
-    if not allowed:
+    if not stored.allowed:
         say(
             f"note: {entry} is not on {tenant}'s allow list yet "
             f"(`stepfleet tenant allow-host {tenant} {entry}`)",
@@ -204,12 +198,19 @@ def secret_set(
 @secret_app.command("delete")
 def secret_delete(tenant: TenantArg, name: NameArg) -> None:
     """Delete a secret."""
+    from stepfleet.control import delete_secret
+    from stepfleet.store import PgStore
+
     tenant = _tenant(tenant)
 
-    async def go(tenants: TenantStore) -> bool:
-        return await tenants.delete_secret(tenant, name)
+    async def go() -> bool:
+        store = PgStore(settings().database_url, pool_size=1)
+        try:
+            return await delete_secret(store, tenant, name)
+        finally:
+            await store.close()
 
-    if not run(_with_tenants(go)):
+    if not run(go()):
         fail(f"no secret {name!r} for tenant {tenant}")
     say(f"secret {name} of {tenant} deleted")
 
@@ -220,16 +221,16 @@ def secret_list(
 ) -> None:
     """List secrets: tenant, name, host and header (never a value)."""
 
-    async def go(tenants: TenantStore) -> list[StoredSecret]:
-        return await tenants.secrets()
+    from stepfleet.control import tenant_secrets
 
-    found = sorted(run(_with_tenants(go)), key=lambda s: (s.tenant, s.name))
-    for secret in found:
-        if tenant is None or secret.tenant == tenant:
-            say(
-                f"{shown(secret.tenant)}  {shown(secret.name)}  {shown(secret.host)}  "
-                f"{shown(secret.header)}"
-            )
+    async def go(tenants: TenantStore) -> list[StoredSecret]:
+        return await tenant_secrets(tenants, tenant)
+
+    for secret in run(_with_tenants(go)):
+        say(
+            f"{shown(secret.tenant)}  {shown(secret.name)}  {shown(secret.host)}  "
+            f"{shown(secret.header)}"
+        )
 
 
 @secret_app.command("key")

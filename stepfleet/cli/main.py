@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -19,9 +18,6 @@ from stepfleet.cli.modules import register_module_commands
 from stepfleet.cli.orchestrators import register_orchestrator_commands
 from stepfleet.cli.tenants import tenant_app
 from stepfleet.schemas import is_digest, is_tenant
-
-if TYPE_CHECKING:
-    from stepfleet.schemas import TenantLimits
 
 # Each command imports the libraries it needs (SQLAlchemy, aio-pika, wasmtime, ...) when it
 # runs, so `--help` and the commands that need one service start quickly.
@@ -76,8 +72,7 @@ def module_push(
     tenant: Annotated[str, typer.Option(help="Tenant that may run this module.")],
 ) -> None:
     """Validate a module and store it; print its digest (pushing the same bytes is a no-op)."""
-    from stepfleet.cli.modules import check_push
-    from stepfleet.sandbox import CompileFailed, InvalidModule
+    from stepfleet.control import ControlError, ModuleCache, ModuleRefused, Pushed, push_module
     from stepfleet.store import PgStore
 
     if not is_tenant(tenant):
@@ -85,36 +80,26 @@ def module_push(
     config = settings()
     wasm = file.read_bytes()
 
-    async def own_limits() -> TenantLimits | None:
+    async def go() -> Pushed:
         store = PgStore(config.database_url, pool_size=1)
         try:
-            record = await store.tenants.get(tenant)
-            return record.limits if record else None
+            cache = ModuleCache(
+                config.module_cache_dir, config.module_cache_bytes, config.module_cache_key
+            )
+            return await push_module(
+                store, tenant, wasm, limits=config.sandbox_limits(), cache=cache
+            )
         finally:
             await store.close()
 
-    limits = config.sandbox_limits()
-    if (own := run(own_limits())) is not None:
-        limits = dataclasses.replace(
-            limits,
-            module_bytes=own.module_bytes or limits.module_bytes,
-            memory_bytes=own.memory_bytes or limits.memory_bytes,
-        )
     try:
-        digest = check_push(config, limits, wasm)
-    except (InvalidModule, CompileFailed) as exc:
+        pushed = run(go())
+    except ModuleRefused as exc:
         fail(f"{file} refused: {exc}")
-
-    async def go() -> bool:
-        store = PgStore(config.database_url, pool_size=1)
-        try:
-            return await store.put_module(tenant, digest, wasm)
-        finally:
-            await store.close()
-
-    new = run(go())
-    say(digest)
-    if not new:
+    except ControlError as exc:
+        fail(str(exc))
+    say(pushed.digest)
+    if not pushed.new:
         say(f"(already pushed for {tenant})", err=True)
 
 

@@ -1,5 +1,4 @@
-"""`stepfleet module move|pause|resume`: running instances and the code they run; the checks
-of `module push`."""
+"""`stepfleet module move|pause|resume`: running instances and the code they run."""
 
 from __future__ import annotations
 
@@ -8,44 +7,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from stepfleet.cli.common import fail, run, say, settings, shown
-from stepfleet.schemas import InstanceKey, digest_of, is_digest
+from stepfleet.schemas import InstanceKey, is_digest
 
 if TYPE_CHECKING:  # each command imports what it uses when it runs
     from stepfleet.control import MoveCheck
-    from stepfleet.sandbox import SandboxLimits
-    from stepfleet.workers.settings import Settings
 
 Tenant = Annotated[str, typer.Option(help="Tenant whose instances to act on.")]
-
-
-def check_push(config: Settings, limits: SandboxLimits, wasm: bytes) -> str:
-    """Check a module as a push does; return its digest.
-
-    It is compiled fresh, in a child process under the compile limits, must pass the ABI
-    checks, and must be able to start within `limits` (the tenant's memory limit, the table
-    and instance limits of every run). When the module cache directory exists (a worker of this user runs on this host),
-    the compiled artifact is left there, so that worker does not compile the module again.
-
-    Raises:
-        InvalidModule: refused; CompileLimitExceeded names the compile limit it breached.
-        CompileFailed: the compiler process failed for a reason that is not the module's.
-    """
-    from stepfleet.sandbox import CompiledModuleCache, WasmSandbox
-
-    directory = config.module_cache_dir
-    cache = (
-        CompiledModuleCache.open(directory, config.module_cache_bytes, config.module_cache_key)
-        if directory is not None and directory.is_dir()
-        else None
-    )
-    digest = digest_of(wasm)
-    sandbox = WasmSandbox(limits, module_cache=cache)
-    try:
-        sandbox.load(digest, wasm, sandbox.compiler.artifact(digest, wasm, fresh=True))
-        sandbox.check_fits(digest, limits.memory_bytes)
-    finally:
-        sandbox.close()
-    return digest
 
 
 def _digest(value: str, option: str) -> str:
@@ -72,8 +39,7 @@ def move(
     Each instance's journal is replayed against the new code first; only those that replay
     cleanly are moved unless --force. Exits 1 when some instance would not replay.
     """
-    from stepfleet.control import ControlError, ModuleMoves, Verdict
-    from stepfleet.sandbox import WasmSandbox
+    from stepfleet.control import ControlError, Verdict, move_module
     from stepfleet.store import PgStore
 
     _digest(to, "--to")
@@ -83,14 +49,17 @@ def move(
 
     async def go() -> list[MoveCheck]:
         store = PgStore(config.database_url, pool_size=1)
-        sandbox = WasmSandbox(config.sandbox_limits())
         try:
-            moves = ModuleMoves(store, sandbox)
-            if dry_run:
-                return await moves.check(tenant, to, from_module=from_module)
-            return await moves.move(tenant, to, from_module=from_module, force=force)
+            return await move_module(
+                store,
+                config.sandbox_limits(),
+                tenant,
+                to,
+                from_module=from_module,
+                dry_run=dry_run,
+                force=force,
+            )
         finally:
-            sandbox.close()
             await store.close()
 
     try:

@@ -10,7 +10,7 @@ from stepfleet.cli.common import fail, json_text, run, say, settings, shown
 from stepfleet.schemas import is_tenant
 
 if TYPE_CHECKING:  # each command imports what it uses when it runs
-    from stepfleet.broker.admin import ProducerCredentials
+    from stepfleet.control import NewTenant
     from stepfleet.schemas import TenantLimits
     from stepfleet.store import TenantRecord
 
@@ -45,30 +45,34 @@ def add(
     config = settings()
     topology = config.topology()
 
-    async def go() -> tuple[bool, ProducerCredentials | None]:
-        from stepfleet.broker.admin import BrokerAdmin, producer_user
+    async def go() -> NewTenant:
+        from stepfleet.broker.admin import BrokerAdmin
+        from stepfleet.control import add_tenant
         from stepfleet.store import PgStore
 
         store = PgStore(config.database_url, pool_size=1)
+        admin = (
+            BrokerAdmin(config.rabbitmq_admin_url, topology, vhost=config.vhost)
+            if producer
+            else None
+        )
         try:
-            existing = await store.tenants.get(name)
-            wanted = producer_user(topology, name) if producer else None
-            if existing is not None and existing.broker_user != wanted:
-                fail(
-                    f"tenant {name} exists with producer user {existing.broker_user!r}; "
-                    "nothing was changed"
-                )
-            credentials = None
-            if producer:
-                admin = BrokerAdmin(config.rabbitmq_admin_url, topology, vhost=config.vhost)
-                credentials = await admin.add_producer(name)
-            created = await store.tenants.add(name, wanted, parsed)
-            return created, credentials
+            return await add_tenant(store, admin, topology, name, parsed)
         finally:
             await store.close()
 
-    created, credentials = run(go())
-    say(f"tenant {name} " + ("created" if created else "exists (producer password reset)"))
+    from stepfleet.control import ControlError
+
+    try:
+        added = run(go())
+    except ControlError as exc:
+        fail(str(exc))
+    if added.created:
+        say(f"tenant {name} created")
+    else:
+        reset = " (producer password reset)" if added.credentials else " (nothing changed)"
+        say(f"tenant {name} exists{reset}")
+    credentials = added.credentials
     if credentials is None:
         return
     say(

@@ -12,10 +12,11 @@ import structlog
 
 from stepfleet.control.actions import ControlError
 from stepfleet.control.audit import operator_name
+from stepfleet.control.wasm_thread import on_wasm_thread
 from stepfleet.cycle.guest import run_step
 from stepfleet.cycle.replays import CachedReplay
 from stepfleet.engine import EngineLimits, InstanceState, decide
-from stepfleet.sandbox import InvalidModule, ReplayJournal, Sandbox
+from stepfleet.sandbox import InvalidModule, ReplayJournal, Sandbox, SandboxLimits, WasmSandbox
 from stepfleet.schemas import (
     ErrorKind,
     GuestCrashed,
@@ -124,7 +125,7 @@ class ModuleMoves:
         if not self._sandbox.is_loaded(to):
             wasm = (await self._store.module_bytes([to]))[to]
             try:
-                self._sandbox.load(to, wasm)
+                await on_wasm_thread(lambda: self._sandbox.load(to, wasm))
             except InvalidModule as exc:
                 raise ControlError(f"module {to} cannot run here: {exc}") from None
 
@@ -145,7 +146,9 @@ class ModuleMoves:
             error=record.error,
         )
         # A dry run calls out to nobody: the step it reaches runs with no HTTP calls allowed.
-        report = run_step(self._sandbox, state, replay, limits=_NO_CALLS)
+        report = await on_wasm_thread(
+            lambda: run_step(self._sandbox, state, replay, limits=_NO_CALLS)
+        )
         now = datetime.now(UTC)
         decision = decide(
             state,
@@ -165,3 +168,30 @@ class ModuleMoves:
         if decision.status is InstanceStatus.ERRORED or isinstance(report.outcome, GuestCrashed):
             return MoveCheck(record.key, record.module, Verdict.FAILS, decision.error or "")
         return MoveCheck(record.key, record.module, Verdict.COMPATIBLE)
+
+
+async def move_module(
+    store: PgStore,
+    limits: SandboxLimits,
+    tenant: str,
+    to: str,
+    *,
+    from_module: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    actor: str | None = None,
+) -> list[MoveCheck]:
+    """A dry run (`dry_run`: nothing changes) or a move of a tenant's live instances to `to`,
+    in a sandbox of its own under `limits`.
+
+    Raises:
+        ControlError: `to` was never pushed for the tenant, or cannot run here.
+    """
+    sandbox = WasmSandbox(limits)
+    try:
+        moves = ModuleMoves(store, sandbox, actor=actor)
+        if dry_run:
+            return await moves.check(tenant, to, from_module=from_module)
+        return await moves.move(tenant, to, from_module=from_module, force=force)
+    finally:
+        sandbox.close()

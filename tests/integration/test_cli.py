@@ -34,8 +34,8 @@ def cli(settings):
     }
     runner = CliRunner()
 
-    def invoke(*args: str, extra_env: dict[str, str] | None = None):
-        return runner.invoke(app, list(args), env={**env, **(extra_env or {})})
+    def invoke(*args: str, extra_env: dict[str, str] | None = None, stdin: str | None = None):
+        return runner.invoke(app, list(args), env={**env, **(extra_env or {})}, input=stdin)
 
     return invoke
 
@@ -397,3 +397,71 @@ async def test_status_agrees_on_compensations_and_names_held_events(
     unknown = await asyncio.to_thread(cli, "status", later, "--tenant", tenant)
     assert unknown.exit_code == 1
     assert "not created yet: 1 event(s) for it held until" in unknown.output
+
+
+async def test_tenant_add_push_and_secrets_are_audited_without_passwords_or_values(
+    cli, store, settings, topology
+):
+    """The CLI's tenant add, module push and secret commands share the API's code: each
+    writes its audit entry under the operator's name, never with a password or a value."""
+    from stepfleet.broker.admin import BrokerAdmin
+    from stepfleet.egress import new_key
+
+    name = f"cli{uuid.uuid4().hex[:8]}"
+    operator = {"STEPFLEET_OPERATOR": f"ada-{name}"}
+    added = await asyncio.to_thread(
+        cli, "tenant", "add", name, "--limits", '{"running_steps":2}', extra_env=operator
+    )
+    try:
+        assert added.exit_code == 0, added.output
+        assert f"tenant {name} created" in added.output
+        password = next(
+            line.split()[-1] for line in added.output.splitlines() if "password" in line.split()
+        )
+        pushed = await asyncio.to_thread(
+            cli, "module", "push", str(ORDER), "--tenant", name, extra_env=operator
+        )
+        assert pushed.exit_code == 0, pushed.output
+        value = "Bearer cli-" + uuid.uuid4().hex
+        env = {**operator, "STEPFLEET_SECRET_KEY": new_key()}
+        stored = await asyncio.to_thread(
+            cli,
+            "secret",
+            "set",
+            name,
+            "api",
+            "--host",
+            "api.example.com",
+            "--header",
+            "Authorization",
+            extra_env=env,
+            stdin=value + "\n",
+        )
+        assert stored.exit_code == 0, stored.output
+        assert "not on" in stored.output  # the host is not allowed yet
+        listed = await asyncio.to_thread(cli, "secret", "list", name)
+        assert "api.example.com" in listed.output
+        assert value not in listed.output + stored.output
+        deleted = await asyncio.to_thread(cli, "secret", "delete", name, "api", extra_env=env)
+        assert deleted.exit_code == 0, deleted.output
+        gone = await asyncio.to_thread(cli, "secret", "delete", name, "api", extra_env=env)
+        assert gone.exit_code == 1
+
+        entries = [
+            e
+            for e in await store.dead_letters.audit_entries(limit=500)
+            if e.actor == operator["STEPFLEET_OPERATOR"]
+        ]
+        assert sorted(e.action for e in entries) == [
+            "module-push",
+            "secret-delete",
+            "secret-set",
+            "tenant-add",
+        ]
+        for entry in entries:
+            assert password not in entry.detail
+            assert value not in entry.detail
+    finally:
+        await BrokerAdmin(settings.rabbitmq_admin_url, topology).delete_producer(
+            f"{settings.prefix}.tenant.{name}"
+        )

@@ -11,7 +11,7 @@ import pytest
 
 from stepfleet.api import ApiSettings, create_app
 from stepfleet.api.tokens import issue_token
-from stepfleet.schemas import InstanceStatus
+from stepfleet.schemas import InstanceStatus, TenantLimits, digest_of
 from tests.integration.test_primitives import reached
 
 pytestmark = pytest.mark.services
@@ -115,3 +115,15 @@ async def test_forms_need_their_token_the_same_origin_and_the_role(
     out = await web.post("/logout", data={"csrf": csrf})
     assert out.status_code == 303
     assert (await web.get("/")).status_code == 303
+
+
+async def test_the_tenants_page_shows_each_tenants_modules(web, store, order_wasm):
+    tenant = f"mods{uuid.uuid4().hex[:8]}"
+    await store.tenants.add(tenant, None, TenantLimits())
+    await store.put_module(tenant, digest_of(order_wasm), order_wasm)
+    _, viewer = await issue_token(store, f"m-{uuid.uuid4().hex[:6]}", "viewer", tenant, actor="t")
+    await _login(web, viewer)
+    page = await web.get("/tenants")
+    assert page.status_code == 200
+    assert f'title="{digest_of(order_wasm)}"' in page.text
+    assert digest_of(order_wasm)[:19] in page.text

@@ -42,7 +42,8 @@ MAY_IMPORT = {
     # The step cycle and the messages it and operator actions queue.
     "cycle": {"schemas", "engine", "sandbox", "store", "broker", "observe"},
     "workers": {"schemas", "engine", "sandbox", "store", "broker", "egress", "cycle", "observe"},
-    "control": {"schemas", "engine", "sandbox", "store", "broker", "cycle"},
+    # Operator actions; egress to check and seal tenants' secrets.
+    "control": {"schemas", "engine", "sandbox", "store", "broker", "cycle", "egress"},
     # The HTTP API and console: reads through the store, actions through control, worker
     # health files and settings from workers, host checks from egress.
     "api": {"schemas", "store", "broker", "control", "workers", "egress"},
