@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -67,9 +67,11 @@ class Fleet:
     url: str
     tenant: str
     module: str
+    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    """Makes this test's ids unique in the run's database (status without --tenant)."""
 
     def key(self, name: str) -> InstanceKey:
-        return InstanceKey(self.tenant, name)
+        return InstanceKey(self.tenant, f"{name}-{self.suffix}")
 
     async def instance(self, name: str, *writes: StepWrite, params: str = '{"n": 1}') -> str:
         key = self.key(name)
@@ -78,7 +80,7 @@ class Fleet:
         for write in writes:
             async with self.store.transaction() as tx:
                 await tx.write_batch([write], [])
-        return name
+        return key.instance_id
 
     def shown(self, *args: str, through_store: bool = False) -> Shown:
         """`stepfleet ARGS` inside this process, through the store or the direct reads."""
@@ -314,30 +316,32 @@ async def test_a_confirmed_create_not_processed_yet_names_its_held_events(fleet:
         OutboxMessage("dead.unknown-instance", "{}", b"null", "test.dead"),
     )
     async with fleet.store.transaction() as tx:
-        assert await tx.hold_early_events([early], hold_seconds=600) == set()
-    held = await fleet.same_everywhere("status", "later", "--tenant", fleet.tenant)
+        assert (await tx.hold_early_events([early], hold_seconds=600)).existing == set()
+    later = key.instance_id
+    held = await fleet.same_everywhere("status", later, "--tenant", fleet.tenant)
     assert held.exit_code == 1
     assert held.stdout == ""
     assert held.stderr.startswith(
-        f"error: no instance 'later' for tenant {fleet.tenant} (not created yet: 1 event(s)"
+        f"error: no instance '{later}' for tenant {fleet.tenant} (not created yet: 1 event(s)"
     )
-    bare = await fleet.same_everywhere("status", "later")
-    assert (bare.exit_code, bare.stderr) == (1, "error: no instance 'later'\n")
+    bare = await fleet.same_everywhere("status", later)
+    assert (bare.exit_code, bare.stderr) == (1, f"error: no instance '{later}'\n")
 
 
 async def test_an_unknown_id(fleet: Fleet) -> None:
-    unknown = await fleet.same_everywhere("status", "never", "--tenant", fleet.tenant, "--json")
+    never = fleet.key("never").instance_id
+    unknown = await fleet.same_everywhere("status", never, "--tenant", fleet.tenant, "--json")
     assert (unknown.exit_code, unknown.stdout) == (1, "")
-    assert unknown.stderr == f"error: no instance 'never' for tenant {fleet.tenant}\n"
+    assert unknown.stderr == f"error: no instance '{never}' for tenant {fleet.tenant}\n"
 
 
 async def test_an_id_in_two_tenants_needs_the_tenant(fleet: Fleet, store: PgStore) -> None:
     other = Fleet(store, fleet.url, f"st-{uuid.uuid4().hex[:8]}", fleet.module)
     await store.tenants.add(other.tenant, None, TenantLimits())
     await store.put_module(other.tenant, fleet.module, b"\0asm\1\0\0\0" + fleet.tenant.encode())
-    shared = f"twice-{uuid.uuid4().hex[:6]}"
-    await fleet.instance(shared)
-    await other.instance(shared)
+    other.suffix = fleet.suffix
+    shared = await fleet.instance("twice")
+    await other.instance("twice")
     both = await fleet.same_everywhere("status", shared)
     assert both.exit_code == 1
     assert "exists for several tenants" in both.stderr
@@ -347,7 +351,7 @@ async def test_an_id_in_two_tenants_needs_the_tenant(fleet: Fleet, store: PgStor
 
 async def test_an_unreachable_database_is_one_line(fleet: Fleet) -> None:
     nowhere = Fleet(fleet.store, "postgresql+psycopg://postgres@127.0.0.1:1/x", "t", "m")
-    refused = await nowhere.same_everywhere("status", "any")
+    refused = await nowhere.same_everywhere("status", "any")  # never reaches a database
     assert refused.exit_code == 1
     assert refused.stderr.startswith("error: PostgreSQL: connection failed:")
     assert refused.stderr.count("\n") == 1
@@ -372,15 +376,15 @@ async def test_the_direct_reads_answer_as_the_store_does(fleet: Fleet) -> None:
     with DirectReader(url) as reader:
         direct: list[object] = [
             reader.detail(key),
-            reader.find_instances("compared"),
-            reader.find_instances("compared", fleet.tenant),
+            reader.find_instances(key.instance_id),
+            reader.find_instances(key.instance_id, fleet.tenant),
             reader.held_events(key),
             reader.detail(fleet.key("absent")),
         ]
     stored: list[object] = [
         await fleet.store.detail(key),
-        await fleet.store.find_instances("compared"),
-        await fleet.store.find_instances("compared", fleet.tenant),
+        await fleet.store.find_instances(key.instance_id),
+        await fleet.store.find_instances(key.instance_id, fleet.tenant),
         await fleet.store.held_events(key),
         await fleet.store.detail(fleet.key("absent")),
     ]
