@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     early_event_seconds: float = Field(default=600.0, ge=0)
     """How long an event for an instance that does not exist yet is held for its create;
     then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""
+    early_event_tenant_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """What one tenant's held early events may store at once (payloads, and their dead
+    letters' headers and bodies); an early event past it is dead-lettered `unknown-instance`
+    at once instead of held."""
     stall_after_seconds: float = Field(default=300.0, gt=0)
     """A live instance with no timer, no outbox row and no progress for this long is taken
     for one whose step message was lost: the stall sweep publishes its step again (a copy of
