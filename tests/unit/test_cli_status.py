@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import typer
 
 from stepfleet.cli.instances import plain_status_call
+from stepfleet.cli.main import standalone
 from stepfleet.store.direct import libpq_url
 from stepfleet.workers.environment import DEFAULT_DATABASE_URL, database_url
 from stepfleet.workers.settings import Settings
@@ -99,3 +101,25 @@ def test_the_default_database_url_is_the_settings_default():
 )
 def test_only_psycopg_urls_are_read_directly(url, libpq):
     assert libpq_url(url) == libpq
+
+
+def _raises(exc: BaseException):
+    def command() -> None:
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (lambda: None, 0),
+        (_raises(typer.Exit(3)), 3),
+        (_raises(KeyboardInterrupt()), 130),
+    ],
+    ids=["done", "exit", "interrupted"],
+)
+def test_a_command_run_directly_exits_as_typer_would(command, code):
+    with pytest.raises(SystemExit) as exited:
+        standalone(command)
+    assert exited.value.code == code
