@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +16,7 @@ from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry, is_tena
 
 if TYPE_CHECKING:  # each command imports what it uses when it runs
     from stepfleet.control import Control
-    from stepfleet.store import InstanceDetail, InstanceRecord, PgStore
+    from stepfleet.store import HeldEvent, InstanceDetail, InstanceRecord, PgStore
 
 T = TypeVar("T")
 
@@ -53,22 +53,29 @@ async def _key(store: PgStore, instance_id: str, tenant: str | None) -> Instance
     found = await store.find_instances(instance_id, tenant)
     if not found:
         held = await store.held_events(InstanceKey(tenant, instance_id)) if tenant else []
-        raise ControlError(
-            f"no instance {instance_id!r}"
-            + (f" for tenant {tenant}" if tenant else "")
-            + (
-                f" (not created yet: {len(held)} event(s) for it held until "
-                f"{_iso(max(h.expires_at for h in held))} for its create)"
-                if held
-                else ""
-            )
-        )
+        raise ControlError(_missing(instance_id, tenant, held))
     if len(found) > 1:
-        tenants = ", ".join(record.key.tenant for record, _ in found)
-        raise ControlError(
-            f"instance id {instance_id!r} exists for several tenants ({tenants}): pass --tenant"
-        )
+        raise ControlError(_ambiguous(instance_id, [record for record, _ in found]))
     return found[0][0].key
+
+
+def _missing(instance_id: str, tenant: str | None, held: Sequence[HeldEvent]) -> str:
+    """Why no instance answers to the id, naming the events held for its create if any."""
+    return (
+        f"no instance {instance_id!r}"
+        + (f" for tenant {tenant}" if tenant else "")
+        + (
+            f" (not created yet: {len(held)} event(s) for it held until "
+            f"{_iso(max(h.expires_at for h in held))} for its create)"
+            if held
+            else ""
+        )
+    )
+
+
+def _ambiguous(instance_id: str, found: Sequence[InstanceRecord]) -> str:
+    tenants = ", ".join(record.key.tenant for record in found)
+    return f"instance id {instance_id!r} exists for several tenants ({tenants}): pass --tenant"
 
 
 def _act(
@@ -213,11 +220,61 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show an instance: status, output or error, its journal and failed attempts."""
-    detail = _act(instance_id, tenant, lambda c, k: c.status(k), publish=False)
+    detail = _read_status(instance_id, tenant)
     if as_json:
         typer.echo(json_text(_status_json(detail), indent=2))
     else:
         _print_status(detail)
+
+
+def _read_status(instance_id: str, tenant: str | None) -> InstanceDetail:
+    """Read what `status` shows straight through psycopg (no SQLAlchemy, no pydantic: they
+    would take most of the command's time to import), answering as the store does."""
+    from stepfleet.store.direct import DirectReader, libpq_url
+    from stepfleet.store.errors import StoreError
+    from stepfleet.workers.environment import database_url
+
+    url = libpq_url(database_url())
+    if url is None:  # another driver than psycopg: through the store
+        return _act(instance_id, tenant, lambda c, k: c.status(k), publish=False)
+    try:
+        with DirectReader(url) as reader:
+            found = reader.find_instances(instance_id, tenant)
+            if not found:
+                held = reader.held_events(InstanceKey(tenant, instance_id)) if tenant else []
+                fail(_missing(instance_id, tenant, held))
+            if len(found) > 1:
+                fail(_ambiguous(instance_id, [record for record, _ in found]))
+            detail = reader.detail(found[0][0].key)
+    except StoreError as exc:
+        fail(f"PostgreSQL: {exc}")
+    if detail is None:  # not after finding it: both reads see one snapshot
+        fail(_missing(instance_id, tenant, []))
+    return detail
+
+
+def plain_status_call(args: Sequence[str]) -> dict[str, Any] | None:
+    """The arguments of `status` when `args` are a plain call of it: `status ID`, with
+    `--tenant T` and `--json` at most once each, in any order. None for anything else (help,
+    `--tenant=T`, `--`, an unknown or repeated option, a value that starts with `-`): typer
+    parses those as usual, with its own messages."""
+    if not args or args[0] != "status":
+        return None
+    call: dict[str, Any] = {"tenant": None, "as_json": False}
+    rest = iter(args[1:])
+    for arg in rest:
+        if arg == "--json" and not call["as_json"]:
+            call["as_json"] = True
+        elif arg == "--tenant" and call["tenant"] is None:
+            value = next(rest, None)
+            if value is None or value.startswith("-"):
+                return None
+            call["tenant"] = value
+        elif not arg.startswith("-") and "instance_id" not in call:
+            call["instance_id"] = arg
+        else:
+            return None
+    return call if "instance_id" in call else None
 
 
 def list_instances(

@@ -37,11 +37,16 @@ LetterOf = Callable[[H, DeadReason, str], OutboxMessage]
 
 class EarlyHold(Generic[H]):
     """How events for instances that do not exist yet are held: for `seconds`, with the
-    dead letter `letter_of` builds queued if their instance never comes."""
+    dead letter `letter_of` builds queued if their instance never comes, and up to
+    `tenant_bytes` of one tenant's at once (None: no limit); past that, an event is
+    dead-lettered at once."""
 
-    def __init__(self, seconds: float, letter_of: LetterOf[H]) -> None:
+    def __init__(
+        self, seconds: float, letter_of: LetterOf[H], tenant_bytes: int | None = None
+    ) -> None:
         self.seconds = seconds
         self.letter_of = letter_of
+        self.tenant_bytes = tenant_bytes
 
 
 def _json(value: object) -> str:
@@ -150,10 +155,22 @@ class Admission(Generic[H]):
             event = NewEvent(work.key, body.event_id, body.type, self._payloads[id(work)])
             letter = hold.letter_of(work.handle, DeadReason.UNKNOWN_INSTANCE, detail)
             held.append(EarlyEvent(event, letter))
-        existing = await self._tx.hold_early_events(held, hold_seconds=hold.seconds)
-        for work in works:
+        holding = await self._tx.hold_early_events(
+            held, hold_seconds=hold.seconds, tenant_bytes=hold.tenant_bytes
+        )
+        refused = {id(early) for early in holding.refused}
+        for work, early in zip(works, held, strict=True):
             with message_context(work):
-                if work.key in existing:
+                if id(early) in refused:
+                    log.warning("early_event_refused", tenant_bytes=hold.tenant_bytes)
+                    detail = (
+                        f"no instance {work.key.instance_id!r} for this tenant, and the events "
+                        f"held for instances of the tenant not created yet already take its "
+                        f"share of {hold.tenant_bytes} bytes (STEPFLEET_EARLY_EVENT_TENANT_BYTES):"
+                        " the event was not held for its create"
+                    )
+                    self._reject(work, DeadReason.UNKNOWN_INSTANCE, detail)
+                elif work.key in holding.existing:
                     self._result.again.append(work)
                     log.info("early_event_retried", why="instance created meanwhile")
                 else:

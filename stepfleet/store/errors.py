@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-
 
 class StoreError(Exception):
     """Root of the store's errors."""
@@ -31,6 +29,10 @@ class IntegrityViolation(StoreError):
 @asynccontextmanager
 async def translated() -> AsyncIterator[None]:
     """Turn connection-level driver errors into StoreUnavailable."""
+    # Imported here so that the error classes cost nothing to import (`stepfleet status`
+    # reads without SQLAlchemy, and catches these).
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
     try:
         yield
     except (OperationalError, InterfaceError) as exc:

@@ -15,11 +15,14 @@ from stepfleet.schemas import FailedAttempt, InstanceKey, InstanceStatus, Journa
 from stepfleet.store.errors import IntegrityViolation, StoreError
 from stepfleet.store.records import (
     EarlyEvent,
+    EarlyHolding,
     InstanceRecord,
     NewEvent,
     NewInstance,
     OutboxMessage,
     StepWrite,
+    held_bytes,
+    within_share,
 )
 
 if TYPE_CHECKING:
@@ -291,23 +294,39 @@ class MemoryTransaction:
         return taken
 
     async def hold_early_events(
-        self, early: Sequence[EarlyEvent], *, hold_seconds: float
-    ) -> set[InstanceKey]:
-        """Hold events whose instance does not exist; return the keys whose instance exists
-        after all. A lock per instance key ("key", tenant, id) stands for PgStore's advisory
-        lock, shared with `adopt_early_events`."""
+        self,
+        early: Sequence[EarlyEvent],
+        *,
+        hold_seconds: float,
+        tenant_bytes: int | None = None,
+    ) -> EarlyHolding:
+        """Hold events whose instance does not exist, each tenant's up to `tenant_bytes`;
+        report the keys whose instance exists after all and the events refused for their
+        tenant's share. A lock per instance key ("key", tenant, id) stands for PgStore's
+        advisory lock, shared with `adopt_early_events`."""
         self._check()
         await self._lock(("key", *e.event.key) for e in early)
         existing = {e.event.key for e in early if self._instance(e.event.key) is not None}
+        candidates = [e for e in early if e.event.key not in existing]
+        rows = [
+            (key, event_id, h)
+            for key in {*self._db.early, *self._new.early} - self._adopted
+            for event_id, h in _merged(self._db.early, self._new.early, key).items()
+        ]
+        used: dict[str, int] = {}
+        for key, _, h in rows:
+            used[key.tenant] = used.get(key.tenant, 0) + held_bytes(h.early)
+        already = {(key, event_id) for key, event_id, _ in rows}
+        fits, refused = within_share(candidates, used, already, tenant_bytes)
         ends = self.now + timedelta(seconds=hold_seconds)
-        for e in early:
+        for e in fits:
             key = e.event.key
-            if key in existing or e.event.event_id in self._db.early.get(key, {}):
+            if e.event.event_id in self._db.early.get(key, {}):
                 continue
             self._new.early.setdefault(key, {}).setdefault(
                 e.event.event_id, Held(e, self.now, ends)
             )
-        return existing
+        return EarlyHolding(existing, refused)
 
     async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
         """Store the events held for instances this transaction has just created."""

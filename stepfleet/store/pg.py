@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from stepfleet.schemas import FailedAttempt, InstanceKey, InstanceStatus, JournalEntry
+from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store import statements as sql
 from stepfleet.store.browse import Browse
 from stepfleet.store.control import ControlTransaction
@@ -25,6 +25,7 @@ from stepfleet.store.records import (
     OutboxMessage,
     Unmoved,
 )
+from stepfleet.store.row_views import failed_attempt, held_event
 from stepfleet.store.rows import (
     delete_outbox,
     journal_of,
@@ -246,10 +247,7 @@ class PgStore:
                 record=record_from_row(row),
                 params=row.params,
                 journal=entries,
-                attempts=[
-                    FailedAttempt(a.seq, a.name, a.attempt, a.error, a.started_at, a.finished_at)
-                    for a in attempts
-                ],
+                attempts=[failed_attempt(a._mapping) for a in attempts],
                 pending_events=waiting.scalar_one(),
             )
 
@@ -289,7 +287,7 @@ class PgStore:
             result = await connection.execute(
                 sql.HELD_EVENTS, {"tenant": key.tenant, "id": key.instance_id}
             )
-            return [HeldEvent(r.event_id, r.type, r.received_at, r.expires_at) for r in result]
+            return [held_event(r._mapping) for r in result]
 
     async def delete_outbox(self, ids: Sequence[int]) -> None:
         """Forget messages whose publish the broker confirmed."""

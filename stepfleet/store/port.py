@@ -17,6 +17,7 @@ from stepfleet.schemas import InstanceKey, JournalEntry
 from stepfleet.store.records import (
     DueTimer,
     EarlyEvent,
+    EarlyHolding,
     GuardedWrite,
     HeldEvent,
     InstanceDetail,
@@ -83,10 +84,16 @@ class StepTx(Protocol):
         ...
 
     async def hold_early_events(
-        self, early: Sequence[EarlyEvent], *, hold_seconds: float
-    ) -> set[InstanceKey]:
-        """Hold events whose instance does not exist; return the keys whose instance exists
-        after all (created and committed meanwhile), whose events are not held."""
+        self,
+        early: Sequence[EarlyEvent],
+        *,
+        hold_seconds: float,
+        tenant_bytes: int | None = None,
+    ) -> EarlyHolding:
+        """Hold events whose instance does not exist, each tenant's up to `tenant_bytes` held
+        at once (`held_bytes`; None: no limit); report the instances that exist after all
+        (created and committed meanwhile) and the events refused for their tenant's share,
+        neither of which is held."""
         ...
 
     async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -154,6 +155,58 @@ class EarlyEvent:
 
     event: NewEvent
     letter: OutboxMessage
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyHolding:
+    """What `hold_early_events` did with the events it was given (the others are held)."""
+
+    existing: set[InstanceKey] = field(default_factory=set)
+    """Instances that exist after all (created and committed meanwhile): their events are
+    not held, but handled again as ordinary events."""
+    refused: list[EarlyEvent] = field(default_factory=list)
+    """Events not held because their tenant's held events would take more than its share."""
+
+
+def held_bytes(early: EarlyEvent) -> int:
+    """What a held event stores, counted against its tenant's share: its payload, and its
+    dead letter's headers and body."""
+    return (
+        len(early.event.payload.encode())
+        + len(early.letter.headers.encode())
+        + len(early.letter.body)
+    )
+
+
+def within_share(
+    candidates: Sequence[EarlyEvent],
+    used: Mapping[str, int],
+    already: Set[tuple[InstanceKey, str]],
+    share: int | None,
+) -> tuple[list[EarlyEvent], list[EarlyEvent]]:
+    """Split events to hold, in order, into those that fit their tenant's share of held
+    bytes (`used`: what each tenant holds now; None: no share) and those that do not. A
+    repeat of an event held already (in `already`, or earlier among `candidates`) adds
+    nothing and is never refused."""
+    if share is None:
+        return list(candidates), []
+    taken = dict(used)
+    seen = set(already)
+    fits: list[EarlyEvent] = []
+    refused: list[EarlyEvent] = []
+    for early in candidates:
+        ident = (early.event.key, early.event.event_id)
+        tenant = early.event.key.tenant
+        size = held_bytes(early)
+        if ident in seen:
+            fits.append(early)
+        elif taken.get(tenant, 0) + size <= share:
+            taken[tenant] = taken.get(tenant, 0) + size
+            seen.add(ident)
+            fits.append(early)
+        else:
+            refused.append(early)
+    return fits, refused
 
 
 @dataclass(frozen=True, slots=True)

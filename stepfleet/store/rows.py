@@ -9,17 +9,9 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from stepfleet.schemas import (
-    EntryFlags,
-    EntryKind,
-    InstanceKey,
-    InstanceStatus,
-    JournalEntry,
-    RunMode,
-    Waiting,
-    WaitKind,
-)
-from stepfleet.store.records import InstanceRecord, Stall
+from stepfleet.schemas import InstanceKey, JournalEntry
+from stepfleet.store.records import InstanceRecord
+from stepfleet.store.row_views import instance_record, journal_entry
 from stepfleet.store.tables import journal, modules
 
 STATE_COLUMNS = """tenant, id, module, status, position, generation, attempt, wait_kind, wait_name,
@@ -53,54 +45,12 @@ def split_keys(keys: Iterable[InstanceKey]) -> dict[str, list[str]]:
 
 
 def entry_from_row(row: Any) -> JournalEntry:
-    return JournalEntry(
-        seq=row.seq,
-        kind=EntryKind(row.kind),
-        name=row.name,
-        value=row.value,
-        attempt=row.attempt,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        flags=EntryFlags(row.flags),
-    )
+    return journal_entry(row._mapping)
 
 
 def record_from_row(row: Any) -> InstanceRecord:
     """Build an instance record from a row that has at least the locked columns."""
-    mapping = row._mapping
-    waiting = None
-    if row.wait_kind is not None:
-        waiting = Waiting(
-            WaitKind(row.wait_kind),
-            row.wait_name,
-            row.wake_at,
-            row.wait_event,
-            row.wait_timeout_ms,
-        )
-    return InstanceRecord(
-        key=InstanceKey(row.tenant, row.id),
-        module=row.module,
-        status=InstanceStatus(row.status),
-        position=row.position,
-        generation=row.generation,
-        attempt=row.attempt,
-        waiting=waiting,
-        mode=RunMode(row.mode),
-        end_status=InstanceStatus(row.end_status) if row.end_status else None,
-        state_bytes=row.state_bytes,
-        output=mapping.get("output"),
-        error=row.error,
-        created_at=mapping.get("created_at"),
-        updated_at=mapping.get("updated_at"),
-        finished_at=mapping.get("finished_at"),
-        retain_until=mapping.get("retain_until"),
-        stalled=None
-        if mapping.get("stalled_letter") is None
-        else Stall(
-            mapping["stalled_letter"], mapping["stalled_reason"] or "", mapping["stalled_at"]
-        ),
-        traceparent=mapping.get("traceparent"),
-    )
+    return instance_record(row._mapping)
 
 
 async def take_events(

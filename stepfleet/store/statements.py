@@ -282,6 +282,27 @@ HOLD_EARLY_EVENTS = text(
     """
 )
 
+# What each tenant's held events store now (records.held_bytes), and which of some events are
+# held already (a repeat adds nothing).
+HELD_BYTES = text(
+    """
+    SELECT tenant,
+           sum(octet_length(payload) + octet_length(letter_headers) + octet_length(letter_body))
+               AS bytes
+    FROM early_events WHERE tenant = ANY(CAST(:tenants AS text[]))
+    GROUP BY tenant
+    """
+)
+
+ALREADY_HELD = text(
+    """
+    SELECT e.tenant, e.instance_id, e.event_id
+    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:event_ids AS text[]))
+         AS n(t, i, ev)
+    JOIN early_events AS e ON e.tenant = n.t AND e.instance_id = n.i AND e.event_id = n.ev
+    """
+)
+
 # The instances were just inserted by this transaction: their held events become stored
 # events, in arrival order, for the first waits of their types.
 ADOPT_EARLY_EVENTS = text(

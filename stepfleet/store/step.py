@@ -18,12 +18,14 @@ from stepfleet.schemas import InstanceKey, JournalEntry, Waiting
 from stepfleet.store import statements as sql
 from stepfleet.store.records import (
     EarlyEvent,
+    EarlyHolding,
     GuardedWrite,
     InstanceRecord,
     NewEvent,
     NewInstance,
     OutboxMessage,
     StepWrite,
+    within_share,
 )
 from stepfleet.store.rows import (
     delete_outbox,
@@ -158,24 +160,32 @@ class StepTransaction:
         return {InstanceKey(row.tenant, row.instance_id) for row in result}
 
     async def hold_early_events(
-        self, early: Sequence[EarlyEvent], *, hold_seconds: float
-    ) -> set[InstanceKey]:
-        """Hold events whose instance does not exist, for `hold_seconds`; return the keys
-        whose instance exists after all (its create committed meanwhile): those are not held.
+        self,
+        early: Sequence[EarlyEvent],
+        *,
+        hold_seconds: float,
+        tenant_bytes: int | None = None,
+    ) -> EarlyHolding:
+        """Hold events whose instance does not exist, for `hold_seconds`, each tenant's up to
+        `tenant_bytes` held at once; report the keys whose instance exists after all (its
+        create committed meanwhile) and the events refused for their tenant's share: those
+        are not held.
 
         The instances' advisory locks (also taken by `create_instances`) make this and a
         create of the same instance serialise: a create that commits first is seen here, one
-        that commits later finds the held event.
+        that commits later finds the held event. Two workers holding a tenant's events at
+        once may each fill the rest of its share, so it is kept within a batch or two.
         """
         if not early:
-            return set()
+            return EarlyHolding()
         keys = split_keys(e.event.key for e in early)
         await self._conn.execute(sql.LOCK_INSTANCE_KEYS, keys)
         existing = {
             InstanceKey(row.tenant, row.id)
             for row in await self._conn.execute(sql.EXISTING_INSTANCES, keys)
         }
-        held = [e for e in early if e.event.key not in existing]
+        candidates = [e for e in early if e.event.key not in existing]
+        held, refused = await self._within_share(candidates, tenant_bytes)
         if held:
             await self._conn.execute(
                 sql.HOLD_EARLY_EVENTS,
@@ -191,7 +201,29 @@ class StepTransaction:
                     "hold": hold_seconds,
                 },
             )
-        return existing
+        return EarlyHolding(existing, refused)
+
+    async def _within_share(
+        self, candidates: Sequence[EarlyEvent], tenant_bytes: int | None
+    ) -> tuple[list[EarlyEvent], list[EarlyEvent]]:
+        if tenant_bytes is None or not candidates:
+            return list(candidates), []
+        tenants = sorted({e.event.key.tenant for e in candidates})
+        used = {
+            row.tenant: int(row.bytes)
+            for row in await self._conn.execute(sql.HELD_BYTES, {"tenants": tenants})
+        }
+        already = {
+            (InstanceKey(row.tenant, row.instance_id), row.event_id)
+            for row in await self._conn.execute(
+                sql.ALREADY_HELD,
+                {
+                    **split_keys(e.event.key for e in candidates),
+                    "event_ids": [e.event.event_id for e in candidates],
+                },
+            )
+        }
+        return within_share(candidates, used, already, tenant_bytes)
 
     async def adopt_early_events(self, keys: Sequence[InstanceKey]) -> int:
         """Turn the events held for instances this transaction has just inserted into stored

@@ -83,13 +83,16 @@ class BatchProcessor:
         resume: Callable[[Delivery], None] | None = None,
         local_steps: int = 0,
         early_event_seconds: float = 0.0,
+        early_event_tenant_bytes: int | None = None,
         observer: Observer = NO_OBSERVER,
     ) -> None:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
         whose step's call was answered (or a next step taken on locally) to the worker's
         inbox; `local_steps`: next steps this process may hold for itself at once instead of
         publishing them (0: publish every one); `observer` gets the batch's metrics and
-        spans."""
+        spans; `early_event_seconds` and `early_event_tenant_bytes`: how long an event that
+        comes before its instance is held, and how much one tenant's held events may store
+        (None: no limit)."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
@@ -108,7 +111,9 @@ class BatchProcessor:
             clock=clock,
             on_wake_due=on_wake_due,
             early=EarlyHold(
-                early_event_seconds, lambda d, r, t: outbox_row(dead_letter(topology, d, r, t))
+                early_event_seconds,
+                lambda d, r, t: outbox_row(dead_letter(topology, d, r, t)),
+                early_event_tenant_bytes,
             ),
             observer=observer,
         )

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from stepfleet.broker import Topology
 from stepfleet.engine import EngineLimits
 from stepfleet.sandbox import SandboxLimits
+from stepfleet.workers.environment import DEFAULT_DATABASE_URL, ENV_PREFIX
 
 
 def _default_module_cache_dir() -> Path | None:
@@ -33,9 +34,10 @@ def _empty_is_none(value: Any) -> Any:
 class Settings(BaseSettings):
     """Everything a worker or the CLI needs to know; frozen once built."""
 
-    model_config = SettingsConfigDict(env_prefix="STEPFLEET_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/stepfleet"
+    database_url: str = DEFAULT_DATABASE_URL
+    """Also read without pydantic by `stepfleet status` (workers/environment.py)."""
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     prefix: str = Field(default="stepfleet", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,60}$")
     rabbitmq_admin_url: str = "http://guest:guest@127.0.0.1:15672"
@@ -134,6 +136,10 @@ class Settings(BaseSettings):
     early_event_seconds: float = Field(default=600.0, ge=0)
     """How long an event for an instance that does not exist yet is held for its create;
     then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""
+    early_event_tenant_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """What one tenant's held early events may store at once (payloads, and their dead
+    letters' headers and bodies); an early event past it is dead-lettered `unknown-instance`
+    at once instead of held."""
     stall_after_seconds: float = Field(default=300.0, gt=0)
     """A live instance with no timer, no outbox row and no progress for this long is taken
     for one whose step message was lost: the stall sweep publishes its step again (a copy of

@@ -145,6 +145,7 @@ class Worker:
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
             early_event_seconds=settings.early_event_seconds,
+            early_event_tenant_bytes=settings.early_event_tenant_bytes,
             observer=self.observer,
         )
         self._side_lanes = SideLanes(

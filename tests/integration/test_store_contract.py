@@ -31,6 +31,7 @@ from stepfleet.schemas import (
 )
 from stepfleet.store import (
     EarlyEvent,
+    EarlyHolding,
     ExpectedRow,
     GuardedWrite,
     MemoryStore,
@@ -43,6 +44,7 @@ from stepfleet.store import (
     StepWrite,
 )
 from stepfleet.store.errors import IntegrityViolation, StoreError
+from stepfleet.store.records import held_bytes
 
 RETENTION = 30 * 86400
 
@@ -557,7 +559,7 @@ async def test_early_events_are_held_until_their_create_takes_them(contract: Con
         found = await tx.hold_early_events(
             [_early(key, "e1"), _early(existing, "e9")], hold_seconds=60
         )
-    assert found == {existing}
+    assert found == EarlyHolding({existing}, [])
     async with contract.store.transaction() as tx:
         await tx.hold_early_events([_early(key, "e2"), _early(key, "e1")], hold_seconds=60)
     assert [h.event_id for h in await contract.store.held_events(key)] == ["e1", "e2"]
@@ -582,7 +584,8 @@ async def test_a_create_committed_during_a_hold_is_seen_by_it(contract: Contract
     async def hold() -> set[InstanceKey]:
         await created.wait()
         async with contract.store.transaction() as tx:
-            return await tx.hold_early_events([_early(key, "e1")], hold_seconds=60)
+            holding = await tx.hold_early_events([_early(key, "e1")], hold_seconds=60)
+            return holding.existing
 
     task = asyncio.create_task(hold())
     async with contract.store.transaction() as tx:
@@ -592,6 +595,42 @@ async def test_a_create_committed_during_a_hold_is_seen_by_it(contract: Contract
         await asyncio.sleep(0.05)
     assert await task == {key}
     assert await contract.store.held_events(key) == []
+
+
+async def test_a_tenants_held_events_stay_within_its_share(contract: Contract) -> None:
+    """Past its share of held bytes a tenant's early events are refused, not held; a repeat
+    of one held already is never refused; other tenants have shares of their own; a create
+    that takes its held events frees their share."""
+    key, later = contract.key("big"), contract.key("later")
+    other = InstanceKey(contract.tenant + "-other", "big")
+    size = held_bytes(_early(key, "e1"))
+    share = 2 * size + size // 2
+    async with contract.store.transaction() as tx:
+        first = await tx.hold_early_events(
+            [_early(key, "e1"), _early(key, "e1"), _early(key, "e2"), _early(other, "e1")],
+            hold_seconds=60,
+            tenant_bytes=share,
+        )
+    assert first == EarlyHolding(set(), [])
+    async with contract.store.transaction() as tx:
+        second = await tx.hold_early_events(
+            [_early(key, "e2"), _early(later, "e3"), _early(other, "e2")],
+            hold_seconds=60,
+            tenant_bytes=share,
+        )
+    assert [(e.event.key, e.event.event_id) for e in second.refused] == [(later, "e3")]
+    assert [h.event_id for h in await contract.store.held_events(key)] == ["e1", "e2"]
+    assert await contract.store.held_events(later) == []
+    assert len(await contract.store.held_events(other)) == 2
+    async with contract.store.transaction() as tx:
+        await tx.create_instances([NewInstance(key, contract.module, "{}")])
+        assert await tx.adopt_early_events([key]) == 2
+    async with contract.store.transaction() as tx:
+        third = await tx.hold_early_events(
+            [_early(later, "e3")], hold_seconds=60, tenant_bytes=share
+        )
+    assert third == EarlyHolding(set(), [])
+    assert [h.event_id for h in await contract.store.held_events(later)] == ["e3"]
 
 
 async def test_grant_slots_shares_the_cap_between_transactions(contract: Contract) -> None:

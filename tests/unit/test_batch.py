@@ -99,6 +99,7 @@ class Fleet:
         wasm_thread=None,
         caller=None,
         early_event_seconds: float = 0.0,
+        early_event_tenant_bytes: int | None = None,
         guest_processes=None,
     ) -> None:
         self.now = T0
@@ -128,6 +129,7 @@ class Fleet:
             resume=self.inbox.append,
             local_steps=local_steps,
             early_event_seconds=early_event_seconds,
+            early_event_tenant_bytes=early_event_tenant_bytes,
         )
 
     async def handed_back(self) -> list:
@@ -425,6 +427,27 @@ async def test_an_event_whose_instance_never_comes_is_dead_lettered_after_the_ho
         None,
     )
     assert await fleet.store.held_events(InstanceKey(TENANT, "ghost")) == []
+
+
+async def test_an_early_event_past_its_tenants_share_is_dead_lettered_at_once():
+    """Held events of a tenant store at most its share: the next event for an instance not
+    created yet is dead-lettered `unknown-instance` at once, saying why, and is acked."""
+    # Each event stores its payload twice (as payload, in its letter's body) and the
+    # letter's headers: about 8.5 KB, so the share holds one.
+    fleet = Fleet(early_event_seconds=60, early_event_tenant_bytes=12_000)
+    first = await fleet.processor.process([fleet.event("o-1", "e-1", {"pad": "x" * 4000})])
+    assert first.dead_letters == 0
+    second = await fleet.processor.process([fleet.event("o-2", "e-2", {"pad": "y" * 4000})])
+    assert second.dead_letters == 1
+    [letter] = fleet.dead()
+    assert letter.headers["x-dead-reason"] == "unknown-instance"
+    assert "STEPFLEET_EARLY_EVENT_TENANT_BYTES" in letter.headers["x-dead-detail"]
+    assert "share of 12000 bytes" in letter.headers["x-dead-detail"]
+    assert len(fleet.acks.acked) == 2
+    assert [h.event_id for h in await fleet.store.held_events(InstanceKey(TENANT, "o-1"))] == [
+        "e-1"
+    ]
+    assert await fleet.store.held_events(InstanceKey(TENANT, "o-2")) == []
 
 
 async def test_an_event_for_no_instance_is_dead_lettered():

@@ -14,16 +14,12 @@ import pytest
 
 HEAVY = ("sqlalchemy", "aio_pika", "aiormq", "wasmtime", "aiohttp", "cryptography", "alembic")
 
-REPORT = f"""
-import json, sys
-print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))
-"""
 
-
-def loaded(code: str, **env: str) -> set[str]:
-    """The heavy libraries loaded after running `code` in a new interpreter."""
+def loaded(code: str, watched: tuple[str, ...] = HEAVY, **env: str) -> set[str]:
+    """The libraries among `watched` loaded after running `code` in a new interpreter."""
+    report = f"\nimport json, sys\nprint(json.dumps(sorted(m for m in {watched!r} if m in sys.modules)))\n"
     result = subprocess.run(
-        [sys.executable, "-c", code + REPORT],
+        [sys.executable, "-c", code + report],
         capture_output=True,
         text=True,
         check=True,
@@ -56,15 +52,51 @@ def test_help_loads_no_service_library(args):
     assert loaded(code) == set()
 
 
-def test_status_loads_sqlalchemy_only():
-    """`status` reads PostgreSQL and nothing else: no aio-pika, no wasmtime (the database
-    here refuses connections, which status reports as one line)."""
-    code = (
-        "from stepfleet.cli.main import app\n"
+# What `status` may load beyond the CLI itself: psycopg, and nothing that takes long to
+# import (the database here refuses connections, which status reports as one line).
+STATUS_WATCHED = (*HEAVY, "psycopg", "pydantic", "pydantic_settings", "structlog")
+REFUSED = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"
+
+
+def status_call(*args: str) -> str:
+    """Code that runs the `stepfleet` script's entry point as `stepfleet ARGS`."""
+    return (
+        "import sys\n"
+        f"sys.argv = ['stepfleet', *{args!r}]\n"
+        "from stepfleet.cli.main import main\n"
         "try:\n"
-        "    app(['status', 'nope', '--tenant', 'acme'], prog_name='stepfleet')\n"
+        "    main()\n"
         "except SystemExit:\n"
         "    pass\n"
     )
-    refused = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"
-    assert loaded(code, STEPFLEET_DATABASE_URL=refused) == {"sqlalchemy"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status", "nope"),
+        ("status", "nope", "--tenant", "acme"),
+        ("status", "--json", "--tenant", "acme", "nope"),
+    ],
+    ids=" ".join,
+)
+def test_status_reads_through_psycopg_alone(args):
+    """A plain `status` call reads PostgreSQL through psycopg: no SQLAlchemy, no aio-pika, no
+    wasmtime, and neither pydantic (settings, typer's coercion) nor structlog."""
+    assert loaded(status_call(*args), STATUS_WATCHED, STEPFLEET_DATABASE_URL=REFUSED) == {"psycopg"}
+
+
+def test_status_parsed_by_typer_still_leaves_sqlalchemy_out():
+    """A call typer parses (here `--tenant=acme`) reads the same way, with pydantic for
+    typer's coercion."""
+    call = status_call("status", "nope", "--tenant=acme")
+    assert loaded(call, STATUS_WATCHED, STEPFLEET_DATABASE_URL=REFUSED) == {"psycopg", "pydantic"}
+
+
+def test_status_with_another_driver_goes_through_the_store():
+    """A database URL in another form than `postgresql+psycopg://` (here SQLAlchemy's name
+    of psycopg's async driver) is read through the store, that is by SQLAlchemy."""
+    other = "postgresql+psycopg_async://postgres@127.0.0.1:1/nothing"
+    assert "sqlalchemy" in loaded(
+        status_call("status", "nope"), STATUS_WATCHED, STEPFLEET_DATABASE_URL=other
+    )

@@ -15,6 +15,7 @@ OWNED = {
     "aiormq": "broker",
     "wasmtime": "sandbox",
     "sqlalchemy": "store",
+    "psycopg": "store",
     "alembic": "store",
     "cryptography": "egress",
     "aiohttp": "egress",
