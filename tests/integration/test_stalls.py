@@ -165,7 +165,7 @@ async def test_a_step_dead_lettered_at_its_delivery_limit_stalls_its_instance_un
     assert f"stalled   dead letter {letter.id} (delivery-limit)" in text_status
     listed = await cli("list", "--tenant", key.tenant, "--stalled", "--json")
     assert [json.loads(line)["id"] for line in listed.stdout.splitlines()] == [key.instance_id]
-    letters = await cli("dlq", "list", "--stalled", "--json")
+    letters = await cli("dlq", "list", "--stalled", "--tenant", key.tenant, "--json")
     assert [json.loads(line)["id"] for line in letters.stdout.splitlines()] == [letter.id]
 
     replayed = await cli("dlq", "replay", str(letter.id))
@@ -175,7 +175,7 @@ async def test_a_step_dead_lettered_at_its_delivery_limit_stalls_its_instance_un
     assert done.stalled is None
     assert (await store.journal(key))[-1].name == "b"
     assert (await cli("list", "--tenant", key.tenant, "--stalled")).stdout == ""
-    assert (await cli("dlq", "list", "--stalled", "--json")).stdout == ""
+    assert (await cli("dlq", "list", "--stalled", "--tenant", key.tenant, "--json")).stdout == ""
 
 
 async def test_only_a_letter_for_where_the_instance_stands_marks_it(
