@@ -2,8 +2,9 @@
 
 Runs the given command (any checkout's benchmark, e.g. `bench/throughput.py`), finds the
 `stepfleet worker` processes among its descendants (every --scan seconds) and samples each
-one's CPU time (utime + stime in /proc/<pid>/stat, all its threads) every --interval seconds,
-with timestamps. Workers alive at the same time form a group (throughput.py starts 1 worker,
+one's CPU time every --interval seconds, with timestamps: utime + stime in /proc/<pid>/stat
+(all its threads), plus those of the worker's own descendants (guest or compiler processes),
+live or exited. Workers alive at the same time form a group (throughput.py starts 1 worker,
 stops it, then starts 2).
 
 The load window of a group is read from the database its workers use (STEPFLEET_DATABASE_URL
@@ -47,8 +48,26 @@ class Worker:
     pid: int
     database: str
     samples: list[tuple[float, float]] = field(default_factory=list)
-    """(monotonic time, CPU seconds so far)."""
+    """(monotonic time, CPU seconds so far, its own and its descendants')."""
     gone: bool = False
+    helpers: set[int] = field(default_factory=set)
+    """Its live descendants (e.g. guest or compiler processes), from the last scan."""
+    helpers_seen: set[int] = field(default_factory=set)
+
+    def sample(self) -> None:
+        """Its CPU and its live descendants': an exited one's moves to its parent's
+        children's time when it is waited for, so the sum does not jump."""
+        own = cpu_seconds(self.pid)
+        if own is None:
+            self.gone = True
+            return
+        for pid in list(self.helpers):
+            used = cpu_seconds(pid)
+            if used is None:
+                self.helpers.discard(pid)
+            else:
+                own += used
+        self.samples.append((time.monotonic(), own))
 
     def cpu_at(self, moment: float) -> float:
         """CPU seconds at a moment, linear between the two samples around it."""
@@ -77,10 +96,12 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    # utime, stime, and those of its children that exited and were waited for
+    return sum(int(f) for f in fields[11:15]) / TICKS
 
 
-def descendants(root: int) -> list[int]:
+def process_parents() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process now."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -91,6 +112,10 @@ def descendants(root: int) -> list[int]:
             continue
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
         parents.setdefault(ppid, []).append(int(entry.name))
+    return parents
+
+
+def descendants(parents: dict[int, list[int]], root: int) -> list[int]:
     found, todo = [], [root]
     while todo:
         children = parents.get(todo.pop(), [])
@@ -191,7 +216,13 @@ def main() -> None:
         if now >= next_scan:
             next_scan = now + args.scan
             loads.append((now, load_average()))
-            for pid in descendants(child.pid):
+            parents = process_parents()
+            for group in groups:
+                for worker in group.workers:
+                    if not worker.gone:
+                        worker.helpers = set(descendants(parents, worker.pid))
+                        worker.helpers_seen |= worker.helpers
+            for pid in descendants(parents, child.pid):
                 if pid in seen:
                     continue
                 seen.add(pid)
@@ -206,13 +237,8 @@ def main() -> None:
                     watches[database].start()
         for group in groups:
             for worker in group.workers:
-                if worker.gone:
-                    continue
-                used = cpu_seconds(worker.pid)
-                if used is None:
-                    worker.gone = True
-                else:
-                    worker.samples.append((time.monotonic(), used))
+                if not worker.gone:
+                    worker.sample()
         time.sleep(args.interval)
     for watch in watches.values():
         watch.stop.set()
@@ -224,6 +250,7 @@ def main() -> None:
         entry: dict[str, object] = {
             "workers": len(group.workers),
             "cpu_seconds_lifetime": [round(w.samples[-1][1], 2) for w in group.workers],
+            "descendant_processes": [len(w.helpers_seen) for w in group.workers],
         }
         if bounds is None:
             entry["error"] = "no load window found in the database samples"
