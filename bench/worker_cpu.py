@@ -220,6 +220,9 @@ def main() -> None:
             for group in groups:
                 for worker in group.workers:
                     if not worker.gone:
+                        # a worker stopped since the last sample must not join the new group
+                        worker.sample()
+                    if not worker.gone:
                         worker.helpers = set(descendants(parents, worker.pid))
                         worker.helpers_seen |= worker.helpers
             for pid in descendants(parents, child.pid):
