@@ -62,11 +62,23 @@ JOURNAL_SINCE = text(
     """
 )
 
+# How a write moves an instance row `i` to the state `u` (WRITE_BATCH, WRITE_UNCHANGED).
+_NEW_STATE = """status = u.status, position = u.position, attempt = u.attempt,
+    wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
+    wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
+    mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
+    state_bytes = u.state_bytes, updated_at = now(),
+    stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
+    traceparent = coalesce(u.traceparent, i.traceparent),
+    finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated') THEN now() END,
+    retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
+        THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention)) END"""
+
 # Everything a batch writes, in one statement: forget confirmed outbox rows, append journal
 # entries and failed attempts, move instance states, queue the next messages. Empty arrays make
 # empty parts.
-WRITE_BATCH = text(
-    """
+WRITE_BATCH = text(  # _NEW_STATE is a constant, not input
+    f"""
     WITH confirmed AS (
         DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))
     ),
@@ -89,18 +101,7 @@ WRITE_BATCH = text(
     ),
     states AS (
         UPDATE instances AS i
-        SET status = u.status, position = u.position, attempt = u.attempt,
-            wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
-            wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
-            mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
-            state_bytes = u.state_bytes, updated_at = now(),
-            stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
-            traceparent = coalesce(u.traceparent, i.traceparent),
-            finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
-                               THEN now() END,
-            retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
-                THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention))
-                END
+        SET {_NEW_STATE}
         FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
                     CAST(:positions AS int[]), CAST(:u_attempts AS int[]),
                     CAST(:wait_kinds AS text[]), CAST(:wait_names AS text[]),
@@ -118,7 +119,7 @@ WRITE_BATCH = text(
     SELECT * FROM unnest(CAST(:keys AS text[]), CAST(:headers AS text[]),
                          CAST(:bodies AS bytea[]))
     RETURNING id
-    """
+    """  # noqa: S608
 )
 
 # WRITE_BATCH for next steps a worker runs on the instance as it left it, in one statement
@@ -128,8 +129,8 @@ WRITE_BATCH = text(
 # Rows come as JSON documents (jsonb_to_recordset): encoded in C rather than array by array,
 # and a short statement with few parameters, which psycopg converts once and caches.
 # Answers the keys written, then the new outbox ids in order (the rest of the row is NULL).
-WRITE_UNCHANGED = text(
-    """
+WRITE_UNCHANGED = text(  # _NEW_STATE is a constant, not input
+    f"""
     WITH confirmed AS (DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))),
     u AS MATERIALIZED (
         SELECT * FROM jsonb_to_recordset(CAST(:writes AS jsonb)) AS u(
@@ -171,18 +172,7 @@ WRITE_UNCHANGED = text(
     ),
     states AS (
         UPDATE instances AS i
-        SET status = u.status, position = u.position, attempt = u.attempt,
-            wait_kind = u.wait_kind, wait_name = u.wait_name, wait_event = u.wait_event,
-            wait_timeout_ms = u.wait_timeout_ms, wake_at = u.wake_at, wake_sent_at = NULL,
-            mode = u.mode, end_status = u.end_status, output = u.output, error = u.error,
-            state_bytes = u.state_bytes, updated_at = now(),
-            stalled_letter = NULL, stalled_reason = NULL, stalled_at = NULL,
-            traceparent = coalesce(u.traceparent, i.traceparent),
-            finished_at = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
-                               THEN now() END,
-            retain_until = CASE WHEN u.status IN ('complete', 'errored', 'terminated')
-                THEN now() + make_interval(secs => coalesce(i.retention_seconds, :retention))
-                END
+        SET {_NEW_STATE}
         FROM u JOIN locked AS l ON l.tenant = u.tenant AND l.id = u.id
         WHERE i.tenant = u.tenant AND i.id = u.id
     ),
@@ -198,7 +188,7 @@ WRITE_UNCHANGED = text(
     SELECT tenant, id, NULL::bigint AS outbox_id FROM locked
     UNION ALL
     SELECT NULL, NULL, id FROM queued
-    """
+    """  # noqa: S608
 )
 
 # Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
