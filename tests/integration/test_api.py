@@ -46,10 +46,9 @@ def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-@pytest.fixture(scope="module")
-async def tokens(store: PgStore) -> Tokens:
-    run = uuid.uuid4().hex[:8]
-    tenant_a, tenant_b = f"apia{run}", f"apib{run}"
+async def issue_tokens(store: PgStore, named: str, tenant_a: str, tenant_b: str) -> Tokens:
+    """A token per role, fleet-wide and scoped to `tenant_a`; `named` makes each name from
+    its label (`{label}` in it)."""
     made: dict[str, str] = {}
     names: dict[str, str] = {}
     for label, role, tenant in (
@@ -60,10 +59,16 @@ async def tokens(store: PgStore) -> Tokens:
         ("a_viewer", "viewer", tenant_a),
         ("a_admin", "admin", tenant_a),
     ):
-        name = f"{label.replace('_', '-')}-{run}"
+        name = named.format(label=label.replace("_", "-"))
         _, made[label] = await issue_token(store, name, role, tenant, actor="tests")
         names[label] = name
     return Tokens(**made, tenant_a=tenant_a, tenant_b=tenant_b, names=names)
+
+
+@pytest.fixture(scope="module")
+async def tokens(store: PgStore) -> Tokens:
+    run = uuid.uuid4().hex[:8]
+    return await issue_tokens(store, "{label}-" + run, f"apia{run}", f"apib{run}")
 
 
 @pytest.fixture(scope="module")

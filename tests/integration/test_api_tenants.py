@@ -17,13 +17,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from stepfleet.api import ApiSettings, create_app
-from stepfleet.api.tokens import issue_token
 from stepfleet.broker.admin import BrokerAdmin
 from stepfleet.egress import new_key, open_secret
 from stepfleet.schemas import InstanceStatus, TenantLimits, digest_of
 from stepfleet.store import PgStore
 from tests.conftest import capture_logs
-from tests.integration.test_api import Tokens, bearer, error_of
+from tests.integration.test_api import Tokens, bearer, error_of, issue_tokens
 from tests.integration.test_module_moves import with_custom_section
 from tests.integration.test_primitives import WEEK_MS, bring_timer_forward, finished, reached
 
@@ -38,20 +37,7 @@ async def tokens(store: PgStore) -> Tokens:
     tenant_a, tenant_b = f"tena{run}", f"tenb{run}"
     for tenant in (tenant_a, tenant_b):
         await store.tenants.add(tenant, None, TenantLimits())
-    made: dict[str, str] = {}
-    names: dict[str, str] = {}
-    for label, role, tenant in (
-        ("admin", "admin", None),
-        ("operator", "operator", None),
-        ("viewer", "viewer", None),
-        ("a_operator", "operator", tenant_a),
-        ("a_viewer", "viewer", tenant_a),
-        ("a_admin", "admin", tenant_a),
-    ):
-        name = f"t-{label.replace('_', '-')}-{run}"
-        _, made[label] = await issue_token(store, name, role, tenant, actor="tests")
-        names[label] = name
-    return Tokens(**made, tenant_a=tenant_a, tenant_b=tenant_b, names=names)
+    return await issue_tokens(store, "t-{label}-" + run, tenant_a, tenant_b)
 
 
 @pytest.fixture(scope="module")
