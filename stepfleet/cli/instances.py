@@ -49,27 +49,42 @@ async def _control(*, publish: bool) -> AsyncIterator[tuple[Control, PgStore]]:
 
 async def _key(store: PgStore, instance_id: str, tenant: str | None) -> InstanceKey:
     from stepfleet.control import ControlError
+    from stepfleet.store import LetterFilter
 
     found = await store.find_instances(instance_id, tenant)
     if not found:
         held = await store.held_events(InstanceKey(tenant, instance_id)) if tenant else []
-        raise ControlError(_missing(instance_id, tenant, held))
+        letters = await store.dead_letters.find(
+            LetterFilter(tenant=tenant, instance_id=instance_id)
+        )
+        refused = [(letter.id, letter.reason) for letter in letters if letter.kind == "create"]
+        raise ControlError(_missing(instance_id, tenant, held, max(refused, default=None)))
     if len(found) > 1:
         raise ControlError(_ambiguous(instance_id, [record for record, _ in found]))
     return found[0][0].key
 
 
-def _missing(instance_id: str, tenant: str | None, held: Sequence[HeldEvent]) -> str:
-    """Why no instance answers to the id, naming the events held for its create if any."""
-    return (
-        f"no instance {instance_id!r}"
-        + (f" for tenant {tenant}" if tenant else "")
-        + (
-            f" (not created yet: {len(held)} event(s) for it held until "
+def _missing(
+    instance_id: str,
+    tenant: str | None,
+    held: Sequence[HeldEvent],
+    refused: tuple[int, str] | None = None,
+) -> str:
+    """Why no instance answers to the id: its create was dead-lettered (`refused`: the newest
+    such letter not replayed, and its reason), or it is not created yet: a create the broker
+    confirmed waits in its lane until a worker takes it (naming the events held for it)."""
+    missing = f"no instance {instance_id!r}" + (f" for tenant {tenant}" if tenant else "")
+    if refused is not None:
+        letter, reason = refused
+        return f"{missing}: its create was dead-lettered ({reason}): stepfleet dlq show {letter}"
+    if held:
+        return (
+            f"{missing} (not created yet: {len(held)} event(s) for it held until "
             f"{_iso(max(h.expires_at for h in held))} for its create)"
-            if held
-            else ""
         )
+    return (
+        f"{missing} (not created yet: a create the broker confirmed is queued until a worker "
+        "takes it)"
     )
 
 
@@ -242,7 +257,8 @@ def _read_status(instance_id: str, tenant: str | None) -> InstanceDetail:
             found = reader.find_instances(instance_id, tenant)
             if not found:
                 held = reader.held_events(InstanceKey(tenant, instance_id)) if tenant else []
-                fail(_missing(instance_id, tenant, held))
+                refused = reader.refused_create(instance_id, tenant)
+                fail(_missing(instance_id, tenant, held, refused))
             if len(found) > 1:
                 fail(_ambiguous(instance_id, [record for record, _ in found]))
             detail = reader.detail(found[0][0].key)

@@ -39,6 +39,18 @@ _HELD_EVENTS = """
     ORDER BY received_at, event_id
 """
 
+_REFUSED_CREATE = """
+    SELECT id, reason FROM dead_letters
+    WHERE instance_id = %(id)s AND kind = 'create' AND replayed_at IS NULL
+    ORDER BY id DESC LIMIT 1
+"""
+_REFUSED_CREATE_OF_TENANT = """
+    SELECT id, reason FROM dead_letters
+    WHERE instance_id = %(id)s AND tenant = %(tenant)s AND kind = 'create'
+      AND replayed_at IS NULL
+    ORDER BY id DESC LIMIT 1
+"""
+
 
 def libpq_url(database_url: str) -> str | None:
     """The settings' database URL (SQLAlchemy's form) as libpq takes it; None when it names a
@@ -119,3 +131,12 @@ class DirectReader:
         """The events held for an instance that does not exist (yet), oldest first."""
         where = {"tenant": key.tenant, "id": key.instance_id}
         return [held_event(row) for row in self._rows(_HELD_EVENTS, where)]
+
+    def refused_create(self, instance_id: str, tenant: str | None) -> tuple[int, str] | None:
+        """The newest dead letter (not replayed) of a create of this instance id, and its
+        reason."""
+        if tenant is None:
+            rows = self._rows(_REFUSED_CREATE, {"id": instance_id})
+        else:
+            rows = self._rows(_REFUSED_CREATE_OF_TENANT, {"id": instance_id, "tenant": tenant})
+        return (rows[0]["id"], rows[0]["reason"]) if rows else None

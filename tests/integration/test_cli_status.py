@@ -38,6 +38,8 @@ from stepfleet.schemas import (
 from stepfleet.store import (
     EarlyEvent,
     InstanceDetail,
+    LetterFilter,
+    NewDeadLetter,
     NewEvent,
     NewInstance,
     OutboxMessage,
@@ -325,14 +327,42 @@ async def test_a_confirmed_create_not_processed_yet_names_its_held_events(fleet:
         f"error: no instance '{later}' for tenant {fleet.tenant} (not created yet: 1 event(s)"
     )
     bare = await fleet.same_everywhere("status", later)
-    assert (bare.exit_code, bare.stderr) == (1, f"error: no instance '{later}'\n")
+    assert (bare.exit_code, bare.stderr) == (1, f"error: no instance '{later}'{QUEUED}\n")
+
+
+QUEUED = " (not created yet: a create the broker confirmed is queued until a worker takes it)"
 
 
 async def test_an_unknown_id(fleet: Fleet) -> None:
     never = fleet.key("never").instance_id
     unknown = await fleet.same_everywhere("status", never, "--tenant", fleet.tenant, "--json")
     assert (unknown.exit_code, unknown.stdout) == (1, "")
-    assert unknown.stderr == f"error: no instance '{never}' for tenant {fleet.tenant}\n"
+    assert unknown.stderr == f"error: no instance '{never}' for tenant {fleet.tenant}{QUEUED}\n"
+
+
+async def test_an_id_whose_create_was_dead_lettered_names_the_letter(
+    fleet: Fleet, store: PgStore
+) -> None:
+    refused = fleet.key("refused")
+    letter = NewDeadLetter(
+        letter_key=f"test/{refused.instance_id}",
+        reason="unknown-module",
+        detail="module was never pushed for the tenant",
+        routing_key=f"{fleet.tenant}.create",
+        headers={},
+        body=b"{}",
+        tenant=fleet.tenant,
+        instance_id=refused.instance_id,
+        kind="create",
+    )
+    await store.dead_letters.archive([letter])
+    [archived] = await store.dead_letters.find(LetterFilter(instance_id=refused.instance_id))
+    for args in (("--tenant", fleet.tenant), ()):
+        shown = await fleet.same_everywhere("status", refused.instance_id, *args)
+        assert shown.exit_code == 1
+        assert shown.stderr.endswith(
+            f": its create was dead-lettered (unknown-module): stepfleet dlq show {archived.id}\n"
+        )
 
 
 async def test_an_id_in_two_tenants_needs_the_tenant(fleet: Fleet, store: PgStore) -> None:
