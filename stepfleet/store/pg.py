@@ -47,14 +47,31 @@ class PgStore:
     """The PostgreSQL store; one per process, sharing a small connection pool.
 
     `retention_seconds` is how long finished instances are kept unless their create said
-    otherwise.
+    otherwise. `pre_ping` tests each connection with a round trip before lending it; a worker
+    turns it off: its batches retry on StoreUnavailable anyway, and a lost connection makes
+    SQLAlchemy discard the whole pool, so one batch pays for a restart instead of every
+    statement paying a round trip.
     """
 
     def __init__(
-        self, url: str, *, pool_size: int = 4, retention_seconds: int = 30 * 86400
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        retention_seconds: int = 30 * 86400,
+        pre_ping: bool = True,
     ) -> None:
         self._engine: AsyncEngine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=4, pool_pre_ping=True
+            url, pool_size=pool_size, max_overflow=4, pool_pre_ping=pre_ping
+        )
+        # The guarded writes' own pool, always in autocommit: switching a pooled connection
+        # to autocommit and back costs two driver calls per statement.
+        self._autocommit: AsyncEngine = create_async_engine(
+            url,
+            pool_size=max(1, pool_size // 2),
+            max_overflow=4,
+            pool_pre_ping=pre_ping,
+            isolation_level="AUTOCOMMIT",
         )
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
@@ -65,6 +82,7 @@ class PgStore:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self._engine.dispose()
+        await self._autocommit.dispose()
 
     async def write_unchanged(
         self, writes: Sequence[GuardedWrite], *, confirmed_outbox: Sequence[int] = ()
@@ -74,9 +92,8 @@ class PgStore:
         if not writes and not confirmed_outbox:
             return {}
         params = guarded_params(writes, confirmed_outbox, self._retention)
-        async with translated(), self._engine.connect() as connection:
+        async with translated(), self._autocommit.connect() as connection:
             # The statement is its own transaction: no BEGIN, no COMMIT round trips.
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
             rows = (await connection.execute(sql.WRITE_UNCHANGED, params)).all()
         applied = {InstanceKey(r.tenant, r.id) for r in rows if r.tenant is not None}
         ids = iter(sorted(r.outbox_id for r in rows if r.tenant is None))

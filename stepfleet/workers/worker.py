@@ -79,6 +79,7 @@ class Worker:
             settings.database_url,
             pool_size=settings.concurrency + 2,
             retention_seconds=settings.retention_seconds,
+            pre_ping=False,
         )
         self.broker = broker or Broker(settings.amqp_url, self.topology)
         self.tenants = TenantDirectory(settings.engine_limits())

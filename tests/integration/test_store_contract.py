@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from stepfleet.schemas import (
     EntryKind,
@@ -42,6 +44,7 @@ from stepfleet.store import (
     StepStore,
     StepTx,
     StepWrite,
+    StoreUnavailable,
 )
 from stepfleet.store.errors import IntegrityViolation, StoreError
 from stepfleet.store.records import held_bytes
@@ -753,3 +756,38 @@ async def test_memory_aborts_a_transaction_after_a_violation(memory: Contract) -
         with pytest.raises(IntegrityViolation):
             await tx.create_instances([NewInstance(memory.key("x"), digest_of(b"none"), "{}")])
     assert await memory.store.detail(memory.key("x")) is None
+
+
+# -- connections -----------------------------------------------------------------------------
+
+
+@pytest.mark.services
+async def test_a_store_without_pre_ping_pays_one_error_for_lost_connections(
+    database_url: str,
+) -> None:
+    """A worker's store lends connections untested: when PostgreSQL drops them all, one
+    statement fails with StoreUnavailable (its batch is retried) and the pools start over."""
+    store = PgStore(database_url, pre_ping=False)
+    try:
+        assert await store.write_unchanged([], confirmed_outbox=[-1]) == {}
+        async with store.transaction() as tx:
+            await tx.lock_instances([])
+        admin = create_engine(database_url, poolclass=NullPool)
+        with admin.connect() as connection:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        admin.dispose()
+        with pytest.raises(StoreUnavailable):
+            await store.write_unchanged([], confirmed_outbox=[-1])
+        assert await store.write_unchanged([], confirmed_outbox=[-1]) == {}
+        with pytest.raises(StoreUnavailable):
+            async with store.transaction() as tx:
+                await tx.lock_instances([InstanceKey("t", "i")])
+        async with store.transaction() as tx:
+            assert await tx.lock_instances([InstanceKey("t", "i")]) == {}
+    finally:
+        await store.close()
