@@ -11,6 +11,7 @@ import structlog
 import wasmtime
 
 from stepfleet.sandbox.epoch import EpochTicker
+from stepfleet.sandbox.exports import RunExports
 from stepfleet.sandbox.guest_memory import check_range
 from stepfleet.sandbox.host_imports import HostImports
 from stepfleet.sandbox.limits import SandboxLimits
@@ -19,7 +20,7 @@ from stepfleet.sandbox.module_cache import CompiledModuleCache
 from stepfleet.sandbox.port import GuestRun
 from stepfleet.sandbox.run_state import RunState
 from stepfleet.sandbox.wasi_imports import WasiImports
-from stepfleet.sandbox.wasm_engine import WasmEngine, call_export, first_line, set_run_limits
+from stepfleet.sandbox.wasm_engine import WasmEngine, first_line, set_run_limits
 from stepfleet.schemas import GuestCrashed, GuestOutcome, GuestReport, RunOutcome, StepFailed
 
 log = structlog.get_logger("stepfleet.sandbox")
@@ -58,8 +59,8 @@ class WasmSandbox(WasmEngine):
 
     def run(self, job: GuestRun) -> GuestReport:
         """Run one guest over its replay buffer and return what it reported."""
-        pre = self._compiled.get(job.digest)
-        if pre is None:
+        compiled = self._compiled.get(job.digest)
+        if compiled is None:
             raise KeyError(f"module {job.digest} is not loaded")
         store = wasmtime.Store(self._engine)
         calls = job.host_calls_per_step
@@ -85,23 +86,22 @@ class WasmSandbox(WasmEngine):
         try:
             self._ticker.set_deadline(store, self.limits.run_timeout_ms)
             try:
-                instance = pre.instantiate(store)
+                instance = compiled.pre.instantiate(store)
             except wasmtime.WasmtimeError as exc:  # its memory or tables are over the limits
                 return report(GuestCrashed(f"module cannot start: {first_line(exc)}"))
-            exports = instance.exports(store)
-            memory_export = exports["memory"]
-            assert isinstance(memory_export, wasmtime.Memory)
-            run.memory = memory = memory_export
-            initialize = exports.get("_initialize")
-            if isinstance(initialize, wasmtime.Func):
-                initialize(store)
+            layout = compiled.exports
+            if layout.initialize_refused is not None:
+                return report(GuestCrashed(f"guest error: {layout.initialize_refused}"))
+            exports = RunExports(instance, store, layout)
+            run.memory = memory = exports.memory
+            exports.initialize(store)
             size = len(job.replay_buffer)
-            pointer = call_export(exports, store, "sf_alloc", size)
-            if not isinstance(pointer, int) or pointer == 0:
+            pointer = exports.alloc(store, size)
+            if pointer == 0:
                 return report(GuestCrashed(f"sf_alloc({size}) returned no memory", "memory"))
             pointer = check_range(memory, store, pointer, size, "replay buffer")
             memory.write(store, job.replay_buffer, pointer)
-            call_export(exports, store, "sf_run", pointer, size)
+            exports.run(store, pointer, size)
         except Stop as stop:
             return report(stop.outcome)
         except Violation as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
@@ -13,9 +14,18 @@ from stepfleet.sandbox.abi import ABI_VERSION, ALLOWED_IMPORTS, REQUIRED_EXPORTS
 from stepfleet.sandbox.compiler import ModuleCompiler
 from stepfleet.sandbox.epoch import ticks
 from stepfleet.sandbox.errors import CompileFailed, InvalidModule, SandboxError
+from stepfleet.sandbox.exports import ExportLayout
 from stepfleet.sandbox.limits import SandboxLimits
 from stepfleet.sandbox.module_cache import CompiledModuleCache, engine_fingerprint
 from stepfleet.schemas import digest_of
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """A loaded module: ready to instantiate, with where its run exports are."""
+
+    pre: wasmtime.InstancePre
+    exports: ExportLayout
 
 
 class WasmEngine:
@@ -41,7 +51,7 @@ class WasmEngine:
         )
         # Host imports are defined on it before any module is loaded: loading links them.
         self._linker = wasmtime.Linker(self._engine)
-        self._compiled: OrderedDict[str, wasmtime.InstancePre] = OrderedDict()
+        self._compiled: OrderedDict[str, Compiled] = OrderedDict()
         self._modules: dict[str, wasmtime.Module] = {}
         """The modules behind `_compiled`'s entries, for `artifact_of`."""
 
@@ -62,7 +72,7 @@ class WasmEngine:
         store.set_fuel(1_000_000)
         store.set_epoch_deadline(ticks(10_000))
         try:
-            self._compiled[digest].instantiate(store)
+            self._compiled[digest].pre.instantiate(store)
         except wasmtime.Trap:
             pass  # it fits; a start function that traps is validate's and the run's to report
         except wasmtime.WasmtimeError as exc:
@@ -135,7 +145,7 @@ class WasmEngine:
         return lambda: bytes(module.serialize())
 
     def _keep(self, digest: str, module: wasmtime.Module, pre: wasmtime.InstancePre) -> None:
-        self._compiled[digest] = pre
+        self._compiled[digest] = Compiled(pre, ExportLayout.of(module))
         self._modules[digest] = module
         self._compiled.move_to_end(digest)
         while len(self._compiled) > self.limits.compiled_cache_entries:

@@ -357,3 +357,63 @@ def test_names_over_the_limit_are_refused(sandbox):
     report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
     assert isinstance(report.outcome, GuestCrashed)
     assert report.outcome.message == "step name is 300 bytes, the limit is 256"
+
+
+def _reactor(initialize: str, run_body: str = "") -> bytes:
+    """A module whose `_initialize` export is `initialize` and whose run completes with the
+    output a global holds ("1", or "2" once `_initialize` ran)."""
+    return wasmtime.wat2wasm(
+        f"""(module
+          (import "stepfleet" "complete" (func $complete (param i32 i32 i32)))
+          (memory (export "memory") 1)
+          (global $ran (mut i32) (i32.const 49))
+          (data (i32.const 16) "1")
+          {initialize}
+          (func (export "sf_abi_version") (result i32) (i32.const 2))
+          (func (export "sf_alloc") (param i32) (result i32) (i32.const 1024))
+          (func (export "sf_run") (param $ptr i32) (param $len i32)
+            {run_body}
+            (i32.store8 (i32.const 16) (global.get $ran))
+            (call $complete (i32.const 0) (i32.const 16) (i32.const 1))))"""
+    )
+
+
+@pytest.mark.parametrize(
+    ("initialize", "output"),
+    [
+        ("", "1"),
+        ('(func (export "_initialize") (global.set $ran (i32.const 50)))', "2"),
+        ('(global (export "_initialize") i32 (i32.const 0))', "1"),
+    ],
+)
+def test_initialize_runs_before_the_workflow_when_exported_as_a_function(
+    sandbox, initialize, output
+):
+    digest = load(sandbox, _reactor(initialize))
+    report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert report.outcome == Completed(0, output)
+
+
+def test_an_initialize_that_takes_arguments_fails_the_run_by_name(sandbox):
+    digest = load(sandbox, _reactor('(func (export "_initialize") (param i32))'))
+    report = sandbox.run(GuestRun(digest, encode_replay_buffer("i-1", "{}", ReplayJournal())))
+    assert report.outcome == GuestCrashed(
+        "guest error: _initialize must take no arguments and return nothing"
+    )
+
+
+def test_the_run_receives_the_buffer_where_sf_alloc_put_it(sandbox):
+    """sf_run gets sf_alloc's pointer and the buffer's length; a trap in it is reported."""
+    body = """(if (i32.ne (local.get $ptr) (i32.const 1024)) (then unreachable))
+              (if (i32.ne (i32.load8_u (local.get $ptr)) (i32.const 2)) (then unreachable))
+              (if (i32.gt_u (local.get $len) (i32.const 200)) (then unreachable))"""
+    digest = load(sandbox, _reactor("", body))
+    buffer = encode_replay_buffer("i-1", "{}", ReplayJournal())
+    report = sandbox.run(GuestRun(digest, buffer))
+    assert report.outcome == Completed(0, "1")
+    long_params = '{"p":"' + "x" * 300 + '"}'
+    report = sandbox.run(
+        GuestRun(digest, encode_replay_buffer("i-1", long_params, ReplayJournal()))
+    )
+    assert isinstance(report.outcome, GuestCrashed)
+    assert "unreachable" in report.outcome.message
