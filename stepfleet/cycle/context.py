@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bind_contextvars, reset_contextvars
 
 from stepfleet.cycle.work import Work
 
@@ -21,10 +21,15 @@ from stepfleet.cycle.work import Work
 @contextmanager
 def message_context(work: Work[Any], **more: object) -> Iterator[None]:
     """Bind `work`'s tenant, instance and module digest (and `more`) while the block runs."""
-    with bound_contextvars(
+    # Reset by token: `bound_contextvars` copies the whole context to save what it rebinds,
+    # and a busy worker enters this block several times per delivery.
+    tokens = bind_contextvars(
         tenant=work.key.tenant,
         instance=work.key.instance_id,
         module_digest=work.record.module if work.record else work.envelope.module,
         **more,
-    ):
+    )
+    try:
         yield
+    finally:
+        reset_contextvars(**tokens)
