@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -60,19 +61,23 @@ class PgStore:
         pool_size: int = 4,
         retention_seconds: int = 30 * 86400,
         pre_ping: bool = True,
+        guarded_pool_size: int | None = None,
     ) -> None:
+        """`guarded_pool_size`: connections kept for guarded writes (`write_unchanged`),
+        one per batch a process writes at once; default half of `pool_size`."""
         self._engine: AsyncEngine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=4, pool_pre_ping=pre_ping
+            url, pool_size=pool_size, max_overflow=2, pool_pre_ping=pre_ping
         )
         # The guarded writes' own pool, always in autocommit: switching a pooled connection
         # to autocommit and back costs two driver calls per statement.
         self._autocommit: AsyncEngine = create_async_engine(
             url,
-            pool_size=max(1, pool_size // 2),
-            max_overflow=4,
+            pool_size=guarded_pool_size or max(1, pool_size // 2),
+            max_overflow=0,
             pool_pre_ping=pre_ping,
             isolation_level="AUTOCOMMIT",
         )
+        event.listen(self._autocommit.sync_engine, "connect", _generic_plans)
         self._retention = retention_seconds
         self.tenants = TenantStore(self._engine)
         self.dead_letters = DeadLetterStore(self._engine)
@@ -336,3 +341,12 @@ class PgStore:
             ]
             yield claimed
             await delete_outbox(connection, [i for i, _ in claimed])
+
+
+def _generic_plans(connection: Any, _record: object) -> None:
+    """The guarded write reads its rows from JSON parameters, whose values no plan can look
+    into: its generic plan is the plan, and PostgreSQL's first custom plans only cost time
+    (a SET rather than a startup option, which PgBouncer refuses)."""
+    cursor = connection.cursor()
+    cursor.execute("SET plan_cache_mode = force_generic_plan")
+    cursor.close()

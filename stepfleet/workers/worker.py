@@ -80,6 +80,7 @@ class Worker:
             pool_size=settings.concurrency + 2,
             retention_seconds=settings.retention_seconds,
             pre_ping=False,
+            guarded_pool_size=settings.concurrency + 1,  # its pipelines and the light one
         )
         self.broker = broker or Broker(settings.amqp_url, self.topology)
         self.tenants = TenantDirectory(settings.engine_limits())
