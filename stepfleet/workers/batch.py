@@ -184,6 +184,8 @@ class BatchProcessor:
             self._run_apart(apart)
         self._crash.reach("after-commit")
         published = self._continue_locally(cycle.next_steps)
+        if len(published) < len(cycle.next_steps):
+            await asyncio.sleep(0)  # an idle pipeline starts them while this one publishes and acks
         await gate.step_aside()
         with phases.timing("publish") as publishing:
             await self._publish([step.message for step in published] + dead)
