@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import _func as wasmtime_func
+from wasmtime._func import Caller
 
 from stepfleet.schemas import RunOutcome
 
@@ -72,4 +77,61 @@ def _define(
             log.exception("host_import_failed", host_import=where)
             raise Violation(f"host error in {where}: {type(exc).__name__}") from None
 
-    linker.define_func(module, name, functype, guarded, access_caller=True)
+    served = next(_SERVED_IDS)
+    wide = tuple(p == "i64" for p in params)
+    _SERVED[served] = (guarded, wide, None if not results else results[0] == "i64")
+    module_bytes, name_bytes = module.encode(), name.encode()
+    error = ffi.wasmtime_linker_define_func_unchecked(
+        linker.ptr(),
+        ctypes.create_string_buffer(module_bytes),
+        len(module_bytes),
+        ctypes.create_string_buffer(name_bytes),
+        len(name_bytes),
+        functype.ptr(),
+        _serve,
+        served,
+        _forget,
+    )
+    if bool(error):  # a NULL pointer: no error
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+_SERVED: dict[int, tuple[Callable[..., Any], tuple[bool, ...], bool | None]] = {}
+"""Each defined import: its function, which parameters are i64, and whether its one result
+is an i64 (None: no result); dropped with its linker (`_forget`)."""
+_SERVED_IDS = itertools.count(1)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _forget(served: int, known: dict[int, Any] = _SERVED) -> None:
+    # `known` is bound here: at interpreter exit the module's globals may be gone first.
+    known.pop(served, None)
+
+
+@ffi.wasmtime_func_unchecked_callback_t  # type: ignore[untyped-decorator]
+def _serve(served: int, caller_ptr: Any, values: Any, _count: int) -> int | None:
+    """Serve an import from the raw values wasmtime hands over (results go in their place).
+
+    wasmtime-py's own trampoline makes a `Val` of each argument and converts the result
+    through a freshly made type, per call; the signatures here are fixed when defined. An
+    exception becomes a trap that `enter_wasm` raises again, as that trampoline does.
+    """
+    caller = Caller(caller_ptr)
+    try:
+        func, wide, result_wide = _SERVED[served]
+        args = [values[n].i64 if is_wide else values[n].i32 for n, is_wide in enumerate(wide)]
+        result = func(caller, *args)
+        if result_wide is not None:
+            if result_wide:
+                values[0].i64 = result
+            else:
+                values[0].i32 = result
+        return 0
+    except BaseException as exc:
+        # A BaseException too (Stop), as wasmtime-py's own trampoline stores them.
+        wasmtime_func.LAST_EXCEPTION = exc  # type: ignore[assignment]
+        trap = wasmtime.Trap("python exception")._consume()
+        value: int | None = ctypes.cast(trap, ctypes.c_void_p).value
+        return value
+    finally:
+        caller._invalidate()
