@@ -191,17 +191,26 @@ WRITE_UNCHANGED = text(  # _NEW_STATE is a constant, not input
     """  # noqa: S608
 )
 
+# True when no transaction that was running at the statement's snapshot (xip), or got its id
+# since (from xmax up to this statement's own, asked for in a subquery so that the planner
+# does not take it before the statement's locks), has committed: then the statement reads
+# every row committed before its locks. Nothing can show what a transaction committed since.
+NONE_COMMITTED_SINCE = """NOT EXISTS (
+    SELECT FROM pg_current_snapshot() AS s, LATERAL (SELECT pg_snapshot_xip(s) AS x UNION ALL
+        SELECT g::text::xid8 FROM generate_series(pg_snapshot_xmax(s)::text::bigint,
+            (SELECT pg_current_xact_id())::text::bigint - 1) AS g) AS t
+    WHERE pg_xact_status(t.x) = 'committed')"""
+
 # A create's first step, run before its row exists, in one statement and no transaction block
 # (as WRITE_UNCHANGED): the row is inserted in its new state unless it exists, and only rows
 # inserted get the events held for them, their journal entries, failed attempts and next
 # steps. The statement's snapshot predates its locks, so adoption is safe only if no hold of
 # these keys (INSERT_INSTANCES's advisory locks, tried: never waited for) is under way, and
-# none committed since the snapshot: no transaction in progress then (xip) or begun since
-# (xids from xmax to this one's) has committed. Otherwise nothing is written ('calm' is 0)
-# and the step transaction takes the creates. Answers 'new' keys, 'old' keys with their
+# none committed since the snapshot (NONE_COMMITTED_SINCE). Otherwise nothing is written
+# ('calm' is 0) and the step transaction takes the creates. Answers 'new' keys, 'old' keys with their
 # module, the new outbox ids in order, the events adopted and 'calm'.
-WRITE_CREATED = text(
-    """
+WRITE_CREATED = text(  # NONE_COMMITTED_SINCE is a constant, not input
+    f"""
     WITH confirmed AS (DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))),
     c AS MATERIALIZED (
         SELECT * FROM jsonb_to_recordset(CAST(:creates AS jsonb)) AS c(
@@ -212,12 +221,8 @@ WRITE_CREATED = text(
     ),
     calm AS MATERIALIZED (
         SELECT CASE WHEN bool_and(pg_try_advisory_xact_lock(
-            hashtextextended(c.tenant || '/' || c.id, 7))) THEN NOT EXISTS (
-            SELECT FROM pg_current_snapshot() AS s, LATERAL (
-                SELECT pg_snapshot_xip(s) AS x UNION ALL
-                SELECT g::text::xid8 FROM generate_series(pg_snapshot_xmax(s)::text::bigint,
-                    pg_current_xact_id()::text::bigint - 1) AS g) AS t
-            WHERE pg_xact_status(t.x) = 'committed') ELSE false END AS ok
+            hashtextextended(c.tenant || '/' || c.id, 7))) THEN {NONE_COMMITTED_SINCE}
+            ELSE false END AS ok
         FROM c
     ),
     n AS (
@@ -273,7 +278,7 @@ WRITE_CREATED = text(
     UNION ALL SELECT 'outbox', NULL, NULL, NULL, id FROM queued
     UNION ALL SELECT 'adopted', NULL, NULL, NULL, count(*) FROM adopted
     UNION ALL SELECT 'calm', NULL, NULL, NULL, ok::int FROM calm
-    """
+    """  # noqa: S608
 )
 
 # Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
