@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 
 import structlog
 
@@ -70,7 +69,6 @@ class GuardedCreates:
         value_bytes: int,
         phases: PhaseTimes,
         observer: Observer,
-        clock: Callable[[], datetime],
     ) -> None:
         """`owned`: the (tenant, module) pairs admission found pushed (shared with it)."""
         self._store = store
@@ -83,7 +81,6 @@ class GuardedCreates:
         self._value_bytes = value_bytes
         self._phases = phases
         self._observer = observer
-        self._clock = clock
 
     async def write(
         self, works: list[Work[H]], duplicates: list[Work[H]], confirmed_outbox: Sequence[int]

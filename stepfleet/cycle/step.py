@@ -132,19 +132,21 @@ class StepCycle:
             value_bytes=value_bytes,
             phases=self.phases,
             observer=observer,
-            clock=clock,
         )
 
     async def run(
         self, works: list[Work[H]], *, confirmed_outbox: Sequence[int] = ()
     ) -> CycleResult[H]:
-        """Take `works` (at most one per instance) through one transaction.
+        """Take `works` (at most one per instance) through one transaction, but for the
+        creates and next steps a guarded statement writes first (cycle/created.py,
+        cycle/unchanged.py).
 
-        `confirmed_outbox` are outbox rows whose publish the broker confirmed since: the same
-        transaction deletes them.
+        `confirmed_outbox` are outbox rows whose publish the broker confirmed since: the
+        first statement deletes them.
 
         Raises:
-            StoreUnavailable: nothing was committed; the caller retries the batch.
+            StoreUnavailable: the transaction committed nothing; the caller retries the batch
+                (what a guarded statement wrote before is then found as duplicates).
         """
         result: CycleResult[H] = CycleResult()
         for work in works:
