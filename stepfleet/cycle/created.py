@@ -168,6 +168,8 @@ class GuardedCreates:
         done = Unchanged[H](span=(began, time.monotonic()))
         if written.adopted:
             log.info("early_events_taken", count=written.adopted)
+        if written.busy:  # a hold of their events was under way: the transaction takes them
+            log.debug("guarded_creates_busy", creates=len(creates))
         taken: set[int] = set()
         for (item, decision), (_, step) in zip(decided, creates, strict=True):
             work = item.work
