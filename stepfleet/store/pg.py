@@ -65,8 +65,9 @@ class PgStore:
         pre_ping: bool = True,
         guarded_pool_size: int | None = None,
     ) -> None:
-        """`guarded_pool_size`: connections kept for guarded writes (`write_unchanged`),
-        one per batch a process writes at once; default half of `pool_size`."""
+        """`guarded_pool_size`: connections kept for guarded writes (`write_unchanged`,
+        `write_created`), one per batch a process writes at once; default half of
+        `pool_size`."""
         self._engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=2, pool_pre_ping=pre_ping
         )
@@ -119,8 +120,7 @@ class PgStore:
             await self.delete_outbox(confirmed_outbox)
             return CreatesWritten()
         params = created_params(creates, confirmed_outbox, self._retention)
-        async with translated(), self._engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        async with translated(), self._autocommit.connect() as connection:
             rows = (await connection.execute(sql.WRITE_CREATED, params)).all()
         if not any(r.what == "calm" and r.n for r in rows):
             return CreatesWritten(busy=True)
