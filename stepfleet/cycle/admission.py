@@ -49,7 +49,8 @@ class EarlyHold(Generic[H]):
         self.tenant_bytes = tenant_bytes
 
 
-def _json(value: object) -> str:
+def compact_json(value: object) -> str:
+    """A value as the JSON text the store keeps (params, event payloads)."""
     return json.dumps(value, separators=(",", ":"))
 
 
@@ -215,13 +216,13 @@ class Admission(Generic[H]):
                     detail = f"module {work.module} was never pushed for tenant {work.key.tenant}"
                     self._reject(work, DeadReason.UNKNOWN_MODULE, detail)
                     continue
-                params = _json(body.params)
+                params = compact_json(body.params)
                 if (over := check_size("params", params, self._value_bytes)) is not None:
                     self._reject(work, over.reason, over.detail)
                     continue
                 work.replay = CachedReplay(0, params, ReplayJournal())
             elif isinstance(body, EventBody):
-                payload = _json(body.payload)
+                payload = compact_json(body.payload)
                 if (over := check_size("event payload", payload, self._value_bytes)) is not None:
                     self._reject(work, over.reason, over.detail)
                     continue

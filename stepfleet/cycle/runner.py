@@ -104,6 +104,17 @@ class GuestRunner:
         apart before as going on apart (`Apart`) instead of waiting for them."""
         return await self._run(works, set_apart=True)
 
+    async def run_short(self, works: list[Work[H]]) -> tuple[list[Ran[H]], list[Work[H]]]:
+        """Run the works' guests that end within a slice on the loop's thread; return those
+        runs and the works left (long ones, those the batch's time budget or a light batch
+        left out), which nothing has run. Inline only: without guest thread and processes,
+        every run."""
+        if self._thread is None and self._processes is None:
+            return run_works(self._sandbox, works, self._limits, self._clock), []
+        async with self._turn:
+            done, long, late, _ = self._run_inline(works)
+        return done, long + late
+
     async def _run(
         self, works: list[Work[H]], *, set_apart: bool
     ) -> tuple[list[Ran[H]], list[Apart[H]]]:

@@ -22,6 +22,7 @@ import structlog
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.admission import Admission, EarlyHold
 from stepfleet.cycle.context import message_context
+from stepfleet.cycle.created import GuardedCreates
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
@@ -120,29 +121,51 @@ class StepCycle:
         self._unchanged = UnchangedWrites(store, topology, self.directory, observer, clock)
         self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
+        self._creates = GuardedCreates(
+            store=store,
+            topology=topology,
+            directory=self.directory,
+            guests=self._guests,
+            sandbox=sandbox,
+            owned=self._owned,
+            has_quotas=self._has_quotas,
+            value_bytes=value_bytes,
+            phases=self.phases,
+            observer=observer,
+        )
 
     async def run(
         self, works: list[Work[H]], *, confirmed_outbox: Sequence[int] = ()
     ) -> CycleResult[H]:
-        """Take `works` (at most one per instance) through one transaction.
+        """Take `works` (at most one per instance) through one transaction, but for the
+        creates and next steps a guarded statement writes first (cycle/created.py,
+        cycle/unchanged.py).
 
-        `confirmed_outbox` are outbox rows whose publish the broker confirmed since: the same
-        transaction deletes them.
+        `confirmed_outbox` are outbox rows whose publish the broker confirmed since: the
+        first statement deletes them.
 
         Raises:
-            StoreUnavailable: nothing was committed; the caller retries the batch.
+            StoreUnavailable: the transaction committed nothing; the caller retries the batch
+                (what a guarded statement wrote before is then found as duplicates).
         """
         result: CycleResult[H] = CycleResult()
         for work in works:
             work.renew()
         works = await self._speculate(works, result)
-        unchanged = await self._write_unchanged(works, confirmed_outbox)
-        if unchanged is not None:
-            works, confirmed_outbox = unchanged.rest, ()
-            result.transaction = unchanged.span
+        written: list[Unchanged[H]] = []
+        for guarded in (self._write_created, self._write_unchanged):
+            done = await guarded(works, result, confirmed_outbox)
+            if done is not None:
+                works, confirmed_outbox = done.rest, ()
+                written.append(done)
+                assert done.span is not None
+                first = done.span[0] if result.transaction is None else result.transaction[0]
+                result.transaction = (first, done.span[1])
+        ran_before = [item for done in written for item in done.ran]
+        next_before = [step for done in written for step in done.next_steps]
         if not works and not confirmed_outbox:
-            if unchanged is not None:
-                self._committed(result, unchanged.ran, unchanged.next_steps, [], [])
+            if written:
+                self._committed(result, ran_before, next_before, [], [])
             return result  # every run was written already, or waits for its call
         began = time.monotonic()
         try:
@@ -155,13 +178,18 @@ class StepCycle:
             result.transaction = (first, ended)
             self.phases.add("guest", result.guest_seconds)
             self.phases.add("transaction", ended - began - result.guest_seconds)
-        if unchanged is not None:
-            ran, next_steps = unchanged.ran + ran, unchanged.next_steps + next_steps
-        self._committed(result, ran, next_steps, intents, held)
+        self._committed(result, ran_before + ran, next_before + next_steps, intents, held)
         return result
 
+    async def _write_created(
+        self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
+    ) -> Unchanged[H] | None:
+        """Run and write the creates that need no transaction (cycle/created.py); None when
+        no statement ran."""
+        return await self._creates.write(works, result.duplicates, confirmed_outbox)
+
     async def _write_unchanged(
-        self, works: list[Work[H]], confirmed_outbox: Sequence[int]
+        self, works: list[Work[H]], result: CycleResult[H], confirmed_outbox: Sequence[int]
     ) -> Unchanged[H] | None:
         """Write the next steps whose rows are as this worker left them (cycle/unchanged.py);
         None when there were none."""

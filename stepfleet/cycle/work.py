@@ -158,9 +158,21 @@ class Early(Generic[H]):
     ran: Ran[H]
     replay: CachedReplay
     length: int
+    created: InstanceState | None = None
+    """A create's first run (cycle/created.py): the instance it saw, the one its create
+    makes."""
 
     def still_holds(self, work: Work[H]) -> bool:
         """Whether the locked instance is the one the run saw, so its outcome stands."""
+        if self.created is not None:  # admission made the same new instance
+            return (
+                work.created
+                and work.state == self.created
+                and work.replay is not None
+                and work.replay.params == self.replay.params
+                and not len(work.replay.journal)
+                and not work.pending
+            )
         return (
             work.state is not None
             and work.state == work.expected

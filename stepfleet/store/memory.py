@@ -32,7 +32,9 @@ from datetime import UTC, datetime, timedelta
 from stepfleet.schemas import InstanceKey, InstanceStatus, JournalEntry
 from stepfleet.store.memory_tx import LockKey, MemoryTransaction, Tables
 from stepfleet.store.records import (
+    CreatesWritten,
     DueTimer,
+    GuardedCreate,
     GuardedWrite,
     HeldEvent,
     InstanceDetail,
@@ -150,6 +152,29 @@ class MemoryStore:
         by_key: dict[InstanceKey, int | None] = {g.write.key: None for g in applied}
         by_key.update(zip((g.write.key for g in queued), ids, strict=True))
         return by_key
+
+    async def write_created(
+        self, creates: Sequence[GuardedCreate], *, confirmed_outbox: Sequence[int] = ()
+    ) -> CreatesWritten:
+        """Insert the creates' rows that do not exist yet with their first writes (see
+        StepStore.write_created): here, in one transaction, so never `busy`."""
+        if not creates and not confirmed_outbox:
+            return CreatesWritten()
+        async with self.transaction() as tx:
+            inserted = await tx.create_instances([c.new for c in creates])
+            rows = await tx.lock_instances(c.new.key for c in creates)
+            adopted = await tx.adopt_early_events(sorted(inserted))
+            written = [c for c in creates if c.new.key in inserted]
+            queued = [c for c in written if c.next_step is not None]
+            ids = await tx.write_batch(
+                [c.write for c in written],
+                [c.next_step for c in queued if c.next_step is not None],
+                confirmed_outbox=confirmed_outbox,
+            )
+        by_key: dict[InstanceKey, int | None] = {c.new.key: None for c in written}
+        by_key.update(zip((c.new.key for c in queued), ids, strict=True))
+        existing = {key: row.module for key, row in rows.items() if key not in inserted}
+        return CreatesWritten(by_key, existing, adopted)
 
     # -- modules -------------------------------------------------------------------------
 

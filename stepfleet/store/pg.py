@@ -18,7 +18,9 @@ from stepfleet.store.control import ControlTransaction
 from stepfleet.store.dead_letters import DeadLetterStore
 from stepfleet.store.errors import translated
 from stepfleet.store.records import (
+    CreatesWritten,
     DueTimer,
+    GuardedCreate,
     GuardedWrite,
     HeldEvent,
     InstanceDetail,
@@ -33,7 +35,7 @@ from stepfleet.store.rows import (
     module_bytes,
     record_from_row,
 )
-from stepfleet.store.step import StepTransaction, guarded_params
+from stepfleet.store.step import StepTransaction, created_params, guarded_params
 from stepfleet.store.tables import instances, modules, step_attempts, tenant_modules
 from stepfleet.store.tenants import TenantStore
 from stepfleet.store.tokens import TokenStore
@@ -63,8 +65,9 @@ class PgStore:
         pre_ping: bool = True,
         guarded_pool_size: int | None = None,
     ) -> None:
-        """`guarded_pool_size`: connections kept for guarded writes (`write_unchanged`),
-        one per batch a process writes at once; default half of `pool_size`."""
+        """`guarded_pool_size`: connections kept for guarded writes (`write_unchanged`,
+        `write_created`), one per batch a process writes at once; default half of
+        `pool_size`."""
         self._engine: AsyncEngine = create_async_engine(
             url, pool_size=pool_size, max_overflow=2, pool_pre_ping=pre_ping
         )
@@ -107,6 +110,31 @@ class PgStore:
             for g in writes
             if g.write.key in applied
         }
+
+    async def write_created(
+        self, creates: Sequence[GuardedCreate], *, confirmed_outbox: Sequence[int] = ()
+    ) -> CreatesWritten:
+        """Insert the creates' rows that do not exist yet with their first writes, in one
+        statement (its own transaction); see StepStore.write_created."""
+        if not creates:
+            await self.delete_outbox(confirmed_outbox)
+            return CreatesWritten()
+        params = created_params(creates, confirmed_outbox, self._retention)
+        async with translated(), self._autocommit.connect() as connection:
+            rows = (await connection.execute(sql.WRITE_CREATED, params)).all()
+        if not any(r.what == "calm" and r.n for r in rows):
+            return CreatesWritten(busy=True)
+        new = {InstanceKey(r.tenant, r.id) for r in rows if r.what == "new"}
+        ids = iter(sorted(r.n for r in rows if r.what == "outbox"))
+        return CreatesWritten(
+            {
+                c.new.key: next(ids) if c.next_step is not None else None
+                for c in creates
+                if c.new.key in new
+            },
+            {InstanceKey(r.tenant, r.id): r.module for r in rows if r.what == "old"},
+            sum(r.n for r in rows if r.what == "adopted"),
+        )
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[StepTransaction]:

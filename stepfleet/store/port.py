@@ -15,9 +15,11 @@ from typing import Protocol
 
 from stepfleet.schemas import InstanceKey, JournalEntry
 from stepfleet.store.records import (
+    CreatesWritten,
     DueTimer,
     EarlyEvent,
     EarlyHolding,
+    GuardedCreate,
     GuardedWrite,
     HeldEvent,
     InstanceDetail,
@@ -129,6 +131,19 @@ class StepStore(Protocol):
 
         Returns, for each write applied, its next step's outbox id (None without one); a
         write left out (its row moved on) changed nothing.
+        """
+        ...
+
+    async def write_created(
+        self, creates: Sequence[GuardedCreate], *, confirmed_outbox: Sequence[int] = ()
+    ) -> CreatesWritten:
+        """Insert each create's row that does not exist yet with its first step's write, all
+        at once: for the rows inserted, adopt the events held for them (as
+        `adopt_early_events`), append the journal entries and failed attempts and queue the
+        next steps' outbox rows; delete `confirmed_outbox` whatever happens to the creates.
+
+        Takes the locks `hold_early_events` takes without waiting for them: when one is held
+        (or was released while the write began), nothing is written (`busy`).
         """
         ...
 

@@ -136,6 +136,33 @@ class GuardedWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardedCreate:
+    """A create's first step, run before its row exists: the row is inserted with the step's
+    write and next step's outbox row, unless a row of that key exists already."""
+
+    new: NewInstance
+    write: StepWrite
+    next_step: OutboxMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatesWritten:
+    """What `write_created` did. A create in neither `inserted` nor `existing` wrote nothing
+    (its row came meanwhile, unseen): the step transaction decides it, as it does every
+    create when `busy`."""
+
+    inserted: dict[InstanceKey, int | None] = field(default_factory=dict)
+    """The rows inserted, each with its next step's outbox id (None without one)."""
+    existing: dict[InstanceKey, str] = field(default_factory=dict)
+    """The keys whose row existed already, with the module it runs."""
+    adopted: int = 0
+    """Events held for the inserted instances, now stored for their waits."""
+    busy: bool = False
+    """Nothing was written: a hold of early events or another create of one of these keys
+    was under way, or committed while the statement began."""
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     """An event for an instance; `consumed_seq` is set when it ends the instance's wait now."""
 

@@ -191,6 +191,96 @@ WRITE_UNCHANGED = text(  # _NEW_STATE is a constant, not input
     """  # noqa: S608
 )
 
+# True when no transaction that was running at the statement's snapshot (xip), or got its id
+# since (from xmax up to this statement's own, asked for in a subquery so that the planner
+# does not take it before the statement's locks), has committed: then the statement reads
+# every row committed before its locks. Nothing can show what a transaction committed since.
+NONE_COMMITTED_SINCE = """NOT EXISTS (
+    SELECT FROM pg_current_snapshot() AS s, LATERAL (SELECT pg_snapshot_xip(s) AS x UNION ALL
+        SELECT g::text::xid8 FROM generate_series(pg_snapshot_xmax(s)::text::bigint,
+            (SELECT pg_current_xact_id())::text::bigint - 1) AS g) AS t
+    WHERE pg_xact_status(t.x) = 'committed')"""
+
+# A create's first step, run before its row exists, in one statement and no transaction block
+# (as WRITE_UNCHANGED): the row is inserted in its new state unless it exists, and only rows
+# inserted get the events held for them, their journal entries, failed attempts and next
+# steps. The statement's snapshot predates its locks, so adoption is safe only if no hold of
+# these keys (INSERT_INSTANCES's advisory locks, tried: never waited for) is under way, and
+# none committed since the snapshot (NONE_COMMITTED_SINCE). Otherwise nothing is written
+# ('calm' is 0) and the step transaction takes the creates. Answers 'new' keys, 'old' keys with their
+# module, the new outbox ids in order, the events adopted and 'calm'.
+WRITE_CREATED = text(  # NONE_COMMITTED_SINCE is a constant, not input
+    f"""
+    WITH confirmed AS (DELETE FROM outbox WHERE id = ANY(CAST(:confirmed AS bigint[]))),
+    c AS MATERIALIZED (
+        SELECT * FROM jsonb_to_recordset(CAST(:creates AS jsonb)) AS c(
+            tenant text, id text, module text, params text, retention int, status text,
+            position int, attempt int, wait_kind text, wait_name text, wait_event text,
+            wait_timeout_ms bigint, wake_at timestamptz, mode smallint, end_status text,
+            output text, error text, state_bytes bigint, traceparent text, final bool)
+    ),
+    calm AS MATERIALIZED (
+        SELECT CASE WHEN bool_and(pg_try_advisory_xact_lock(
+            hashtextextended(c.tenant || '/' || c.id, 7))) THEN {NONE_COMMITTED_SINCE}
+            ELSE false END AS ok
+        FROM c
+    ),
+    n AS (
+        INSERT INTO instances (tenant, id, module, params, retention_seconds, status,
+            position, attempt, wait_kind, wait_name, wait_event, wait_timeout_ms, wake_at,
+            mode, end_status, output, error, state_bytes, traceparent, finished_at,
+            retain_until)
+        SELECT c.tenant, c.id, c.module, c.params, c.retention, c.status, c.position,
+            c.attempt, c.wait_kind, c.wait_name, c.wait_event, c.wait_timeout_ms, c.wake_at,
+            c.mode, c.end_status, c.output, c.error, c.state_bytes, c.traceparent,
+            CASE WHEN c.final THEN now() END, CASE WHEN c.final
+                THEN now() + make_interval(secs => coalesce(c.retention, :retention)) END
+        FROM c JOIN calm ON calm.ok
+        ON CONFLICT ON CONSTRAINT pk_instances DO NOTHING
+        RETURNING tenant, id
+    ),
+    taken AS (
+        DELETE FROM early_events AS e USING n WHERE e.tenant = n.tenant AND e.instance_id = n.id
+        RETURNING e.tenant, e.instance_id, e.event_id, e.type, e.payload, e.received_at
+    ),
+    adopted AS (
+        INSERT INTO events (tenant, instance_id, event_id, type, payload, received_at)
+        SELECT * FROM taken ON CONFLICT ON CONSTRAINT pk_events DO NOTHING RETURNING 1
+    ),
+    entries AS (
+        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
+                             started_at, finished_at, flags)
+        SELECT e.* FROM jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(
+            tenant text, instance_id text, seq int, kind smallint, name text, value text,
+            attempt int, started_at timestamptz, finished_at timestamptz, flags smallint)
+        JOIN n ON n.tenant = e.tenant AND n.id = e.instance_id
+    ),
+    failures AS (
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT a.* FROM jsonb_to_recordset(CAST(:failures AS jsonb)) AS a(
+            tenant text, instance_id text, seq int, attempt int, name text, error text,
+            started_at timestamptz, finished_at timestamptz)
+        JOIN n ON n.tenant = a.tenant AND n.id = a.instance_id
+    ),
+    queued AS (
+        INSERT INTO outbox (routing_key, headers, body)
+        SELECT q.key, q.headers, decode(q.body, 'base64')
+        FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS q(
+            tenant text, id text, key text, headers text, body text, ord int)
+        JOIN n ON n.tenant = q.tenant AND n.id = q.id
+        ORDER BY q.ord
+        RETURNING id
+    )
+    SELECT 'new' AS what, tenant, id, NULL AS module, NULL::bigint AS n FROM n
+    UNION ALL SELECT 'old', i.tenant, i.id, i.module, NULL
+        FROM instances AS i JOIN c ON i.tenant = c.tenant AND i.id = c.id
+    UNION ALL SELECT 'outbox', NULL, NULL, NULL, id FROM queued
+    UNION ALL SELECT 'adopted', NULL, NULL, NULL, count(*) FROM adopted
+    UNION ALL SELECT 'calm', NULL, NULL, NULL, ok::int FROM calm
+    """  # noqa: S608
+)
+
 # Take up to :need of the tenant's :cap running-step slots for this transaction; the locks are
 # the slots, held by whichever workers' transactions run the tenant's steps right now.
 GRANT_SLOTS = text(

@@ -19,6 +19,7 @@ from stepfleet.store import statements as sql
 from stepfleet.store.records import (
     EarlyEvent,
     EarlyHolding,
+    GuardedCreate,
     GuardedWrite,
     InstanceRecord,
     NewEvent,
@@ -352,6 +353,55 @@ def guarded_params(
         for g in guarded
         for w, x in [(g.write, g.expected)]
     ]
+    return {
+        "confirmed": list(confirmed),
+        "retention": retention,
+        "writes": json.dumps(writes),
+        **_written_rows([(g.write, g.next_step) for g in guarded]),
+    }
+
+
+def created_params(
+    creates: Sequence[GuardedCreate], confirmed: Sequence[int], retention: int
+) -> dict[str, Any]:
+    """The parameters of WRITE_CREATED: the new rows in their new states, their journal
+    entries, failed attempts and next steps' outbox rows, each as one JSON document."""
+    rows = [
+        {
+            "tenant": w.key.tenant,
+            "id": w.key.instance_id,
+            "module": n.module,
+            "params": n.params,
+            "retention": n.retention_seconds,
+            "status": w.status.value,
+            "position": w.position,
+            "attempt": w.attempt,
+            **_waiting_json(w.waiting),
+            "mode": int(w.mode),
+            "end_status": w.end_status.value if w.end_status else None,
+            "output": w.output,
+            "error": w.error,
+            "state_bytes": w.state_bytes,
+            "traceparent": w.traceparent,
+            "final": w.status.is_final,
+        }
+        for c in creates
+        for n, w in [(c.new, c.write)]
+    ]
+    return {
+        "confirmed": list(confirmed),
+        "retention": retention,
+        "creates": json.dumps(rows),
+        **_written_rows([(c.write, c.next_step) for c in creates]),
+    }
+
+
+def _written_rows(
+    written: Sequence[tuple[StepWrite, OutboxMessage | None]],
+) -> dict[str, str]:
+    """The journal entries, failed attempts and next steps' outbox rows of some writes, as
+    the JSON documents of WRITE_UNCHANGED's and WRITE_CREATED's `entries`, `failures` and
+    `queued`."""
     entries = [
         {
             "tenant": w.key.tenant,
@@ -365,7 +415,7 @@ def guarded_params(
             "finished_at": _iso(e.finished_at),
             "flags": int(e.flags),
         }
-        for w in (g.write for g in guarded)
+        for w, _ in written
         for e in w.entries
     ]
     failures = [
@@ -379,25 +429,22 @@ def guarded_params(
             "started_at": _iso(f.started_at),
             "finished_at": _iso(f.finished_at),
         }
-        for w in (g.write for g in guarded)
+        for w, _ in written
         if (f := w.failed_attempt) is not None
     ]
     queued = [
         {
-            "tenant": g.write.key.tenant,
-            "id": g.write.key.instance_id,
+            "tenant": w.key.tenant,
+            "id": w.key.instance_id,
             "key": n.routing_key,
             "headers": n.headers,
             "body": base64.b64encode(n.body).decode(),
             "ord": ord_,
         }
-        for ord_, g in enumerate(guarded)
-        if (n := g.next_step) is not None
+        for ord_, (w, n) in enumerate(written)
+        if n is not None
     ]
     return {
-        "confirmed": list(confirmed),
-        "retention": retention,
-        "writes": json.dumps(writes),
         "entries": json.dumps(entries),
         "failures": json.dumps(failures),
         "queued": json.dumps(queued),

@@ -35,6 +35,7 @@ from stepfleet.store import (
     EarlyEvent,
     EarlyHolding,
     ExpectedRow,
+    GuardedCreate,
     GuardedWrite,
     MemoryStore,
     NewEvent,
@@ -416,6 +417,113 @@ async def test_write_unchanged_leaves_a_row_that_moved_on(contract: Contract, mo
         message(label, 0),
         message(label, 3),
     }
+
+
+def first_write(
+    key: InstanceKey, module: str, write: StepWrite, next_step: OutboxMessage | None = None
+) -> GuardedCreate:
+    """A create's row (params '{"n": 1}') with its first step's write."""
+    return GuardedCreate(NewInstance(key, module, '{"n": 1}'), write, next_step)
+
+
+async def test_write_created_inserts_rows_with_their_first_write(contract: Contract) -> None:
+    a, b = contract.key("ca"), contract.key("cb")
+    label = f"cr{uuid.uuid4().hex[:8]}"
+    (confirmed,) = await contract.write(outbox=[message(label, 0)])
+    failed = FailedAttempt(0, "step", 1, "boom", entry(0).started_at, entry(0).finished_at)
+    written = await contract.store.write_created(
+        [
+            first_write(
+                b,
+                contract.module,
+                StepWrite(b, InstanceStatus.COMPLETE, 1, (entry(0),), output="2"),
+            ),
+            first_write(
+                a,
+                contract.module,
+                StepWrite(a, InstanceStatus.RUNNING, 1, (entry(0),), failed_attempt=failed),
+                next_step=message(label, 1),
+            ),
+        ],
+        confirmed_outbox=[confirmed],
+    )
+    assert (written.busy, written.existing, written.adopted) == (False, {}, 0)
+    assert set(written.inserted) == {a, b}
+    assert written.inserted[b] is None
+    assert await pending_outbox(contract.store, label) == {written.inserted[a]: message(label, 1)}
+    detail = await contract.store.detail(a)
+    assert detail is not None
+    assert (detail.record.status, detail.record.position, detail.params) == (
+        InstanceStatus.RUNNING,
+        1,
+        '{"n": 1}',
+    )
+    assert (detail.journal, detail.attempts) == ([entry(0)], [failed])
+    done = await contract.store.detail(b)
+    assert done is not None
+    assert (done.record.status, done.record.output) == (InstanceStatus.COMPLETE, "2")
+    assert done.record.retain_until is not None
+
+
+async def test_write_created_leaves_a_row_that_exists(contract: Contract) -> None:
+    (key,) = await contract.create("there")
+    label = f"ce{uuid.uuid4().hex[:8]}"
+    before = await contract.store.detail(key)
+    written = await contract.store.write_created(
+        [
+            first_write(
+                key,
+                contract.module,
+                StepWrite(key, InstanceStatus.RUNNING, 1, (entry(0, "again"),)),
+                next_step=message(label, 0),
+            )
+        ]
+    )
+    assert (written.inserted, written.existing) == ({}, {key: contract.module})
+    assert await contract.store.detail(key) == before
+    assert await pending_outbox(contract.store, label) == {}
+
+
+async def test_write_created_adopts_the_events_held_for_its_rows(contract: Contract) -> None:
+    key = contract.key("adopting")
+    async with contract.store.transaction() as tx:
+        await tx.hold_early_events([_early(key, "e2"), _early(key, "e1")], hold_seconds=60)
+    written = await contract.store.write_created(
+        [first_write(key, contract.module, StepWrite(key, InstanceStatus.RUNNING, 1, (entry(0),)))]
+    )
+    assert (set(written.inserted), written.adopted) == ({key}, 2)
+    assert await contract.store.held_events(key) == []
+    async with contract.store.transaction() as tx:
+        taken = await tx.take_events([(key, "go", 1)])
+    assert taken[key][0] == '"early"'
+
+
+async def test_write_created_writes_nothing_while_a_hold_of_its_key_is_under_way(
+    contract: Contract,
+) -> None:
+    """The statement cannot see a hold that commits after it began, so it does not wait for
+    one: it writes none of its creates, and the step transaction takes them."""
+    if not isinstance(contract.store, PgStore):
+        pytest.skip("MemoryStore's write is a transaction: it waits for the hold")
+    key, other = contract.key("held"), contract.key("free")
+    label = f"cb{uuid.uuid4().hex[:8]}"
+    (confirmed,) = await contract.write(outbox=[message(label, 0)])
+    async with contract.store.transaction() as tx:
+        await tx.hold_early_events([_early(key, "e1")], hold_seconds=60)
+        written = await contract.store.write_created(
+            [
+                first_write(
+                    k, contract.module, StepWrite(k, InstanceStatus.RUNNING, 1, (entry(0),))
+                )
+                for k in (key, other)
+            ],
+            confirmed_outbox=[confirmed],
+        )
+    assert written.busy
+    assert await contract.store.detail(key) is None
+    assert await contract.store.detail(other) is None
+    assert await pending_outbox(contract.store, label) == {}  # deleted all the same
+    assert [h.event_id for h in await contract.store.held_events(key)] == ["e1"]
 
 
 # -- the outbox ----------------------------------------------------------------------------

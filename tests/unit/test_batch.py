@@ -765,3 +765,33 @@ async def test_short_runs_stay_on_the_loop_thread_and_long_ones_run_again_on_the
             (MODULE, SLICE_FUEL, loop_thread),
             (HEAVY, None, "guest_0"),
         ]
+
+
+async def test_a_create_whose_first_run_goes_long_is_set_apart_by_its_transaction():
+    """A create the guarded write could take, but whose module overran its slice: nothing runs
+    it before the transaction, which sets its run apart and writes its row, as for any create."""
+    sandbox = SlicedSandbox()
+    long_runs = HeldLongRuns(sandbox)
+    long_runs.release.set()
+    fleet = Fleet(sandbox=sandbox, guest_processes=long_runs)
+    await fleet.store.put_module(TENANT, HEAVY, b"\0asm")
+    first, second = (
+        fleet.message("create", name, {"version": 1, "params": {}}, **{"x-module": HEAVY})
+        for name in ("h-1", "h-2")
+    )
+    try:
+        assert (await fleet.processor.process([first])).steps == 0
+        [back] = await fleet.handed_back()
+        assert (await fleet.processor.process([back])).steps == 1  # known and loaded now
+        sandbox.seen.clear()
+        assert (await fleet.processor.process([second])).steps == 0
+        assert fleet.processor.holds(second)
+        assert await journal(fleet, TENANT, "h-2") == []  # its row, while its run goes on
+        # No slice was tried for it: the module overran, so the one run is the long one.
+        assert [fuel for _, fuel, _ in sandbox.seen] in ([], [None])
+        [back] = await fleet.handed_back()
+        assert (await fleet.processor.process([back])).steps == 1
+    finally:
+        long_runs.close()
+    assert await journal(fleet, TENANT, "h-2") == ["reserve"]
+    assert len(long_runs.jobs) == 2

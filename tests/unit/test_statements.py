@@ -17,8 +17,14 @@ from stepfleet.store import statements as sql
 
 @pytest.mark.parametrize(
     "statement",
-    [sql.WRITE_BATCH, sql.WRITE_UNCHANGED, sql.LOCK_INSTANCES, sql.INSERT_INSTANCES],
-    ids=["WRITE_BATCH", "WRITE_UNCHANGED", "LOCK_INSTANCES", "INSERT_INSTANCES"],
+    [
+        sql.WRITE_BATCH,
+        sql.WRITE_UNCHANGED,
+        sql.WRITE_CREATED,
+        sql.LOCK_INSTANCES,
+        sql.INSERT_INSTANCES,
+    ],
+    ids=["WRITE_BATCH", "WRITE_UNCHANGED", "WRITE_CREATED", "LOCK_INSTANCES", "INSERT_INSTANCES"],
 )
 def test_a_per_step_statement_fits_psycopgs_query_cache(statement: TextClause) -> None:
     compiled = statement.compile(dialect=psycopg.dialect())
