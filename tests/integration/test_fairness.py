@@ -222,6 +222,13 @@ async def test_running_steps_cap_holds_across_workers(
         held = [await playbook(*ONE_STEP, tenant=capped) for _ in range(4)]
         free = await playbook(*ONE_STEP)
         await wait_for_status(store, free, {InstanceStatus.COMPLETE})
+
+        async def all_parked() -> bool:
+            details = [await store.detail(key) for key in held]
+            return all(d is not None and d.record.waiting is not None for d in details)
+
+        # Creates of other tenants may finish first (no order is promised between tenants).
+        await wait_until(all_parked, "the capped tenant's instances parked")
         for key in held:
             detail = await store.detail(key)
             assert detail is not None
