@@ -327,18 +327,7 @@ def guarded_params(
     entries, failed attempts and next steps' outbox rows, each as one JSON document."""
     writes = [
         {
-            "tenant": w.key.tenant,
-            "id": w.key.instance_id,
-            "status": w.status.value,
-            "position": w.position,
-            "attempt": w.attempt,
-            **_waiting_json(w.waiting),
-            "mode": int(w.mode),
-            "end_status": w.end_status.value if w.end_status else None,
-            "output": w.output,
-            "error": w.error,
-            "state_bytes": w.state_bytes,
-            "traceparent": w.traceparent,
+            **_state_json(w),
             "finishes": g.finishes,
             "x_module": x.module,
             "x_status": x.status.value,
@@ -368,21 +357,10 @@ def created_params(
     entries, failed attempts and next steps' outbox rows, each as one JSON document."""
     rows = [
         {
-            "tenant": w.key.tenant,
-            "id": w.key.instance_id,
+            **_state_json(w),
             "module": n.module,
             "params": n.params,
             "retention": n.retention_seconds,
-            "status": w.status.value,
-            "position": w.position,
-            "attempt": w.attempt,
-            **_waiting_json(w.waiting),
-            "mode": int(w.mode),
-            "end_status": w.end_status.value if w.end_status else None,
-            "output": w.output,
-            "error": w.error,
-            "state_bytes": w.state_bytes,
-            "traceparent": w.traceparent,
             "final": w.status.is_final,
         }
         for c in creates
@@ -393,6 +371,25 @@ def created_params(
         "retention": retention,
         "creates": json.dumps(rows),
         **_written_rows([(c.write, c.next_step) for c in creates]),
+    }
+
+
+def _state_json(w: StepWrite) -> dict[str, Any]:
+    """The instance row's key and new state columns of a write, as the statements' JSON rows
+    spell them (`_NEW_STATE`'s `u`)."""
+    return {
+        "tenant": w.key.tenant,
+        "id": w.key.instance_id,
+        "status": w.status.value,
+        "position": w.position,
+        "attempt": w.attempt,
+        **_waiting_json(w.waiting),
+        "mode": int(w.mode),
+        "end_status": w.end_status.value if w.end_status else None,
+        "output": w.output,
+        "error": w.error,
+        "state_bytes": w.state_bytes,
+        "traceparent": w.traceparent,
     }
 
 
