@@ -90,7 +90,7 @@ def _define(
         functype.ptr(),
         _serve,
         served,
-        _forget,
+        _NO_FINALIZER,
     )
     if bool(error):  # a NULL pointer: no error
         raise wasmtime.WasmtimeError._from_ptr(error)
@@ -98,14 +98,11 @@ def _define(
 
 _SERVED: dict[int, tuple[Callable[..., Any], tuple[bool, ...], bool | None]] = {}
 """Each defined import: its function, which parameters are i64, and whether its one result
-is an i64 (None: no result); dropped with its linker (`_forget`)."""
+is an i64 (None: no result). Kept for the process's life, as its linkers are (one sandbox per
+process): a finalizer would be a Python callback that a linker freed at interpreter exit
+calls after the module holding it is gone."""
 _SERVED_IDS = itertools.count(1)
-
-
-@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
-def _forget(served: int, known: dict[int, Any] = _SERVED) -> None:
-    # `known` is bound here: at interpreter exit the module's globals may be gone first.
-    known.pop(served, None)
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))  # NULL
 
 
 @ffi.wasmtime_func_unchecked_callback_t  # type: ignore[untyped-decorator]
