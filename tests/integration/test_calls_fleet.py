@@ -66,13 +66,15 @@ class _Slow(BaseHTTPRequestHandler):
         try:
             hang = self.path.endswith("/hang")
             self.server.closing.wait(None if hang else self.server.delay)
-            body = json.dumps({"path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
         finally:
+            # Counted out before the answer goes: its caller may send its next request as
+            # soon as it has the answer, before this thread would get to count it out.
             self.server.leave(group)
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @pytest.fixture
