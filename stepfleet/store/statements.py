@@ -122,6 +122,38 @@ WRITE_BATCH = text(  # _NEW_STATE is a constant, not input
     """  # noqa: S608
 )
 
+
+def _written_by(rows: str) -> str:
+    """The CTEs `entries`, `failures` and `queued` of a guarded statement (WRITE_UNCHANGED,
+    WRITE_CREATED): the journal entries, failed attempts and next steps' outbox rows of its
+    JSON parameters, for the instances the CTE `rows` (tenant, id) lets through only."""
+    return f"""entries AS (
+        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
+                             started_at, finished_at, flags)
+        SELECT e.* FROM jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(
+            tenant text, instance_id text, seq int, kind smallint, name text, value text,
+            attempt int, started_at timestamptz, finished_at timestamptz, flags smallint)
+        JOIN {rows} AS w ON w.tenant = e.tenant AND w.id = e.instance_id
+    ),
+    failures AS (
+        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
+                                   started_at, finished_at)
+        SELECT a.* FROM jsonb_to_recordset(CAST(:failures AS jsonb)) AS a(
+            tenant text, instance_id text, seq int, attempt int, name text, error text,
+            started_at timestamptz, finished_at timestamptz)
+        JOIN {rows} AS w ON w.tenant = a.tenant AND w.id = a.instance_id
+    ),
+    queued AS (
+        INSERT INTO outbox (routing_key, headers, body)
+        SELECT q.key, q.headers, decode(q.body, 'base64')
+        FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS q(
+            tenant text, id text, key text, headers text, body text, ord int)
+        JOIN {rows} AS w ON w.tenant = q.tenant AND w.id = q.id
+        ORDER BY q.ord
+        RETURNING id
+    )"""  # noqa: S608 (`rows` is one of this module's CTE names, never input)
+
+
 # WRITE_BATCH for next steps a worker runs on the instance as it left it, in one statement
 # and no transaction block: each write lands only where the row is still the expected one
 # (locked in key order, the guard re-checked on the latest row), with its journal entries,
@@ -150,22 +182,6 @@ WRITE_UNCHANGED = text(  # _NEW_STATE is a constant, not input
           AND i.error IS NOT DISTINCT FROM u.x_error AND i.wait_kind IS NULL
         ORDER BY i.tenant, i.id FOR UPDATE OF i
     ),
-    entries AS (
-        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
-                             started_at, finished_at, flags)
-        SELECT e.* FROM jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(
-            tenant text, instance_id text, seq int, kind smallint, name text, value text,
-            attempt int, started_at timestamptz, finished_at timestamptz, flags smallint)
-        JOIN locked AS l ON l.tenant = e.tenant AND l.id = e.instance_id
-    ),
-    failures AS (
-        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
-                                   started_at, finished_at)
-        SELECT a.* FROM jsonb_to_recordset(CAST(:failures AS jsonb)) AS a(
-            tenant text, instance_id text, seq int, attempt int, name text, error text,
-            started_at timestamptz, finished_at timestamptz)
-        JOIN locked AS l ON l.tenant = a.tenant AND l.id = a.instance_id
-    ),
     finished AS (
         DELETE FROM outbox AS o USING u JOIN locked AS l ON l.tenant = u.tenant AND l.id = u.id
         WHERE o.id = u.finishes
@@ -176,15 +192,7 @@ WRITE_UNCHANGED = text(  # _NEW_STATE is a constant, not input
         FROM u JOIN locked AS l ON l.tenant = u.tenant AND l.id = u.id
         WHERE i.tenant = u.tenant AND i.id = u.id
     ),
-    queued AS (
-        INSERT INTO outbox (routing_key, headers, body)
-        SELECT n.key, n.headers, decode(n.body, 'base64')
-        FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS n(
-            tenant text, id text, key text, headers text, body text, ord int)
-        JOIN locked AS l ON l.tenant = n.tenant AND l.id = n.id
-        ORDER BY n.ord
-        RETURNING id
-    )
+    {_written_by("locked")}
     SELECT tenant, id, NULL::bigint AS outbox_id FROM locked
     UNION ALL
     SELECT NULL, NULL, id FROM queued
@@ -247,31 +255,7 @@ WRITE_CREATED = text(  # NONE_COMMITTED_SINCE is a constant, not input
         INSERT INTO events (tenant, instance_id, event_id, type, payload, received_at)
         SELECT * FROM taken ON CONFLICT ON CONSTRAINT pk_events DO NOTHING RETURNING 1
     ),
-    entries AS (
-        INSERT INTO journal (tenant, instance_id, seq, kind, name, value, attempt,
-                             started_at, finished_at, flags)
-        SELECT e.* FROM jsonb_to_recordset(CAST(:entries AS jsonb)) AS e(
-            tenant text, instance_id text, seq int, kind smallint, name text, value text,
-            attempt int, started_at timestamptz, finished_at timestamptz, flags smallint)
-        JOIN n ON n.tenant = e.tenant AND n.id = e.instance_id
-    ),
-    failures AS (
-        INSERT INTO step_attempts (tenant, instance_id, seq, attempt, name, error,
-                                   started_at, finished_at)
-        SELECT a.* FROM jsonb_to_recordset(CAST(:failures AS jsonb)) AS a(
-            tenant text, instance_id text, seq int, attempt int, name text, error text,
-            started_at timestamptz, finished_at timestamptz)
-        JOIN n ON n.tenant = a.tenant AND n.id = a.instance_id
-    ),
-    queued AS (
-        INSERT INTO outbox (routing_key, headers, body)
-        SELECT q.key, q.headers, decode(q.body, 'base64')
-        FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS q(
-            tenant text, id text, key text, headers text, body text, ord int)
-        JOIN n ON n.tenant = q.tenant AND n.id = q.id
-        ORDER BY q.ord
-        RETURNING id
-    )
+    {_written_by("n")}
     SELECT 'new' AS what, tenant, id, NULL AS module, NULL::bigint AS n FROM n
     UNION ALL SELECT 'old', i.tenant, i.id, i.module, NULL
         FROM instances AS i JOIN c ON i.tenant = c.tenant AND i.id = c.id
