@@ -25,6 +25,7 @@ import structlog
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.admission import compact_json
+from stepfleet.cycle.chain import Chain, StepChains
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run
@@ -63,6 +64,7 @@ class GuardedCreates:
         topology: Topology,
         directory: TenantDirectory,
         guests: GuestRunner,
+        chains: StepChains,
         sandbox: Sandbox,
         owned: set[tuple[str, str]],
         has_quotas: Callable[[str], bool],
@@ -75,6 +77,7 @@ class GuardedCreates:
         self._topology = topology
         self._directory = directory
         self._guests = guests
+        self._chains = chains
         self._sandbox = sandbox
         self._owned = owned
         self._has_quotas = has_quotas
@@ -99,11 +102,12 @@ class GuardedCreates:
             decision = self._decided(item)
             if decision is not None:
                 decided.append((item, decision))
+        chains = await self._chains.extend(decided)
         for work in fitting:  # the transaction's admission sets them again; a written
             work.state = work.replay = None  # run's are given back (`Early.created`)
-        if not decided:
+        if not chains:
             return None
-        return await self._write(works, decided, duplicates, confirmed_outbox)
+        return await self._write(works, chains, duplicates, confirmed_outbox)
 
     def _fits(self, work: Work[H]) -> bool:
         """Whether a work is a create the statement may write; if so, give it the new
@@ -152,13 +156,13 @@ class GuardedCreates:
     async def _write(
         self,
         works: list[Work[H]],
-        decided: list[tuple[Ran[H], Decision]],
+        chains: list[Chain[H]],
         duplicates: list[Work[H]],
         confirmed_outbox: Sequence[int],
     ) -> Unchanged[H]:
         began = time.monotonic()
-        open_spans(self._observer, [item.work for item, _ in decided], began)
-        creates = [self._guarded(item.work, decision) for item, decision in decided]
+        open_spans(self._observer, [chain.first.work for chain in chains], began)
+        creates = [self._guarded(chain.first.work, chain.decision) for chain in chains]
         try:
             written = await self._store.write_created(
                 [c for c, _ in creates], confirmed_outbox=confirmed_outbox
@@ -171,7 +175,8 @@ class GuardedCreates:
         if written.busy:  # a hold of their events was under way: the transaction takes them
             log.debug("guarded_creates_busy", creates=len(creates))
         taken: set[int] = set()
-        for (item, decision), (_, step) in zip(decided, creates, strict=True):
+        for chain, (_, step) in zip(chains, creates, strict=True):
+            item = chain.first
             work = item.work
             outbox_id = written.inserted.get(work.key)
             inserted = not written.busy and work.key in written.inserted
@@ -181,7 +186,7 @@ class GuardedCreates:
             taken.add(id(work))
             assert work.early is not None
             work.state, work.replay = work.early.created, work.early.replay
-            item.decision = decision
+            item.decision = chain.first_decision
             log_run(item)
             if existed:
                 duplicates.append(work)
@@ -190,9 +195,12 @@ class GuardedCreates:
                 continue
             work.created = True
             done.ran.append(item)
+            for later in chain.chained:
+                log_run(later)
+                done.ran.append(later)
             if step is not None and outbox_id is not None:
                 envelope, message = step
-                state = state_after(work, decision)
+                state = state_after(work, chain.decision)
                 done.next_steps.append(NextStep(outbox_id, message, envelope, state))
         done.rest = [w for w in works if id(w) not in taken]
         return done

@@ -21,6 +21,7 @@ import structlog
 
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.admission import Admission, EarlyHold
+from stepfleet.cycle.chain import StepChains
 from stepfleet.cycle.context import message_context
 from stepfleet.cycle.created import GuardedCreates
 from stepfleet.cycle.directory import TenantDirectory
@@ -88,14 +89,16 @@ class StepCycle:
         on_wake_due: Callable[[datetime], None] | None = None,
         gate: LightFirst | None = None,
         early: EarlyHold[Any] | None = None,
+        chain_steps: int = 16,
         observer: Observer = NO_OBSERVER,
     ) -> None:
         """`guest_processes`, else `guest_thread`, runs the guest runs that are not short
         (cycle/runner.py); both None run every one inline, for a process with one cycle at a
         time (`stepfleet run`, tests). `gate` lets light tenants' batches go first
         (cycle/priority.py). `early`: how events that come before their instance are held
-        (None: they are dead-lettered `unknown-instance` at once). `observer` gets the phase
-        times, module loads and delivery spans."""
+        (None: they are dead-lettered `unknown-instance` at once). `chain_steps`: steps of one
+        instance a guarded statement may write at once (cycle/chain.py; 1: one step per
+        write). `observer` gets the phase times, module loads and delivery spans."""
         self._store = store
         self._early = early
         self.topology = topology
@@ -118,7 +121,8 @@ class StepCycle:
         )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread, observer)
         self._observer = observer
-        self._unchanged = UnchangedWrites(store, topology, self.directory, observer, clock)
+        chains = StepChains(self._guests, self.directory.engine_limits, chain_steps)
+        self._unchanged = UnchangedWrites(store, topology, self.directory, chains, observer, clock)
         self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
         self._creates = GuardedCreates(
@@ -126,6 +130,7 @@ class StepCycle:
             topology=topology,
             directory=self.directory,
             guests=self._guests,
+            chains=chains,
             sandbox=sandbox,
             owned=self._owned,
             has_quotas=self._has_quotas,

@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Generic
 
 from stepfleet.broker import Outgoing, Topology
+from stepfleet.cycle.chain import StepChains
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
@@ -54,12 +55,14 @@ class UnchangedWrites:
         store: StepStore,
         topology: Topology,
         directory: TenantDirectory,
+        chains: StepChains,
         observer: Observer,
         clock: Callable[[], datetime],
     ) -> None:
         self._store = store
         self._topology = topology
         self._directory = directory
+        self._chains = chains
         self._observer = observer
         self._clock = clock
 
@@ -79,26 +82,28 @@ class UnchangedWrites:
                 fitting.append(decided)
         if not fitting:
             return None
+        chains = await self._chains.extend(fitting)
         began = time.monotonic()
         open_spans(self._observer, [item.work for item, _ in fitting], began)
-        guarded = [self._guarded(item.work, decision) for item, decision in fitting]
+        guarded = [self._guarded(chain.first.work, chain.decision) for chain in chains]
         applied = await self._store.write_unchanged(
             [g for g, _ in guarded], confirmed_outbox=confirmed_outbox
         )
         done = Unchanged[H](rest=rest, span=(began, time.monotonic()))
-        for (item, decision), (_, step) in zip(fitting, guarded, strict=True):
-            work = item.work
+        for chain, (_, step) in zip(chains, guarded, strict=True):
+            work = chain.first.work
             if work.key not in applied:
                 work.state = work.replay = None  # the transaction locks the row as it is
                 done.rest.append(work)
                 continue
-            item.decision = decision
-            log_run(item)
-            done.ran.append(item)
+            chain.first.decision = chain.first_decision
+            for item in chain.runs:
+                log_run(item)
+                done.ran.append(item)
             outbox_id = applied[work.key]
             if step is not None and outbox_id is not None:
                 envelope, message = step
-                state = state_after(work, decision)
+                state = state_after(work, chain.decision)
                 done.next_steps.append(NextStep(outbox_id, message, envelope, state))
         return done
 

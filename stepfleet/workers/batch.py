@@ -55,6 +55,8 @@ class BatchResult:
     deferred: list[Delivery] = field(default_factory=list)
     outbox_ids: list[int] = field(default_factory=list)
     """The outbox rows of the next steps it published (deleted once confirmed)."""
+    chained: dict[str, int] = field(default_factory=dict)
+    """Steps run after a delivery's own and written with it (cycle/chain.py), by tenant."""
 
 
 class BatchProcessor:
@@ -82,6 +84,7 @@ class BatchProcessor:
         tenant_inflight: int = 250,
         resume: Callable[[Delivery], None] | None = None,
         local_steps: int = 0,
+        chain_steps: int = 16,
         early_event_seconds: float = 0.0,
         early_event_tenant_bytes: int | None = None,
         observer: Observer = NO_OBSERVER,
@@ -89,7 +92,8 @@ class BatchProcessor:
         """`caller` makes guests' HTTP calls (the egress gateway); `resume` hands a delivery
         whose step's call was answered (or a next step taken on locally) to the worker's
         inbox; `local_steps`: next steps this process may hold for itself at once instead of
-        publishing them (0: publish every one); `observer` gets the batch's metrics and
+        publishing them (0: publish every one); `chain_steps`: steps of one instance it may
+        run before one write (cycle/chain.py; 1: one per write); `observer` gets the batch's metrics and
         spans; `early_event_seconds` and `early_event_tenant_bytes`: how long an event that
         comes before its instance is held, and how much one tenant's held events may store
         (None: no limit)."""
@@ -115,6 +119,7 @@ class BatchProcessor:
                 lambda d, r, t: outbox_row(dead_letter(topology, d, r, t)),
                 early_event_tenant_bytes,
             ),
+            chain_steps=chain_steps,
             observer=observer,
         )
         self._observer = observer
@@ -382,6 +387,12 @@ class BatchProcessor:
     def _count(result: BatchResult, cycle: CycleResult[Delivery], dead: list[Outgoing]) -> None:
         result.steps = len(cycle.ran)
         result.duplicates = len(cycle.duplicates)
+        runs: set[int] = set()
+        for item in cycle.ran:
+            if id(item.work.handle) in runs:
+                tenant = item.work.key.tenant
+                result.chained[tenant] = result.chained.get(tenant, 0) + 1
+            runs.add(id(item.work.handle))
         result.dead_letters = len(dead)
 
     def _dead(self, delivery: Delivery, reason: DeadReason, detail: str) -> Outgoing:

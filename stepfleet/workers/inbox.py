@@ -3,7 +3,8 @@ tenant, and batches take from the tenants by weighted fair queuing.
 
 With one first-in-first-out queue, a tenant with a thousand deliveries waiting ahead of another
 tenant's one makes that one wait for all of them. Here each tenant has a *pass*, a virtual time
-that goes up by 1/weight for every delivery taken from it, and a batch takes one delivery at a
+that goes up by 1/weight for every delivery taken from it (and for every step chained to one,
+`charge`), and a batch takes one delivery at a
 time from the waiting tenant with the lowest pass: tenants with work waiting share the batches
 in proportion to their weights (`TenantLimits.weight`), and a tenant that comes back after a
 quiet spell starts at the current virtual time, so it neither saved up a credit nor waits for
@@ -130,9 +131,12 @@ class FairInbox:
             if reserved and tenant.light:
                 left.append(tenant)
                 continue
-            # An entry older than the tenant's pass (left while `take_light` emptied it)
-            # counts from the pass.
-            start = max(passed, tenant.passed)
+            if tenant.passed > passed:
+                # Charged since it was scheduled (or left while `take_light` emptied it):
+                # back in at its pass.
+                self._schedule(tenant)
+                continue
+            start = passed
             self._now = max(self._now, start)
             batch.append(self._pop(tenant, now))
             tenant.passed = start + 1.0 / max(self._weight(tenant.name), 1)
@@ -141,6 +145,14 @@ class FairInbox:
         for tenant in left:
             self._schedule(tenant)
         return batch
+
+    def charge(self, tenant: str, deliveries: int) -> None:
+        """Count `deliveries` more against a tenant's share: work a batch did for it beyond
+        its deliveries (the steps it chained to theirs, cycle/chain.py), so that shares
+        follow the steps done, not the messages taken."""
+        known = self._tenants.get(tenant)
+        if known is not None and deliveries > 0:
+            known.passed += deliveries / max(self._weight(tenant), 1)
 
     @contextmanager
     def serving_light(self) -> Iterator[None]:

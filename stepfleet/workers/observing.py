@@ -145,7 +145,9 @@ def _close_spans(
 ) -> None:
     open_spans(observer, works, began)  # those that never reached the transaction
     end = wall_ns(acked[1])
-    runs: dict[int, Ran[Delivery]] = {id(i.work): i for i in cycle.ran}
+    runs: dict[int, list[Ran[Delivery]]] = {}  # by delivery: its run, then those chained
+    for ran in cycle.ran:
+        runs.setdefault(id(ran.work.handle), []).append(ran)
     shared: list[Child] = []
     if cycle.transaction is not None:
         start, stop = cycle.transaction
@@ -159,10 +161,12 @@ def _close_spans(
         work.span = None  # a later pass of the same delivery opens a span of its own
         attributes: dict[str, str | int] = {"stepfleet.outcome": outcomes[id(work.handle)]}
         children = list(shared)
-        item = runs.get(id(work))
-        if item is not None:
-            _describe_run(item, attributes)
-            children.append(Child("stepfleet.guest", _ns(item.started_at), _ns(item.finished_at)))
+        items = runs.get(id(work.handle), [])
+        if items:
+            _describe_run(items[0], items[-1], attributes)
+        children += [
+            Child("stepfleet.guest", _ns(item.started_at), _ns(item.finished_at)) for item in items
+        ]
         observer.close_span(span, end, attributes, children)
     handled = {id(w.handle) for w in works}
     start = wall_ns(began)
@@ -176,10 +180,11 @@ def _close_spans(
             observer.close_span(span, end, {"stepfleet.outcome": outcome}, [])
 
 
-def _describe_run(item: Ran[Any], attributes: dict[str, str | int]) -> None:
-    """The step, attempt and position a run was about."""
+def _describe_run(item: Ran[Any], last: Ran[Any], attributes: dict[str, str | int]) -> None:
+    """The step, attempt and position a delivery's run was about, and the status its write
+    left (after the steps chained to it, `last` the last of them)."""
     decision = item.decision
-    if decision is None:
+    if decision is None or last.decision is None:
         return
     failed = decision.failed_attempt
     entry = decision.step_entry
@@ -194,7 +199,7 @@ def _describe_run(item: Ran[Any], attributes: dict[str, str | int]) -> None:
         attributes["stepfleet.attempt"] = decision.attempt
     if item.work.state is not None:
         attributes["stepfleet.position"] = item.work.state.position
-    attributes["stepfleet.status"] = decision.status.value
+    attributes["stepfleet.status"] = last.decision.status.value
 
 
 def _traceparent(value: object) -> str | None:

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
     (0: publish every one). Each keeps its outbox row until its step is written, so a worker
     that dies holding them leaves them to the outbox relay; keep the time they wait well under
     outbox_relay_after_seconds, or the relay sends copies (harmless, but run twice)."""
+    chain_steps: int = Field(default=16, ge=1, le=1000)
+    """Steps of one instance a worker may run one after another before writing them all in
+    one statement, when each leaves the next to be taken at once (1: write every step before
+    running the next). A crash before that write loses the runs, not the steps: they run
+    again."""
     early_event_seconds: float = Field(default=600.0, ge=0)
     """How long an event for an instance that does not exist yet is held for its create;
     then it is dead-lettered `unknown-instance` (0: at once, holding nothing)."""

@@ -146,6 +146,7 @@ class Worker:
             tenant_inflight=settings.tenant_inflight,
             resume=self._inbox.put_nowait,
             local_steps=settings.local_steps,
+            chain_steps=settings.chain_steps,
             early_event_seconds=settings.early_event_seconds,
             early_event_tenant_bytes=settings.early_event_tenant_bytes,
             observer=self.observer,
@@ -366,6 +367,8 @@ class Worker:
                 log.warning("delivery_failed", error=str(exc)[:500], retry_in=backoff)
             else:
                 self.steps_done += result.steps
+                for tenant, steps in result.chained.items():
+                    self._inbox.charge(tenant, steps)
                 for delivery in result.deferred:
                     self._inbox.put_nowait(delivery)
                 return

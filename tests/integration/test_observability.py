@@ -143,7 +143,9 @@ async def test_metrics_parse_and_match_the_journal(
         == 12
     )
     ran = _total(samples, "stepfleet_deliveries_total", tenant=tenant, outcome="ran")
-    assert ran >= 12 * 6  # create, flaky's two attempts, the sleep, the wake, the end
+    # At least the create, the retry's wake and the sleep's wake: the steps in between may
+    # be chained to them (cycle/chain.py), and are counted as steps, not deliveries.
+    assert ran >= 12 * 3
     assert _total(samples, "stepfleet_deliveries_total", tenant=tenant, kind="create") == 12
     assert _total(samples, "stepfleet_deliveries_total", tenant=tenant, kind="wake") >= 12
     assert not [
@@ -255,7 +257,8 @@ async def test_a_bad_traceparent_starts_a_trace_and_costs_nothing(
     await broker.publish_many([message])
     found, _ = await wait_for_status(store, InstanceKey(tenant, instance_id), FINAL, 20)
     assert found.status is InstanceStatus.COMPLETE  # type: ignore[attr-defined]
-    await wait_until(lambda: len(_spans(exporter, instance_id)) >= 3, "three delivery spans")
+    # The create's delivery, and the local next step's (b and the end, chained).
+    await wait_until(lambda: len(_spans(exporter, instance_id)) >= 2, "two delivery spans")
     spans = sorted(_spans(exporter, instance_id), key=lambda s: s.start_time or 0)
     assert spans[0].parent is None
     assert spans[0].context.trace_id != int(TRACE_ID, 16)

@@ -95,6 +95,7 @@ class Fleet:
         guest=two_steps,
         limits: TenantLimits | None = None,
         local_steps: int = 0,
+        chain_steps: int = 16,
         sandbox=None,
         wasm_thread=None,
         caller=None,
@@ -128,6 +129,7 @@ class Fleet:
             caller=caller,
             resume=self.inbox.append,
             local_steps=local_steps,
+            chain_steps=chain_steps,
             early_event_seconds=early_event_seconds,
             early_event_tenant_bytes=early_event_tenant_bytes,
         )
@@ -217,7 +219,7 @@ async def test_a_workflow_finishes_through_its_step_messages():
 
 
 async def test_a_next_step_with_room_runs_here_without_a_publish_and_its_row_goes_with_it():
-    fleet = Fleet(local_steps=2)
+    fleet = Fleet(local_steps=2, chain_steps=1)  # one step per write
     await fleet.push()
     create = fleet.create("o-1")
     result = await fleet.processor.process([create])
@@ -243,7 +245,7 @@ async def test_a_next_step_with_room_runs_here_without_a_publish_and_its_row_goe
 
 
 async def test_a_local_next_step_is_written_by_one_guarded_write():
-    fleet = Fleet(local_steps=2)
+    fleet = Fleet(local_steps=2, chain_steps=1)  # one step per write
     await fleet.push()
     await fleet.processor.process([fleet.create("o-1")])
     guarded: list[list[str]] = []
@@ -316,7 +318,7 @@ async def test_a_local_next_step_that_begins_a_wait_takes_the_event_stored_befor
 
 
 async def test_next_steps_past_the_room_or_after_stop_are_published():
-    fleet = Fleet(local_steps=2)
+    fleet = Fleet(local_steps=2, chain_steps=1)  # one step per write
     await fleet.push()
     await fleet.processor.process([fleet.create(f"o-{i}") for i in range(3)])
     assert (len(fleet.inbox), len(fleet.steps())) == (2, 1)

@@ -71,13 +71,17 @@ class FakeGateway:
 class Fleet:
     """One cycle over a MemoryStore; runs a workflow to its end, answering calls between."""
 
-    def __init__(self, wasm: bytes, gateway: FakeGateway | None, **limits: Any) -> None:
+    def __init__(
+        self, wasm: bytes, gateway: FakeGateway | None, chain_steps: int = 16, **limits: Any
+    ) -> None:
         self.store = MemoryStore()
         self.sandbox = WasmSandbox(SandboxLimits(**limits))
         self.digest = digest_of(wasm)
         self.sandbox.load(self.digest, wasm)
         self.wasm = wasm
-        self.cycle = StepCycle(store=self.store, sandbox=self.sandbox, topology=Topology("t"))
+        self.cycle = StepCycle(
+            store=self.store, sandbox=self.sandbox, topology=Topology("t"), chain_steps=chain_steps
+        )
         self.calls = CallScheduler(gateway, max_in_flight=100, tenant_cap=lambda _: 100)
         self.suspensions = 0
 
@@ -115,8 +119,8 @@ class Fleet:
 def fleet_of(playbook_wasm):
     made: list[Fleet] = []
 
-    def make(gateway: FakeGateway | None, **limits: Any) -> Fleet:
-        made.append(Fleet(playbook_wasm, gateway, **limits))
+    def make(gateway: FakeGateway | None, chain_steps: int = 16, **limits: Any) -> Fleet:
+        made.append(Fleet(playbook_wasm, gateway, chain_steps, **limits))
         return made[-1]
 
     yield make
@@ -131,7 +135,7 @@ def answer(number: int) -> str:
 @pytest.mark.parametrize("local", [False, True])
 async def test_a_next_step_run_here_waits_for_its_call_without_a_transaction(fleet_of, local):
     gateway = FakeGateway()
-    fleet = fleet_of(gateway)
+    fleet = fleet_of(gateway, chain_steps=1)  # one step per write
     (transactions, guarded), runs = count_writes(fleet.store), count_runs(fleet.sandbox)
     work = fleet.create(
         "i-1",

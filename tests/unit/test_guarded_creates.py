@@ -111,7 +111,7 @@ class Fleet:
         self.transactions = 0
         self.inbox: list[Any] = []
 
-    async def start(self, limits: TenantLimits, local_steps: int) -> Fleet:
+    async def start(self, limits: TenantLimits, local_steps: int, chain_steps: int) -> Fleet:
         directory = TenantDirectory(EngineLimits())
         directory.load([TenantRecord(self.tenant, None, limits)])
         await self.store.put_module(self.tenant, self.module, b"\0asm" + self.tenant.encode())
@@ -132,6 +132,7 @@ class Fleet:
             directory=directory,
             resume=self.inbox.append,
             local_steps=local_steps,
+            chain_steps=chain_steps,
             early_event_seconds=60,
         )
         return self
@@ -226,12 +227,15 @@ def fleet_of(make_store: StoreMaker) -> Callable[..., Awaitable[Fleet]]:
         *,
         limits: TenantLimits | None = None,
         local_steps: int = 0,
+        chain_steps: int = 16,
         calling: bool = False,
     ) -> Fleet:
         tenant = f"g{uuid.uuid4().hex[:10]}"
         own = limits or TenantLimits()
         store = await make_store(tenant, own)
-        return await Fleet(store, tenant, guest, calling=calling).start(own, local_steps)
+        return await Fleet(store, tenant, guest, calling=calling).start(
+            own, local_steps, chain_steps
+        )
 
     return make
 
@@ -240,7 +244,7 @@ FleetOf = Callable[..., Awaitable[Fleet]]
 
 
 async def test_a_create_is_written_without_a_transaction(fleet_of: FleetOf) -> None:
-    fleet = await fleet_of()
+    fleet = await fleet_of(chain_steps=1)  # one step per write
     await fleet.warm()
     create = fleet.create("o-1")
     result, opened = await fleet.process(create)
@@ -258,7 +262,7 @@ async def test_a_create_is_written_without_a_transaction(fleet_of: FleetOf) -> N
 
 
 async def test_a_guarded_create_goes_on_locally_as_any_next_step(fleet_of: FleetOf) -> None:
-    fleet = await fleet_of(local_steps=4)
+    fleet = await fleet_of(local_steps=4, chain_steps=1)  # one step per write
     await fleet.warm()
     fleet.inbox.clear()
     result, opened = await fleet.process(fleet.create("o-1"))

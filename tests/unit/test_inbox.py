@@ -48,6 +48,18 @@ async def test_tenants_share_batches_in_proportion_to_their_weights():
     assert taken.count("light.step") == 100
 
 
+async def test_steps_charged_to_a_tenant_count_against_its_share():
+    inbox = FairInbox()
+    for n in range(100):
+        inbox.put_nowait(make("chains", n))
+        inbox.put_nowait(make("single", n))
+    await inbox.take(2, wait_s=0)  # one each
+    inbox.charge("chains", 3)  # its delivery did four steps
+    taken = [d.routing_key for d in await inbox.take(8, wait_s=0)]
+    # "single" takes the three turns "chains" used, then they alternate again.
+    assert taken == ["single.step"] * 3 + ["chains.step", "single.step"] * 2 + ["chains.step"]
+
+
 async def test_a_tenant_back_from_a_quiet_spell_brings_no_credit_and_waits_for_no_backlog():
     inbox = FairInbox()
     for n in range(50):

@@ -1,0 +1,153 @@
+"""Several steps of one instance in one write: the runs that follow a step go first.
+
+A guarded statement (cycle/created.py, cycle/unchanged.py) writes a step whose outcome the
+worker knew before touching the store. When that step leaves its instance running with the
+next step to take at once (no wait, no failed attempt), the worker knows the instance after the
+write exactly as well, so it runs the next step's guest right away, over the journal and the
+entries not written yet, and so on; the statement then writes every step of the chain with
+the last one's state and next step, or none of them (the row moved meanwhile: the transaction
+takes the first message as usual). Each step is still journaled once, by that statement; a
+crash before it loses runs, not steps, and the message runs them again (as a redelivery does).
+One write per chain instead of one per step is most of a short workflow's latency.
+
+Only a statement for a few instances chains (`CHAIN_INSTANCES`): a quiet worker's, where the
+write is most of a step's time. A chain ends at `chain_steps` steps, at a step that waits,
+fails, or ends its instance, and when a batch's chained runs have taken `CHAIN_SECONDS`. A run that stops at an HTTP call, begins
+an event wait, or needs more than a slice is dropped and the chain ends before it: that step
+goes on as a next step like any other, so its call is made once the steps before it are
+written. A step that waited on a call chains nothing: its successors most likely call too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Generic
+
+from stepfleet.cycle.runner import GuestRunner
+from stepfleet.cycle.work import H, Ran, Work, state_after
+from stepfleet.engine import Decision, EngineLimits, decide
+from stepfleet.schemas import (
+    CallRequested,
+    Envelope,
+    InstanceStatus,
+    MessageKind,
+    StepBody,
+    WaitKind,
+)
+
+CHAIN_SECONDS = 0.02
+"""Guest time a batch's chained runs may take, all chains together (checked between rounds)."""
+CHAIN_INSTANCES = 8
+"""Most instances a statement may chain steps to: a larger batch is a busy worker's, where
+the write is shared by many steps already and chains would only hold the others' write back
+(and skew tenants' shares, which are counted by delivery)."""
+
+
+@dataclass(slots=True)
+class Chain(Generic[H]):
+    """A step the statement writes and the runs chained to it."""
+
+    first: Ran[H]
+    first_decision: Decision
+    decision: Decision
+    """What the statement writes: every step's entries, the last run's state and next step."""
+    chained: list[Ran[H]] = field(default_factory=list)
+    """The runs after the first, in order, each with its own decision."""
+
+    @property
+    def runs(self) -> list[Ran[H]]:
+        """Every run of the chain, in order, with its own decision (once written)."""
+        return [self.first, *self.chained]
+
+
+class StepChains:
+    """Runs the steps that follow guarded writes' steps, for one process's cycles."""
+
+    def __init__(
+        self,
+        guests: GuestRunner,
+        engine_limits: Callable[[str], EngineLimits],
+        max_steps: int,
+    ) -> None:
+        """`max_steps`: steps one write may hold (1: no chains)."""
+        self._guests = guests
+        self._engine_limits = engine_limits
+        self._max_steps = max_steps
+
+    async def extend(self, decided: Sequence[tuple[Ran[H], Decision]]) -> list[Chain[H]]:
+        """Chain to each decided run (its work's `state` and `replay` set) the steps that
+        follow it, round by round across the works, while they fit."""
+        chains = [Chain(item, decision, decision) for item, decision in decided]
+        if len(chains) > CHAIN_INSTANCES:
+            return chains
+        going = [chain for chain in chains if self._goes_on(chain)]
+        began = time.monotonic()
+        while going and time.monotonic() - began < CHAIN_SECONDS:
+            of_work: dict[int, tuple[Chain[H], Work[H]]] = {}
+            for chain in going:
+                work = _next_work(chain)
+                of_work[id(work)] = chain, work
+            # Runs left out (long ones, or for a light batch) end their chains unrun.
+            ran, _ = await self._guests.run_short([work for _, work in of_work.values()])
+            going = []
+            for item in ran:
+                chain = of_work[id(item.work)][0]
+                if self._take(chain, item) and self._goes_on(chain):
+                    going.append(chain)
+        return chains
+
+    def _goes_on(self, chain: Chain[H]) -> bool:
+        decision = chain.decision
+        return (
+            len(chain.chained) + 1 < self._max_steps
+            and decision.publish_step
+            and decision.status is InstanceStatus.RUNNING
+            and decision.waiting is None
+            and decision.failed_attempt is None
+            and not chain.first.work.answers
+        )
+
+    def _take(self, chain: Chain[H], item: Ran[H]) -> bool:
+        """Add a chained run to its chain; False when it is dropped (the chain ends)."""
+        if isinstance(item.report.outcome, CallRequested):
+            return False
+        work = item.work
+        assert work.state is not None
+        assert work.replay is not None
+        decision = decide(
+            work.state,
+            [*work.replay.journal.entries, *work.pending],
+            item.report,
+            started_at=item.started_at,
+            finished_at=item.finished_at,
+            limits=self._engine_limits(work.key.tenant),
+        )
+        waiting = decision.waiting
+        if waiting is not None and waiting.kind is WaitKind.EVENT:
+            return False  # a stored event may end it: left to the transaction
+        item.decision = decision
+        chain.chained.append(item)
+        chain.decision = replace(decision, entries=(*chain.decision.entries, *decision.entries))
+        return True
+
+
+def _next_work(chain: Chain[H]) -> Work[H]:
+    """The step after the chain's last, as a work over the journal and the chain's entries."""
+    first = chain.first.work
+    last = chain.chained[-1] if chain.chained else chain.first
+    assert first.replay is not None
+    state = state_after(last.work, chain.decision)
+    envelope = Envelope(
+        MessageKind.STEP,
+        first.key.tenant,
+        first.key.instance_id,
+        state.module,
+        StepBody(position=state.position, generation=state.generation),
+        first.envelope.traceparent,
+    )
+    work: Work[H] = Work(first.handle, envelope)
+    work.state, work.replay = state, first.replay
+    work.pending = chain.decision.entries  # written with the chain, not in the journal yet
+    return work
