@@ -32,7 +32,7 @@ def parse_guest_json(text: str) -> Any:
     if _too_deep(text):
         raise JsonTooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError):
         raise ValueError("not valid JSON") from None
 
@@ -49,3 +49,7 @@ def _too_deep(text: str) -> bool:
 
 def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+"""One decoder for every parse (`json.loads` with an argument builds a new one each call)."""
