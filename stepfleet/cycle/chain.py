@@ -10,12 +10,14 @@ takes the first message as usual). Each step is still journaled once, by that st
 crash before it loses runs, not steps, and the message runs them again (as a redelivery does).
 One write per chain instead of one per step is most of a short workflow's latency.
 
-Only a statement for a few instances chains (`CHAIN_INSTANCES`): a quiet worker's, where the
-write is most of a step's time. A chain ends at `chain_steps` steps, at a step that waits,
-fails, or ends its instance, and when a batch's chained runs have taken `CHAIN_SECONDS`. A run that stops at an HTTP call, begins
-an event wait, or needs more than a slice is dropped and the chain ends before it: that step
-goes on as a next step like any other, so its call is made once the steps before it are
-written. A step that waited on a call chains nothing: its successors most likely call too.
+A statement for a few instances (`CHAIN_INSTANCES`: a quiet worker's, where the write is most
+of a step's time) chains up to `chain_steps` steps; a larger one looks one step ahead only
+(there one write serves many steps already, and long chains would hold the others' write back).
+A chain ends at a step that waits, fails, or ends its instance, and when a batch's chained
+runs have taken `CHAIN_SECONDS`. A run that begins an event wait or needs more than a slice is
+dropped and ends the chain before it. A run that stops at an HTTP call ends it too, unwritten:
+its step goes on as the next step, whose call the worker that takes it on makes at once
+(`NextStep.call`), once the steps before it are written.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Generic
 
+from stepfleet.broker import Outgoing
 from stepfleet.cycle.runner import GuestRunner
-from stepfleet.cycle.work import H, Ran, Work, state_after
-from stepfleet.engine import Decision, EngineLimits, decide
+from stepfleet.cycle.work import H, NextStep, Ran, Work, state_after
+from stepfleet.engine import Decision, EngineLimits, InstanceState, decide
 from stepfleet.schemas import (
     CallRequested,
     Envelope,
@@ -40,9 +43,9 @@ from stepfleet.schemas import (
 CHAIN_SECONDS = 0.02
 """Guest time a batch's chained runs may take, all chains together (checked between rounds)."""
 CHAIN_INSTANCES = 8
-"""Most instances a statement may chain steps to: a larger batch is a busy worker's, where
-the write is shared by many steps already and chains would only hold the others' write back
-(and skew tenants' shares, which are counted by delivery)."""
+"""Most instances a statement may chain `chain_steps` steps to; a statement for more chains
+one step (long chains in a busy worker's large batches held the others' write back and skewed
+tenants' shares, which the inbox counts by delivery)."""
 
 
 @dataclass(slots=True)
@@ -55,11 +58,24 @@ class Chain(Generic[H]):
     """What the statement writes: every step's entries, the last run's state and next step."""
     chained: list[Ran[H]] = field(default_factory=list)
     """The runs after the first, in order, each with its own decision."""
+    calling: Ran[H] | None = None
+    """The run of the step after the last that stopped at an HTTP call: nothing of it is
+    written, and its step goes on as the next step, with the call (`NextStep.call`)."""
 
     @property
     def runs(self) -> list[Ran[H]]:
         """Every run of the chain, in order, with its own decision (once written)."""
         return [self.first, *self.chained]
+
+    def next_step(
+        self, outbox_id: int, message: Outgoing, envelope: Envelope, state: InstanceState
+    ) -> NextStep:
+        """The next step the chain's write asks for, with the call its run stopped at."""
+        if self.calling is None:
+            return NextStep(outbox_id, message, envelope, state)
+        call = self.calling.report.outcome
+        assert isinstance(call, CallRequested)
+        return NextStep(outbox_id, message, envelope, state, call, self.calling.started_at)
 
 
 class StepChains:
@@ -80,9 +96,8 @@ class StepChains:
         """Chain to each decided run (its work's `state` and `replay` set) the steps that
         follow it, round by round across the works, while they fit."""
         chains = [Chain(item, decision, decision) for item, decision in decided]
-        if len(chains) > CHAIN_INSTANCES:
-            return chains
-        going = [chain for chain in chains if self._goes_on(chain)]
+        most = self._max_steps if len(chains) <= CHAIN_INSTANCES else min(self._max_steps, 2)
+        going = [chain for chain in chains if _goes_on(chain, most)]
         began = time.monotonic()
         while going and time.monotonic() - began < CHAIN_SECONDS:
             of_work: dict[int, tuple[Chain[H], Work[H]]] = {}
@@ -94,24 +109,14 @@ class StepChains:
             going = []
             for item in ran:
                 chain = of_work[id(item.work)][0]
-                if self._take(chain, item) and self._goes_on(chain):
+                if self._take(chain, item) and _goes_on(chain, most):
                     going.append(chain)
         return chains
 
-    def _goes_on(self, chain: Chain[H]) -> bool:
-        decision = chain.decision
-        return (
-            len(chain.chained) + 1 < self._max_steps
-            and decision.publish_step
-            and decision.status is InstanceStatus.RUNNING
-            and decision.waiting is None
-            and decision.failed_attempt is None
-            and not chain.first.work.answers
-        )
-
     def _take(self, chain: Chain[H], item: Ran[H]) -> bool:
-        """Add a chained run to its chain; False when it is dropped (the chain ends)."""
+        """Add a chained run to its chain; False when it ends the chain, unwritten."""
         if isinstance(item.report.outcome, CallRequested):
+            chain.calling = item
             return False
         work = item.work
         assert work.state is not None
@@ -131,6 +136,18 @@ class StepChains:
         chain.chained.append(item)
         chain.decision = replace(decision, entries=(*chain.decision.entries, *decision.entries))
         return True
+
+
+def _goes_on(chain: Chain[H], most: int) -> bool:
+    """Whether the chain's last step leaves the next to be taken at once, and may have it."""
+    decision = chain.decision
+    return (
+        len(chain.chained) + 1 < most
+        and decision.publish_step
+        and decision.status is InstanceStatus.RUNNING
+        and decision.waiting is None
+        and decision.failed_attempt is None
+    )
 
 
 def _next_work(chain: Chain[H]) -> Work[H]:

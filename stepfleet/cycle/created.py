@@ -35,7 +35,7 @@ from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.tracing import carried, open_spans
 from stepfleet.cycle.unchanged import Unchanged
-from stepfleet.cycle.work import Early, H, NextStep, Ran, Work, state_after, write_of
+from stepfleet.cycle.work import Early, H, Ran, Work, state_after, write_of
 from stepfleet.engine import Decision, InstanceState, check_size, decide
 from stepfleet.observe import Observer
 from stepfleet.sandbox import ReplayJournal, Sandbox
@@ -201,7 +201,7 @@ class GuardedCreates:
             if step is not None and outbox_id is not None:
                 envelope, message = step
                 state = state_after(work, chain.decision)
-                done.next_steps.append(NextStep(outbox_id, message, envelope, state))
+                done.next_steps.append(chain.next_step(outbox_id, message, envelope, state))
         done.rest = [w for w in works if id(w) not in taken]
         return done
 

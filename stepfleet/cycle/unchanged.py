@@ -104,7 +104,7 @@ class UnchangedWrites:
             if step is not None and outbox_id is not None:
                 envelope, message = step
                 state = state_after(work, chain.decision)
-                done.next_steps.append(NextStep(outbox_id, message, envelope, state))
+                done.next_steps.append(chain.next_step(outbox_id, message, envelope, state))
         return done
 
     def _decided(self, work: Work[H], now: datetime) -> tuple[Ran[H], Decision] | None:

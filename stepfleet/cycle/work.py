@@ -191,6 +191,11 @@ class NextStep:
     envelope: Envelope
     state: InstanceState
     """The instance as the write left it."""
+    call: CallRequested | None = None
+    """The HTTP call the step's run, made before the write (cycle/chain.py), stopped at: a
+    worker that takes the step on makes it at once instead of running the guest again."""
+    started_at: datetime | None = None
+    """When that run began (the attempt's start)."""
 
 
 @dataclass(slots=True)

@@ -220,7 +220,9 @@ class BatchProcessor:
         """Hand the next steps this process has room for to its own inbox; return the others,
         to publish.
 
-        A step taken on here skips the publish, its confirm, the delivery and the ack. Its
+        A step taken on here skips the publish, its confirm, the delivery and the ack; one
+        whose run stopped at an HTTP call before the write (cycle/chain.py) has the call made
+        at once, and comes back with the answer. Its
         outbox row stays until the write that runs the step deletes it: should this process
         die first, the outbox relay of any worker publishes it (after
         STEPFLEET_OUTBOX_RELAY_AFTER_SECONDS).
@@ -232,8 +234,12 @@ class BatchProcessor:
             delivery = _local_delivery(step.message)
             work: Work[Delivery] = Work(delivery, step.envelope)
             work.intent, work.expected = step.outbox_id, step.state
-            self._resuming[id(delivery)] = work
             self._local.add(id(delivery))
+            if step.call is not None:  # its run stopped at a call already: make the call
+                work.started_at = step.started_at
+                self._call(Suspended(work, step.call))
+                continue
+            self._resuming[id(delivery)] = work
             assert self._resume is not None
             self._resume(delivery)
         return steps[room:]

@@ -610,6 +610,7 @@ async def test_a_local_next_step_waits_for_its_call_without_a_transaction():
         sandbox=FunctionSandbox({}, calling={MODULE: plain_then_calls}),
         caller=gateway,
         local_steps=10,
+        chain_steps=1,  # one step per write
     )
     await fleet.push()
     await fleet.processor.process([fleet.create("o-1")])

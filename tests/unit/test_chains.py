@@ -120,13 +120,13 @@ async def test_a_statement_writes_at_most_chain_steps_steps(fleets: FleetOf) -> 
     assert await fleet.outbox_ids() == warm  # each chain's next step row went with the next
 
 
-async def test_a_statement_for_many_instances_chains_nothing(fleets: FleetOf) -> None:
+async def test_a_statement_for_many_instances_chains_one_step(fleets: FleetOf) -> None:
     fleet = await fleets(five_steps)
     await fleet.warm()
     creates = [fleet.create(f"o-{i}") for i in range(CHAIN_INSTANCES + 1)]
     result, opened = await fleet.process(*creates)
-    assert (result.steps, opened) == (CHAIN_INSTANCES + 1, 0)
-    assert (await fleet.detail("o-0")).record.position == 1
+    assert (result.steps, opened) == (2 * (CHAIN_INSTANCES + 1), 0)
+    assert (await fleet.detail("o-0")).record.position == 2
 
 
 async def test_a_chain_ends_before_a_step_that_makes_a_call(fleets: FleetOf) -> None:
@@ -142,6 +142,26 @@ async def test_a_chain_ends_before_a_step_that_makes_a_call(fleets: FleetOf) -> 
     assert [e.name for e in detail.journal] == ["reserve"]
     [step] = internal(fleet, "o-1")
     assert json.loads(step.body)["position"] == 1
+
+
+async def test_a_worker_that_takes_the_step_on_makes_its_call_at_once(fleets: FleetOf) -> None:
+    fleet = await fleets(step_then_call, calling=True, local_steps=4)
+    await fleet.warm()
+    fleet.inbox.clear()
+    runs = len(fleet.sandbox.runs)
+    result, opened = await fleet.process(fleet.create("o-1"))
+    assert (result.steps, opened) == (1, 0)
+    # The call is made (here refused: the fleet has no egress) with no run of its step
+    # again, and the step comes back with the answer.
+    [answered] = await fleet.handed_back()
+    assert len(fleet.sandbox.runs) - runs == 2
+    result, opened = await fleet.process(answered)
+    assert (result.steps, opened) == (2, 0)  # "fetch" with the answer, then the end
+    assert len(fleet.sandbox.runs) - runs == 4
+    detail = await fleet.detail("o-1")
+    assert (detail.record.status, detail.record.output) == (InstanceStatus.COMPLETE, "2")
+    assert [e.name for e in detail.journal] == ["reserve", "fetch"]
+    assert internal(fleet, "o-1") == []
 
 
 async def test_a_step_that_fails_ends_the_chain_and_its_attempt_is_written_with_it(

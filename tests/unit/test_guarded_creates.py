@@ -4,6 +4,7 @@ tests/integration/test_guarded_creates.py (the same tests, another `make_store`)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -160,6 +161,15 @@ class Fleet:
         before = self.transactions
         result = await self.processor.process(list(deliveries))
         return result, self.transactions - before
+
+    async def handed_back(self) -> list[Any]:
+        """Wait (up to 5 s) for a call's task to hand its delivery back; take the inbox."""
+        for _ in range(500):
+            if self.inbox:
+                break
+            await asyncio.sleep(0.01)
+        taken, self.inbox[:] = list(self.inbox), []
+        return taken
 
     async def warm(self) -> None:
         """A first create, through the transaction: the module is known pushed and loaded."""
