@@ -201,6 +201,7 @@ class Worker:
         self._serve_metrics()
         if self._owns_broker:
             await self.broker.connect(name=f"stepfleet-{self.name}")
+        started: list[asyncio.Task[None]] = []
         try:
             await self._load_tenants()
             await self.broker.declare()
@@ -235,6 +236,7 @@ class Worker:
             timers = asyncio.create_task(self._timers(), name="timers")
             beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
             sweeping = asyncio.create_task(self.sweep.run(), name="stall-sweep")
+            started += [moving, *pipelines, relay, archiving, timers, beat, sweeping]
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -268,6 +270,11 @@ class Worker:
             await self._processor.close()
             await self._flush_confirmed()
         finally:
+            # A run cancelled before its tasks ended (by its caller) must not leave them
+            # running: they would go on with the closed connections, claiming timers.
+            for task in started:
+                task.cancel()
+            await asyncio.gather(*started, return_exceptions=True)
             self._report(state="stopped")
             if self._guest_processes is not None:
                 self._guest_processes.close()

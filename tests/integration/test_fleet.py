@@ -293,3 +293,19 @@ async def test_a_batch_that_fails_unexpectedly_is_handed_back_and_completes(
     assert failures
     assert record.status is InstanceStatus.COMPLETE
     assert [e.seq for e in await store.journal(InstanceKey("acme", instance_id))] == [0, 1, 2]
+
+
+async def test_a_worker_whose_run_is_cancelled_leaves_no_task_running(settings):
+    """Cancelling `Worker.run` (a caller that gave up waiting for its drain) ends its pipelines
+    and background loops too: left running on closed connections, they claimed timers."""
+    from stepfleet.workers.worker import Worker
+
+    worker = Worker(settings, name="cancelled")
+    run = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 10)
+    own = {t for t in asyncio.all_tasks() if t is not run} - {asyncio.current_task()}
+    assert {t.get_name() for t in own} >= {"timers", "outbox-relay", "pipeline-0"}
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert [t.get_name() for t in own if not t.done()] == []
