@@ -300,10 +300,11 @@ async def test_a_worker_whose_run_is_cancelled_leaves_no_task_running(settings):
     and background loops too: left running on closed connections, they claimed timers."""
     from stepfleet.workers.worker import Worker
 
+    before = asyncio.all_tasks()
     worker = Worker(settings, name="cancelled")
     run = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.ready.wait(), 10)
-    own = {t for t in asyncio.all_tasks() if t is not run} - {asyncio.current_task()}
+    own = asyncio.all_tasks() - before - {run}
     assert {t.get_name() for t in own} >= {"timers", "outbox-relay", "pipeline-0"}
     run.cancel()
     with pytest.raises(asyncio.CancelledError):
