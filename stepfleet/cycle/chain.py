@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Generic
 
 from stepfleet.broker import Outgoing
+from stepfleet.cycle.phases import PhaseTimes
 from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.work import H, NextStep, Ran, Work, state_after
 from stepfleet.engine import Decision, EngineLimits, InstanceState, decide
@@ -86,32 +87,43 @@ class StepChains:
         guests: GuestRunner,
         engine_limits: Callable[[str], EngineLimits],
         max_steps: int,
+        *,
+        phases: PhaseTimes,
     ) -> None:
-        """`max_steps`: steps one write may hold (1: no chains)."""
+        """`max_steps`: steps one write may hold (1: no chains); `phases` gets the chained
+        runs' time as guest time."""
         self._guests = guests
         self._engine_limits = engine_limits
         self._max_steps = max_steps
+        self._phases = phases
 
-    async def extend(self, decided: Sequence[tuple[Ran[H], Decision]]) -> list[Chain[H]]:
+    async def extend(
+        self, decided: Sequence[tuple[Ran[H], Decision]]
+    ) -> tuple[list[Chain[H]], float]:
         """Chain to each decided run (its work's `state` and `replay` set) the steps that
-        follow it, round by round across the works, while they fit."""
+        follow it, round by round across the works, while they fit; return the chains and
+        the seconds their runs took."""
         chains = [Chain(item, decision, decision) for item, decision in decided]
         most = self._max_steps if len(chains) <= CHAIN_INSTANCES else min(self._max_steps, 2)
         going = [chain for chain in chains if _goes_on(chain, most)]
         began = time.monotonic()
+        running = 0.0
         while going and time.monotonic() - began < CHAIN_SECONDS:
             of_work: dict[int, tuple[Chain[H], Work[H]]] = {}
             for chain in going:
                 work = _next_work(chain)
                 of_work[id(work)] = chain, work
             # Runs left out (long ones, or for a light batch) end their chains unrun.
+            round_began = time.monotonic()
             ran, _ = await self._guests.run_short([work for _, work in of_work.values()])
+            running += time.monotonic() - round_began
             going = []
             for item in ran:
                 chain = of_work[id(item.work)][0]
                 if self._take(chain, item) and _goes_on(chain, most):
                     going.append(chain)
-        return chains
+        self._phases.add("guest", running)
+        return chains, running
 
     def _take(self, chain: Chain[H], item: Ran[H]) -> bool:
         """Add a chained run to its chain; False when it ends the chain, unwritten."""

@@ -102,7 +102,7 @@ class GuardedCreates:
             decision = self._decided(item)
             if decision is not None:
                 decided.append((item, decision))
-        chains = await self._chains.extend(decided)
+        chains, _ = await self._chains.extend(decided)
         for work in fitting:  # the transaction's admission sets them again; a written
             work.state = work.replay = None  # run's are given back (`Early.created`)
         if not chains:

@@ -121,10 +121,12 @@ class StepCycle:
         )
         self._modules = ModuleLoader(sandbox, self._guests.on_guest_thread, observer)
         self._observer = observer
-        chains = StepChains(self._guests, self.directory.engine_limits, chain_steps)
-        self._unchanged = UnchangedWrites(store, topology, self.directory, chains, observer, clock)
         self.phases = PhaseTimes(observer=observer)
         """Time spent in transactions and guest runs (the driver adds its own phases)."""
+        chains = StepChains(
+            self._guests, self.directory.engine_limits, chain_steps, phases=self.phases
+        )
+        self._unchanged = UnchangedWrites(store, topology, self.directory, chains, observer, clock)
         self._creates = GuardedCreates(
             store=store,
             topology=topology,
@@ -201,10 +203,13 @@ class StepCycle:
         if not any(w.early for w in works):
             return None
         began = time.monotonic()
+        done = None
         try:
-            return await self._unchanged.write(works, confirmed_outbox)
-        finally:
-            self.phases.add("transaction", time.monotonic() - began)
+            done = await self._unchanged.write(works, confirmed_outbox)
+            return done
+        finally:  # its chained runs count as guest time (cycle/chain.py adds them)
+            chained = done.guest_seconds if done is not None else 0.0
+            self.phases.add("transaction", time.monotonic() - began - chained)
 
     def _committed(
         self,

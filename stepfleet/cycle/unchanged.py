@@ -45,6 +45,8 @@ class Unchanged(Generic[H]):
     rest: list[Work[H]] = field(default_factory=list)
     span: tuple[float, float] | None = None
     """When the statement ran (monotonic seconds), if it did."""
+    guest_seconds: float = 0.0
+    """How long the runs chained to its steps took (cycle/chain.py)."""
 
 
 class UnchangedWrites:
@@ -82,7 +84,7 @@ class UnchangedWrites:
                 fitting.append(decided)
         if not fitting:
             return None
-        chains = await self._chains.extend(fitting)
+        chains, chained_seconds = await self._chains.extend(fitting)
         began = time.monotonic()
         open_spans(self._observer, [item.work for item, _ in fitting], began)
         guarded = [self._guarded(chain.first.work, chain.decision) for chain in chains]
@@ -90,6 +92,7 @@ class UnchangedWrites:
             [g for g, _ in guarded], confirmed_outbox=confirmed_outbox
         )
         done = Unchanged[H](rest=rest, span=(began, time.monotonic()))
+        done.guest_seconds = chained_seconds
         for chain, (_, step) in zip(chains, guarded, strict=True):
             work = chain.first.work
             if work.key not in applied:
