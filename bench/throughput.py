@@ -226,7 +226,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflows", type=int, default=2000)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker process counts")
-    parser.add_argument("--unloaded", type=int, default=50)
+    parser.add_argument("--unloaded", type=int, default=100)  # as the minimal loop's k
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -231,6 +231,11 @@ class StepCycle:
                 StepBody(position=0, generation=0),
                 carried(work),
             )
+            if work.state is not None and work.replay is not None:
+                # Its row is the new instance as admission made it: the resumed attempt runs
+                # before any transaction, on that state, like a local next step (_speculate).
+                work.expected = work.state
+                self._replays.put(work.key, work.replay)
         result.ran = ran
         result.held = len(held)
         result.held_keys = {w.key for w in held}

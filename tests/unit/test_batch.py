@@ -584,7 +584,7 @@ async def test_a_step_waiting_on_its_call_is_acked_only_once_its_step_is_written
     assert result.deferred == [create]
     assert fleet.processor.holds(create)
     result = await fleet.processor.process([create])
-    assert result.steps == 1
+    assert result.steps == 2  # the step, then the end chained to it
     assert gateway.calls == 1
     assert create in fleet.acks.acked
     assert not fleet.processor.holds(create)
