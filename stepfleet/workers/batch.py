@@ -93,10 +93,10 @@ class BatchProcessor:
         whose step's call was answered (or a next step taken on locally) to the worker's
         inbox; `local_steps`: next steps this process may hold for itself at once instead of
         publishing them (0: publish every one); `chain_steps`: steps of one instance it may
-        run before one write (cycle/chain.py; 1: one per write); `observer` gets the batch's metrics and
-        spans; `early_event_seconds` and `early_event_tenant_bytes`: how long an event that
-        comes before its instance is held, and how much one tenant's held events may store
-        (None: no limit)."""
+        run before one write (cycle/chain.py; 1: one per write); `observer` gets the batch's
+        metrics and spans; `early_event_seconds` and `early_event_tenant_bytes`: how long an
+        event that comes before its instance is held, and how much one tenant's held events
+        may store (None: no limit)."""
         self._topology = topology
         self._publish = publish
         self._max_message_bytes = max_message_bytes
