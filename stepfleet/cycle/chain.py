@@ -165,9 +165,8 @@ def _goes_on(chain: Chain[H], most: int) -> bool:
 def _next_work(chain: Chain[H]) -> Work[H]:
     """The step after the chain's last, as a work over the journal and the chain's entries."""
     first = chain.first.work
-    last = chain.chained[-1] if chain.chained else chain.first
     assert first.replay is not None
-    state = state_after(last.work, chain.decision)
+    state = state_after(first, chain.decision)
     envelope = Envelope(
         MessageKind.STEP,
         first.key.tenant,

@@ -136,10 +136,9 @@ class FairInbox:
                 # back in at its pass.
                 self._schedule(tenant)
                 continue
-            start = passed
-            self._now = max(self._now, start)
+            self._now = max(self._now, passed)
             batch.append(self._pop(tenant, now))
-            tenant.passed = start + 1.0 / max(self._weight(tenant.name), 1)
+            tenant.passed = passed + 1.0 / max(self._weight(tenant.name), 1)
             if tenant.queue:
                 self._schedule(tenant)
         for tenant in left:
