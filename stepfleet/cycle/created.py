@@ -8,11 +8,16 @@ state with the step's journal entries and next step, adopting the events held fo
 statement that is its own transaction. A row that existed already makes the create a
 duplicate, as the transaction's insert does.
 
+A first run that stops at an HTTP call is written by the same statement: the new row, as
+admission would make it (nothing of the step is written yet), and the outbox row of its step
+message (kept, published only by the relay should the attempt never be finished; the write that
+finishes it deletes it). Its call is made once the statement committed, like a call of the
+transaction's creates, and the create goes on as that step (`Unchanged.intents`).
+
 Anything that would read more goes through the transaction as before, with the run made here
 kept for it (`Early.created`): a run that begins an event wait (a held event may end it),
-one that stops at an HTTP call (its create's row and step are written while the call is
-made), a create whose row came meanwhile with other code, and every create of a statement
-that found a hold of early events of its keys under way. Runs that need more than a slice
+a create whose row came meanwhile with other code, and every create of a statement that found
+a hold of early events of its keys under way. Runs that need more than a slice
 are not made here at all: the transaction runs them, on the guest thread or apart.
 """
 
@@ -35,7 +40,7 @@ from stepfleet.cycle.replays import CachedReplay
 from stepfleet.cycle.runner import GuestRunner
 from stepfleet.cycle.tracing import carried, open_spans
 from stepfleet.cycle.unchanged import Unchanged
-from stepfleet.cycle.work import Early, H, Ran, Work, state_after, write_of
+from stepfleet.cycle.work import Early, H, Ran, Suspended, Work, state_after, write_of
 from stepfleet.engine import Decision, InstanceState, check_size, decide
 from stepfleet.observe import Observer
 from stepfleet.sandbox import ReplayJournal, Sandbox
@@ -48,7 +53,7 @@ from stepfleet.schemas import (
     StepBody,
     WaitKind,
 )
-from stepfleet.store import GuardedCreate, NewInstance
+from stepfleet.store import CreatesWritten, GuardedCreate, NewInstance, StepWrite
 from stepfleet.store.port import StepStore
 
 log = structlog.get_logger("stepfleet.worker")
@@ -98,16 +103,19 @@ class GuardedCreates:
         ran, _ = await self._guests.run_short(fitting)
         self._phases.add("guest", time.monotonic() - began)
         decided: list[tuple[Ran[H], Decision]] = []
+        calling: list[Ran[H]] = []
         for item in ran:
             decision = self._decided(item)
             if decision is not None:
                 decided.append((item, decision))
+            elif isinstance(item.report.outcome, CallRequested):
+                calling.append(item)
         chains, _ = await self._chains.extend(decided)
         for work in fitting:  # the transaction's admission sets them again; a written
             work.state = work.replay = None  # run's are given back (`Early.created`)
-        if not chains:
+        if not chains and not calling:
             return None
-        return await self._write(works, chains, duplicates, confirmed_outbox)
+        return await self._write(works, chains, calling, duplicates, confirmed_outbox)
 
     def _fits(self, work: Work[H]) -> bool:
         """Whether a work is a create the statement may write; if so, give it the new
@@ -139,7 +147,7 @@ class GuardedCreates:
         assert work.replay is not None
         work.early = Early(item, work.replay, 0, created=work.state)
         if isinstance(item.report.outcome, CallRequested):
-            return None
+            return None  # written without a decision: nothing of its step is yet
         decision = decide(
             work.state,
             (),
@@ -157,15 +165,18 @@ class GuardedCreates:
         self,
         works: list[Work[H]],
         chains: list[Chain[H]],
+        calling: list[Ran[H]],
         duplicates: list[Work[H]],
         confirmed_outbox: Sequence[int],
     ) -> Unchanged[H]:
         began = time.monotonic()
-        open_spans(self._observer, [chain.first.work for chain in chains], began)
+        firsts = [chain.first.work for chain in chains] + [item.work for item in calling]
+        open_spans(self._observer, firsts, began)
         creates = [self._guarded(chain.first.work, chain.decision) for chain in chains]
+        waiting = [self._waiting(item.work) for item in calling]
         try:
             written = await self._store.write_created(
-                [c for c, _ in creates], confirmed_outbox=confirmed_outbox
+                [c for c, _ in creates] + waiting, confirmed_outbox=confirmed_outbox
             )
         finally:
             self._phases.add("transaction", time.monotonic() - began)
@@ -173,37 +184,83 @@ class GuardedCreates:
         if written.adopted:
             log.info("early_events_taken", count=written.adopted)
         if written.busy:  # a hold of their events was under way: the transaction takes them
-            log.debug("guarded_creates_busy", creates=len(creates))
+            log.debug("guarded_creates_busy", creates=len(creates) + len(waiting))
         taken: set[int] = set()
         for chain, (_, step) in zip(chains, creates, strict=True):
             item = chain.first
             work = item.work
-            outbox_id = written.inserted.get(work.key)
-            inserted = not written.busy and work.key in written.inserted
-            existed = not written.busy and written.existing.get(work.key) == work.module
-            if not inserted and not existed:
-                continue  # the transaction admits it (a row of other code is refused there)
+            if not self._taken(work, written, duplicates):
+                continue
             taken.add(id(work))
-            assert work.early is not None
-            work.state, work.replay = work.early.created, work.early.replay
             item.decision = chain.first_decision
             log_run(item)
-            if existed:
-                duplicates.append(work)
-                with message_context(work):
-                    log.info("duplicate_ignored", kind="create", why="instance already exists")
-                continue
-            work.created = True
+            if not work.created:
+                continue  # a duplicate
             done.ran.append(item)
             for later in chain.chained:
                 log_run(later)
                 done.ran.append(later)
-            if step is not None and outbox_id is not None:
+            if step is not None and (outbox_id := written.inserted.get(work.key)) is not None:
                 envelope, message = step
                 state = state_after(work, chain.decision)
                 done.next_steps.append(chain.next_step(outbox_id, message, envelope, state))
+        for item in calling:
+            work = item.work
+            if not self._taken(work, written, duplicates):
+                continue
+            taken.add(id(work))
+            if not work.created:
+                continue  # a duplicate
+            call = item.report.outcome
+            assert isinstance(call, CallRequested)
+            outbox_id = written.inserted[work.key]
+            assert outbox_id is not None
+            work.started_at = work.started_at or item.started_at
+            done.suspended.append(Suspended(work, call))
+            done.intents.append((work, outbox_id))
+            with message_context(work, step=call.name, position=call.seq):
+                log.debug("step_waits_for_call", calls=len(call.answered) + 1)
         done.rest = [w for w in works if id(w) not in taken]
         return done
+
+    @staticmethod
+    def _taken(work: Work[H], written: CreatesWritten, duplicates: list[Work[H]]) -> bool:
+        """Whether the statement decided the create: inserted its row (`work.created`) or
+        found it there with the same module (a duplicate, added to `duplicates`). Else the
+        transaction admits it (a row of other code is refused there)."""
+        inserted = not written.busy and work.key in written.inserted
+        existed = not written.busy and written.existing.get(work.key) == work.module
+        if not inserted and not existed:
+            return False
+        assert work.early is not None
+        work.state, work.replay = work.early.created, work.early.replay
+        if existed:
+            duplicates.append(work)
+            with message_context(work):
+                log.info("duplicate_ignored", kind="create", why="instance already exists")
+        else:
+            work.created = True
+        return True
+
+    def _waiting(self, work: Work[H]) -> GuardedCreate:
+        """The row of a create whose first run stopped at a call, as admission would make it,
+        with its step message kept in the outbox."""
+        assert work.early is not None
+        assert work.early.created is not None
+        body = work.envelope.body
+        assert isinstance(body, CreateBody)
+        traceparent = carried(work)
+        created = work.early.created
+        row, _ = step_message(self._topology, work.key, work.module, 0, 0, traceparent)
+        new = NewInstance(work.key, work.module, work.early.replay.params, body.retention_seconds)
+        write = StepWrite(
+            work.key,
+            InstanceStatus.RUNNING,
+            0,
+            state_bytes=created.state_bytes,
+            traceparent=traceparent,
+        )
+        return GuardedCreate(new, write, row)
 
     def _guarded(
         self, work: Work[H], decision: Decision

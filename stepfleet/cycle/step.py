@@ -170,9 +170,14 @@ class StepCycle:
                 result.transaction = (first, done.span[1])
         ran_before = [item for done in written for item in done.ran]
         next_before = [step for done in written for step in done.next_steps]
+        intents_before = [intent for done in written for intent in done.intents]
+        # Added once the transaction is done: its own write keeps outbox rows for the
+        # waiting creates in `result.suspended`, and these have theirs already.
+        suspended_before = [waiting for done in written for waiting in done.suspended]
         if not works and not confirmed_outbox:
             if written:
-                self._committed(result, ran_before, next_before, [], [])
+                result.suspended += suspended_before
+                self._committed(result, ran_before, next_before, intents_before, [])
             return result  # every run was written already, or waits for its call
         began = time.monotonic()
         try:
@@ -185,7 +190,10 @@ class StepCycle:
             result.transaction = (first, ended)
             self.phases.add("guest", result.guest_seconds)
             self.phases.add("transaction", ended - began - result.guest_seconds)
-        self._committed(result, ran_before + ran, next_before + next_steps, intents, held)
+        result.suspended += suspended_before
+        self._committed(
+            result, ran_before + ran, next_before + next_steps, intents_before + intents, held
+        )
         return result
 
     async def _write_created(

@@ -27,7 +27,7 @@ from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.guest import log_run
 from stepfleet.cycle.messages import step_message
 from stepfleet.cycle.tracing import carried, open_spans
-from stepfleet.cycle.work import H, NextStep, Ran, Work, state_after, write_of
+from stepfleet.cycle.work import H, NextStep, Ran, Suspended, Work, state_after, write_of
 from stepfleet.engine import Admit, Decision, InstanceState, admit, decide
 from stepfleet.observe import Observer
 from stepfleet.schemas import Envelope, MessageKind, StepBody, WaitKind
@@ -47,6 +47,10 @@ class Unchanged(Generic[H]):
     """When the statement ran (monotonic seconds), if it did."""
     guest_seconds: float = 0.0
     """How long the runs chained to its steps took (cycle/chain.py)."""
+    suspended: list[Suspended[H]] = field(default_factory=list)
+    """Creates written with their first run stopped at an HTTP call (cycle/created.py)."""
+    intents: list[tuple[Work[H], int]] = field(default_factory=list)
+    """Those creates' step messages, kept in the outbox: their outbox ids."""
 
 
 class UnchangedWrites:

@@ -348,19 +348,52 @@ async def test_a_first_run_that_waits_for_an_event_goes_through_the_transaction(
     assert (await fleet.detail("o-1")).record.status is InstanceStatus.COMPLETE
 
 
-async def test_a_first_run_that_stops_at_a_call_goes_through_the_transaction(
+async def test_a_first_run_that_stops_at_a_call_is_written_without_a_transaction(
+    fleet_of: FleetOf,
+) -> None:
+    fleet = await fleet_of(calls_first, calling=True)
+    await fleet.process(fleet.create("warm"))  # through the transaction: the module is new
+    runs = len(fleet.sandbox.runs)
+    outbox = await fleet.outbox_ids()
+    create = fleet.create("o-1")
+    result, opened = await fleet.process(create)
+    assert (result.steps, opened) == (0, 0)
+    assert len(fleet.sandbox.runs) == runs + 1
+    assert fleet.processor.holds(create)  # its row is written, its call under way
+    assert create not in fleet.acks.acked
+    detail, warm = await fleet.detail("o-1"), await fleet.detail("warm")
+    assert (detail.record.status, detail.journal) == (InstanceStatus.RUNNING, [])
+    # The row the transaction wrote for the first create, and the same step message kept
+    # in the outbox (published only by the relay, should the attempt never end).
+    assert same_row(detail, warm)
+    assert len(await fleet.outbox_ids() - outbox) == 1
+    assert not [m for m in fleet.published if m.exchange == TOPOLOGY.internal_exchange]
+
+    handed: list[Any] = []
+    while len(handed) < 2:  # both answers, the warm one's too
+        handed += await fleet.handed_back()
+    assert id(create) in {id(d) for d in handed}
+    result, opened = await fleet.process(*handed)
+    assert (result.steps, opened) == (2, 0)  # the answers' runs, written by a guarded statement
+    assert create in fleet.acks.acked
+    assert (await fleet.detail("o-1")).record.status is InstanceStatus.COMPLETE
+    assert await fleet.outbox_ids() <= outbox  # its kept step message is gone
+
+
+async def test_a_create_stopped_at_a_call_delivered_again_is_a_duplicate(
     fleet_of: FleetOf,
 ) -> None:
     fleet = await fleet_of(calls_first, calling=True)
     await fleet.process(fleet.create("warm"))
-    runs = len(fleet.sandbox.runs)
     create = fleet.create("o-1")
-    result, opened = await fleet.process(create)
-    assert (result.steps, opened) == (0, 1)
-    assert len(fleet.sandbox.runs) == runs + 1
-    assert fleet.processor.holds(create)  # its row is written, its call under way
-    detail = await fleet.detail("o-1")
-    assert (detail.record.status, detail.journal) == (InstanceStatus.RUNNING, [])
+    await fleet.process(create)
+    before = await fleet.detail("o-1")
+    again = fleet.create("o-1")  # the producer's retry, while the first one's call is made
+    result, opened = await fleet.process(again)
+    assert (result.steps, opened) == (0, 0)
+    assert fleet.acks.acked[-1] is again
+    assert not fleet.processor.holds(again)
+    assert await fleet.detail("o-1") == before
 
 
 async def test_a_tenant_with_quotas_creates_through_the_transaction(fleet_of: FleetOf) -> None:
