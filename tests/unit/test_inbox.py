@@ -6,8 +6,8 @@ from stepfleet.workers.inbox import FairInbox
 from tests.fakes import Acks, delivery
 
 
-def make(tenant: str, n: int):
-    return delivery(Acks(), {"x-tenant": tenant, "x-kind": "step", "n": n}, b"{}")
+def make(tenant: str, n: int, kind: str = "step"):
+    return delivery(Acks(), {"x-tenant": tenant, "x-kind": kind, "n": n}, b"{}")
 
 
 async def test_a_flooding_tenant_does_not_hold_back_the_others():
@@ -27,6 +27,20 @@ async def test_a_flooding_tenant_does_not_hold_back_the_others():
     rest = await inbox.take(1000, wait_s=0)
     assert [d.headers["n"] for d in rest] == list(range(2, 100))  # each tenant in its order
     assert inbox.empty()
+
+
+async def test_a_tenants_existing_instances_go_before_its_creates_which_still_get_turns():
+    inbox = FairInbox()
+    for n in range(10):
+        inbox.put_nowait(make("acme", n, "create"))
+    for n in range(10, 16):  # a wake, a step and an event, behind ten creates
+        inbox.put_nowait(make("acme", n, ("wake", "step", "event")[n % 3]))
+    batch = await inbox.take(100, wait_s=0)
+    # Three of the instances' deliveries in a row, then a create, each kind in its order.
+    assert [d.headers["n"] for d in batch] == [10, 11, 12, 0, 13, 14, 15, 1, *range(2, 10)]
+    inbox.put_nowait(make("acme", 20, "create"))
+    inbox.put_nowait(make("acme", 21))
+    assert [d.headers["n"] for d in await inbox.take(100, wait_s=0)] == [21, 20]
 
 
 async def test_take_waits_for_a_delivery_and_returns_nothing_when_none_comes():
