@@ -12,10 +12,9 @@ anyone's backlog.
 
 Within a tenant, the work of its instances that exist already (steps, wakes, events) goes
 before its creates: a tenant that publishes 100,000 creates at once has them fill its queue, and
-the wakes of its sleeping workflows, the next steps of its running ones, came behind them all
-(a timer's wake 1-3 s late, where the timer loop sent it on time). Creates still get one turn
-in `STEPS_PER_CREATE + 1` while the tenant has both, so a tenant whose running workflows keep
-its share busy still starts new ones.
+the wakes of its sleeping workflows and the next steps of its running ones would wait behind
+every create the worker took in. Creates still get one turn in `STEPS_PER_CREATE + 1` while the
+tenant has both, so a tenant whose running workflows keep its share busy still starts new ones.
 
 A tenant with only a few deliveries waiting (`light_limit` or fewer) is *light*: it asks less
 than its share. `take_light` takes from light tenants only, for a worker pipeline kept for them,
