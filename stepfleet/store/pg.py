@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -36,14 +36,18 @@ from stepfleet.store.rows import (
     record_from_row,
 )
 from stepfleet.store.step import StepTransaction, created_params, guarded_params
-from stepfleet.store.tables import instances, modules, step_attempts, tenant_modules
+from stepfleet.store.tables import instances, metadata, modules, step_attempts, tenant_modules
 from stepfleet.store.tenants import TenantStore
 from stepfleet.store.tokens import TokenStore
 
-__all__ = ["SWEEP_LOCK_KEY", "PgStore", "StepTransaction"]
+__all__ = ["STATISTICS_LOCK_KEY", "SWEEP_LOCK_KEY", "PgStore", "StepTransaction"]
 
 SWEEP_LOCK_KEY = int.from_bytes(b"sf-sweep", "big")
 """The advisory lock (per database) that lets one worker at a time sweep for stalls."""
+STATISTICS_LOCK_KEY = int.from_bytes(b"sf-stats", "big")
+"""The advisory lock (per database) that lets one worker at a time analyze grown tables."""
+_LEAST_PAGES_TO_ANALYZE = 16
+"""Below this many pages (128 KiB) a table's plans are cheap whatever the planner believes."""
 
 
 class PgStore:
@@ -186,7 +190,7 @@ class PgStore:
         block; if that fails, nothing is marked swept.
         """
         async with translated(), self._engine.begin() as connection:
-            got = await connection.execute(sql.SWEEP_LOCK, {"key": SWEEP_LOCK_KEY})
+            got = await connection.execute(sql.TRY_XACT_LOCK, {"key": SWEEP_LOCK_KEY})
             if not got.scalar_one():
                 yield None
                 return
@@ -204,12 +208,36 @@ class PgStore:
                 for row in result
             ]
 
+    async def next_timer(self) -> datetime | None:
+        """When the next timer that is not due yet will be (None: there is none)."""
+        async with translated(), self._engine.connect() as connection:
+            due: datetime | None = (await connection.execute(sql.NEXT_TIMER)).scalar_one()
+            return due
+
     async def backlog(self) -> tuple[int, int]:
         """Return the timers past due whose instance has not taken its wake yet, and the
         outbox rows not deleted yet."""
         async with translated(), self._engine.connect() as connection:
             row = (await connection.execute(sql.BACKLOG)).one()
             return int(row.timers_due), int(row.outbox_waiting)
+
+    async def refresh_statistics(self) -> list[str] | None:
+        """ANALYZE the stepfleet tables that have doubled in size since their last analysis
+        (see workers/statistics.py); return their names, or None when another worker is at
+        it (one at a time fleet-wide, by an advisory lock held for the transaction)."""
+        async with translated(), self._engine.begin() as connection:
+            got = await connection.execute(sql.TRY_XACT_LOCK, {"key": STATISTICS_LOCK_KEY})
+            if not got.scalar_one():
+                return None
+            grown = await connection.execute(
+                sql.GROWN_TABLES,
+                {"tables": sorted(metadata.tables), "least": _LEAST_PAGES_TO_ANALYZE},
+            )
+            names = [str(name) for name in grown.scalars() if name in metadata.tables]
+            for name in names:
+                # A name of our own metadata, checked above: never input.
+                await connection.execute(text(f'ANALYZE "{name}"'))
+            return names
 
     async def delete_expired(self, *, limit: int) -> int:
         """Delete up to `limit` finished instances past their retention; return how many."""

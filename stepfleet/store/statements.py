@@ -437,6 +437,16 @@ DUE_TIMERS = text(
     """
 )
 
+# When the next timer not yet due (of the rows DUE_TIMERS would claim) is due: the first row
+# of the wake_at index past now() that is not paused or stalled.
+NEXT_TIMER = text(
+    """
+    SELECT min(wake_at) FROM instances
+    WHERE wake_at > now() AND status IN ('queued', 'running', 'sleeping', 'waiting')
+      AND stalled_letter IS NULL
+    """
+)
+
 # What waits in the database, for the worker's gauges: timers past due whose instance has not
 # taken its wake yet (sent or not), and outbox rows not deleted yet.
 BACKLOG = text(
@@ -449,14 +459,14 @@ BACKLOG = text(
     """
 )
 
-# The stall sweep, one worker at a time fleet-wide (a transaction-scoped advisory lock; a
-# worker that does not get it sweeps next time). Live instances not parked on a timer, not
-# marked stalled, with no outbox row (the relay owns those) and neither progress nor a sweep
-# for :age seconds; the rows are locked SKIP LOCKED (a row locked is being moved right now).
-# NOT IN over the outbox's non-NULL keys is planned as one hashed subplan, not a scan of the
-# outbox per candidate.
-SWEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+# One worker at a time fleet-wide, for the stall sweep and the statistics refresh: a
+# transaction-scoped advisory lock; a worker that does not get it tries next time.
+TRY_XACT_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
 
+# The stall sweep. Live instances not parked on a timer, not marked stalled, with no outbox
+# row (the relay owns those) and neither progress nor a sweep for :age seconds; the rows are
+# locked SKIP LOCKED (a row locked is being moved right now). NOT IN over the outbox's
+# non-NULL keys is planned as one hashed subplan, not a scan of the outbox per candidate.
 SWEEP_STALLED = text(
     """
     WITH found AS (
@@ -492,5 +502,18 @@ WAITING_EVENTS = text(
     """
     SELECT count(*) FROM events
     WHERE tenant = :tenant AND instance_id = :id AND consumed_seq IS NULL
+    """
+)
+
+# The tables (of :tables) that have at least doubled in pages since PostgreSQL last analyzed
+# them, and have :least pages or more: ANALYZE gives the planner their size again (see
+# PgStore.refresh_statistics). relpages is what the last ANALYZE or VACUUM counted, 0 before.
+GROWN_TABLES = text(
+    """
+    SELECT c.relname AS name FROM pg_class AS c
+    WHERE c.oid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) AS t)
+      AND pg_relation_size(c.oid) / current_setting('block_size')::int
+          >= GREATEST(2 * c.relpages, :least)
+    ORDER BY c.relname
     """
 )

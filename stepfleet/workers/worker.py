@@ -36,6 +36,7 @@ from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.side_lanes import SideLanes
+from stepfleet.workers.statistics import PlannerStatistics
 from stepfleet.workers.sweep import StallSweep
 from stepfleet.workers.tenants import ProducerCheck
 
@@ -45,6 +46,8 @@ _MAX_BACKOFF_SECONDS = 30.0
 _TRIES_ALONE = 3
 """Tries of a delivery that failed alone before it is ended (a transient cause gets over it)."""
 _TIMERS_PER_CLAIM = 500
+_TIMER_WINDOW_SECONDS = 0.05
+"""The timer loop's shortest wait: timers due this close together are claimed at once."""
 _TENANTS_REFRESH_SECONDS = 10.0
 _HEALTH_EVERY_SECONDS = 2.0
 _LIGHT_BATCH = 16
@@ -173,6 +176,7 @@ class Worker:
             stall_after_seconds=settings.stall_after_seconds,
             every_seconds=settings.stall_sweep_seconds,
         )
+        self.statistics = PlannerStatistics(self.store)
         self._timer_nudge = asyncio.Event()
         self._timer_deadline = 0.0
 
@@ -236,7 +240,8 @@ class Worker:
             timers = asyncio.create_task(self._timers(), name="timers")
             beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
             sweeping = asyncio.create_task(self.sweep.run(), name="stall-sweep")
-            started += [moving, *pipelines, relay, archiving, timers, beat, sweeping]
+            analyzing = asyncio.create_task(self.statistics.run(), name="planner-statistics")
+            started += [moving, *pipelines, relay, archiving, timers, beat, sweeping, analyzing]
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -263,7 +268,7 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
-            for task in (relay, timers, archiving, beat, moving, sweeping):
+            for task in (relay, timers, archiving, beat, moving, sweeping, analyzing):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -457,14 +462,16 @@ class Worker:
         next_retention = loop.time() + self.settings.retention_check_seconds
         next_tenants = loop.time() + _TENANTS_REFRESH_SECONDS
         next_backlog = loop.time()
+        next_poll = loop.time()  # timers that came due while no worker ran go out at once
         while True:
-            self._timer_deadline = loop.time() + self.settings.timer_poll_seconds
+            self._timer_deadline = next_poll
             while (remaining := self._timer_deadline - loop.time()) > 0:
                 self._timer_nudge.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._timer_nudge.wait(), timeout=remaining)
+            next_poll = loop.time() + self.settings.timer_poll_seconds
             try:
-                await self._fire_due_timers()
+                next_poll = loop.time() + await self._fire_due_timers()
                 self.health.store_ok_at = time.time()
                 if self.broker.connected:
                     self.health.broker_ok_at = time.time()
@@ -493,7 +500,10 @@ class Worker:
             await asyncio.sleep(_HEALTH_EVERY_SECONDS)
             self._report()
 
-    async def _fire_due_timers(self) -> None:
+    async def _fire_due_timers(self) -> float:
+        """Publish a wake for every due timer; return the seconds until the next timer is due
+        (at least `_TIMER_WINDOW_SECONDS`, at most the poll period): a timer due between two
+        polls is claimed on time, not up to a poll period late."""
         while True:
             due = await self.store.due_timers(
                 limit=_TIMERS_PER_CLAIM, resend_after_seconds=self.settings.wake_resend_seconds
@@ -506,7 +516,12 @@ class Worker:
                 self.wakes_sent += len(due)
                 log.debug("wakes_sent", count=len(due))
             if len(due) < _TIMERS_PER_CLAIM:
-                return
+                break
+        poll = self.settings.timer_poll_seconds
+        if (next_at := await self.store.next_timer()) is None:
+            return poll
+        until = (next_at - datetime.now(UTC)).total_seconds()
+        return min(max(until, _TIMER_WINDOW_SECONDS), poll)
 
     async def _relay(self) -> None:
         """Publish outbox rows a crashed or cut-off worker left behind; tidy confirmed ones."""

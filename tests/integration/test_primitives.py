@@ -171,6 +171,20 @@ async def test_a_week_long_sleep_survives_a_worker_restart(store, start_worker, 
     assert output(await finished(store, key))["week"] is True
 
 
+async def test_a_worker_waits_for_the_next_timer_in_the_table_not_for_its_next_poll(
+    store, start_worker, playbook
+):
+    """A timer another worker parked fires when it is due, although the worker left to fire
+    it polls only once an hour: the timer loop sleeps until the next timer of the table."""
+    parker = await start_worker(name="parker")
+    key = await playbook({"op": "sleep", "name": "nap", "ms": 4000}, {"op": "now", "name": "t"})
+    await reached(store, key, InstanceStatus.SLEEPING)
+    parker.stop()
+    await wait_until(lambda: parker.health.state == "stopped", "the parker stopping", 10)
+    await start_worker(name="hourly", timer_poll_seconds=3600.0)
+    assert output(await finished(store, key))["nap"] is True
+
+
 # -- events ------------------------------------------------------------------------------
 
 
