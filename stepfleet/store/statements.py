@@ -508,10 +508,13 @@ WAITING_EVENTS = text(
 # The tables (of :tables) that have at least doubled in pages since PostgreSQL last analyzed
 # them, and have :least pages or more: ANALYZE gives the planner their size again (see
 # PgStore.refresh_statistics). relpages is what the last ANALYZE or VACUUM counted, 0 before.
+# Only tables this user may analyze (it owns them, as docs/operations.md asks): ANALYZE would
+# skip the others with a warning, and they would be found grown every time.
 GROWN_TABLES = text(
     """
     SELECT c.relname AS name FROM pg_class AS c
     WHERE c.oid IN (SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) AS t)
+      AND pg_has_role(c.relowner, 'USAGE')
       AND pg_relation_size(c.oid) / current_setting('block_size')::int
           >= GREATEST(2 * c.relpages, :least)
     ORDER BY c.relname

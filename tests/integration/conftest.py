@@ -12,6 +12,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,24 +53,29 @@ def run_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-@pytest.fixture(scope="session")
-def database_url(run_id: str) -> Iterator[str]:
-    """A migrated database that only this run uses, dropped afterwards."""
-    url = (
-        make_url(BASE_DB)
-        .set(database=f"stepfleet_test_{run_id}")
-        .render_as_string(hide_password=False)
-    )
+@contextmanager
+def migrated_database(name: str) -> Iterator[str]:
+    """Create and migrate the database `name` on the test server; drop it afterwards."""
+    url = make_url(BASE_DB).set(database=name).render_as_string(hide_password=False)
     try:
         ensure_database(url)
     except Exception as exc:
         pytest.fail(f"PostgreSQL is not reachable at {BASE_DB}: {exc} (start it: see README)")
     upgrade(url)
-    yield url
-    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "stepfleet_test_{run_id}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield url
+    finally:
+        admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_url(run_id: str) -> Iterator[str]:
+    """A migrated database that only this run uses, dropped afterwards."""
+    with migrated_database(f"stepfleet_test_{run_id}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

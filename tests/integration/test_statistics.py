@@ -9,31 +9,23 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from stepfleet.schemas import digest_of
 from stepfleet.store import PgStore
 from stepfleet.store import statements as sql
-from stepfleet.store.migrate import ensure_database, upgrade
 from stepfleet.store.pg import STATISTICS_LOCK_KEY
 from stepfleet.workers.statistics import PlannerStatistics
+from tests.integration.conftest import migrated_database
 
 pytestmark = pytest.mark.services
 
 
 @pytest.fixture
-def fresh_url(database_url: str, run_id: str) -> Iterator[str]:
+def fresh_url(run_id: str) -> Iterator[str]:
     """A database of this test's own, so no other test has analyzed or grown its tables."""
-    name = f"stepfleet_test_{run_id}_stats"
-    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    ensure_database(url)
-    upgrade(url)
-    yield url
-    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with migrated_database(f"stepfleet_test_{run_id}_stats") as url:
+        yield url
 
 
 @pytest.fixture
@@ -112,4 +104,24 @@ async def test_one_worker_at_a_time_refreshes(fresh_store: PgStore, fresh_url: s
     with psycopg.connect(libpq(fresh_url)) as other:
         other.execute("SELECT pg_advisory_xact_lock(%s)", (STATISTICS_LOCK_KEY,))
         assert await fresh_store.refresh_statistics() is None
+    assert await fresh_store.refresh_statistics() == ["instances"]
+
+
+async def test_tables_the_user_may_not_analyze_are_left_to_their_owner(
+    fresh_store: PgStore, fresh_url: str, run_id: str
+) -> None:
+    """A user that does not own the tables would have ANALYZE skip them with a warning and
+    find them grown again every period: it leaves them alone."""
+    await add_instances(fresh_store, fresh_url, 1, 5_000)
+    role = f"stepfleet_test_{run_id}_guest"
+    with psycopg.connect(libpq(fresh_url), autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            guest = PgStore(make_url(fresh_url).set(username=role).render_as_string())
+            try:
+                assert await guest.refresh_statistics() == []
+            finally:
+                await guest.close()
+        finally:
+            admin.execute(f'DROP ROLE "{role}"')
     assert await fresh_store.refresh_statistics() == ["instances"]
