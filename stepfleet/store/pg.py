@@ -209,7 +209,8 @@ class PgStore:
             ]
 
     async def next_timer(self) -> datetime | None:
-        """When the next timer that is not due yet will be (None: there is none)."""
+        """When the next timer that is not due yet will be (None: there is none); it may be a
+        paused or stalled instance's, which `due_timers` leaves alone."""
         async with translated(), self._engine.connect() as connection:
             due: datetime | None = (await connection.execute(sql.NEXT_TIMER)).scalar_one()
             return due
