@@ -5,12 +5,12 @@ it chose for one until the statistics of a table it reads change. A plan chosen 
 `instances` held a few hundred rows scans the table where an index lookup is due; after a burst
 of 100,000 creates it still does, for every batch, until autovacuum next analyzes the table (a
 minute or more later; never where autovacuum is off). Measured on 2 workers taking in 100,000
-creates: 500 creates/s falling to 320 as the table grew, and 2,000 at once after an ANALYZE.
+creates: 500 creates/s falling to 320 as the table grew, 1,840-2,110 at once after an ANALYZE.
 
 So every `EVERY_SECONDS` one worker of the fleet (an advisory lock) analyzes the stepfleet
 tables that have at least doubled in pages since PostgreSQL last analyzed them; the ANALYZE
 invalidates every session's plans over that table, which are planned again with its size. A
-table is analyzed about once per doubling, some thirty times from empty to a billion rows;
+table is analyzed about once per doubling, some twenty times from 128 KiB to 200 GiB;
 autovacuum still does the rest (vacuuming, and statistics of tables that change without
 growing).
 """
