@@ -47,6 +47,7 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consume_channel: AbstractChannel | None = None
+        self._bind_channel: AbstractChannel | None = None
 
     async def connect(self, *, name: str = "stepfleet") -> None:
         """Open the connection and the publishing channel."""
@@ -84,6 +85,7 @@ class Broker:
         if self._connection is not None:
             await self._connection.close()
         self._connection = None
+        self._bind_channel = None
         self._exchanges.clear()
 
     @property
@@ -126,9 +128,22 @@ class Broker:
             # Placement by a producer-set header is gone for good: drop the old exchange (and
             # its bindings) before the new one is bound, so no message takes both paths.
             await channel.exchange_delete(topo.legacy_lanes_exchange)
+            placement = await channel.declare_exchange(
+                topo.placement_exchange,
+                aio_pika.ExchangeType.TOPIC,
+                durable=True,
+                arguments=topo.placement_exchange_arguments(),
+            )
             sources = {topo.ingress_exchange: ingress, topo.internal_exchange: internal}
             for source, key in topo.lane_bindings():
                 await lanes.bind(sources[source], key)
+            # Creates, steps and wakes pass the placement exchange on their way to the lanes;
+            # earlier releases bound them to the lanes directly. Bind the new path before
+            # the old one goes, so a message published meanwhile takes one path or both (a
+            # duplicate, like any redelivery), never none.
+            for source, key in topo.placement_bindings():
+                await placement.bind(sources[source], key)
+                await lanes.unbind(sources[source], key)
             for name in topo.work_queues:
                 work = await channel.declare_queue(
                     name, durable=True, arguments=topo.work_queue_arguments()
@@ -163,11 +178,47 @@ class Broker:
             topo.ingress_exchange,
             topo.internal_exchange,
             topo.lanes_exchange,
+            topo.placement_exchange,
             topo.side_exchange,
             topo.dead_letter_exchange,
         )
         for exchange in exchanges:
             await channel.exchange_delete(exchange)
+
+    async def place_aside(self, tenant: str, side_lane: int) -> None:
+        """Route the tenant's creates, steps and wakes to a side lane (idempotent)."""
+        topo = self.topology
+        channel = await self._binding_channel()
+        try:
+            await channel.queue_bind(
+                topo.side_queues[side_lane], topo.placement_exchange, topo.aside_key(tenant)
+            )
+        except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(f"placing {tenant} aside failed: {exc!r}") from exc
+
+    async def place_in_lanes(self, tenant: str, side_lane: int) -> None:
+        """Undo place_aside: the tenant's messages go to the lanes again (idempotent)."""
+        topo = self.topology
+        channel = await self._binding_channel()
+        try:
+            await channel.queue_unbind(
+                topo.side_queues[side_lane], topo.placement_exchange, topo.aside_key(tenant)
+            )
+        except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerUnavailable(f"placing {tenant} in the lanes failed: {exc!r}") from exc
+
+    async def _binding_channel(self) -> aiormq.abc.AbstractChannel:
+        """A channel of its own for placement bindings: a refused bind closes only it. The
+        underlying channel, so the robust connection does not repeat a binding after a
+        reconnect that was undone since."""
+        if self._connection is None:
+            raise BrokerUnavailable("the broker is not connected")
+        try:
+            if self._bind_channel is None or self._bind_channel.is_closed:
+                self._bind_channel = await self._connection.channel(publisher_confirms=False)
+            return await self._bind_channel.get_underlay_channel()
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable(f"no channel for bindings: {exc!r}") from exc
 
     async def _exchange(self, name: str) -> AbstractExchange:
         exchange = self._exchanges.get(name)

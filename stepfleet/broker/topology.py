@@ -35,6 +35,21 @@ class Topology:
         return f"{self.prefix}.lanes-by-key"
 
     @property
+    def placement_exchange(self) -> str:
+        """Topic exchange that places creates, steps and wakes: the keys of a tenant that
+        floods are bound to its side lane while it does (workers/side_lanes.py); every other
+        message goes on to the lanes, its alternate exchange."""
+        return f"{self.prefix}.placement"
+
+    def placement_exchange_arguments(self) -> dict[str, Any]:
+        """What the placement exchange cannot route (no tenant bound aside) goes to the lanes."""
+        return {"alternate-exchange": self.lanes_exchange}
+
+    def aside_key(self, tenant: str) -> str:
+        """The placement binding key of every create, step and wake of `tenant`."""
+        return f"{tenant}.*"
+
+    @property
     def legacy_lanes_exchange(self) -> str:
         """The lanes exchange of releases that hashed the producer-set x-tenant header;
         `declare` deletes it, so no message is placed by a header a producer chose."""
@@ -63,11 +78,16 @@ class Topology:
         return {}
 
     def lane_bindings(self) -> list[tuple[str, str]]:
-        """(exchange, binding key) pairs feeding the lanes: exactly `<tenant>.<kind>` for the
-        kinds each exchange carries, so a producer has only its tenant's two keys to hash."""
+        """(exchange, binding key) pairs feeding the lanes directly: events, which are never
+        placed aside (a producer's events keep their order)."""
+        return [(self.ingress_exchange, f"*.{MessageKind.EVENT.value}")]
+
+    def placement_bindings(self) -> list[tuple[str, str]]:
+        """(exchange, binding key) pairs feeding the placement exchange: exactly
+        `<tenant>.<kind>` for the kinds each exchange carries, so a producer has only its
+        tenant's keys to hash."""
         return [
             (self.ingress_exchange, f"*.{MessageKind.CREATE.value}"),
-            (self.ingress_exchange, f"*.{MessageKind.EVENT.value}"),
             (self.internal_exchange, f"*.{MessageKind.STEP.value}"),
             (self.internal_exchange, f"*.{MessageKind.WAKE.value}"),
         ]

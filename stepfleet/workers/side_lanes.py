@@ -41,6 +41,7 @@ from stepfleet.broker import BrokerUnavailable, Delivery, Outgoing, PublishRefus
 from stepfleet.cycle.messages import MOVED_EXCHANGE, MOVED_KEY, MOVED_USER
 from stepfleet.schemas import MessageKind
 from stepfleet.workers.inbox import FairInbox, tenant_of
+from stepfleet.workers.placement import Placement
 
 log = structlog.get_logger("stepfleet.worker")
 
@@ -64,8 +65,10 @@ class SideLanes:
         *,
         backlog: int,
         fleet_user: str,
+        placement: Placement | None = None,
     ) -> None:
         self._topology = topology
+        self._placement = placement
         self._inbox = inbox
         self._publish = publish
         self._backlog = backlog
@@ -81,6 +84,8 @@ class SideLanes:
         self._lanes: dict[str, tuple[int, float]] = {}
         """Heavy tenants: their side lane and when they last had a delivery moved."""
         self.moved = 0
+        self.placed = 0
+        """Deliveries the broker itself routed to a side lane (a placement binding)."""
 
     def take(self, delivery: Delivery, lane: str) -> bool:
         """Whether `delivery` (from `lane`) is to be moved; if so, it will be (or, should the
@@ -93,6 +98,8 @@ class SideLanes:
         seen[tenant] = now
         if kind not in _MOVABLE or self._inbox.waiting(tenant) < self._backlog:
             return False
+        if self._placement is not None:
+            self._placement.flooding(tenant, now)
         if not self._shared(lane, tenant, now):
             return False
         self._moving.append(delivery)
@@ -114,6 +121,7 @@ class SideLanes:
         """A side lane's delivery as it was in its lane (when the fleet moved it)."""
         headers = delivery.headers
         if delivery.user_id != self._fleet_user or MOVED_KEY not in headers:
+            self._placed(delivery)
             return delivery
         return replace(
             delivery,
@@ -122,6 +130,17 @@ class SideLanes:
             user_id=str(headers.get(MOVED_USER, "")) or None,
             headers={k: v for k, v in headers.items() if k not in _MOVED},
         )
+
+    def _placed(self, delivery: Delivery) -> None:
+        """Note a delivery the broker routed to a side lane (a placement binding)."""
+        self.placed += 1
+        if self._placement is None:
+            return
+        tenant = tenant_of(delivery)
+        now = time.monotonic()
+        self._placement.seen_placed(tenant, now)
+        if self._inbox.waiting(tenant) >= self._backlog:
+            self._placement.flooding(tenant, now)
 
     async def run(self) -> None:
         """Move what `take` accepted, in publishes of up to `_MOST_PER_PUBLISH`."""

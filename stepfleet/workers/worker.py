@@ -34,6 +34,7 @@ from stepfleet.workers.dead_letter_records import ArchivePolicy
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
+from stepfleet.workers.placement import Placement
 from stepfleet.workers.settings import Settings
 from stepfleet.workers.side_lanes import SideLanes
 from stepfleet.workers.statistics import PlannerStatistics
@@ -154,12 +155,16 @@ class Worker:
             early_event_tenant_bytes=settings.early_event_tenant_bytes,
             observer=self.observer,
         )
+        self._placement = Placement(
+            self.topology.side_lanes, self.broker.place_aside, self.broker.place_in_lanes
+        )
         self._side_lanes = SideLanes(
             self.topology,
             self._inbox,
             self._publish,
             backlog=settings.tenant_backlog,
             fleet_user=self._user,
+            placement=self._placement,
         )
         self.health = Health(pid=os.getpid(), name=name)
         self._stopping = asyncio.Event()
@@ -216,15 +221,14 @@ class Worker:
                 await self.broker.consume(queue, self._lane_handler(queue), prefetch=per_lane)
                 for queue in self.topology.work_queues
             ]
-            # A side lane holds one heavy tenant's work: two batches of it in hand are enough,
-            # and keep what a stopping worker must finish small.
+            # A side lane holds a flooding tenant's work, all of it once the tenant is placed
+            # aside: the same share as a lane, room for its calls in flight included.
             cancels += [
-                await self.broker.consume(
-                    queue, self._on_side_delivery, prefetch=2 * self.settings.batch_size
-                )
+                await self.broker.consume(queue, self._on_side_delivery, prefetch=per_lane)
                 for queue in self.topology.side_queues
             ]
             moving = asyncio.create_task(self._side_lanes.run(), name="side-lanes")
+            placing = asyncio.create_task(self._placement.run(), name="placement")
             pipelines = [
                 asyncio.create_task(self._pipeline(i), name=f"pipeline-{i}")
                 for i in range(self.settings.concurrency)
@@ -241,7 +245,17 @@ class Worker:
             beat = asyncio.create_task(self._heartbeat(), name="health-heartbeat")
             sweeping = asyncio.create_task(self.sweep.run(), name="stall-sweep")
             analyzing = asyncio.create_task(self.statistics.run(), name="planner-statistics")
-            started += [moving, *pipelines, relay, archiving, timers, beat, sweeping, analyzing]
+            started += [
+                moving,
+                placing,
+                *pipelines,
+                relay,
+                archiving,
+                timers,
+                beat,
+                sweeping,
+                analyzing,
+            ]
             self.ready.set()
             # Both services just answered: the tenants loaded and the topology declared.
             self.health.store_ok_at = self.health.broker_ok_at = time.time()
@@ -268,6 +282,10 @@ class Worker:
                 )
             except TimeoutError:
                 log.warning("shutdown_grace_exceeded", worker=self.name)
+            placing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await placing
+            await self._placement.stop()
             for task in (relay, timers, archiving, beat, moving, sweeping, analyzing):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, WaitKind, digest_of
+from stepfleet.workers.placement import home_side_lane
 from tests.integration.conftest import wait_for_status, wait_until
 
 pytestmark = pytest.mark.services
@@ -27,8 +28,8 @@ def tenant_name(label: str) -> str:
     return f"{label}{uuid.uuid4().hex[:8]}"
 
 
-async def lane_of(broker: Broker, topology: Topology, tenant: str, kind: str = "create") -> int:
-    """Which work queue a tenant's messages of one kind land in (no worker may be running)."""
+async def publish_probe(broker: Broker, topology: Topology, tenant: str, kind: str) -> str:
+    """Publish an empty message of `kind` for `tenant` the way producers or workers do; its id."""
     probe = uuid.uuid4().hex
     internal = kind in ("step", "wake")
     await broker.publish_many(
@@ -43,6 +44,12 @@ async def lane_of(broker: Broker, topology: Topology, tenant: str, kind: str = "
             )
         ]
     )
+    return probe
+
+
+async def lane_of(broker: Broker, topology: Topology, tenant: str, kind: str = "create") -> int:
+    """Which work queue a tenant's messages of one kind land in (no worker may be running)."""
+    probe = await publish_probe(broker, topology, tenant, kind)
     for _ in range(50):
         for lane, queue in enumerate(topology.work_queues):
             for delivery in await broker.fetch(queue, limit=100):
@@ -119,20 +126,29 @@ async def count_complete(store, tenant: str) -> int:
         ).scalar_one()
 
 
+async def sharing_a_create_lane(
+    broker: Broker, topology: Topology, store: Any, wasm: bytes
+) -> tuple[str, str, str]:
+    """A flooding tenant and a calm one whose creates share a lane, both with `wasm` pushed;
+    and its digest."""
+    flooder = tenant_name("flood")
+    lane = await lane_of(broker, topology, flooder)
+    other = tenant_name("calm")
+    while await lane_of(broker, topology, other) != lane:
+        other = tenant_name("calm")
+    digest = digest_of(wasm)
+    for tenant in (flooder, other):
+        await store.put_module(tenant, digest, wasm)
+    return flooder, other, digest
+
+
 async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
     settings, topology, broker, store, start_worker, playbook_wasm
 ):
     """Tenant B, which uses the lane too, has creates behind tenant A's flood in it; the
     worker moves A's deliveries to side lanes, reaches B's and completes B's workflows while
     A's flood is still queued, and then completes every one of A's too."""
-    flooder = tenant_name("flood")
-    lane = await lane_of(broker, topology, flooder)
-    other = tenant_name("calm")
-    while await lane_of(broker, topology, other) != lane:
-        other = tenant_name("calm")
-    digest = digest_of(playbook_wasm)
-    for tenant in (flooder, other):
-        await store.put_module(tenant, digest, playbook_wasm)
+    flooder, other, digest = await sharing_a_create_lane(broker, topology, store, playbook_wasm)
     params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c")]}
     async with Producer(settings.amqp_url, topology) as producer:
         calm = await producer.create_batch([CreateRequest(other, digest, params, "c-first")])
@@ -159,12 +175,55 @@ async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
     await wait_until(flood_done, "the whole flood completing", timeout=180)
 
 
+async def test_a_tenant_flooding_a_running_fleet_is_placed_aside_at_the_broker(
+    settings, topology, broker, store, start_worker, playbook_wasm
+):
+    """Once the worker sees tenant A flooding, RabbitMQ routes A's further creates and steps to
+    A's side lane itself (no move needed), tenant B's creates in A's lane are reached while A's
+    flood goes on, and every workflow of both completes."""
+    flooder, other, digest = await sharing_a_create_lane(broker, topology, store, playbook_wasm)
+    params = {"ops": [{"op": "do", "name": name} for name in ("a", "b", "c")]}
+    worker = await start_worker()
+
+    async def flood_done_when_calm_is(calm: list[str]) -> int:
+        for instance_id in calm:  # order of completion is the point, not time: a long timeout
+            await wait_for_status(
+                store, InstanceKey(other, instance_id), {InstanceStatus.COMPLETE}, timeout=120
+            )
+        return await count_complete(store, flooder)
+
+    async with Producer(settings.amqp_url, topology) as producer:
+        flood = [
+            CreateRequest(flooder, digest, params, f"f-{i}-{uuid.uuid4().hex[:6]}")
+            for i in range(6000)
+        ]
+        for offset in range(0, len(flood), 250):
+            await producer.create_batch(flood[offset : offset + 250])
+            if offset == 1500:  # B's creates while A's flood is being published
+                calm = await producer.create_batch(
+                    [CreateRequest(other, digest, params, f"c-{i}") for i in range(5)]
+                )
+                calm_done = asyncio.create_task(flood_done_when_calm_is(calm))
+    assert await calm_done < len(flood), "B waited for all of A's flood"
+
+    async def flood_done() -> bool:
+        return await count_complete(store, flooder) == len(flood)
+
+    await wait_until(flood_done, "the whole flood completing", timeout=180)
+    assert worker._side_lanes.placed > 0, "the broker routed none of A's messages aside"
+    assert await count_complete(store, other) == len(calm)
+
+
 async def test_weighted_tenants_share_a_worker_by_their_weights(
     settings, topology, store, start_worker, playbook_wasm
 ):
     """Two tenants flood at once, with weights 1 and 3: both progress, and the heavier one
     gets more steps done in the same window."""
     light, heavy = tenant_name("w1"), tenant_name("w3")
+    # Tenants placed aside in the same side lane share its order, as tenants sharing a lane
+    # do (docs/architecture.md): these two flood in side lanes of their own.
+    while home_side_lane(heavy, topology.side_lanes) == home_side_lane(light, topology.side_lanes):
+        heavy = tenant_name("w3")
     digest = digest_of(playbook_wasm)
     await store.tenants.add(heavy, None, TenantLimits(weight=3))
     for tenant in (light, heavy):

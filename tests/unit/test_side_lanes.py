@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from stepfleet.broker import Outgoing, PublishRefused, Topology
 from stepfleet.cycle.messages import MOVED_KEY
 from stepfleet.workers.inbox import FairInbox
+from stepfleet.workers.placement import Placement
 from stepfleet.workers.side_lanes import SideLanes
 from tests.fakes import Acks, delivery
 
@@ -136,3 +137,39 @@ async def test_a_lane_only_the_flooding_tenant_uses_is_not_drained():
     assert not lanes.take(make(acks, "flood", "step", 2), LANE)
     assert not lanes.take(make(acks, "calm", "create"), LANE)  # now someone is behind it
     assert lanes.take(make(acks, "flood", "step", 3), LANE)
+
+
+async def test_a_flooding_tenant_is_placed_aside_even_where_nothing_is_moved():
+    """Placement does not wait for someone to be behind the flood: the next tenant to use the
+    lane would find the flood ahead of it."""
+    acks, inbox, placed = Acks(), FairInbox(), []
+
+    class Noting(Placement):
+        def flooding(self, tenant: str, now: float) -> None:
+            placed.append(("flooding", tenant))
+
+        def seen_placed(self, tenant: str, now: float) -> None:
+            placed.append(("seen", tenant))
+
+    async def bind(tenant: str, lane: int) -> None:
+        raise AssertionError("not in this test")
+
+    lanes = SideLanes(
+        TOPOLOGY,
+        inbox,
+        Published(),
+        backlog=1,
+        fleet_user=FLEET,
+        placement=Noting(TOPOLOGY.side_lanes, bind, bind),
+    )
+    assert not lanes.take(make(acks, "flood", "step"), LANE)
+    assert placed == []
+    inbox.put_nowait(make(acks, "flood", "step"))
+    assert not lanes.take(make(acks, "flood", "event", 1), LANE)  # events stay where they are
+    assert placed == []
+    assert not lanes.take(make(acks, "flood", "create", 2), LANE)  # the lane is not shared
+    assert placed == [("flooding", "flood")]
+    # A side lane's message the broker routed there (no x-moved-* headers): placed aside.
+    routed = make(acks, "flood", "create", 3)
+    assert lanes.restore(routed) is routed
+    assert placed[-2:] == [("seen", "flood"), ("flooding", "flood")]
