@@ -136,6 +136,25 @@ def producer_check() -> ProducerCheck:
     return ProducerCheck(TOPOLOGY, directory, frozenset({FLEET, "platform"}), fleet_user=FLEET)
 
 
+async def test_the_fleet_and_platform_users_never_reload_the_tenant_directory():
+    """Their messages are no miss: only an unknown producer user reloads the tenants."""
+    loads: list[int] = []
+
+    class Rows:
+        async def all(self) -> list[TenantRecord]:
+            loads.append(1)
+            return [TenantRecord("alice", ALICE, TenantLimits())]
+
+    directory = TenantDirectory(EngineLimits())
+    check = ProducerCheck(
+        TOPOLOGY, directory, frozenset({FLEET, "platform"}), fleet_user=FLEET, rows=Rows()
+    )
+    await check.refresh_on_miss({FLEET, "platform"})
+    assert loads == []
+    await check.refresh_on_miss({FLEET, ALICE})
+    assert loads == [1]
+
+
 @pytest.mark.parametrize(
     ("user_id", "headers", "reason"),
     [
