@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
+
     from stepfleet.workers.settings import Settings
 
 T = TypeVar("T")
@@ -80,12 +82,16 @@ def _service_of(exc: Exception) -> str | None:
     return None
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine, turning service failures into one clear line."""
+def run(
+    coro: Coroutine[Any, Any, T], *, loop_factory: Callable[[], AbstractEventLoop] | None = None
+) -> T:
+    """Run a coroutine (on a loop `loop_factory` makes, if given), turning service failures
+    into one clear line."""
     import asyncio
 
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coro)
     except Exception as exc:
         prefix = _service_of(exc)
         if prefix is None:

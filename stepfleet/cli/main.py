@@ -172,6 +172,7 @@ def worker(
     """Run a worker until SIGTERM or SIGINT, then finish in-flight steps and exit 0."""
     import asyncio
 
+    from stepfleet.workers.event_loop import WorkerEventLoop
     from stepfleet.workers.logs import configure_logging
     from stepfleet.workers.worker import Worker
 
@@ -194,7 +195,7 @@ def worker(
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    run(go())
+    run(go(), loop_factory=WorkerEventLoop)
 
 
 async def _freeze_when_ready(ready: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ from stepfleet.workers import health as health_file
 from stepfleet.workers.archive import DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.dead_letter_records import ArchivePolicy
+from stepfleet.workers.event_loop import URGENT, run_urgent
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
@@ -209,7 +210,9 @@ class Worker:
         """Serve until stop(): the pipelines, the outbox relay, then a graceful drain."""
         self._serve_metrics()
         if self._owns_broker:
-            await self.broker.connect(name=f"stepfleet-{self.name}")
+            # The connection's readers and the consumers' tasks run as urgent on the worker's
+            # loop (workers/event_loop.py): a delivery is read and in the inbox at once.
+            await run_urgent(self.broker.connect(name=f"stepfleet-{self.name}"))
         started: list[asyncio.Task[None]] = []
         try:
             await self._load_tenants()
@@ -218,13 +221,17 @@ class Worker:
             # at most its share, so other tenants' messages reach the inbox right away.
             per_lane = self.settings.lane_prefetch(self.topology.lanes)
             cancels = [
-                await self.broker.consume(queue, self._lane_handler(queue), prefetch=per_lane)
+                await run_urgent(
+                    self.broker.consume(queue, self._lane_handler(queue), prefetch=per_lane)
+                )
                 for queue in self.topology.work_queues
             ]
             # A side lane holds a flooding tenant's work, all of it once the tenant is placed
             # aside: the same share as a lane, room for its calls in flight included.
             cancels += [
-                await self.broker.consume(queue, self._on_side_delivery, prefetch=per_lane)
+                await run_urgent(
+                    self.broker.consume(queue, self._on_side_delivery, prefetch=per_lane)
+                )
                 for queue in self.topology.side_queues
             ]
             moving = asyncio.create_task(self._side_lanes.run(), name="side-lanes")
@@ -347,7 +354,9 @@ class Worker:
 
     async def _light_pipeline(self) -> None:
         """Batches of light tenants' deliveries only (see workers/inbox.py), so that a tenant
-        asking less than its share never waits for a heavy tenant's large batches."""
+        asking less than its share never waits for a heavy tenant's large batches. Its
+        callbacks run before the heavy batches' on the worker's loop (workers/event_loop.py)."""
+        URGENT.set(True)
         gate = self._processor.cycle.gate
         while not self._drained():
             waited = self._inbox.waited

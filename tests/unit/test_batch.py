@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ import pytest
 from stepfleet.broker import Outgoing, Topology
 from stepfleet.cycle.directory import TenantDirectory
 from stepfleet.cycle.messages import from_outbox
-from stepfleet.cycle.runner import SLICE_FUEL
+from stepfleet.cycle.runner import SLICE_FUEL, TURN_SECONDS
 from stepfleet.engine import EngineLimits
 from stepfleet.schemas import (
     CallRequested,
@@ -798,3 +799,41 @@ async def test_a_create_whose_first_run_goes_long_is_set_apart_by_its_transactio
         long_runs.close()
     assert await journal(fleet, TENANT, "h-2") == ["reserve"]
     assert len(long_runs.jobs) == 2
+
+
+async def test_a_batchs_inline_runs_let_the_loop_turn_between_turns_of_runs():
+    """Six creates whose runs take a turn's time each: the loop runs other tasks between them,
+    where the batch once held it for all six (its whole inline budget)."""
+    order: list[str] = []
+
+    class TurnLongSandbox(SlicedSandbox):
+        def run(self, job):
+            end = time.perf_counter() + TURN_SECONDS
+            while time.perf_counter() < end:
+                pass
+            order.append("run")
+            return super().run(job)
+
+    sandbox = TurnLongSandbox()
+    long_runs = HeldLongRuns(sandbox)
+    long_runs.release.set()
+    fleet = Fleet(sandbox=sandbox, guest_processes=long_runs)
+    await fleet.push()
+    done = False
+
+    async def ticking() -> None:
+        while not done:
+            order.append("tick")
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(ticking())
+    await asyncio.sleep(0)
+    try:
+        result = await fleet.processor.process([fleet.create(f"o-{i}") for i in range(6)])
+    finally:
+        done = True
+        await ticker
+        long_runs.close()
+    assert result.steps >= 6
+    runs = [i for i, what in enumerate(order) if what == "run"]
+    assert "tick" in order[runs[0] : runs[5]], order
