@@ -187,25 +187,23 @@ class Broker:
 
     async def place_aside(self, tenant: str, side_lane: int) -> None:
         """Route the tenant's creates, steps and wakes to a side lane (idempotent)."""
-        topo = self.topology
-        channel = await self._binding_channel()
-        try:
-            await channel.queue_bind(
-                topo.side_queues[side_lane], topo.placement_exchange, topo.aside_key(tenant)
-            )
-        except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
-            raise BrokerUnavailable(f"placing {tenant} aside failed: {exc!r}") from exc
+        await self._placement_binding(tenant, side_lane, bound=True)
 
     async def place_in_lanes(self, tenant: str, side_lane: int) -> None:
         """Undo place_aside: the tenant's messages go to the lanes again (idempotent)."""
+        await self._placement_binding(tenant, side_lane, bound=False)
+
+    async def _placement_binding(self, tenant: str, side_lane: int, *, bound: bool) -> None:
         topo = self.topology
         channel = await self._binding_channel()
+        change = channel.queue_bind if bound else channel.queue_unbind
         try:
-            await channel.queue_unbind(
+            await change(
                 topo.side_queues[side_lane], topo.placement_exchange, topo.aside_key(tenant)
             )
         except (*CONNECTION_EXCEPTIONS, aiormq.exceptions.AMQPError) as exc:
-            raise BrokerUnavailable(f"placing {tenant} in the lanes failed: {exc!r}") from exc
+            where = "aside" if bound else "in the lanes"
+            raise BrokerUnavailable(f"placing {tenant} {where} failed: {exc!r}") from exc
 
     async def _binding_channel(self) -> aiormq.abc.AbstractChannel:
         """A channel of its own for placement bindings: a refused bind closes only it. The
