@@ -37,7 +37,7 @@ class Topology:
     @property
     def placement_exchange(self) -> str:
         """Topic exchange that places creates, steps and wakes: the keys of a tenant that
-        floods are bound to its side lane while it does (workers/side_lanes.py); every other
+        floods are bound to its side lane while it does (workers/placement.py); every other
         message goes on to the lanes, its alternate exchange."""
         return f"{self.prefix}.placement"
 
