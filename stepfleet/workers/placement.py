@@ -64,16 +64,10 @@ class Placement:
         a binding it only saw a message of)."""
         self._due: set[str] = set()
         self._wake = asyncio.Event()
-        self._homes: dict[str, int] = {}
 
     def home(self, tenant: str) -> int:
-        """The tenant's home side lane."""
-        lane = self._homes.get(tenant)
-        if lane is None:
-            if len(self._homes) > 10_000:
-                self._homes.clear()
-            lane = self._homes[tenant] = home_side_lane(tenant, self._side_lanes)
-        return lane
+        """The tenant's home side lane (asked only when binding: no cache needed)."""
+        return home_side_lane(tenant, self._side_lanes)
 
     def flooding(self, tenant: str, now: float) -> None:
         """The tenant has a backlog in this worker: place it aside if it is not (or renew)."""
