@@ -13,7 +13,8 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
   `same-create` (B's creates share A's create lane) and `same-step` (B's steps share A's step or
   create lane). Each placement gets a deployment of its own; printed for each: B's idle and
   flood p50/p99 and their ratio (`b_started_during_flood_ms`: only the workflows that started
-  before the flood was complete), and A's throughput (workflows/s from its first publish to its
+  before the flood was complete; `b_flood_ms_by_phase`: those split by whether A was still
+  publishing its burst when they started), and A's throughput (workflows/s from its first publish to its
   last completion) with B against A's flood alone, run first in a deployment of its own. `worst`
   is the placement with the highest p99 ratio, and the lowest throughput ratio.
 - `--hog`: tenant A's `--hogs` instances each run one step that spins until its CPU budget
@@ -161,12 +162,15 @@ async def sequential(
     minimum: int,
     busy: Callable[[], bool] = lambda: False,
     give_up_s: float = 60.0,
+    publishing: Callable[[], bool] = lambda: False,
 ) -> Runs:
     """Run workflows one after another, at least `minimum` and while `busy()`. A workflow not
-    complete after `give_up_s` seconds counts as taking that long, and the next one starts."""
-    runs = Runs([], [], 0)
+    complete after `give_up_s` seconds counts as taking that long, and the next one starts.
+    Each run notes whether `busy()` and `publishing()` held when it started."""
+    runs = Runs([], [], 0, [])
     while len(runs.latencies) < minimum or busy():
         runs.busy.append(busy())
+        runs.publishing.append(publishing())
         request = order(tenant, digest, len(runs.latencies))
         begin = datetime.now(UTC)
         await producer.create(request)
@@ -195,11 +199,13 @@ async def sequential(
 @dataclass
 class Runs:
     """B's workflows: their latencies (ms), whether each started while A was busy, how many
-    were still not complete after the timeout (counted as taking the timeout)."""
+    were still not complete after the timeout (counted as taking the timeout), and whether
+    each started while A was still publishing its burst."""
 
     latencies: list[float]
     busy: list[bool]
     timeouts: int
+    publishing: list[bool]
 
     def summary(self) -> dict[str, Any]:
         return {**ms(self.latencies), "timeouts": self.timeouts}
@@ -208,6 +214,15 @@ class Runs:
         """The latencies of the workflows that started while A was busy."""
         during = [value for value, busy in zip(self.latencies, self.busy, strict=True) if busy]
         return ms(during) if during else {"runs": 0}
+
+    def by_flood_phase(self) -> dict[str, dict[str, float]]:
+        """The latencies of the workflows started while A published its burst, and after
+        (until A's flood was complete)."""
+        phases: dict[str, list[float]] = {"while_a_publishes": [], "after_a_published": []}
+        for value, busy, publishing in zip(self.latencies, self.busy, self.publishing, strict=True):
+            if busy:
+                phases["while_a_publishes" if publishing else "after_a_published"].append(value)
+        return {name: ms(values) if values else {"runs": 0} for name, values in phases.items()}
 
 
 async def publish_flood(producer: Producer, tenant: str, digest: str, workflows: int) -> None:
@@ -251,11 +266,23 @@ async def wait_flood(
 
 
 async def flood(
-    producer: Producer, db: Connection, tenant: str, digest: str, workflows: int
+    producer: Producer,
+    db: Connection,
+    tenant: str,
+    digest: str,
+    workflows: int,
+    published: asyncio.Event | None = None,
 ) -> dict[str, Any]:
+    """Publish the burst (then set `published`), wait until it is done; A's throughput."""
     started = datetime.now(UTC)
     await publish_flood(producer, tenant, digest, workflows)
-    return await wait_flood(db, tenant, workflows, started)
+    publish_seconds = (datetime.now(UTC) - started).total_seconds()
+    if published is not None:
+        published.set()
+    return {
+        **await wait_flood(db, tenant, workflows, started),
+        "publish_seconds": round(publish_seconds, 2),
+    }
 
 
 async def a_alone(args: argparse.Namespace) -> dict[str, Any]:
@@ -305,8 +332,9 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
                     idle = await sequential(
                         producer, b_db, b, digest, args.b_idle, give_up_s=args.b_timeout
                     )
+                    published = asyncio.Event()
                     a_flood = asyncio.create_task(
-                        flood(a_producer, a_db, a, digest, args.flood_steps // 3)
+                        flood(a_producer, a_db, a, digest, args.flood_steps // 3, published)
                     )
                     loaded = await sequential(
                         producer,
@@ -316,6 +344,7 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
                         args.b_min,
                         lambda: not a_flood.done(),
                         args.b_timeout,
+                        lambda: not published.is_set(),
                     )
                     a_with_b = await a_flood
         finally:
@@ -330,6 +359,7 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
         "b_idle_ms": idle_ms,
         "b_flood_ms": flood_ms,
         "b_started_during_flood_ms": loaded.while_busy(),
+        "b_flood_ms_by_phase": loaded.by_flood_phase(),
         "ratio_p50": round(flood_ms["p50"] / idle_ms["p50"], 2),
         "ratio_p99": round(flood_ms["p99"] / idle_ms["p99"], 2),
         "a_with_b": a_with_b,

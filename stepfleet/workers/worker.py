@@ -31,7 +31,7 @@ from stepfleet.workers import health as health_file
 from stepfleet.workers.archive import DeadLetterArchiver
 from stepfleet.workers.batch import BatchProcessor
 from stepfleet.workers.dead_letter_records import ArchivePolicy
-from stepfleet.workers.event_loop import URGENT, run_urgent
+from stepfleet.workers.event_loop import URGENT, run_urgent, urgent_context
 from stepfleet.workers.faults import CrashPoints
 from stepfleet.workers.health import Health
 from stepfleet.workers.inbox import FairInbox
@@ -234,8 +234,17 @@ class Worker:
                 )
                 for queue in self.topology.side_queues
             ]
-            moving = asyncio.create_task(self._side_lanes.run(), name="side-lanes")
-            placing = asyncio.create_task(self._placement.run(), name="placement")
+            moving = asyncio.create_task(
+                self._side_lanes.run(), name="side-lanes", context=urgent_context()
+            )
+            # A binding made 200-340 ms after the flood was seen (a channel to open, a task
+            # waiting its turn behind the flood's batches) let hundreds more of its messages
+            # into a shared lane: the channel is ready and the task urgent.
+            with contextlib.suppress(BrokerUnavailable):  # else opened by the first binding
+                await run_urgent(self.broker.open_placement())
+            placing = asyncio.create_task(
+                self._placement.run(), name="placement", context=urgent_context()
+            )
             pipelines = [
                 asyncio.create_task(self._pipeline(i), name=f"pipeline-{i}")
                 for i in range(self.settings.concurrency)

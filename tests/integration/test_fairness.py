@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -16,6 +17,8 @@ from sqlalchemy.engine import make_url
 from stepfleet.broker import Broker, Outgoing, Topology
 from stepfleet.client import CreateRequest, Producer
 from stepfleet.schemas import InstanceKey, InstanceStatus, TenantLimits, WaitKind, digest_of
+from stepfleet.workers import Worker
+from stepfleet.workers.event_loop import URGENT
 from stepfleet.workers.placement import home_side_lane
 from tests.integration.conftest import wait_for_status, wait_until
 
@@ -173,6 +176,49 @@ async def test_a_flood_in_the_same_lane_is_moved_aside_for_another_tenant(
         return await count_complete(store, flooder) == len(flood)
 
     await wait_until(flood_done, "the whole flood completing", timeout=180)
+
+
+async def test_a_worker_places_and_moves_a_flood_from_urgent_tasks(
+    settings, topology, broker, store, playbook_wasm
+):
+    """Binding a flooding tenant aside and moving its deliveries run ahead of the flood's own
+    batches on the worker's loop (workers/event_loop.py): every binding and every move happens
+    in an urgent context."""
+    flooder, other, digest = await sharing_a_create_lane(broker, topology, store, playbook_wasm)
+    async with Producer(settings.amqp_url, topology) as producer:
+        await producer.create_batch([CreateRequest(other, digest, {"ops": ONE_STEP}, "c-0")])
+        await producer.create_batch(
+            [CreateRequest(flooder, digest, {"ops": ONE_STEP}, f"f-{i}") for i in range(300)]
+        )
+    worker = Worker(settings.model_copy(update={"tenant_backlog": 8}), name="urgent")
+    bound: list[bool] = []
+    moved: list[bool] = []
+    bind, publish = worker._placement._place_aside, worker._side_lanes._publish
+
+    async def binding(tenant: str, lane: int) -> None:
+        bound.append(URGENT.get())
+        await bind(tenant, lane)
+
+    async def moving(messages: Sequence[Outgoing]) -> None:
+        moved.append(URGENT.get())
+        await publish(messages)
+
+    worker._placement._place_aside = binding
+    worker._side_lanes._publish = moving
+    running = asyncio.create_task(worker.run())
+    try:
+
+        async def flood_done() -> bool:
+            return await count_complete(store, flooder) == 300
+
+        await wait_until(flood_done, "the flood completing", timeout=120)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+    assert bound, "the flood was never placed aside"
+    assert moved, "nothing of the flood was moved out of the shared lane"
+    assert all(bound), "a binding ran as an ordinary task"
+    assert all(moved), "a move ran as an ordinary task"
 
 
 async def test_a_tenant_flooding_a_running_fleet_is_placed_aside_at_the_broker(
