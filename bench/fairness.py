@@ -14,9 +14,10 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
   create lane). Each placement gets a deployment of its own; printed for each: B's idle and
   flood p50/p99 and their ratio (`b_started_during_flood_ms`: only the workflows that started
   before the flood was complete; `b_flood_ms_by_phase`: those split by whether A was still
-  publishing its burst when they started), and A's throughput (workflows/s from its first publish to its
-  last completion) with B against A's flood alone, run first in a deployment of its own. `worst`
-  is the placement with the highest p99 ratio, and the lowest throughput ratio.
+  publishing its burst when they started), and A's throughput (workflows/s from its first
+  publish to its last completion; `publish_seconds`: how long publishing its burst took) with
+  B against A's flood alone, run first in a deployment of its own. `worst` is the placement
+  with the highest p99 ratio, and the lowest throughput ratio.
 - `--hog`: tenant A's `--hogs` instances each run one step that spins until its CPU budget
   (fuel) runs out (bench/hog.wat), fails with "CPU limit exceeded" and is retried at once, up to
   1,000 times, so A keeps the workers' guests busy. B runs `--hog-runs` workflows among them.

@@ -234,12 +234,13 @@ class Worker:
                 )
                 for queue in self.topology.side_queues
             ]
+            # Moving a flood and placing it aside run urgent, over a channel for the bindings
+            # opened now: a binding made 200-340 ms after the flood was seen (a channel to
+            # open, a task waiting its turn behind the flood's batches) let hundreds more of
+            # its messages into a shared lane.
             moving = asyncio.create_task(
                 self._side_lanes.run(), name="side-lanes", context=urgent_context()
             )
-            # A binding made 200-340 ms after the flood was seen (a channel to open, a task
-            # waiting its turn behind the flood's batches) let hundreds more of its messages
-            # into a shared lane: the channel is ready and the task urgent.
             with contextlib.suppress(BrokerUnavailable):  # else opened by the first binding
                 await run_urgent(self.broker.open_placement())
             placing = asyncio.create_task(
