@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 import wasmtime
 from wasmtime import _ffi as ffi
-from wasmtime._extern import wrap_extern
 from wasmtime._func import enter_wasm
 
 _NOTHING = (ffi.wasmtime_val_t * 0)()
 _I32 = ffi.WASMTIME_I32.value
+_FUNC = ffi.WASMTIME_EXTERN_FUNC.value
+_MEMORY = ffi.WASMTIME_EXTERN_MEMORY.value
 
 
 def _signature(functype: wasmtime.FuncType) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -64,9 +66,9 @@ class RunExports:
         self, instance: wasmtime.Instance, store: wasmtime.Store, layout: ExportLayout
     ) -> None:
         context = store._context()
-        memory = _nth(context, instance, layout.memory)
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
+        self.memory = wasmtime.Memory._from_raw(
+            _nth(context, instance, layout.memory, _MEMORY).memory
+        )
         self._alloc = _func_nth(context, instance, layout.alloc)
         self._run = _func_nth(context, instance, layout.run)
         self._initialize = (
@@ -87,7 +89,9 @@ class RunExports:
         _call(store, self._run, (pointer, size), 0)
 
 
-def _nth(context: object, instance: wasmtime.Instance, index: int) -> object:
+def _nth(context: object, instance: wasmtime.Instance, index: int, kind: int) -> Any:
+    """Export `index` of `instance`, unwrapped (`wasmtime_extern_t.of`): wasmtime-py's
+    `wrap_extern` imports its classes at every call, a tenth of a run's export lookups."""
     item = ffi.wasmtime_extern_t()
     name = ctypes.POINTER(ctypes.c_char)()
     length = ctypes.c_size_t(0)
@@ -101,13 +105,13 @@ def _nth(context: object, instance: wasmtime.Instance, index: int) -> object:
     )
     if not found:
         raise wasmtime.WasmtimeError(f"the instance has no export {index}")
-    return wrap_extern(item)
+    if int(item.kind) != kind:  # the module check fixed the kinds; a mismatch is a host bug
+        raise wasmtime.WasmtimeError(f"export {index} is of kind {item.kind}, not {kind}")
+    return item.of
 
 
 def _func_nth(context: object, instance: wasmtime.Instance, index: int) -> ffi.wasmtime_func_t:
-    func = _nth(context, instance, index)
-    assert isinstance(func, wasmtime.Func)
-    raw: ffi.wasmtime_func_t = func._func
+    raw: ffi.wasmtime_func_t = _nth(context, instance, index, _FUNC).func
     return raw
 
 
