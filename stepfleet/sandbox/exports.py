@@ -91,7 +91,7 @@ class RunExports:
 
 def _nth(context: object, instance: wasmtime.Instance, index: int, kind: int) -> Any:
     """Export `index` of `instance`, unwrapped (`wasmtime_extern_t.of`): wasmtime-py's
-    `wrap_extern` imports its classes at every call, a tenth of a run's export lookups."""
+    `wrap_extern` imports its classes at every call, and the functions are called raw."""
     item = ffi.wasmtime_extern_t()
     name = ctypes.POINTER(ctypes.c_char)()
     length = ctypes.c_size_t(0)
