@@ -7,7 +7,7 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
 
 - Placements (default): `--tenants` tenants are known to the fleet (tenant rows with the
   module pushed). Tenant A publishes a burst of `--flood-steps` steps (three-step order
-  workflows) while B runs until A's flood is complete, at least `--b-min` workflows. Lanes
+  workflows), from a process of its own as another producer would, while B runs until A's flood is complete, at least `--b-min` workflows. Lanes
   follow the routing key `<tenant>.<kind>`, so B's name, chosen among the known tenants, decides
   where B lands against A: `apart` (neither of B's create and step lanes is one of A's),
   `same-create` (B's creates share A's create lane) and `same-step` (B's steps share A's step or
@@ -28,6 +28,12 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
   or when either tenant has less than a tenth of its steps left. Printed: each tenant's steps/s
   in the window and their ratio (heavier over lighter).
 
+- `--busy-loops N`: no flood; B runs `--b-idle` workflows on the idle fleet, then as many again
+  while N processes that have nothing to do with the fleet spin on the CPU (`--busy-nice`
+  their nice increment). Printed: B's p50/p99 beside them against idle, and the share of the
+  machine's CPU time that was busy meanwhile (as the placements print it for the flood): how
+  much of B's tail under a flood saturated cores give by themselves.
+
 `--placement` picks one placement (in `--weights`, where the second tenant sits against the
 first; `apart` by default; in `--hog`, where B sits against the hog). `--flooder-rate N` gives A
 a steps-per-second limit. Needs PostgreSQL and RabbitMQ (as `./dev check`); asserts nothing.
@@ -36,6 +42,7 @@ a steps-per-second limit. Needs PostgreSQL and RabbitMQ (as `./dev check`); asse
                              [--placement apart|same-create|same-step] [--workers 2]
     python bench/fairness.py --hog [--hogs 16] [--hog-runs 20] [--hog-fuel N]
     python bench/fairness.py --weights [--flood-steps 20000] [--window 15]
+    python bench/fairness.py --busy-loops 2 [--busy-nice 0] [--b-idle 100]
 """
 
 from __future__ import annotations
@@ -43,10 +50,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,10 +236,48 @@ class Runs:
         return {name: ms(values) if values else {"runs": 0} for name, values in phases.items()}
 
 
-async def publish_flood(producer: Producer, tenant: str, digest: str, workflows: int) -> None:
-    flood = [order(tenant, digest, i) for i in range(workflows)]
-    for offset in range(0, len(flood), CHUNK):
-        await producer.create_batch(flood[offset : offset + CHUNK])
+class FloodPublisher:
+    """Publishes A's burst from a process of its own, as another tenant's producer would.
+
+    In the bench's own event loop, building and publishing a chunk of 1,000 creates held B's
+    create (taken at its `begin`) back by up to the chunk's length, which counted as B's
+    latency while A published. The process is started (and has imported the client) before B's
+    idle measure, so starting the burst costs nothing but the call."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    async def __aenter__(self) -> FloodPublisher:
+        await asyncio.get_running_loop().run_in_executor(self._pool, _ready)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+
+    async def publish(self, tenant: str, digest: str, workflows: int) -> tuple[datetime, datetime]:
+        """Publish the burst; return when the first publish began and the last was confirmed."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, _publish_flood, self._topology, tenant, digest, workflows
+        )
+
+
+def _ready() -> None:
+    """Run in the publisher's process once, so that it is up before it is timed."""
+
+
+def _publish_flood(
+    topology: Topology, tenant: str, digest: str, workflows: int
+) -> tuple[datetime, datetime]:
+    async def publish() -> tuple[datetime, datetime]:
+        async with Producer(AMQP, topology) as producer:
+            burst = [order(tenant, digest, i) for i in range(workflows)]
+            started = datetime.now(UTC)
+            for offset in range(0, len(burst), CHUNK):
+                await producer.create_batch(burst[offset : offset + CHUNK])
+            return started, datetime.now(UTC)
+
+    return asyncio.run(publish())
 
 
 async def wait_flood(
@@ -267,7 +315,7 @@ async def wait_flood(
 
 
 async def flood(
-    producer: Producer,
+    publisher: FloodPublisher,
     db: Connection,
     tenant: str,
     digest: str,
@@ -275,9 +323,8 @@ async def flood(
     published: asyncio.Event | None = None,
 ) -> dict[str, Any]:
     """Publish the burst (then set `published`), wait until it is done; A's throughput."""
-    started = datetime.now(UTC)
-    await publish_flood(producer, tenant, digest, workflows)
-    publish_seconds = (datetime.now(UTC) - started).total_seconds()
+    started, ended = await publisher.publish(tenant, digest, workflows)
+    publish_seconds = (ended - started).total_seconds()
     if published is not None:
         published.set()
     return {
@@ -295,11 +342,14 @@ async def a_alone(args: argparse.Namespace) -> dict[str, Any]:
         engine = create_engine(deployment.url)
         workers = start_workers(args.workers, deployment.env)
         try:
-            async with Producer(AMQP, deployment.topology) as producer:
+            async with (
+                Producer(AMQP, deployment.topology) as producer,
+                FloodPublisher(deployment.topology) as publisher,
+            ):
                 with engine.connect() as db:
                     await sequential(producer, db, names[1], deployment.digest, 10)
                     return await flood(
-                        producer, db, names[0], deployment.digest, args.flood_steps // 3
+                        publisher, db, names[0], deployment.digest, args.flood_steps // 3
                     )
         finally:
             stop_workers(workers)
@@ -322,10 +372,10 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
         engine = create_engine(deployment.url)
         workers = start_workers(args.workers, deployment.env)
         try:
-            # Each tenant publishes on a connection of its own, as two producers would.
+            # Each tenant publishes from a process of its own, as two producers would.
             async with (
                 Producer(AMQP, deployment.topology) as producer,
-                Producer(AMQP, deployment.topology) as a_producer,
+                FloodPublisher(deployment.topology) as publisher,
             ):
                 with engine.connect() as b_db, engine.connect() as a_db:
                     digest = deployment.digest
@@ -334,8 +384,9 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
                         producer, b_db, b, digest, args.b_idle, give_up_s=args.b_timeout
                     )
                     published = asyncio.Event()
+                    before = cpu_times()
                     a_flood = asyncio.create_task(
-                        flood(a_producer, a_db, a, digest, args.flood_steps // 3, published)
+                        flood(publisher, a_db, a, digest, args.flood_steps // 3, published)
                     )
                     loaded = await sequential(
                         producer,
@@ -347,6 +398,7 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
                         args.b_timeout,
                         lambda: not published.is_set(),
                     )
+                    busy = busy_share(before, cpu_times())
                     a_with_b = await a_flood
         finally:
             stop_workers(workers)
@@ -361,6 +413,7 @@ async def placed(args: argparse.Namespace, placement: str) -> dict[str, Any]:
         "b_flood_ms": flood_ms,
         "b_started_during_flood_ms": loaded.while_busy(),
         "b_flood_ms_by_phase": loaded.by_flood_phase(),
+        "cpu_busy_share_while_b_ran": busy,
         "ratio_p50": round(flood_ms["p50"] / idle_ms["p50"], 2),
         "ratio_p99": round(flood_ms["p99"] / idle_ms["p99"], 2),
         "a_with_b": a_with_b,
@@ -465,6 +518,74 @@ async def hog(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def busy_loops(args: argparse.Namespace) -> dict[str, Any]:
+    """B's latency on the idle fleet, then with `--busy-loops` processes that have nothing to
+    do with the fleet spinning on the CPU: how much of B's tail under a flood two saturated
+    cores give by themselves, whatever saturates them."""
+    async with bench_deployment(ORDER) as deployment:
+        names = tenant_names(args.tenants)
+        await deployment.populate(names)
+        b = names[1]
+        engine = create_engine(deployment.url)
+        workers = start_workers(args.workers, deployment.env)
+        try:
+            async with Producer(AMQP, deployment.topology) as producer:
+                with engine.connect() as db:
+                    digest = deployment.digest
+                    await sequential(producer, db, b, digest, 10)
+                    idle = await sequential(
+                        producer, db, b, digest, args.b_idle, give_up_s=args.b_timeout
+                    )
+                    spinners = [
+                        await asyncio.create_subprocess_exec(
+                            sys.executable,
+                            "-c",
+                            "while True: pass",
+                            preexec_fn=lambda: os.nice(args.busy_nice),
+                        )
+                        for _ in range(args.busy_loops)
+                    ]
+                    try:
+                        await asyncio.sleep(0.5)
+                        before = cpu_times()
+                        loaded = await sequential(
+                            producer, db, b, digest, args.b_idle, give_up_s=args.b_timeout
+                        )
+                        busy = busy_share(before, cpu_times())
+                    finally:
+                        for spinner in spinners:
+                            spinner.kill()
+                            await spinner.wait()
+        finally:
+            stop_workers(workers)
+            engine.dispose()
+    idle_ms, busy_ms = idle.summary(), loaded.summary()
+    return {
+        "mode": "busy-loops",
+        "workers": args.workers,
+        "b": b,
+        "busy_loops": args.busy_loops,
+        "busy_nice": args.busy_nice,
+        "cpu_busy_share_while_b_ran": busy,
+        "b_idle_ms": idle_ms,
+        "b_busy_ms": busy_ms,
+        "ratio_p50": round(busy_ms["p50"] / idle_ms["p50"], 2),
+        "ratio_p99": round(busy_ms["p99"] / idle_ms["p99"], 2),
+    }
+
+
+def cpu_times() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far (Linux /proc/stat, in ticks)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 3) if total else 0.0
+
+
 async def _hogs_running(db: Connection, tenant: str) -> None:
     """Wait until the first hog attempt has failed, so that B meets hogs that run."""
     while True:
@@ -559,6 +680,10 @@ async def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--hog", action="store_true", help="B among CPU hogs")
     mode.add_argument("--weights", action="store_true", help="two floods of weights 1 and 3")
+    mode.add_argument(
+        "--busy-loops", type=int, default=0, help="B beside N CPU-bound processes of no tenant's"
+    )
+    parser.add_argument("--busy-nice", type=int, default=0, help="busy loops' nice increment")
     parser.add_argument("--tenants", type=int, default=1000, help="tenants known to the fleet")
     parser.add_argument("--flood-steps", type=int, default=20_000)
     parser.add_argument("--b-min", type=int, default=100, help="B's workflows during the flood")
@@ -582,6 +707,8 @@ async def main() -> None:
         report = await hog(args)
     elif args.weights:
         report = await weights(args)
+    elif args.busy_loops:
+        report = await busy_loops(args)
     else:
         report = await placements(args)
     print(json.dumps(report, indent=2))
