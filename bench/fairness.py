@@ -7,9 +7,10 @@ processes and prints JSON. Tenant B always runs three-step order workflows one a
 
 - Placements (default): `--tenants` tenants are known to the fleet (tenant rows with the
   module pushed). Tenant A publishes a burst of `--flood-steps` steps (three-step order
-  workflows), from a process of its own as another producer would, while B runs until A's flood is complete, at least `--b-min` workflows. Lanes
-  follow the routing key `<tenant>.<kind>`, so B's name, chosen among the known tenants, decides
-  where B lands against A: `apart` (neither of B's create and step lanes is one of A's),
+  workflows), from a process of its own as another producer would, while B runs until A's
+  flood is complete, at least `--b-min` workflows. Lanes follow the routing key
+  `<tenant>.<kind>`, so B's name, chosen among the known tenants, decides where B lands
+  against A: `apart` (neither of B's create and step lanes is one of A's),
   `same-create` (B's creates share A's create lane) and `same-step` (B's steps share A's step or
   create lane). Each placement gets a deployment of its own; printed for each: B's idle and
   flood p50/p99 and their ratio (`b_started_during_flood_ms`: only the workflows that started
