@@ -56,8 +56,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -450,6 +451,27 @@ async def placements(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@asynccontextmanager
+async def b_beside(
+    deployment: Deployment, b: str, args: argparse.Namespace
+) -> AsyncIterator[tuple[Producer, Connection, Runs]]:
+    """Workers up, B warmed (10 workflows) and timed on the idle fleet (`--b-idle`); yields a
+    producer, a database connection and B's idle runs, and stops the workers after."""
+    engine = create_engine(deployment.url)
+    workers = start_workers(args.workers, deployment.env)
+    try:
+        async with Producer(AMQP, deployment.topology) as producer:
+            with engine.connect() as db:
+                await sequential(producer, db, b, deployment.digest, 10)
+                idle = await sequential(
+                    producer, db, b, deployment.digest, args.b_idle, give_up_s=args.b_timeout
+                )
+                yield producer, db, idle
+    finally:
+        stop_workers(workers)
+        engine.dispose()
+
+
 async def hog(args: argparse.Namespace) -> dict[str, Any]:
     """B's latency while tenant A's instances burn their whole CPU budget, step after step."""
     wasm = bytes(wasmtime.wat2wasm(await asyncio.to_thread(HOG.read_text)))
@@ -465,39 +487,24 @@ async def hog(args: argparse.Namespace) -> dict[str, Any]:
             await store.close()
         if args.hog_fuel:
             await deployment.limit(a, TenantLimits(fuel_per_run=args.hog_fuel))
-        engine = create_engine(deployment.url)
-        workers = start_workers(args.workers, deployment.env)
-        try:
-            async with Producer(AMQP, deployment.topology) as producer:
-                with engine.connect() as db:
-                    digest = deployment.digest
-                    await sequential(producer, db, b, digest, 10)
-                    idle = await sequential(
-                        producer, db, b, digest, args.b_idle, give_up_s=args.b_timeout
-                    )
-                    await producer.create_batch(
-                        [
-                            CreateRequest(a, digest_of(wasm), {}, f"hog-{i}")
-                            for i in range(args.hogs)
-                        ]
-                    )
-                    begin = datetime.now(UTC)
-                    await _hogs_running(db, a)
-                    loaded = await sequential(
-                        producer, db, b, digest, args.hog_runs, give_up_s=args.b_timeout
-                    )
-                    attempts = db.execute(
-                        text(
-                            "SELECT count(*) AS n, avg(finished_at - started_at) AS mean, "
-                            "min(error) AS error FROM step_attempts "
-                            "WHERE tenant = :t AND finished_at >= :begin"
-                        ),
-                        {"t": a, "begin": begin},
-                    ).one()
-                    db.commit()
-        finally:
-            stop_workers(workers)
-            engine.dispose()
+        async with b_beside(deployment, b, args) as (producer, db, idle):
+            await producer.create_batch(
+                [CreateRequest(a, digest_of(wasm), {}, f"hog-{i}") for i in range(args.hogs)]
+            )
+            begin = datetime.now(UTC)
+            await _hogs_running(db, a)
+            loaded = await sequential(
+                producer, db, b, deployment.digest, args.hog_runs, give_up_s=args.b_timeout
+            )
+            attempts = db.execute(
+                text(
+                    "SELECT count(*) AS n, avg(finished_at - started_at) AS mean, "
+                    "min(error) AS error FROM step_attempts "
+                    "WHERE tenant = :t AND finished_at >= :begin"
+                ),
+                {"t": a, "begin": begin},
+            ).one()
+            db.commit()
     idle_ms, hog_ms = idle.summary(), loaded.summary()
     mean = attempts.mean.total_seconds() if attempts.mean is not None else None
     return {
@@ -527,39 +534,27 @@ async def busy_loops(args: argparse.Namespace) -> dict[str, Any]:
         names = tenant_names(args.tenants)
         await deployment.populate(names)
         b = names[1]
-        engine = create_engine(deployment.url)
-        workers = start_workers(args.workers, deployment.env)
-        try:
-            async with Producer(AMQP, deployment.topology) as producer:
-                with engine.connect() as db:
-                    digest = deployment.digest
-                    await sequential(producer, db, b, digest, 10)
-                    idle = await sequential(
-                        producer, db, b, digest, args.b_idle, give_up_s=args.b_timeout
-                    )
-                    spinners = [
-                        await asyncio.create_subprocess_exec(
-                            sys.executable,
-                            "-c",
-                            "while True: pass",
-                            preexec_fn=lambda: os.nice(args.busy_nice),
-                        )
-                        for _ in range(args.busy_loops)
-                    ]
-                    try:
-                        await asyncio.sleep(0.5)
-                        before = cpu_times()
-                        loaded = await sequential(
-                            producer, db, b, digest, args.b_idle, give_up_s=args.b_timeout
-                        )
-                        busy = busy_share(before, cpu_times())
-                    finally:
-                        for spinner in spinners:
-                            spinner.kill()
-                            await spinner.wait()
-        finally:
-            stop_workers(workers)
-            engine.dispose()
+        async with b_beside(deployment, b, args) as (producer, db, idle):
+            spinners = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    "while True: pass",
+                    preexec_fn=lambda: os.nice(args.busy_nice),
+                )
+                for _ in range(args.busy_loops)
+            ]
+            try:
+                await asyncio.sleep(0.5)
+                before = cpu_times()
+                loaded = await sequential(
+                    producer, db, b, deployment.digest, args.b_idle, give_up_s=args.b_timeout
+                )
+                busy = busy_share(before, cpu_times())
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    await spinner.wait()
     idle_ms, busy_ms = idle.summary(), loaded.summary()
     return {
         "mode": "busy-loops",
