@@ -286,6 +286,10 @@ class _Slot:
                     "timeout",
                 )
             )
+        if self._pool._closed:
+            # Stopped by close() (the worker is stopping): the delivery comes again, no fault.
+            log.info("guest_run_stopped", pid=child.pid, reason="pool closed", **_context(run))
+            raise GuestProcessLost("the worker stopped during the run: try again")
         self._pool.stats.died += 1
         log.error("guest_process_died", pid=child.pid, how=how, error=str(cause), **_context(run))
         if code is not None and -code in _CRASHES:

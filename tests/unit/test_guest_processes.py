@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 import wasmtime
 
 from stepfleet.sandbox import (
@@ -198,10 +199,14 @@ def test_closing_the_pool_cancels_the_queued_runs(sandbox):
     running = pool.submit(roomy)
     queued = pool.submit(roomy)
     _wait_for_pids(pool, 1)
-    pool.close()
-    assert queued.cancelled()
-    with pytest.raises(GuestProcessLost):
-        running.result(timeout=60)
+    with structlog.testing.capture_logs() as logs:
+        pool.close()
+        assert queued.cancelled()
+        with pytest.raises(GuestProcessLost, match="the worker stopped during the run"):
+            running.result(timeout=60)
+    # A run the worker's own stop ends is no guest process dying.
+    assert [entry["event"] for entry in logs] == ["guest_run_stopped"]
+    assert pool.stats.died == 0
     with pytest.raises(RuntimeError):
         pool.submit(roomy)
 
